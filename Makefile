@@ -1,0 +1,35 @@
+# rlhf_jax developer commands. Each target installs what it needs into .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# Tests run in parallel over pytest-xdist workers; each worker sees 8 fake CPU devices.
+WORKERS ?= 2
+
+.PHONY: install lint test test-slow demo demo-full bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check rlhf_jax tests experiments
+
+test: lint
+	$(BIN)/pytest -n $(WORKERS) -m "not slow" -q tests
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -n $(WORKERS) -m slow -q tests
+
+demo: $(STAMP)
+	$(BIN)/python -m experiments.demo
+
+bench: $(STAMP)
+	$(BIN)/python -m rlhf_jax.bench all
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs
