@@ -1,0 +1,56 @@
+"""Machine description, timing and the measured fp32 matmul peak that MFU figures divide by."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def machine_description() -> str:
+    """One line naming the CPU model, core count, JAX version and backend devices."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    devices = jax.devices()
+    return (
+        f"{model}, {os.cpu_count()} cores visible, jax {jax.__version__}, "
+        f"{len(devices)} x {devices[0].platform} device(s)"
+    )
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5) -> float:
+    """Median wall seconds of ``fn()``, blocking on its outputs; ``warmup`` calls are discarded."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_matmul_peak(*, size: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
+    """Measured matmul throughput in FLOP/s for a ``size x size`` product on the default device.
+
+    This is the denominator of the model-FLOPs utilisation figures: a practical peak for this
+    machine and dtype (2 * size**3 FLOPs per product), not a datasheet number.
+    """
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (size, size), dtype)
+    b = jax.random.normal(key_b, (size, size), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    seconds = time_fn(lambda: matmul(a, b), warmup=2, repeats=repeats)
+    return 2.0 * size**3 / seconds

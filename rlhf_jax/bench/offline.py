@@ -1,0 +1,318 @@
+"""Throughput and model-FLOPs utilisation of the SFT, reward-model and DPO train steps on CPU,
+side by side with TRL's DPOTrainer (fp32, PyTorch) when `trl` and `torch` are installed.
+
+    python -m rlhf_jax.bench offline [--shapes tiny small] [--steps 10] [--no-trl]
+                                     [--markdown FILE]
+
+Shapes (random GPT-2, vocabulary 512, `P` pairs of prompt + response tokens):
+
+- `tiny`: 4 pairs, 32 + 32 tokens, 2 layers, width 128, 2 heads.
+- `small`: 8 pairs, 64 + 64 tokens, 4 layers, width 256, 4 heads.
+
+Every step sees the same rows: DPO `2P` sequences (chosen and rejected in one batch), the reward
+model the same `2P`, SFT `2P` sequences. Figures are the median and the best of `--steps` timed
+steps after warm-up (compilation excluded), all in float32; on a shared machine the best step
+is the least disturbed one.
+
+Model FLOPs per step (what MFU divides by the measured fp32 matmul peak of
+`rlhf_jax.bench.measure_matmul_peak`, best of three), with `N = 12 L d^2` the matmul parameters of the blocks,
+`T` the sequence length and `n` the tokens of the batch:
+
+- trained forward + backward: `n (6 (N + d V) + 12 L T d)` (`d V` only for an LM head; the
+  reward model's head is negligible);
+- a reference forward (DPO with `reference="model"`): `n (2 (N + d V) + 4 L T d)`.
+
+TRL: `trl.DPOTrainer` (`bf16=False`, CPU, `per_device_train_batch_size=P`) on an identical
+`transformers` GPT-2 over a dataset of exactly `T`-token rows; a trainer callback times each
+optimizer step (`on_step_begin` to `on_step_end`: collation, forward of policy and reference,
+backward, AdamW), the same work as our step plus the trainer's per-step overhead. TRL runs with
+1 and with all torch intra-op threads and keeps the faster (on a busy shared CPU, torch's
+spinning worker threads can make 2 threads many times slower than 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from rlhf_jax.bench._machine import machine_description, measure_matmul_peak
+
+
+class Shape(NamedTuple):
+    name: str
+    pairs: int
+    prompt: int
+    response: int
+    layers: int
+    width: int
+    heads: int
+    vocab: int = 512
+
+    @property
+    def seq(self) -> int:
+        return self.prompt + self.response
+
+
+SHAPES = {
+    "tiny": Shape("tiny", pairs=4, prompt=32, response=32, layers=2, width=128, heads=2),
+    "small": Shape("small", pairs=8, prompt=64, response=64, layers=4, width=256, heads=4),
+}
+
+
+def step_flops(shape: Shape, *, lm_head: bool = True, reference_forward: bool = False) -> float:
+    """Model FLOPs of one step over `2 * pairs` sequences (module docstring)."""
+    n_tokens = 2 * shape.pairs * shape.seq
+    d, layers, t = shape.width, shape.layers, shape.seq
+    n = 12 * layers * d * d + (d * shape.vocab if lm_head else 0)
+    flops = n_tokens * (6 * n + 12 * layers * t * d)
+    if reference_forward:
+        flops += n_tokens * (2 * n + 4 * layers * t * d)
+    return float(flops)
+
+
+def _model_spec(shape: Shape):
+    from rlhf_jax.train.config import ModelSpec
+
+    return ModelSpec(preset="tiny_gpt2", vocab_size=shape.vocab, hidden_size=shape.width,
+                     num_layers=shape.layers, num_heads=shape.heads,
+                     max_position_embeddings=max(shape.seq, 128))
+
+
+def _token_rows(rng: np.random.Generator, shape: Shape, n: int) -> dict[str, np.ndarray]:
+    t = shape.seq
+    ids = rng.integers(3, shape.vocab, size=(n, t)).astype(np.int32)
+    ones = np.ones((n, t), np.int32)
+    loss = np.zeros((n, t), np.int32)
+    loss[:, shape.prompt:] = 1
+    return {"input_ids": ids, "attention_mask": ones, "loss_mask": loss,
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (n, t)).copy(),
+            "segment_ids": ones.copy()}
+
+
+def _pair_batch(rng, shape: Shape) -> dict[str, np.ndarray]:
+    batch = {}
+    for prefix in ("chosen_", "rejected_"):
+        batch.update({prefix + k: v for k, v in _token_rows(rng, shape, shape.pairs).items()})
+    batch["margin"] = np.zeros(shape.pairs, np.float32)
+    batch["label"] = np.ones(shape.pairs, np.float32)
+    return batch
+
+
+def _time_steps(step_fn, state, batch, *, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        state, metrics = step_fn(state, batch)
+    jax.block_until_ready((state, metrics))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step_fn(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    return _summary(times)
+
+
+def _summary(times: list[float]) -> tuple[float, float]:
+    """`(median, best)` seconds: the median is the headline, the best the least disturbed step
+    on a shared machine."""
+    return statistics.median(times), min(times)
+
+
+def bench_rlhf_jax(shape: Shape, *, steps: int) -> dict[str, tuple[float, float]]:
+    """`(median, best)` seconds per step of the SFT, RM, DPO (reference model) and DPO
+    (precomputed reference) steps."""
+    from rlhf_jax.train.common import build_model, setup_training
+    from rlhf_jax.train.config import TrainConfig
+    from rlhf_jax.train.dpo import (
+        DPOConfig,
+        PolicyAndReference,
+        make_preference_loss,
+        policy_only_filter,
+    )
+    from rlhf_jax.train.rm import RMConfig, make_rm_loss
+    from rlhf_jax.train.sft import make_sft_loss
+
+    spec = _model_spec(shape)
+    rng = np.random.default_rng(0)
+    config = TrainConfig(model=spec)
+    pair_batch = _pair_batch(rng, shape)
+    out = {}
+
+    def run(name, model, loss_fn, batch, trainable=None):
+        setup = setup_training(config, model, loss_fn, trainable=trainable)
+        device_batch = setup.put_batch(batch)
+        out[name] = _time_steps(setup.step_fn, setup.state, device_batch, steps=steps)
+
+    run("sft", build_model(spec), make_sft_loss(), _token_rows(rng, shape, 2 * shape.pairs))
+    run("rm", build_model(spec, kind="reward"), make_rm_loss(RMConfig()), pair_batch)
+    policy, ref = build_model(spec), build_model(spec)
+    both = PolicyAndReference(policy, ref)
+    run("dpo", both, make_preference_loss(DPOConfig(), reference="model"), pair_batch,
+        trainable=policy_only_filter(both))
+    pre = dict(pair_batch)
+    pre["ref_chosen_logps"] = rng.normal(size=shape.pairs).astype(np.float32) - 100
+    pre["ref_rejected_logps"] = rng.normal(size=shape.pairs).astype(np.float32) - 100
+    run("dpo_precomputed", build_model(spec),
+        make_preference_loss(DPOConfig(reference="precomputed"), reference="precomputed"), pre)
+    return out
+
+
+def bench_trl_best(shape: Shape, *, steps: int, threads: list[int]
+                   ) -> tuple[tuple[float, float], int] | None:
+    """TRL timed with each torch intra-op thread count in `threads`; the fastest (by median)
+    and its thread count. On a busy shared CPU, torch's spinning worker threads can make 2
+    threads far slower than 1, so TRL gets its best setting."""
+    best = None
+    for n in threads:
+        times = bench_trl(shape, steps=steps, threads=n)
+        if times is None:
+            return None
+        if best is None or times[0] < best[0][0]:
+            best = (times, n)
+    return best
+
+
+def bench_trl(shape: Shape, *, steps: int, warmup: int = 2, threads: int | None = None
+              ) -> tuple[float, float] | None:
+    """`(median, best)` seconds per `trl.DPOTrainer` optimizer step (fp32, CPU), or None
+    without trl."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub
+    try:
+        import torch
+        import trl
+        from datasets import Dataset
+        from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+    except ImportError:
+        return None
+    import tempfile
+
+    from rlhf_jax.data.synthetic import build_tokenizer
+
+    torch.manual_seed(0)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    tokenizer = build_tokenizer()
+    letters = [t for t in tokenizer.get_vocab() if len(t) == 1 and t.isalpha()]
+    rng = np.random.default_rng(0)
+
+    def text(n):
+        return "".join(rng.choice(letters, size=n))
+
+    # The character tokenizer maps each letter to one token; TRL appends EOS to completions.
+    rows = [{"prompt": text(shape.prompt), "chosen": text(shape.response - 1),
+             "rejected": text(shape.response - 1)} for _ in range(shape.pairs * (steps + warmup))]
+    model_config = GPT2Config(vocab_size=shape.vocab, n_embd=shape.width, n_layer=shape.layers,
+                              n_head=shape.heads, n_positions=max(shape.seq, 128),
+                              bos_token_id=1, eos_token_id=2)
+    model = GPT2LMHeadModel(model_config).float()
+    ref_model = GPT2LMHeadModel(model_config).float()
+    ref_model.load_state_dict(model.state_dict())
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.start)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = trl.DPOConfig(
+            output_dir=tmp, per_device_train_batch_size=shape.pairs, max_steps=steps + warmup,
+            learning_rate=1e-4, bf16=False, fp16=False, use_cpu=True, report_to="none",
+            logging_steps=10_000, save_strategy="no", dataloader_num_workers=0,
+            max_length=shape.seq, disable_tqdm=True, seed=0,
+        )
+        trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
+                                 processing_class=tokenizer, callbacks=[Timer()])
+        batch = next(iter(trainer.get_train_dataloader()))
+        if batch["input_ids"].shape != (2 * shape.pairs, shape.seq):
+            raise RuntimeError(f"TRL batch shape {tuple(batch['input_ids'].shape)} differs from "
+                               f"{(2 * shape.pairs, shape.seq)}")
+        trainer.train()
+    return _summary(times[warmup:])
+
+
+def run(shapes: list[str], *, steps: int, with_trl: bool) -> tuple[list[dict[str, Any]], dict]:
+    # The best of several peak measurements: the machine may be shared.
+    peak = max(measure_matmul_peak(repeats=10) for _ in range(3))
+    info: dict[str, Any] = {"machine": machine_description(), "peak_flops": peak}
+    rows = []
+    for name in shapes:
+        shape = SHAPES[name]
+        ours = bench_rlhf_jax(shape, steps=steps)
+        trl_s = None
+        if with_trl:
+            found = bench_trl_best(shape, steps=steps, threads=sorted({1, os.cpu_count() or 1}))
+            if found is not None:
+                trl_s, n_threads = found
+                info.setdefault("torch_threads", {})[name] = n_threads
+        tokens = 2 * shape.pairs * shape.seq
+        flops = {
+            "sft": step_flops(shape),
+            "rm": step_flops(shape, lm_head=False),
+            "dpo": step_flops(shape, reference_forward=True),
+            "dpo_precomputed": step_flops(shape),
+        }
+        def row(step_name, times, step_flops_, name=name, tokens=tokens):
+            median, best = times
+            return {"shape": name, "step": step_name, "seconds": median, "best_seconds": best,
+                    "tokens_per_s": tokens / median, "mfu": step_flops_ / median / peak,
+                    "best_mfu": step_flops_ / best / peak}
+
+        for step_name, times in ours.items():
+            r = row(step_name, times, flops[step_name])
+            if step_name == "dpo" and trl_s is not None:
+                r["speedup_vs_trl"] = trl_s[0] / times[0]
+            rows.append(r)
+        if trl_s is not None:
+            rows.append(row("trl_dpo", trl_s, flops["dpo"]))
+    return rows, info
+
+
+def to_markdown(rows: list[dict[str, Any]], info: dict) -> str:
+    lines = [
+        f"Machine: {info['machine']}; measured fp32 matmul peak "
+        f"{info['peak_flops'] / 1e9:.1f} GFLOP/s"
+        + (f"; TRL's fastest torch thread count per shape {info['torch_threads']}"
+           if info.get("torch_threads") else ""),
+        "",
+        "| shape | step | ms/step (median) | ms/step (best) | tokens/s | MFU (median) | "
+        "MFU (best) | TRL time / ours |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        speed = f"{r['speedup_vs_trl']:.2f}x" if "speedup_vs_trl" in r else ""
+        lines.append(f"| {r['shape']} | {r['step']} | {1e3 * r['seconds']:.1f} | "
+                     f"{1e3 * r['best_seconds']:.1f} | {r['tokens_per_s']:.0f} | "
+                     f"{100 * r['mfu']:.1f}% | {100 * r['best_mfu']:.1f}% | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_jax.bench offline",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["tiny", "small"], choices=list(SHAPES))
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
+    parser.add_argument("--markdown", help="also write the table to this file")
+    args = parser.parse_args(argv)
+    rows, info = run(args.shapes, steps=args.steps, with_trl=not args.no_trl)
+    table = to_markdown(rows, info)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["SHAPES", "Shape", "bench_rlhf_jax", "bench_trl", "bench_trl_best", "main", "run", "step_flops",
+           "to_markdown"]

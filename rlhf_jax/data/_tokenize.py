@@ -1,0 +1,244 @@
+"""Validated examples -> token ids (outside any jitted step), with truncation.
+
+String prompts are encoded with the tokenizer's own special-token convention
+(``add_special_tokens=True``: e.g. Llama adds BOS, GPT-2 and Qwen add nothing), completions
+without special tokens and followed by EOS (`add_eos`). Conversations are rendered with the
+tokenizer's chat template (or `DEFAULT_CHAT_TEMPLATE` when it has none): the prompt with the
+generation prompt, and the completion as the extra tokens of the full conversation, so the
+template must render a conversation's prefix as a prefix of its tokens (checked). For a
+``messages`` SFT example the loss mask covers exactly the tokens each assistant turn adds.
+
+Truncation: prompts longer than `max_prompt_length` keep their end (``"keep_end"``, TRL's
+default, so the text next to the response survives) or start (``"keep_start"``); completions
+longer than `max_completion_length` keep their start; a sequence longer than `max_length` loses
+completion tokens from its end. With ``overlong="error"`` or ``"skip"`` an over-long example is an
+error (naming its origin) or a counted skip instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from rlhf_jax.data._examples import (
+    KTOExample,
+    PreferenceExample,
+    PromptExample,
+    RankingExample,
+    SFTExample,
+    Text,
+    TokenizedKTO,
+    TokenizedPreference,
+    TokenizedPrompt,
+    TokenizedRanking,
+    TokenizedSFT,
+)
+from rlhf_jax.data._records import LoadReport, OnError, RecordError, ReportBuilder
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeConfig:
+    """How examples become token ids. Lengths are in tokens; None means unlimited."""
+
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+    max_length: int | None = None
+    prompt_truncation: Literal["keep_end", "keep_start"] = "keep_end"
+    overlong: Literal["truncate", "error", "skip"] = "truncate"
+    add_eos: bool = True
+
+    def __post_init__(self):
+        for name in ("max_prompt_length", "max_completion_length", "max_length"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {v}")
+        if self.prompt_truncation not in ("keep_end", "keep_start"):
+            raise ValueError(
+                f"prompt_truncation must be 'keep_end' or 'keep_start', got {self.prompt_truncation!r}"
+            )
+        if self.overlong not in ("truncate", "error", "skip"):
+            raise ValueError(
+                f"overlong must be 'truncate', 'error' or 'skip', got {self.overlong!r}"
+            )
+
+
+def _ids(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.int32).reshape(-1)
+
+
+def _chat(tokenizer, messages, *, add_generation_prompt: bool) -> list[int]:
+    kwargs: dict[str, Any] = {}
+    if getattr(tokenizer, "chat_template", None) is None:
+        kwargs["chat_template"] = DEFAULT_CHAT_TEMPLATE
+    out = tokenizer.apply_chat_template(
+        [dict(m) for m in messages],
+        tokenize=True,
+        add_generation_prompt=add_generation_prompt,
+        **kwargs,
+    )
+    if hasattr(out, "keys") and "input_ids" in out:
+        out = out["input_ids"]
+    return list(out)
+
+
+def _encode(tokenizer, text: str, *, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+class _Tokenizer:
+    """Per-call helper binding a tokenizer and a config."""
+
+    def __init__(self, tokenizer, config: TokenizeConfig):
+        self.tok = tokenizer
+        self.cfg = config
+        self.eos = tokenizer.eos_token_id
+
+    def _overlong(self, origin: str, what: str, n: int, limit: int) -> None:
+        if self.cfg.overlong != "truncate":
+            raise RecordError(origin, "overlong", f"{what} has {n} tokens, more than {limit}")
+
+    def prompt(self, prompt: Text, origin: str) -> list[int]:
+        if isinstance(prompt, str):
+            ids = _encode(self.tok, prompt, special=True)
+        else:
+            ids = _chat(self.tok, prompt, add_generation_prompt=True)
+        limit = self.cfg.max_prompt_length
+        if limit is not None and len(ids) > limit:
+            self._overlong(origin, "the prompt", len(ids), limit)
+            ids = ids[-limit:] if self.cfg.prompt_truncation == "keep_end" else ids[:limit]
+        return ids
+
+    def completion(self, prompt: Text, completion: Text, origin: str) -> list[int]:
+        if isinstance(completion, str):
+            ids = _encode(self.tok, completion, special=False)
+            if self.cfg.add_eos and self.eos is not None:
+                ids.append(self.eos)
+        else:
+            prompt_ids = _chat(self.tok, prompt, add_generation_prompt=True)
+            full = _chat(self.tok, tuple(prompt) + tuple(completion), add_generation_prompt=False)
+            if full[: len(prompt_ids)] != prompt_ids:
+                raise RecordError(
+                    origin,
+                    "bad_value",
+                    "the chat template does not render the prompt as a prefix of the full "
+                    "conversation; cannot separate completion tokens",
+                )
+            ids = full[len(prompt_ids) :]
+        limit = self.cfg.max_completion_length
+        if limit is not None and len(ids) > limit:
+            self._overlong(origin, "the completion", len(ids), limit)
+            ids = ids[:limit]
+        return ids
+
+    def fit(self, prompt_ids: list[int], completion_ids: list[int], origin: str) -> list[int]:
+        """Shortens the completion so prompt + completion fits `max_length`."""
+        limit = self.cfg.max_length
+        if limit is None or len(prompt_ids) + len(completion_ids) <= limit:
+            return completion_ids
+        self._overlong(origin, "the sequence", len(prompt_ids) + len(completion_ids), limit)
+        keep = limit - len(prompt_ids)
+        if keep < 1:
+            raise RecordError(
+                origin,
+                "overlong",
+                f"the prompt alone has {len(prompt_ids)} tokens, leaving no room for a "
+                f"completion within max_length={limit}",
+            )
+        return completion_ids[:keep]
+
+    def messages(self, messages, origin: str) -> TokenizedSFT:
+        full = _chat(self.tok, messages, add_generation_prompt=False)
+        loss = np.zeros(len(full), np.int32)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = _chat(self.tok, messages[:i], add_generation_prompt=True) if i else []
+            upto = _chat(self.tok, messages[: i + 1], add_generation_prompt=False)
+            if upto[: len(before)] != before or full[: len(upto)] != upto:
+                raise RecordError(
+                    origin,
+                    "bad_value",
+                    "the chat template does not render conversation prefixes as token prefixes; "
+                    "cannot mask assistant turns",
+                )
+            loss[len(before) : len(upto)] = 1
+        limit = self.cfg.max_length
+        if limit is not None and len(full) > limit:
+            self._overlong(origin, "the conversation", len(full), limit)
+            full, loss = full[:limit], loss[:limit]
+        if not loss.any():
+            raise RecordError(origin, "overlong", "truncation removed every assistant token")
+        return TokenizedSFT(_ids(full), loss, origin)
+
+
+def tokenize_example(example, tokenizer, *, config: TokenizeConfig = TokenizeConfig(), index: int = 0):
+    """Tokenizes one validated example into its `Tokenized*` counterpart.
+
+    Raises:
+      RecordError: for over-long examples when `config.overlong` is not ``"truncate"``, and for
+        chat templates that cannot separate completion tokens.
+    """
+    t = _Tokenizer(tokenizer, config)
+    o = example.origin
+    if isinstance(example, SFTExample):
+        if example.messages is not None:
+            return t.messages(example.messages, o)
+        p = t.prompt(example.prompt, o)
+        c = t.fit(p, t.completion(example.prompt, example.completion, o), o)
+        ids = np.concatenate([_ids(p), _ids(c)])
+        loss = np.concatenate([np.zeros(len(p), np.int32), np.ones(len(c), np.int32)])
+        return TokenizedSFT(ids, loss, o)
+    if isinstance(example, PreferenceExample):
+        p = t.prompt(example.prompt, o)
+        c = t.fit(p, t.completion(example.prompt, example.chosen, o), o)
+        r = t.fit(p, t.completion(example.prompt, example.rejected, o), o)
+        return TokenizedPreference(_ids(p), _ids(c), _ids(r), example.margin, example.label, o)
+    if isinstance(example, RankingExample):
+        p = t.prompt(example.prompt, o)
+        rs = tuple(_ids(t.fit(p, t.completion(example.prompt, r, o), o)) for r in example.responses)
+        return TokenizedRanking(_ids(p), rs, np.asarray(example.ranks, np.int32), o)
+    if isinstance(example, KTOExample):
+        p = t.prompt(example.prompt, o)
+        c = t.fit(p, t.completion(example.prompt, example.completion, o), o)
+        return TokenizedKTO(_ids(p), _ids(c), example.label, o)
+    if isinstance(example, PromptExample):
+        return TokenizedPrompt(_ids(t.prompt(example.prompt, o)), dict(example.fields), o, index)
+    raise TypeError(f"cannot tokenize {type(example).__name__}")
+
+
+def tokenize_examples(
+    examples: Sequence,
+    tokenizer,
+    *,
+    config: TokenizeConfig = TokenizeConfig(),
+    on_error: OnError = "raise",
+    source: str = "examples",
+    log: bool = True,
+) -> tuple[list, LoadReport]:
+    """Tokenizes validated examples; over-long rows raise or are counted skips.
+
+    The report (logged unless `log` is False) is named `source`.
+
+    Returns:
+      `(tokenized, report)` where `report.skipped` counts dropped examples per reason.
+    """
+    builder = ReportBuilder(source, on_error)
+    out = []
+    for i, ex in enumerate(examples):
+        builder.num_read += 1
+        try:
+            out.append(tokenize_example(ex, tokenizer, config=config, index=i))
+        except RecordError as e:
+            builder.error(e, skip=e.reason == "overlong" and config.overlong == "skip")
+            continue
+        builder.num_loaded += 1
+    return out, builder.build(log=log)

@@ -1,0 +1,392 @@
+"""Prefill + jitted decode loop over the KV cache.
+
+The model is split once with ``nnx.split`` into a graph definition (static) and a state pytree
+(traced); the whole rollout (prefill of the left-padded prompt, then a ``lax.while_loop`` of
+single-token cached decodes with per-row EOS stop) is one jitted function of that state, compiled
+once per (graph, batch, prompt length, ``max_new_tokens``, sampling structure) and cached by
+``jax.jit``. The values of temperature, ``top_p``, ``min_p`` and the EOS/pad ids are traced, so
+changing them does not recompile; switching a filter (or EOS stopping) on or off, ``top_k``,
+``greedy``, ``num_samples`` and the mesh do.
+
+Randomness: the token of step ``i`` is drawn with ``jax.random.fold_in(rng, i)`` over the whole
+``[B * n, V]`` batch, so the draws depend only on the key and the global row index, never on how
+the batch is sharded over devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from rlhf_jax.generation._sampling import sample_tokens, validate_sampling_args
+from rlhf_jax.sharding import BATCH_AXES, batch_sharding
+
+
+class GenerationOutput(NamedTuple):
+    """Sampled responses, ready for scoring and for PPO/GRPO.
+
+    ``B' = B * num_samples`` rows: with ``num_samples = n`` each prompt is repeated ``n`` times
+    contiguously, rows ``b * n .. b * n + n - 1`` belong to prompt ``b`` (GRPO groups rely on
+    this order).
+
+    Attributes:
+      tokens: ``[B', N]`` int32 response tokens, ``pad_token_id`` after the first EOS.
+      mask: ``[B', N]`` int32, 1 up to and including the first EOS, 0 after it.
+      logps: ``[B', N]`` float32 log-probability of each sampled token under the distribution it
+        was actually drawn from, ``log_softmax(filter(logits / T))[token]`` (temperature, then
+        top-k, top-p, min-p); 0 where ``mask`` is 0. With ``temperature=1`` and no filters this is
+        the policy's ``log pi(a|s)``, the old log-probs of PPO. With ``greedy=True`` it is the
+        same formula at the argmax token (the mode of that distribution), not ``log 1 = 0``.
+      model_logps: ``[B', N]`` float32 untempered, unfiltered model log-probability
+        ``log_softmax(logits)[token]``; 0 where ``mask`` is 0. Equal to ``logps`` only when
+        ``temperature=1`` and no filter is active. A trainer that recomputes log-probs with a
+        plain forward pass reproduces ``model_logps``, not ``logps``.
+      sequences: ``[B', P + N]`` int32 prompt (left-padded) followed by the response
+        (right-padded), for reward/value/reference models.
+      sequence_mask: ``[B', P + N]`` int32 ``concat(prompt_mask, mask)``.
+      finished: ``[B']`` bool, whether the row produced ``eos_token_id``.
+      prompt_length: ``P``, the (padded) prompt width; responses start at column ``P`` of
+        ``sequences``.
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    logps: jax.Array
+    model_logps: jax.Array
+    sequences: jax.Array
+    sequence_mask: jax.Array
+    finished: jax.Array
+    prompt_length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Static (compile-time) part of a generation call."""
+
+    max_new_tokens: int
+    num_samples: int
+    greedy: bool
+    top_k: int | None
+    use_top_p: bool
+    use_min_p: bool
+    use_eos: bool
+    batch_sharding: NamedSharding | None
+
+
+def _generate_body(
+    graphdef: Any,
+    state: Any,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    rng: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    min_p: jax.Array,
+    eos_token_id: jax.Array,
+    pad_token_id: jax.Array,
+    spec: _Spec,
+) -> GenerationOutput:
+    model = nnx.merge(graphdef, state)
+    n_new = spec.max_new_tokens
+    prompt_ids = prompt_ids.astype(jnp.int32)
+    prompt_mask = prompt_mask.astype(jnp.int32)
+    if spec.num_samples > 1:
+        prompt_ids = jnp.repeat(prompt_ids, spec.num_samples, axis=0)
+        prompt_mask = jnp.repeat(prompt_mask, spec.num_samples, axis=0)
+    if spec.batch_sharding is not None:
+        prompt_ids = jax.lax.with_sharding_constraint(prompt_ids, spec.batch_sharding)
+        prompt_mask = jax.lax.with_sharding_constraint(prompt_mask, spec.batch_sharding)
+    batch, prompt_len = prompt_ids.shape
+    pad = pad_token_id.astype(jnp.int32)
+    eos = eos_token_id.astype(jnp.int32)
+
+    sample = functools.partial(
+        sample_tokens,
+        temperature=temperature,
+        top_k=spec.top_k,
+        top_p=top_p if spec.use_top_p else None,
+        min_p=min_p if spec.use_min_p else None,
+        greedy=spec.greedy,
+    )
+
+    # Prefill: the whole left-padded prompt in one cached forward.
+    cache = model.init_cache(batch, prompt_len + n_new)
+    cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, n_new), jnp.int32)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+    logits, cache = model.decode(
+        prompt_ids, positions=positions, cache=cache, cache_mask=cache_mask
+    )
+    first_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # [B]
+    token, logp, model_logp = sample(logits[:, -1], jax.random.fold_in(rng, 0))
+
+    def is_eos(tok):
+        if not spec.use_eos:
+            return jnp.zeros(tok.shape, bool)
+        return tok == eos
+
+    tokens = jnp.full((batch, n_new), pad, jnp.int32).at[:, 0].set(token)
+    logps = jnp.zeros((batch, n_new), jnp.float32).at[:, 0].set(logp)
+    model_logps = jnp.zeros((batch, n_new), jnp.float32).at[:, 0].set(model_logp)
+    done = is_eos(token)
+
+    def cond(carry):
+        step, _, done, *_ = carry
+        return (step < n_new) & ~jnp.all(done)
+
+    def body(carry):
+        step, token, done, cache, tokens, logps, model_logps = carry
+        positions = (first_position + step - 1)[:, None]
+        logits, cache = model.decode(
+            token[:, None], positions=positions, cache=cache, cache_mask=cache_mask
+        )
+        new, logp, model_logp = sample(logits[:, 0], jax.random.fold_in(rng, step))
+        tokens = jax.lax.dynamic_update_slice(tokens, jnp.where(done, pad, new)[:, None], (0, step))
+        logps = jax.lax.dynamic_update_slice(logps, jnp.where(done, 0.0, logp)[:, None], (0, step))
+        model_logps = jax.lax.dynamic_update_slice(
+            model_logps, jnp.where(done, 0.0, model_logp)[:, None], (0, step)
+        )
+        return step + 1, new, done | is_eos(new), cache, tokens, logps, model_logps
+
+    carry = (jnp.int32(1), token, done, cache, tokens, logps, model_logps)
+    _, _, done, _, tokens, logps, model_logps = jax.lax.while_loop(cond, body, carry)
+
+    if not spec.use_eos:
+        mask = jnp.ones((batch, n_new), jnp.int32)
+    else:
+        hits = tokens == eos
+        first = jnp.min(jnp.where(hits, jnp.arange(n_new, dtype=jnp.int32), n_new), axis=1)
+        mask = (jnp.arange(n_new, dtype=jnp.int32)[None, :] <= first[:, None]).astype(jnp.int32)
+    return GenerationOutput(
+        tokens=tokens,
+        mask=mask,
+        logps=logps * mask,
+        model_logps=model_logps * mask,
+        sequences=jnp.concatenate([prompt_ids, tokens], axis=1),
+        sequence_mask=jnp.concatenate([prompt_mask, mask], axis=1),
+        finished=done,
+        prompt_length=prompt_len,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
+def _generate_jit(graphdef, state, prompt_ids, prompt_mask, rng, *scalars, spec):
+    out = _generate_body(graphdef, state, prompt_ids, prompt_mask, rng, *scalars, spec)
+    # ``prompt_length`` is static; return only arrays from the jitted function.
+    return out._replace(prompt_length=0)
+
+
+def _check_prompts(prompt_ids: Any, prompt_mask: Any) -> None:
+    if np.ndim(prompt_ids) != 2 or np.shape(prompt_ids) != np.shape(prompt_mask):
+        raise ValueError(
+            "prompt_ids and prompt_mask must both be [batch, prompt_length]; got shapes "
+            f"{np.shape(prompt_ids)} and {np.shape(prompt_mask)}"
+        )
+    if not jnp.issubdtype(jnp.asarray(prompt_ids).dtype, jnp.integer):
+        raise ValueError(f"prompt_ids must be integer token ids, got dtype {prompt_ids.dtype}")
+    if 0 in np.shape(prompt_ids):
+        raise ValueError(f"prompt_ids must be non-empty, got shape {np.shape(prompt_ids)}")
+    try:
+        if isinstance(prompt_mask, jax.Array) and not prompt_mask.is_fully_addressable:
+            return  # multi-host global array: the rows live on other processes
+        mask = np.asarray(prompt_mask).astype(bool)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return  # called under a trace: the values are not known here
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if empty.size:
+        raise ValueError(
+            f"prompt_mask rows {empty[:10].tolist()} are all padding; every prompt needs at least "
+            "one real token (e.g. a BOS token)"
+        )
+    not_left = np.flatnonzero((mask[:, :-1] & ~mask[:, 1:]).any(axis=1))
+    if not_left.size:
+        raise ValueError(
+            f"prompt_mask rows {not_left[:10].tolist()} are not left-padded (a 0 follows a 1); "
+            "generation expects left-padded prompts"
+        )
+
+
+def generate_with_state(
+    graphdef: Any,
+    state: Any,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    *,
+    max_new_tokens: int,
+    rng: jax.Array | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    greedy: bool = False,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    num_samples: int = 1,
+    mesh: Mesh | None = None,
+) -> GenerationOutput:
+    """Samples responses from ``nnx.merge(graphdef, state)``; see :func:`generate`.
+
+    For trainers, which hold the policy's state pytree rather than a module: ``graphdef`` comes
+    from ``nnx.split(model)`` once, ``state`` is the current parameters (any sharding).
+    """
+    _check_prompts(prompt_ids, prompt_mask)
+    validate_sampling_args(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy
+    )
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    if eos_token_id is not None and not isinstance(eos_token_id, int | np.integer):
+        raise ValueError(f"eos_token_id must be an int or None, got {eos_token_id!r}")
+    if not isinstance(pad_token_id, int | np.integer):
+        raise ValueError(f"pad_token_id must be an int, got {pad_token_id!r}")
+    if rng is None:
+        if not greedy:
+            raise ValueError("rng is required unless greedy=True")
+        rng = jax.random.key(0)
+    sharding = None
+    if mesh is not None:
+        sharding = batch_sharding(mesh, 2)
+        n_shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+        if np.shape(prompt_ids)[0] % n_shards:
+            raise ValueError(
+                f"batch size {np.shape(prompt_ids)[0]} is not divisible by the {n_shards} "
+                f"devices of the mesh's {BATCH_AXES} axes"
+            )
+        prompt_ids = jax.device_put(prompt_ids, sharding)
+        prompt_mask = jax.device_put(prompt_mask, sharding)
+    spec = _Spec(
+        max_new_tokens=max_new_tokens,
+        num_samples=num_samples,
+        greedy=greedy,
+        top_k=top_k,
+        use_top_p=top_p is not None,
+        use_min_p=min_p is not None,
+        use_eos=eos_token_id is not None,
+        batch_sharding=sharding,
+    )
+    out = _generate_jit(
+        graphdef,
+        state,
+        prompt_ids,
+        prompt_mask,
+        rng,
+        jnp.float32(temperature),
+        jnp.float32(1.0 if top_p is None else top_p),
+        jnp.float32(0.0 if min_p is None else min_p),
+        jnp.int32(-1 if eos_token_id is None else eos_token_id),
+        jnp.int32(pad_token_id),
+        spec=spec,
+    )
+    return out._replace(prompt_length=int(np.shape(prompt_ids)[1]))
+
+
+class Sampler:
+    """A policy split once into ``(graphdef, state)``, for repeated generation.
+
+    ``Sampler(model)`` splits an NNX ``CausalLM``; ``Sampler.from_state(graphdef, state)`` wraps a
+    trainer's state. ``sampler.state = new_state`` swaps the parameters (same structure) without
+    recompiling.
+    """
+
+    def __init__(self, model: nnx.Module | None = None, *, mesh: Mesh | None = None):
+        self.mesh = mesh
+        if model is not None:
+            self.graphdef, self.state = nnx.split(model)
+
+    @classmethod
+    def from_state(cls, graphdef: Any, state: Any, *, mesh: Mesh | None = None) -> Sampler:
+        sampler = cls(mesh=mesh)
+        sampler.graphdef, sampler.state = graphdef, state
+        return sampler
+
+    def generate(
+        self, prompt_ids: jax.Array, prompt_mask: jax.Array, *, state: Any = None, **kwargs: Any
+    ) -> GenerationOutput:
+        """:func:`generate_with_state` with this sampler's graph, state (or ``state``) and mesh."""
+        kwargs.setdefault("mesh", self.mesh)
+        return generate_with_state(
+            self.graphdef,
+            self.state if state is None else state,
+            prompt_ids,
+            prompt_mask,
+            **kwargs,
+        )
+
+
+def generate(
+    model: nnx.Module,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    *,
+    max_new_tokens: int,
+    rng: jax.Array | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    greedy: bool = False,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    num_samples: int = 1,
+    mesh: Mesh | None = None,
+) -> GenerationOutput:
+    """Samples up to ``max_new_tokens`` tokens after each left-padded prompt.
+
+    Prefills the prompt into a KV cache of length ``P + max_new_tokens``, then runs a jitted
+    ``lax.while_loop`` of single-token cached decodes that stops as soon as every row has produced
+    ``eos_token_id`` (or after ``max_new_tokens`` steps). Rows that stopped keep decoding with
+    their outputs discarded: the tokens after the first EOS are ``pad_token_id`` and masked out.
+
+    The sampling distribution is ``softmax(filter(logits / temperature))`` where ``filter`` applies
+    top-k, then top-p, then min-p (Hugging Face ``generate`` order). ``greedy=True`` takes the
+    argmax instead (no key needed).
+
+    Args:
+      model: an NNX causal LM with ``init_cache(batch_size, max_length)`` and
+        ``decode(ids, *, positions, cache, cache_mask) -> (logits, cache)``. It is split with
+        ``nnx.split`` on every call; use :class:`Sampler` or :func:`generate_with_state` to split
+        once.
+      prompt_ids: ``[B, P]`` int token ids, left-padded.
+      prompt_mask: ``[B, P]`` 1 on real tokens; every row needs at least one real token.
+      max_new_tokens: ``N >= 1``, the response width.
+      rng: PRNG key; the draw of step ``i`` uses ``fold_in(rng, i)``.
+      temperature: ``T > 0``.
+      top_k: keep the ``top_k`` most likely tokens, or ``None``.
+      top_p: nucleus mass in ``(0, 1]``, or ``None``.
+      min_p: min-p threshold in ``[0, 1]``, or ``None``.
+      greedy: argmax decoding.
+      eos_token_id: stop token; ``None`` never stops early (always ``N`` tokens).
+      pad_token_id: written after the first EOS.
+      num_samples: ``n`` responses per prompt; rows ``b * n .. b * n + n - 1`` are prompt ``b``'s.
+      mesh: optional mesh; the batch is sharded over its ``("data", "fsdp")`` axes (``B`` must be
+        divisible by their size). The result does not depend on the sharding.
+
+    Returns:
+      A :class:`GenerationOutput` with ``B * n`` rows.
+    """
+    graphdef, state = nnx.split(model)
+    return generate_with_state(
+        graphdef,
+        state,
+        prompt_ids,
+        prompt_mask,
+        max_new_tokens=max_new_tokens,
+        rng=rng,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        greedy=greedy,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        num_samples=num_samples,
+        mesh=mesh,
+    )

@@ -1,0 +1,194 @@
+"""Sampling filters over next-token logits: temperature, top-k, top-p (nucleus) and min-p.
+
+Every filter takes logits ``[..., V]`` and returns logits of the same shape in which the removed
+tokens are set to ``-inf``; kept tokens keep their value, so ``log_softmax`` of the result is the
+renormalised distribution over the kept tokens. The composition order is Hugging Face
+``generate``'s: temperature, then top-k, then top-p, then min-p (each filter sees the output of the
+previous one). Each filter keeps at least one token (the most likely one).
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -jnp.inf
+
+
+def apply_temperature(logits: jax.Array, *, temperature: float | jax.Array) -> jax.Array:
+    """Divides the logits by the temperature: ``softmax(logits / T)``.
+
+    Args:
+      logits: ``[..., V]`` logits.
+      temperature: positive scalar ``T``; ``T -> 0`` approaches greedy, ``T = 1`` is the model.
+
+    Returns:
+      ``[..., V]`` float32 logits ``logits / T``.
+    """
+    return logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+
+
+def top_k_filter(logits: jax.Array, *, top_k: int) -> jax.Array:
+    """Keeps the ``top_k`` largest logits per row (ties with the k-th value are kept).
+
+    Matches Hugging Face ``TopKLogitsWarper``: a token is removed iff its logit is strictly below
+    the k-th largest logit of its row.
+
+    Args:
+      logits: ``[..., V]`` logits.
+      top_k: number of tokens to keep, ``1 <= top_k``; values ``>= V`` keep everything.
+
+    Returns:
+      ``[..., V]`` logits with the removed tokens at ``-inf``.
+    """
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    vocab = logits.shape[-1]
+    if top_k >= vocab:
+        return logits
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    return jnp.where(logits < kth, _NEG_INF, logits)
+
+
+def top_p_filter(logits: jax.Array, *, top_p: float | jax.Array) -> jax.Array:
+    """Nucleus filter: keeps the smallest set of most likely tokens whose probability is >= ``top_p``.
+
+    With the tokens sorted by decreasing probability ``p_(1) >= p_(2) >= ...``, token ``(i)`` is
+    kept iff ``sum_{j < i} p_(j) < top_p`` (the mass strictly before it has not yet reached
+    ``top_p``), so the most likely token is always kept. This is Hugging Face's
+    ``TopPLogitsWarper`` rule (it removes tokens whose ascending cumulative mass is
+    ``<= 1 - top_p``). Tokens tied with the last kept logit are kept too.
+
+    Args:
+      logits: ``[..., V]`` logits (``-inf`` entries count as probability 0).
+      top_p: scalar in ``(0, 1]``; ``1`` keeps every token with non-zero probability.
+
+    Returns:
+      ``[..., V]`` logits with the removed tokens at ``-inf``.
+    """
+    logits = logits.astype(jnp.float32)
+    sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
+    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    keep = mass_before < jnp.asarray(top_p, jnp.float32)
+    keep = keep.at[..., 0].set(True)
+    num_kept = jnp.sum(keep, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(sorted_logits, num_kept - 1, axis=-1)
+    return jnp.where(logits < threshold, _NEG_INF, logits)
+
+
+def min_p_filter(logits: jax.Array, *, min_p: float | jax.Array) -> jax.Array:
+    """Min-p filter: keeps the tokens with ``p_i >= min_p * max_j p_j``.
+
+    Computed in log space as ``logit_i - max_j logit_j >= log(min_p)``, which is Hugging Face's
+    ``MinPLogitsWarper`` rule without the softmax round trip. ``min_p = 0`` keeps everything.
+
+    Args:
+      logits: ``[..., V]`` logits.
+      min_p: scalar in ``[0, 1]``.
+
+    Returns:
+      ``[..., V]`` logits with the removed tokens at ``-inf``.
+    """
+    logits = logits.astype(jnp.float32)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    log_min_p = jnp.log(jnp.asarray(min_p, jnp.float32))
+    return jnp.where(logits - top < log_min_p, _NEG_INF, logits)
+
+
+def validate_sampling_args(
+    *,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None,
+    greedy: bool,
+) -> None:
+    """Raises ``ValueError`` naming the argument when a sampling hyper-parameter is out of range."""
+    if temperature is not None and not isinstance(temperature, jax.Array):
+        if not (float(temperature) > 0.0):
+            raise ValueError(
+                f"temperature must be > 0 (use greedy=True for argmax decoding), got {temperature!r}"
+            )
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not isinstance(top_p, jax.Array):
+        if not (0.0 < float(top_p) <= 1.0):
+            raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    if min_p is not None and not isinstance(min_p, jax.Array):
+        if not (0.0 <= float(min_p) <= 1.0):
+            raise ValueError(f"min_p must be None or in [0, 1], got {min_p!r}")
+    if not isinstance(greedy, bool):
+        raise ValueError(f"greedy must be a bool, got {greedy!r}")
+
+
+def filter_logits(
+    logits: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    top_k: int | None = None,
+    top_p: float | jax.Array | None = None,
+    min_p: float | jax.Array | None = None,
+) -> jax.Array:
+    """The sampling distribution's logits: temperature, then top-k, top-p and min-p (HF order).
+
+    ``log_softmax(filter_logits(logits, ...))`` is the log-probability of each token under the
+    distribution that :func:`sample_tokens` draws from.
+
+    Args:
+      logits: ``[..., V]`` model logits.
+      temperature: positive scalar ``T``.
+      top_k: keep the ``top_k`` most likely tokens, or ``None``.
+      top_p: nucleus mass in ``(0, 1]``, or ``None``.
+      min_p: relative probability floor in ``[0, 1]``, or ``None``.
+
+    Returns:
+      ``[..., V]`` float32 logits, ``-inf`` on removed tokens.
+    """
+    out = apply_temperature(logits, temperature=temperature)
+    if top_k is not None:
+        out = top_k_filter(out, top_k=top_k)
+    if top_p is not None:
+        out = top_p_filter(out, top_p=top_p)
+    if min_p is not None:
+        out = min_p_filter(out, min_p=min_p)
+    return out
+
+
+def sample_tokens(
+    logits: jax.Array,
+    rng: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    top_k: int | None = None,
+    top_p: float | jax.Array | None = None,
+    min_p: float | jax.Array | None = None,
+    greedy: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Draws one token per row and returns its log-probabilities.
+
+    Args:
+      logits: ``[B, V]`` model logits for the next token.
+      rng: a PRNG key (unused when ``greedy``).
+      temperature, top_k, top_p, min_p: see :func:`filter_logits`.
+      greedy: take ``argmax(logits)`` instead of sampling.
+
+    Returns:
+      ``(tokens [B] int32, logps [B], model_logps [B])``: ``logps`` is
+      ``log_softmax(filter_logits(logits))[token]``, the log-probability under the distribution
+      sampled from (after temperature and filters; for ``greedy`` the same formula at the argmax
+      token); ``model_logps`` is ``log_softmax(logits)[token]``, the untempered, unfiltered model
+      log-probability.
+    """
+    chex.assert_rank(logits, 2)
+    logits = logits.astype(jnp.float32)
+    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    if greedy:
+        tokens = jnp.argmax(logits, axis=-1)
+    else:
+        tokens = jax.random.categorical(rng, filtered, axis=-1)
+    tokens = tokens.astype(jnp.int32)
+    logps = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), tokens[:, None], axis=-1)
+    model_logps = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)
+    return tokens, logps[:, 0], model_logps[:, 0]

@@ -1,0 +1,303 @@
+"""Building blocks of the decoder: projections (with optional LoRA), norms, attention, MLP.
+
+Every parameter carries logical axis names in its `out_sharding` metadata (`"embed"`,
+`"vocab"`, `"heads"`, `"kv_heads"`, `"head_dim"`, `"mlp"`, `"norm"`, `"layers"`,
+`"lora_rank"`, `"reward_heads"`); `rlhf_jax.sharding.LOGICAL_AXIS_RULES` maps them to mesh axes.
+
+Layer stacking: modules built with `stack=L` create every parameter with a leading layer axis
+of size L (logical name `"layers"`). Such a module is only ever called on one layer's slice,
+inside the `jax.lax.scan` of `rlhf_jax.models.transformer.Decoder`.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.rope import apply_rope
+
+_NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+class LoRAParam(nnx.Param):
+    """A low-rank adapter parameter (a subclass of `nnx.Param`).
+
+    `nnx.state(model, LoRAParam)` selects the adapters only; the frozen base weights are
+    `nnx.All(nnx.Param, nnx.Not(LoRAParam))`.
+    """
+
+
+def make_param(
+    rngs: nnx.Rngs | None,
+    shape: Sequence[int],
+    names: Sequence[str | None],
+    *,
+    dtype,
+    init: str = "normal",
+    std: float = 0.02,
+    stack: int | None = None,
+    kind: type[nnx.Variable] = nnx.Param,
+) -> nnx.Variable:
+    """A parameter of `shape` (with a leading `stack` axis) annotated with logical `names`."""
+    shape = tuple(int(s) for s in shape)
+    names = tuple(names)
+    if len(shape) != len(names):
+        raise ValueError(f"shape {shape} and logical names {names} differ in rank")
+    if stack is not None:
+        shape = (int(stack),) + shape
+        names = ("layers",) + names
+    if init == "normal":
+        value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+        value = value.astype(dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        raise ValueError(f"unknown initialiser {init!r}")
+    return kind(value, out_sharding=names, eager_sharding=False)
+
+
+class Proj(nnx.Module):
+    """A linear map `x[..., *in] -> y[..., *out]` as one `einsum` (plus optional bias and LoRA).
+
+    kernel: `[*in_shape, *out_shape]`; bias: `[*out_shape]`. With LoRA attached
+    (`rlhf_jax.models.lora.apply_lora`), `y += scale * (x @ lora_a) @ lora_b` with
+    `lora_a [*in, r]`, `lora_b [r, *out]` and `scale = alpha / r`.
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        *,
+        in_names: Sequence[str | None],
+        out_names: Sequence[str | None],
+        use_bias: bool,
+        config: ModelConfig,
+        rngs: nnx.Rngs,
+        stack: int | None = None,
+        std: float | None = None,
+    ):
+        self.in_shape = tuple(in_shape)
+        self.out_shape = tuple(out_shape)
+        self.in_names = tuple(in_names)
+        self.out_names = tuple(out_names)
+        self.stack = stack
+        self.dtype = config.dtype
+        self.lora_scale = None
+        self.kernel = make_param(
+            rngs, self.in_shape + self.out_shape, self.in_names + self.out_names,
+            dtype=config.params_dtype, std=config.initializer_range if std is None else std,
+            stack=stack,
+        )
+        self.bias = (
+            make_param(None, self.out_shape, self.out_names, dtype=config.params_dtype,
+                       init="zeros", stack=stack)
+            if use_bias else None
+        )
+
+    def _spec(self, n_in: int, n_out: int) -> str:
+        letters = string.ascii_lowercase
+        ins, outs = letters[:n_in], letters[n_in:n_in + n_out]
+        return f"...{ins},{ins}{outs}->...{outs}"
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.dtype)
+        x = x.astype(dtype)
+        n_in, n_out = len(self.in_shape), len(self.out_shape)
+        y = jnp.einsum(self._spec(n_in, n_out), x, self.kernel[...].astype(dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        if self.lora_scale is not None:
+            a = self.lora_a[...].astype(dtype)
+            b = self.lora_b[...].astype(dtype)
+            h = jnp.einsum(self._spec(n_in, 1), x, a)
+            y = y + (self.lora_scale * jnp.einsum(self._spec(1, n_out), h, b)).astype(dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """A lookup table `[num, E]`; `attend` gives `x @ table.T` (the tied LM head)."""
+
+    def __init__(self, num: int, features: int, *, names, config: ModelConfig, rngs: nnx.Rngs):
+        self.dtype = config.dtype
+        self.embedding = make_param(rngs, (num, features), names, dtype=config.params_dtype,
+                                    std=config.initializer_range)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        table = self.embedding[...]
+        return jnp.take(table, ids, axis=0, mode="clip").astype(jnp.dtype(self.dtype))
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.dtype)
+        return jnp.einsum("...e,ve->...v", x.astype(dtype), self.embedding[...].astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class Norm(nnx.Module):
+    """LayerNorm (scale and bias) or RMSNorm (scale only), computed in float32.
+
+    LayerNorm: `(x - mean) / sqrt(var + eps) * scale + bias`.
+    RMSNorm (Hugging Face Llama): `scale * (x / sqrt(mean(x^2) + eps))`.
+    """
+
+    def __init__(self, config: ModelConfig, *, stack: int | None = None):
+        self.kind = config.norm
+        self.eps = float(config.norm_eps)
+        self.dtype = config.dtype
+        e = config.hidden_size
+        self.scale = make_param(None, (e,), ("norm",), dtype=config.params_dtype, init="ones",
+                                stack=stack)
+        self.bias = (
+            make_param(None, (e,), ("norm",), dtype=config.params_dtype, init="zeros",
+                       stack=stack)
+            if config.norm == "layernorm" else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            mean = jnp.mean(xf, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+            y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        else:
+            var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+            y = xf * jax.lax.rsqrt(var + self.eps)
+            y = y * self.scale[...].astype(jnp.float32)
+        return y.astype(jnp.dtype(self.dtype))
+
+
+def activation_fn(name: str):
+    return {
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "silu": jax.nn.silu,
+        "relu": jax.nn.relu,
+    }[name]
+
+
+def attention_weights_mask(
+    q_positions_slot: jax.Array,
+    kv_slots: jax.Array,
+    kv_valid: jax.Array,
+    q_segments: jax.Array | None = None,
+    kv_segments: jax.Array | None = None,
+) -> jax.Array:
+    """Boolean mask `[B, T, S]`: key slot j is visible from query i when
+    `kv_slots[j] <= q_slot[i]`, `kv_valid[b, j]`, and (packed rows) the segments agree."""
+    mask = kv_slots[None, None, :] <= q_positions_slot[:, :, None]
+    mask = mask & kv_valid[:, None, :].astype(bool)
+    if q_segments is not None:
+        mask = mask & (q_segments[:, :, None] == kv_segments[:, None, :])
+    return mask
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float
+) -> jax.Array:
+    """Grouped-query attention with a float32 softmax.
+
+    q: `[B, T, H, D]`; k, v: `[B, S, K, D]` with K dividing H; mask: `[B, T, S]` bool.
+    `out = softmax(scale * q k^T + bias(mask)) v`, masked logits set to the float32 minimum
+    (a fully masked row gives a uniform average instead of NaN). Returns `[B, T, H, D]`.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    g = h // kv_heads
+    qg = q.reshape(b, t, kv_heads, g, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query self-attention with q, k, v, o projections."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+        e, h, kv, d = (config.hidden_size, config.num_heads, config.num_kv_heads,
+                       config.resolved_head_dim)
+        self.config = config
+        common = dict(config=config, rngs=rngs, stack=stack)
+        self.q = Proj((e,), (h, d), in_names=("embed",), out_names=("heads", "head_dim"),
+                      use_bias=config.qkv_bias, **common)
+        self.k = Proj((e,), (kv, d), in_names=("embed",), out_names=("kv_heads", "head_dim"),
+                      use_bias=config.qkv_bias, **common)
+        self.v = Proj((e,), (kv, d), in_names=("embed",), out_names=("kv_heads", "head_dim"),
+                      use_bias=config.qkv_bias, **common)
+        self.o = Proj((h, d), (e,), in_names=("heads", "head_dim"), out_names=("embed",),
+                      use_bias=config.o_bias, **common)
+
+    def project_qkv(self, x, rope):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def __call__(self, x, *, rope, mask, kv_cache=None, cache_index=None, layer=None):
+        """x `[B, T, E]` -> (`[B, T, E]`, kv_cache).
+
+        With `kv_cache = (k, v)` of every layer (`[L, B, S, K, D]`), this layer's new keys and
+        values are written in place at `[layer, :, cache_index]` and attention runs over this
+        layer's whole cache; the updated `(k, v)` is returned."""
+        q, k, v = self.project_qkv(x, rope)
+        if kv_cache is not None:
+            ck, cv = kv_cache
+            start = (layer, 0, cache_index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], start)
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], start)
+            k = jax.lax.dynamic_index_in_dim(ck, layer, axis=0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(cv, layer, axis=0, keepdims=False)
+            kv_cache = (ck, cv)
+        scale = self.config.resolved_head_dim ** -0.5
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=scale)
+        return self.o(out), kv_cache
+
+
+class MLP(nnx.Module):
+    """GPT-2: `down(act(up(x)))`. SwiGLU: `down(act(gate(x)) * up(x))`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+        e, f = config.hidden_size, config.intermediate_size
+        common = dict(config=config, rngs=rngs, stack=stack, use_bias=config.mlp_bias)
+        self.kind = config.mlp
+        self.act = config.activation
+        if config.mlp == "swiglu":
+            self.gate = Proj((e,), (f,), in_names=("embed",), out_names=("mlp",), **common)
+        self.up = Proj((e,), (f,), in_names=("embed",), out_names=("mlp",), **common)
+        self.down = Proj((f,), (e,), in_names=("mlp",), out_names=("embed",), **common)
+
+    def __call__(self, x):
+        act = activation_fn(self.act)
+        if self.kind == "swiglu":
+            h = act(self.gate(x)) * self.up(x)
+        else:
+            h = act(self.up(x))
+        return self.down(h)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+        self.attn_norm = Norm(config, stack=stack)
+        self.attn = Attention(config, rngs=rngs, stack=stack)
+        self.mlp_norm = Norm(config, stack=stack)
+        self.mlp = MLP(config, rngs=rngs, stack=stack)
+
+    def __call__(self, x, *, rope, mask, kv_cache=None, cache_index=None, layer=None):
+        h, kv = self.attn(self.attn_norm(x), rope=rope, mask=mask, kv_cache=kv_cache,
+                          cache_index=cache_index, layer=layer)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, kv

@@ -1,0 +1,93 @@
+"""Device meshes with the axes `("data", "fsdp", "tensor")` and multi-host initialisation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; one of them may be -1 ("all remaining devices").
+
+    Attributes:
+      data: data parallelism (replicated parameters, batch split).
+      fsdp: fully sharded data parallelism (parameters sharded on their `embed` axis, batch
+        split).
+      tensor: tensor (model) parallelism over heads / MLP width / vocabulary.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = dataclasses.asdict(self)
+        for name, size in sizes.items():
+            if not isinstance(size, int) or (size < 1 and size != -1):
+                raise ValueError(f"MeshConfig.{name} must be a positive int or -1, got {size!r}")
+        if list(sizes.values()).count(-1) > 1:
+            raise ValueError(f"at most one MeshConfig axis may be -1, got {sizes}")
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        """Axis sizes `(data, fsdp, tensor)` for `num_devices` devices."""
+        sizes = [self.data, self.fsdp, self.tensor]
+        known = int(np.prod([s for s in sizes if s != -1]))
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(
+                    f"MeshConfig {self} cannot fill {num_devices} devices: the fixed axes "
+                    f"multiply to {known}, which does not divide {num_devices}"
+                )
+            sizes[sizes.index(-1)] = num_devices // known
+        if int(np.prod(sizes)) != num_devices:
+            raise ValueError(
+                f"MeshConfig {self} needs {int(np.prod(sizes))} devices, but {num_devices} "
+                "are available"
+            )
+        return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig | None = None, devices=None) -> jax.sharding.Mesh:
+    """A `Mesh` with axes `("data", "fsdp", "tensor")` over `devices` (default: all devices)."""
+    config = config or MeshConfig()
+    devices = list(jax.devices() if devices is None else devices)
+    shape = config.resolve(len(devices))
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
+    return jax.sharding.Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES,
+                             axis_types=axis_types)
+
+
+def _multihost_tpu_environment() -> bool:
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return len([h for h in hosts.split(",") if h.strip()]) > 1
+
+
+def initialize_distributed(
+    *,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    force: bool = False,
+) -> bool:
+    """Initialises multi-process JAX (`jax.distributed.initialize`) where it is needed.
+
+    Runs when an explicit `coordinator_address` is given, when `force` is set (e.g. on a SLURM
+    cluster, where JAX finds the coordinator itself), or on a multi-host TPU slice (detected by
+    more than one host in `TPU_WORKER_HOSTNAMES`). Otherwise (a single process) it does nothing.
+    Call it once, before any other JAX call. Returns True when JAX runs multi-process.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    if coordinator_address is None and not force and not _multihost_tpu_environment():
+        return False
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    return True

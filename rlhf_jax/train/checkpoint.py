@@ -1,0 +1,148 @@
+"""Orbax checkpoints of a training run: train state, data-loader state and resolved config.
+
+A checkpoint directory `output_dir/checkpoints/<step>/` holds three orbax items:
+
+- `state`: the `TrainState` pytree (model variables, optimizer state, step, RNG key data),
+  saved with `ocp.args.StandardSave`; restored onto whatever shardings the caller's target
+  state has, so a checkpoint written on an 8-device mesh restores onto a (2, 4) mesh or a single
+  device.
+- `data`: the data loader's `get_state()` (JSON), taken after the batch of the last completed
+  step was drawn, so a resumed run draws exactly the batches the uninterrupted run would have.
+- `config`: the resolved run config (JSON of `config_to_dict`).
+
+`Checkpointer` wraps `ocp.CheckpointManager` (keep the newest `keep_last`; saves are synchronous
+so that a SIGTERM save has finished before the process exits).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import orbax.checkpoint as ocp
+
+from rlhf_jax.train.state import TrainState
+
+
+class Restored(NamedTuple):
+    """What `Checkpointer.restore` returns."""
+
+    step: int
+    state: TrainState
+    data_state: Any
+    config: dict[str, Any] | None
+
+
+def abstract_like(tree: Any) -> Any:
+    """`jax.ShapeDtypeStruct` tree (with each leaf's sharding) to restore a checkpoint onto."""
+
+    def leaf(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(leaf, tree)
+
+
+class Checkpointer:
+    """Saves and restores checkpoints under `directory` (see module docstring).
+
+    Args:
+      directory: checkpoint root (created if missing), usually `output_dir/checkpoints`.
+      keep_last: number of newest checkpoints to keep (None keeps all).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep_last: int | None = 3):
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1 or None, got {keep_last}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep_last,
+            create=True,
+            enable_async_checkpointing=False,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "config")
+        )
+
+    @property
+    def latest_step(self) -> int | None:
+        """The newest saved step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        *,
+        data_state: Any = None,
+        config: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> bool:
+        """Saves a checkpoint for `step` (blocking); returns whether one was written.
+
+        An existing checkpoint of `step` is kept (returns False) unless `overwrite`.
+        """
+        if step in self._manager.all_steps():
+            if not overwrite:
+                return False
+            self._manager.delete(step)
+        if jax.process_count() == 1:
+            # One process holds every shard: write host copies (no per-shard device slicing).
+            state = jax.device_get(state)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({"state": data_state}),
+            config=ocp.args.JsonSave(dict(config or {})),
+        )
+        saved = self._manager.save(step, args=args, force=True)
+        self._manager.wait_until_finished()
+        return bool(saved)
+
+    def restore(self, target: TrainState, *, step: int | None = None) -> Restored:
+        """Restores `step` (default: newest) onto the shapes, dtypes and shardings of `target`.
+
+        `target` is a `TrainState` of arrays (e.g. a freshly initialised, sharded state) or of
+        `jax.ShapeDtypeStruct`s with shardings.
+        """
+        if step is None:
+            step = self.latest_step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint found under {self.directory}")
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} under {self.directory}; "
+                f"available steps: {self.all_steps()}"
+            )
+        abstract = abstract_like(target)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                data=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore(),
+            ),
+        )
+        state = restored["state"]
+        if not isinstance(state, TrainState):
+            state = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(state))
+        data = restored["data"] or {}
+        return Restored(step=int(step), state=state, data_state=data.get("state"),
+                        config=restored["config"])
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+__all__ = ["Checkpointer", "Restored", "abstract_like"]

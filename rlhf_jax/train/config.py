@@ -1,0 +1,423 @@
+"""Shared configuration pieces for every trainer, and YAML + command-line parsing.
+
+Every trainer's config is a frozen dataclass that extends `TrainConfig` (the fields every run
+has) with its own hyper-parameters. A run's config is resolved in three layers, later ones
+winning:
+
+1. the dataclass defaults,
+2. a YAML file (`--config FILE`) whose nested mappings mirror the dataclass fields,
+3. command-line overrides parsed by tyro (`--optimizer.learning-rate 3e-4`, `--seed 1`).
+
+`load_config(cls, argv)` does all three; `save_config(config, path)` writes the resolved config
+as YAML (every run writes `config.yaml` into its output directory, and the file reads back to
+the same config with `config_from_yaml`).
+
+YAML example for `rlhf-jax dpo --config dpo.yaml`::
+
+    output_dir: runs/dpo
+    num_steps: 200
+    model: {preset: tiny_gpt2, dtype: float32}
+    data: {synthetic: preference, batch_size: 8}
+    optimizer: {learning_rate: 1.0e-4, schedule: cosine, warmup_steps: 10}
+    beta: 0.1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import yaml
+
+from rlhf_jax.sharding import MeshConfig
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Which model to build: a preset from `rlhf_jax.models` or a local Hugging Face directory."""
+
+    preset: str = "tiny_gpt2"
+    """Name of a `rlhf_jax.models.ModelConfig` preset (used when `path` is unset)."""
+    path: str | None = None
+    """Local Hugging Face model directory (config.json + safetensors); overrides `preset`."""
+    dtype: DType = "float32"
+    """Compute dtype of activations. float32 is the CPU default (bf16 is emulated on most CPUs)."""
+    param_dtype: DType = "float32"
+    """Storage dtype of the parameters."""
+    vocab_size: int | None = None
+    """Override the preset's vocabulary size (random init only)."""
+    num_layers: int | None = None
+    """Override the preset's number of decoder layers (random init only)."""
+    hidden_size: int | None = None
+    """Override the preset's model width (random init only)."""
+    num_heads: int | None = None
+    """Override the preset's number of attention heads (random init only)."""
+    intermediate_size: int | None = None
+    """Override the preset's MLP width (random init only)."""
+    max_position_embeddings: int | None = None
+    """Override the preset's maximum sequence length (random init only)."""
+    remat: Literal["none", "full", "dots", "dots_no_batch", "nothing_saveable"] | None = None
+    """Override the preset's per-layer rematerialisation policy."""
+    lora_rank: int = 0
+    """LoRA rank; 0 trains all parameters, > 0 trains only LoRA adapters."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator (updates are scaled by alpha / rank)."""
+    lora_targets: tuple[str, ...] = ()
+    """Names of the projections that get adapters; empty means the models' default."""
+    tokenizer_path: str | None = None
+    """Local tokenizer directory (defaults to `path`); synthetic tasks need none."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Where training examples come from and how they are batched (see `rlhf_jax.data`)."""
+
+    path: str | None = None
+    """Training data: a JSONL / parquet file, an HF `datasets` directory or a TFDS directory."""
+    source_type: Literal["jsonl", "parquet", "hf_disk", "hf_files", "tfds"] | None = None
+    """How to read `path` (guessed from it when unset)."""
+    format: Literal["sft", "preference", "hh", "ranking", "kto", "prompt"] | None = None
+    """Record format (`rlhf_jax.data.FORMATS`); unset uses the trainer's default."""
+    split: str = "train"
+    """Split of an HF `datasets` / TFDS source used for training."""
+    eval_path: str | None = None
+    """Held-out data in the same format (default: `path` with `eval_split`, if that exists)."""
+    eval_split: str | None = None
+    """Held-out split of `path` / `eval_path` (e.g. "test"); unset: no held-out set from `path`
+    unless `eval_path` is given."""
+    synthetic: str | None = None
+    """Synthetic task of `rlhf_jax.data.synthetic` ("topic", "progression"): its records are
+    generated when `path` is unset, and its character tokenizer is used (also for `path` files
+    written in that vocabulary)."""
+    num_train: int = 512
+    """Number of synthetic training examples (pairs, rankings, ...)."""
+    num_eval: int = 128
+    """Number of synthetic held-out examples."""
+    num_responses: int = 4
+    """Responses per prompt of synthetic ranking data."""
+    batch_size: int = 8
+    """Global batch size (examples or pairs) per optimizer step, over all hosts."""
+    eval_batch_size: int | None = None
+    """Global held-out batch size (default: `batch_size`); a final incomplete batch is dropped."""
+    max_prompt_length: int | None = 64
+    """Prompts are truncated (keeping their end) to this many tokens."""
+    max_length: int = 128
+    """Prompt + response are truncated to this many tokens; batches are padded to it."""
+    buckets: tuple[int, ...] = ()
+    """Padded lengths to choose from per batch (fewer FLOPs on short batches, one compile per
+    bucket); empty pads every batch to `max_length` (one compile)."""
+    packing: bool = False
+    """Pack several sequences per row of `max_length` tokens (SFT and preference data)."""
+    shuffle: bool = True
+    """Shuffle the training examples every epoch (from the run seed)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad records raise (naming file and line) or are skipped and counted in the run summary."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with a warmup + decay schedule, global-norm clipping and gradient accumulation."""
+
+    learning_rate: float = 1e-4
+    """Peak learning rate."""
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay after warmup: constant, linear to `end_learning_rate`, or cosine to it."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to `learning_rate` over this many optimizer steps."""
+    end_learning_rate: float = 0.0
+    """Learning rate at the end of the decay (linear / cosine)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+    b1: float = 0.9
+    """Adam first-moment decay."""
+    b2: float = 0.999
+    """Adam second-moment decay."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    max_grad_norm: float | None = 1.0
+    """Clip gradients to this global norm; None disables clipping."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step: the batch is split into this many micro-batches whose
+    gradients are averaged inside the jitted step (a `lax.scan`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoint cadence and retention."""
+
+    every_steps: int = 0
+    """Save every this many steps (0: only at the end of the run and on SIGTERM)."""
+    keep_last: int = 3
+    """Keep the newest this many checkpoints."""
+    resume: bool = True
+    """Resume from the newest checkpoint in `output_dir/checkpoints` when one exists."""
+    save_on_sigterm: bool = True
+    """On SIGTERM (e.g. TPU preemption) save a checkpoint at the next step boundary and exit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """Where metrics go: metrics.jsonl always, plus TensorBoard, Weights & Biases, a console bar."""
+
+    every_steps: int = 10
+    """Write training metrics every this many steps (evaluation metrics whenever computed)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under `output_dir/tensorboard`."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs `wandb` installed and configured)."""
+    wandb_project: str = "rlhf_jax"
+    """Weights & Biases project name."""
+    progress: Literal["tqdm", "rich", "none"] = "tqdm"
+    """Console progress bar."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Fields every training run has. Trainer configs extend this dataclass."""
+
+    output_dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, tensorboard/ and checkpoints/ go here."""
+    seed: int = 0
+    """Seed of every PRNG key in the run (init, data order, sampling)."""
+    num_steps: int = 100
+    """Number of optimizer steps."""
+    eval_every: int = 0
+    """Evaluate on the held-out set every this many steps (0: only at the end)."""
+    eval_batches: int | None = None
+    """Number of held-out batches per evaluation (None: the whole held-out set)."""
+    nan_policy: Literal["skip", "stop"] = "skip"
+    """On a non-finite loss or gradient: skip that update and count it, or stop the run with an
+    error (no checkpoint of a poisoned state is ever written either way)."""
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    mesh: MeshConfig = MeshConfig()
+    """Device mesh (`rlhf_jax.sharding.MeshConfig`): sizes of the data / fsdp / tensor axes."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass
+# ---------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config file or mapping names an unknown field or holds a value of the wrong type.
+
+    `path` is the dotted field path the error is about (used to find its line in a YAML file).
+    """
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Nested plain-Python dict (tuples as lists) of a config dataclass, for YAML/JSON."""
+
+    def convert(value):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple | list):
+            return [convert(v) for v in value]
+        if isinstance(value, Mapping):
+            return {str(k): convert(v) for k, v in value.items()}
+        return value
+
+    return convert(config)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Checks/converts a YAML value to the annotated field type, naming `where` on error."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} matches none of {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return config_from_dict(tp, value, where=where)
+    if origin in (tuple, Sequence, list) or tp in (tuple, list):
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        val_tp = args[1] if len(args) == 2 else Any
+        return {k: _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def config_from_dict(cls: type, data: Mapping[str, Any], *, where: str = "config") -> Any:
+    """Builds config dataclass `cls` from a (possibly partial) nested mapping.
+
+    Fields missing from `data` keep their defaults; unknown keys and wrongly typed values raise
+    `ConfigError` naming the dotted field path (`where.field`) and the allowed fields/values.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown field(s) {unknown} for {cls.__name__}; allowed: {sorted(fields)}",
+            path=f"{where}.{unknown[0]}",
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML files
+# ---------------------------------------------------------------------------------------------
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Maps dotted key paths of a YAML mapping document to their 1-based line numbers."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for key, val in node.value:
+                path = f"{prefix}.{key.value}" if prefix else str(key.value)
+                lines[path] = key.start_mark.line + 1
+                walk(val, path)
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def config_from_yaml(cls: type, path: str | os.PathLike) -> Any:
+    """Reads config dataclass `cls` from a YAML file; errors name the file, line and field."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path!r}: {e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if data is None:
+        data = {}
+    try:
+        return config_from_dict(cls, data, where="config")
+    except ConfigError as e:
+        message = str(e)
+        dotted = (e.path or message.split(":", 1)[0]).removeprefix("config.").split("[", 1)[0]
+        line = _key_lines(text).get(dotted)
+        location = f"{path}, line {line}" if line else path
+        raise ConfigError(f"{location}: {message}") from None
+
+
+def save_config(config: Any, path: str | os.PathLike) -> None:
+    """Writes the resolved config as YAML (readable back with `config_from_yaml`)."""
+    with open(os.fspath(path), "w") as f:
+        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+
+
+def load_config(
+    cls: type, argv: Sequence[str] | None = None, *, prog: str | None = None
+) -> Any:
+    """Parses `[--config FILE] [overrides...]` into config dataclass `cls` with tyro.
+
+    The YAML file (if any) supplies the defaults that tyro shows in `--help` and that the
+    command-line overrides replace.
+    """
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = None
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file name")
+            config_path = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+            i += 1
+            continue
+        rest.append(arg)
+        i += 1
+    default = config_from_yaml(cls, config_path) if config_path else cls()
+    description = (cls.__doc__ or "").strip() + (
+        "\n\nPass --config FILE (YAML) to set defaults; the options below override it."
+    )
+    return tyro.cli(cls, default=default, args=rest, prog=prog, description=description)
+
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DType",
+    "DataSpec",
+    "LoggingConfig",
+    "MeshConfig",
+    "ModelSpec",
+    "OptimizerConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_from_yaml",
+    "config_to_dict",
+    "load_config",
+    "save_config",
+]

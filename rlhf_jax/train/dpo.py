@@ -1,0 +1,550 @@
+"""Direct preference optimisation and its family: DPO (every `loss_type` of
+`rlhf_jax.losses.dpo_loss`, weighted mixtures such as MPO, label smoothing / soft labels, RPO's
+NLL term), reference-free SimPO, ORPO and CPO, and unpaired KTO.
+
+One forward pass per model and step: the chosen and rejected sequences of a pairwise batch are
+concatenated along the batch axis (`rlhf_jax.train.common.pair_forward_batch`; packed rows are
+used as they are) and their aligned token log-probs are summed over the completion tokens
+(`pair_sequence_sums`). All objectives come from `rlhf_jax.losses`.
+
+The reference policy (`reference`):
+
+- `"model"`: a frozen copy of the initial policy (or `ref_model`), held next to the policy in
+  the train state (`PolicyAndReference`, so it is sharded and checkpointed with it) and run
+  forward in the same jitted step, without gradients.
+- `"precomputed"`: a pass before training runs the reference over exactly the batches training
+  will draw (the loader is deterministic) and stores their sequence log-probs
+  (`output_dir/reference_logps.npz`, reused on resume); the reference model is then dropped, so
+  training holds only the policy and runs one forward per step.
+- `"lora_base"` (automatic when `model.lora_rank > 0` and `reference="model"`): the policy with
+  its LoRA adapters zeroed (`rlhf_jax.models.lora.lora_disabled`), i.e. the base model, with no
+  second copy of the weights.
+- SimPO, ORPO and CPO use no reference.
+
+KTO batches are unpaired (`rlhf_jax.data.collate_kto`, with the mismatched `kl_` pairs of TRL's
+KL reference point): the completion and its `kl_` twin run in one fused forward.
+
+Metrics (`<algo>` is `dpo`, `simpo`, `orpo`, `cpo` or `kto`; held-out as `<algo>/eval/<name>`):
+
+- `<algo>/loss`: the objective.
+- `<algo>/rewards_chosen`, `<algo>/rewards_rejected`: mean implicit rewards. DPO:
+  `β (log π - log π_ref)` (as TRL); SimPO / CPO / ORPO: `β log π` (length-averaged where the
+  loss is); KTO: over desirable / undesirable completions.
+- `<algo>/accuracy`: fraction of pairs with `rewards_chosen > rewards_rejected` (expected
+  agreement with soft labels); `<algo>/reward_margin`: mean `rewards_chosen - rewards_rejected`.
+- `<algo>/logps_chosen`, `<algo>/logps_rejected`: mean policy sequence log-probs.
+- `<algo>/nll_loss`: the chosen completions' token-mean NLL (ORPO, CPO, `sft` in a DPO mixture,
+  or `rpo_alpha > 0`).
+- `kto/kl`: KTO's reference point `z_0`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhf_jax import losses
+from rlhf_jax.models import LoRAParam
+from rlhf_jax.train.common import (
+    build_data,
+    build_model,
+    check_vocab,
+    load_tokenizer_for,
+    model_token_logps,
+    pair_forward_batch,
+    pair_sequence_sums,
+    pair_weights,
+    run_summary,
+    run_training,
+    shard_train_state,
+    trainable_filter,
+)
+from rlhf_jax.train.config import DataSpec, ModelSpec, TrainConfig
+
+ALGORITHMS = ("dpo", "simpo", "orpo", "cpo", "kto")
+REFERENCES = ("model", "precomputed")
+REFERENCE_FILE = "reference_logps.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig(TrainConfig):
+    """Preference optimisation: DPO family, SimPO, ORPO, CPO, KTO."""
+
+    output_dir: str = "runs/dpo"
+    data: DataSpec = DataSpec(synthetic="topic")
+    algorithm: Literal["dpo", "simpo", "orpo", "cpo", "kto"] = "dpo"
+    """Objective family."""
+    loss_type: tuple[str, ...] = ()
+    """Empty: the algorithm's default ("sigmoid" for dpo and cpo, "kto" for kto). dpo: one or more of `rlhf_jax.losses.DPO_LOSS_TYPES` plus "sft" (several = a weighted
+    mixture, e.g. MPO "sigmoid bco_pair sft"); cpo: one of `CPO_LOSS_TYPES`; kto: one of
+    `KTO_LOSS_TYPES`; ignored by simpo and orpo."""
+    loss_weights: tuple[float, ...] = ()
+    """Weights of the `loss_type` mixture (empty: all 1.0), as TRL's `loss_weights`."""
+    beta: float = 0.1
+    """Temperature β (SimPO: reward scale, ORPO: odds-ratio weight λ)."""
+    label_smoothing: float = 0.0
+    """Label smoothing ε (cDPO / robust / EXO / AOT; SimPO and CPO sigmoid)."""
+    soft_labels: bool = False
+    """Use the batch's soft `label` p as ε = 1 - p per pair (needs a smoothing-aware loss)."""
+    f_divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = (
+        "reverse_kl")
+    """f-divergence of the DPO implicit reward (f-DPO)."""
+    f_alpha: float = 0.5
+    """α of the alpha divergence."""
+    discopop_tau: float = 0.05
+    """τ of the discopop loss."""
+    rpo_alpha: float = 0.0
+    """Weight of the chosen completions' NLL added to the DPO loss (RPO; TRL `rpo_alpha`)."""
+    simpo_gamma: float = 0.5
+    """SimPO (and CPO simpo) target reward margin γ."""
+    cpo_alpha: float = 1.0
+    """Weight of the NLL term of CPO."""
+    desirable_weight: float = 1.0
+    """KTO λ_D."""
+    undesirable_weight: float = 1.0
+    """KTO λ_U."""
+    reference: Literal["model", "precomputed"] = "model"
+    """dpo / kto reference: a frozen model in the step, or log-probs precomputed before training
+    (the reference model is then not kept in memory). With LoRA, the reference is the base
+    model (adapters disabled) either way."""
+    ref_model: ModelSpec | None = None
+    """Reference model (default: the policy's initial weights)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+
+
+class PolicyAndReference(nnx.Module):
+    """The trained policy next to a frozen reference (only `policy` parameters are trained)."""
+
+    def __init__(self, policy: nnx.Module, reference: nnx.Module):
+        self.policy = policy
+        self.reference = reference
+
+
+def policy_only_filter(model: nnx.Module) -> Any:
+    """Trainable filter of a `PolicyAndReference`: the policy's trainable variables."""
+    return nnx.All(trainable_filter(model.policy), nnx.PathContains("policy"))
+
+
+def base_model_of(policy: nnx.Module) -> nnx.Module:
+    """The policy with LoRA adapters zeroed (the base model), sharing every other weight."""
+    graphdef, lora, rest = nnx.split(policy, LoRAParam, ...)
+    from rlhf_jax.models.lora import lora_disabled
+
+    return nnx.merge(graphdef, lora_disabled(lora), rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss
+# ---------------------------------------------------------------------------------------------
+
+
+DEFAULT_LOSS_TYPES = {"dpo": ("sigmoid",), "cpo": ("sigmoid",), "kto": ("kto",), "simpo": (),
+                      "orpo": ()}
+
+
+def resolve_loss_types(algorithm: str, loss_type: Sequence[str]) -> tuple[str, ...]:
+    """`loss_type`, or the algorithm's default when empty."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r}; allowed: {ALGORITHMS}")
+    return tuple(loss_type) or DEFAULT_LOSS_TYPES[algorithm]
+
+
+def _check_types(algorithm: str, loss_type: Sequence[str], loss_weights: Sequence[float]):
+    loss_type = resolve_loss_types(algorithm, loss_type)
+    if algorithm == "dpo":
+        allowed = (*losses.DPO_LOSS_TYPES, "sft")
+        if not loss_type:
+            raise ValueError("loss_type must name at least one DPO loss type")
+    elif algorithm == "cpo":
+        allowed = losses.CPO_LOSS_TYPES
+    elif algorithm == "kto":
+        allowed = losses.KTO_LOSS_TYPES
+    else:
+        return
+    bad = [t for t in loss_type if t not in allowed]
+    if bad or (algorithm != "dpo" and len(loss_type) != 1):
+        raise ValueError(f"loss_type={loss_type} for algorithm={algorithm!r}; allowed: "
+                         f"{'one or more' if algorithm == 'dpo' else 'exactly one'} of {allowed}")
+    if loss_weights and len(loss_weights) != len(loss_type):
+        raise ValueError(f"loss_weights={tuple(loss_weights)} must have one weight per "
+                         f"loss_type {loss_type}")
+
+
+def _chosen_nll(logps_sum: jax.Array, lengths: jax.Array, w: jax.Array) -> jax.Array:
+    """Token-mean NLL over the chosen completions of the batch (TRL's `nll_loss`)."""
+    return -jnp.sum(logps_sum * w) / jnp.maximum(jnp.sum(lengths * w), 1.0)
+
+
+def _wmean(x, w):
+    return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _reward_metrics(prefix, chosen, rejected, pc, pr, w, label=None):
+    acc = losses.reward_accuracy(chosen, rejected, label=label)
+    return {
+        f"{prefix}/rewards_chosen": _wmean(chosen, w),
+        f"{prefix}/rewards_rejected": _wmean(rejected, w),
+        f"{prefix}/accuracy": _wmean(acc, w),
+        f"{prefix}/reward_margin": _wmean(chosen - rejected, w),
+        f"{prefix}/logps_chosen": _wmean(pc, w),
+        f"{prefix}/logps_rejected": _wmean(pr, w),
+    }
+
+
+def reference_pair_logps(ref_model: nnx.Module, batch: Mapping[str, jax.Array]):
+    """`(ref_chosen [P], ref_rejected [P])` sequence log-probs of a pairwise batch, no gradient."""
+    rows = pair_forward_batch(batch)
+    logps, _ = model_token_logps(ref_model, rows)
+    rc, rr, _, _ = pair_sequence_sums(jax.lax.stop_gradient(logps), rows, batch)
+    return rc, rr
+
+
+def _kto_rows(batch):
+    keys = ("input_ids", "attention_mask", "loss_mask", "positions", "segment_ids")
+    return {k: jnp.concatenate([batch[k], batch["kl_" + k]], axis=0) for k in keys}
+
+
+def kto_sequence_logps(model: nnx.Module, batch: Mapping[str, jax.Array]):
+    """`(logps [B], kl_logps [B])`: completion log-probs of the examples and of their `kl_`
+    mismatched twins, in one fused forward."""
+    rows = _kto_rows(batch)
+    logps, _ = model_token_logps(model, rows)
+    seq = losses.masked_sum(logps, rows["loss_mask"].astype(jnp.float32), axis=-1)
+    return tuple(jnp.split(seq, 2))
+
+
+def preference_loss(
+    model: nnx.Module,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array | None = None,
+    *,
+    algorithm: str = "dpo",
+    loss_type: Sequence[str] = (),
+    loss_weights: Sequence[float] = (),
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    soft_labels: bool = False,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    discopop_tau: float = 0.05,
+    rpo_alpha: float = 0.0,
+    simpo_gamma: float = 0.5,
+    cpo_alpha: float = 1.0,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    reference: str = "model",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Loss and metrics of the DPO family on a batch (module docstring).
+
+    Args:
+      model: the policy (`reference="precomputed"`, `"lora_base"` or reference-free
+        algorithms) or a `PolicyAndReference` (`reference="model"`).
+      batch: a pairwise preference batch (padded or packed; with `ref_chosen_logps` /
+        `ref_rejected_logps` `[P]` when precomputed) or, for KTO, an unpaired batch with `kl_`
+        keys and `label` (and `ref_logps` / `ref_kl_logps` when precomputed).
+      rng: unused.
+      reference: `"model"`, `"precomputed"`, `"lora_base"` or `"none"`.
+      Other arguments: as in `DPOConfig`.
+
+    Returns:
+      `(loss, metrics)`.
+    """
+    loss_type = resolve_loss_types(algorithm, loss_type)
+    _check_types(algorithm, loss_type, loss_weights)
+    policy = model.policy if isinstance(model, PolicyAndReference) else model
+    ref_model = None
+    if algorithm in ("dpo", "kto"):
+        if reference == "model":
+            if not isinstance(model, PolicyAndReference):
+                raise TypeError("reference='model' needs a PolicyAndReference model")
+            ref_model = model.reference
+        elif reference == "lora_base":
+            ref_model = base_model_of(policy)
+        elif reference != "precomputed":
+            raise ValueError(f"reference={reference!r} for algorithm={algorithm!r}; allowed: "
+                             "'model', 'precomputed', 'lora_base'")
+
+    if algorithm == "kto":
+        pol, kl_pol = kto_sequence_logps(policy, batch)
+        if ref_model is None:
+            ref, kl_ref = batch["ref_logps"], batch["ref_kl_logps"]
+        else:
+            ref, kl_ref = (jax.lax.stop_gradient(x) for x in kto_sequence_logps(ref_model, batch))
+        z0 = losses.kto_reference_kl(kl_pol, kl_ref)
+        label = batch["label"].astype(jnp.float32)
+        per = losses.kto_loss(pol, ref, label, reference_kl=z0, beta=beta,
+                              desirable_weight=desirable_weight,
+                              undesirable_weight=undesirable_weight, loss_type=loss_type[0])
+        loss = jnp.mean(per)
+        rewards = beta * jax.lax.stop_gradient(pol - ref)
+        metrics = {
+            "kto/loss": loss,
+            "kto/kl": z0,
+            "kto/rewards_chosen": _wmean(rewards, label),
+            "kto/rewards_rejected": _wmean(rewards, 1.0 - label),
+            "kto/reward_margin": _wmean(rewards, label) - _wmean(rewards, 1.0 - label),
+            "kto/logps_chosen": _wmean(pol, label),
+            "kto/logps_rejected": _wmean(pol, 1.0 - label),
+        }
+        return loss, metrics
+
+    rows = pair_forward_batch(batch)
+    logps, _ = model_token_logps(policy, rows)
+    w = pair_weights(batch)
+    pc, pr, lc, lr = pair_sequence_sums(logps, rows, batch)
+    label = batch["label"].astype(jnp.float32) if "label" in batch else None
+    eps = (1.0 - label) if (soft_labels and label is not None) else label_smoothing
+    metric_label = label if soft_labels else None
+    sg = jax.lax.stop_gradient
+    metrics: dict[str, jax.Array] = {}
+
+    if algorithm == "dpo":
+        if ref_model is None:
+            rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            rc, rr = reference_pair_logps(ref_model, batch)
+        weights = tuple(loss_weights) or (1.0,) * len(loss_type)
+        mixture = {t: wt for t, wt in zip(loss_type, weights) if t != "sft"}
+        common = dict(beta=beta, chosen_lengths=lc, rejected_lengths=lr,
+                      f_divergence=f_divergence, f_alpha=f_alpha, discopop_tau=discopop_tau)
+        per = jnp.zeros_like(pc)
+        if mixture:
+            per = losses.mixed_dpo_loss(pc, pr, rc, rr, loss_weights=mixture,
+                                        label_smoothing=eps, **common)
+        loss = _wmean(per, w)
+        nll_weight = dict(zip(loss_type, weights)).get("sft", 0.0) + rpo_alpha
+        if nll_weight:
+            nll = _chosen_nll(pc, lc, w)
+            loss = loss + nll_weight * nll
+            metrics["dpo/nll_loss"] = nll
+        rm = losses.dpo_reward_metrics(pc, pr, rc, rr, beta=beta, label=metric_label)
+        metrics.update(_reward_metrics("dpo", rm.chosen, rm.rejected, pc, pr, w, metric_label))
+        metrics["dpo/loss"] = loss
+        return loss, metrics
+
+    avg_c, avg_r = pc / jnp.maximum(lc, 1.0), pr / jnp.maximum(lr, 1.0)
+    if algorithm == "simpo":
+        per = losses.simpo_loss(avg_c, avg_r, beta=beta, gamma=simpo_gamma, label_smoothing=eps)
+        loss = _wmean(per, w)
+        chosen_r, rejected_r = beta * sg(avg_c), beta * sg(avg_r)
+    elif algorithm == "orpo":
+        per = losses.orpo_loss(avg_c, avg_r, beta=beta)
+        nll = _chosen_nll(pc, lc, w)
+        loss = nll + _wmean(per, w)
+        metrics["orpo/nll_loss"] = nll
+        chosen_r, rejected_r = beta * sg(avg_c), beta * sg(avg_r)
+    else:  # cpo
+        averaged = loss_type[0] in ("ipo", "simpo")
+        c, r = (avg_c, avg_r) if averaged else (pc, pr)
+        smoothing = eps if loss_type[0] in ("sigmoid", "simpo") else 0.0
+        per = losses.cpo_loss(c, r, beta=beta, loss_type=loss_type[0],
+                              label_smoothing=smoothing, simpo_gamma=simpo_gamma)
+        nll = _chosen_nll(pc, lc, w)
+        loss = _wmean(per, w) + cpo_alpha * nll
+        metrics["cpo/nll_loss"] = nll
+        chosen_r, rejected_r = beta * sg(c), beta * sg(r)
+    metrics.update(_reward_metrics(algorithm, chosen_r, rejected_r, pc, pr, w, metric_label))
+    metrics[f"{algorithm}/loss"] = loss
+    return loss, metrics
+
+
+def make_preference_loss(config: DPOConfig, *, reference: str):
+    """`loss_fn(model, batch, rng)` for `make_train_step` from a `DPOConfig`."""
+    _check_types(config.algorithm, config.loss_type, config.loss_weights)
+    kwargs = dict(
+        algorithm=config.algorithm,
+        loss_type=resolve_loss_types(config.algorithm, config.loss_type),
+        loss_weights=tuple(config.loss_weights), beta=config.beta,
+        label_smoothing=config.label_smoothing, soft_labels=config.soft_labels,
+        f_divergence=config.f_divergence, f_alpha=config.f_alpha,
+        discopop_tau=config.discopop_tau, rpo_alpha=config.rpo_alpha,
+        simpo_gamma=config.simpo_gamma, cpo_alpha=config.cpo_alpha,
+        desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight,
+        reference=reference,
+    )
+    return lambda model, batch, rng: preference_loss(model, batch, rng, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# precomputed reference log-probs
+# ---------------------------------------------------------------------------------------------
+
+
+def precompute_reference_logps(
+    ref_model: nnx.Module,
+    loader: Any,
+    *,
+    num_batches: int,
+    mesh: jax.sharding.Mesh,
+    kto: bool = False,
+) -> dict[str, np.ndarray]:
+    """Reference sequence log-probs of the next `num_batches` batches of `loader`.
+
+    `loader` is consumed (pass a copy positioned where training starts). Returns
+    `{"ref_chosen_logps", "ref_rejected_logps"}` (or KTO's `{"ref_logps", "ref_kl_logps"}`),
+    each `[num_batches, P]` float32, row `i` belonging to the `i`-th batch.
+    """
+    from rlhf_jax import sharding
+
+    graphdef, state = nnx.split(ref_model)
+    state, state_sharding = shard_train_state(state, mesh)
+
+    def fn(st, batch):
+        model = nnx.merge(graphdef, st)
+        if kto:
+            return kto_sequence_logps(model, batch)
+        return reference_pair_logps(model, batch)
+
+    jitted = jax.jit(fn, in_shardings=(state_sharding, sharding.batch_sharding(mesh)))
+    names = ("ref_logps", "ref_kl_logps") if kto else ("ref_chosen_logps", "ref_rejected_logps")
+    out: dict[str, list] = {n: [] for n in names}
+    for _ in range(num_batches):
+        try:
+            batch = next(loader)
+        except StopIteration:
+            break
+        values = jax.device_get(jitted(state, sharding.shard_batch(batch, mesh)))
+        for n, v in zip(names, values):
+            out[n].append(np.asarray(v, np.float32))
+    return {n: np.stack(v) for n, v in out.items()}
+
+
+class WithReferenceLogps:
+    """Wraps a training loader: batch `i` of the run gets row `i` of the precomputed table.
+
+    `get_state`/`set_state` cover the loader and the row counter, so resume stays exact.
+    """
+
+    def __init__(self, loader: Any, table: Mapping[str, np.ndarray], *, start: int = 0):
+        self.loader = loader
+        self.table = dict(table)
+        self.index = start
+        self.rows = min(len(v) for v in self.table.values())
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.index >= self.rows:
+            raise StopIteration
+        batch = dict(next(self.loader))
+        for name, values in self.table.items():
+            batch[name] = values[self.index]
+        self.index += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"loader": self.loader.get_state(), "index": self.index}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.loader.set_state(state["loader"])
+        self.index = int(state["index"])
+
+
+def reference_tables(config: DPOConfig, ref_model: nnx.Module, data: Any, mesh
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """`(train_table, eval_table)` of precomputed reference log-probs (see module docstring).
+
+    The training table covers the `config.num_steps` batches the run draws from the start of
+    `data.train`; the held-out table covers one pass of `data.eval_batches()`. Both are stored
+    in `output_dir/reference_logps.npz` and reused when the file covers the run.
+    """
+    kto = config.algorithm == "kto"
+    path = os.path.join(config.output_dir, REFERENCE_FILE)
+    if os.path.exists(path):
+        with np.load(path) as f:
+            stored = {k: f[k] for k in f.files}
+        train = {k[6:]: v for k, v in stored.items() if k.startswith("train_")}
+        evals = {k[5:]: v for k, v in stored.items() if k.startswith("eval_")} or None
+        if train and min(len(v) for v in train.values()) >= config.num_steps \
+                and (evals is not None or data.eval_batches is None):
+            return train, evals
+    train = precompute_reference_logps(ref_model, copy.copy(data.train),
+                                       num_batches=config.num_steps, mesh=mesh, kto=kto)
+    evals = None
+    if data.eval_batches is not None:
+        evals = precompute_reference_logps(ref_model, data.eval_batches(),
+                                           num_batches=1 << 30, mesh=mesh, kto=kto)
+    os.makedirs(config.output_dir, exist_ok=True)
+    arrays = {f"train_{k}": v for k, v in train.items()}
+    arrays.update({f"eval_{k}": v for k, v in (evals or {}).items()})
+    np.savez(path, **arrays)
+    return train, evals
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def train_dpo(config: DPOConfig) -> dict[str, Any]:
+    """Trains with the configured preference objective; returns the run summary."""
+    from rlhf_jax import sharding
+
+    _check_types(config.algorithm, config.loss_type, config.loss_weights)
+    kto = config.algorithm == "kto"
+    tokenizer = load_tokenizer_for(config.data, config.model)
+    data = build_data(config.data, format="kto" if kto else "preference", tokenizer=tokenizer,
+                      seed=config.seed, kl_pairs=kto)
+    policy = build_model(config.model, seed=config.seed)
+    check_vocab(policy, tokenizer)
+    lora = config.model.lora_rank > 0
+    needs_ref = config.algorithm in ("dpo", "kto")
+    model, trainable, reference = policy, None, "none"
+    if needs_ref and lora and config.ref_model is None:
+        reference = "lora_base"
+    elif needs_ref:
+        ref_spec = config.ref_model or dataclasses.replace(config.model, lora_rank=0)
+        ref = build_model(ref_spec, seed=config.seed)
+        if config.ref_model is None and not lora:
+            # The initial policy's weights, as separate buffers (the state is donated).
+            nnx.update(ref, jax.tree.map(jnp.copy, nnx.state(policy)))
+        if config.reference == "precomputed":
+            reference = "precomputed"
+            train_table, eval_table = reference_tables(config, ref, data,
+                                                       sharding.make_mesh(config.mesh))
+            del ref  # training holds only the policy
+            eval_batches = data.eval_batches
+            if eval_batches is not None:
+                held_out = data.eval_batches
+                eval_batches = lambda: WithReferenceLogps(held_out(), eval_table)
+            data = data._replace(train=WithReferenceLogps(data.train, train_table),
+                                 eval_batches=eval_batches)
+        else:
+            reference = "model"
+            model = PolicyAndReference(policy, ref)
+            trainable = policy_only_filter(model)
+    loss_fn = make_preference_loss(config, reference=reference)
+    result, _ = run_training(config, model, loss_fn, data, trainable=trainable)
+    return run_summary(result, config, data, reference=reference)
+
+
+__all__ = [
+    "ALGORITHMS",
+    "DPOConfig",
+    "PolicyAndReference",
+    "REFERENCES",
+    "WithReferenceLogps",
+    "base_model_of",
+    "kto_sequence_logps",
+    "make_preference_loss",
+    "policy_only_filter",
+    "precompute_reference_logps",
+    "reference_tables",
+    "resolve_loss_types",
+    "preference_loss",
+    "reference_pair_logps",
+    "train_dpo",
+]

@@ -1,0 +1,136 @@
+"""Export a trained policy from a run's checkpoint to a Hugging Face model directory.
+
+    rlhf-jax export --run-dir runs/dpo --output-dir runs/dpo/hf [--step 200] [--dtype bfloat16]
+
+The run's `config.yaml` says which model was trained (`model:`); the checkpoint's train state
+is read onto the host without needing the mesh it was written on, the policy's variables are
+located (the `policy` half of a DPO `PolicyAndReference` state, else the whole model), LoRA
+adapters are merged, and `rlhf_jax.models.save_pretrained` writes `config.json` +
+safetensors, plus the tokenizer when the run used one from a directory or a synthetic task.
+Reward- and value-model runs are not causal LMs and are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+from flax import nnx
+
+from rlhf_jax.train.config import DataSpec, DType, ModelSpec, config_from_dict
+from rlhf_jax.train.loop import CHECKPOINT_DIR, CONFIG_FILE
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Write a run's trained policy as a Hugging Face directory (config.json + safetensors)."""
+
+    run_dir: str = "runs/sft"
+    """The training run's output directory (holding config.yaml and checkpoints/)."""
+    output_dir: str = "runs/sft/hf"
+    """Where to write the Hugging Face model directory."""
+    step: int | None = None
+    """Checkpoint step to export (default: the newest)."""
+    dtype: DType | None = None
+    """Stored dtype of the weights (default: the model's parameter dtype)."""
+    save_tokenizer: bool = True
+    """Also save the run's tokenizer into the directory."""
+
+
+def read_checkpoint_state(checkpoint_dir: str, step: int | None = None) -> tuple[int, dict]:
+    """`(step, state)`: a checkpoint's train state as nested dicts of NumPy arrays (host only,
+    whatever mesh wrote it)."""
+    import orbax.checkpoint as ocp
+
+    from rlhf_jax.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(checkpoint_dir, keep_last=None)
+    steps = ckpt.all_steps()
+    ckpt.close()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint under {checkpoint_dir}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} under {checkpoint_dir}; "
+                                f"available steps: {steps}")
+    path = os.path.join(os.path.abspath(checkpoint_dir), str(step), "state")
+    reader = ocp.PyTreeCheckpointer()
+    tree = reader.metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return step, reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def _lookup(tree: dict, path: tuple) -> Any:
+    node = tree
+    for key in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(str(key), node.get(key)) if isinstance(key, int) else node.get(key)
+        if node is None:
+            return None
+    return node
+
+
+def load_policy(run_dir: str, *, step: int | None = None) -> tuple[nnx.Module, int, dict]:
+    """`(model, step, run_config)`: the trained causal LM of a run, with its LoRA adapters."""
+    from rlhf_jax.train.common import build_model
+
+    config_path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} not found: is {run_dir!r} a training run?")
+    with open(config_path) as f:
+        run_config = yaml.safe_load(f) or {}
+    spec = config_from_dict(ModelSpec, run_config.get("model", {}), where="config.model")
+    step, raw = read_checkpoint_state(os.path.join(run_dir, CHECKPOINT_DIR), step)
+    params, frozen = raw.get("params", {}), raw.get("frozen", {})
+    if "score_head" in params or "value_head" in params or "score_head" in frozen:
+        raise ValueError(f"{run_dir} trained a reward or value model; export writes causal "
+                         "language models only")
+    if "policy" in params:  # a PolicyAndReference state: keep the policy half
+        params, frozen = params["policy"], frozen.get("policy", {})
+    abstract = nnx.eval_shape(lambda: build_model(spec, seed=0))
+    graphdef, state = nnx.split(abstract)
+    values = []
+    missing = []
+    for path, var in nnx.to_flat_state(state):
+        leaf = _lookup(params, (*path, "value"))
+        if leaf is None:
+            leaf = _lookup(frozen, (*path, "value"))
+        if leaf is None:
+            missing.append("/".join(map(str, path)))
+            continue
+        if tuple(leaf.shape) != tuple(var.shape):
+            raise ValueError(f"checkpoint variable {'/'.join(map(str, path))} has shape "
+                             f"{leaf.shape}, the model expects {tuple(var.shape)}")
+        values.append((path, var.replace(np.asarray(leaf))))
+    if missing:
+        raise ValueError(f"{run_dir}: the checkpoint lacks model variables {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    model = nnx.merge(graphdef, nnx.from_flat_state(values))
+    return model, step, run_config
+
+
+def export_policy(config: ExportConfig) -> dict[str, Any]:
+    """Exports the run's policy (see module docstring); returns a summary dict."""
+    from rlhf_jax.models.hf import save_pretrained
+    from rlhf_jax.train.common import load_tokenizer_for
+
+    model, step, run_config = load_policy(config.run_dir, step=config.step)
+    tokenizer = None
+    if config.save_tokenizer:
+        data = config_from_dict(DataSpec, run_config.get("data", {}), where="config.data")
+        spec = config_from_dict(ModelSpec, run_config.get("model", {}), where="config.model")
+        try:
+            tokenizer = load_tokenizer_for(data, spec)
+        except (ValueError, FileNotFoundError):
+            tokenizer = None
+    path = save_pretrained(model, config.output_dir, dtype=config.dtype, tokenizer=tokenizer)
+    return {"output_dir": str(path), "step": step, "run_dir": config.run_dir,
+            "tokenizer": tokenizer is not None}
+
+
+__all__ = ["ExportConfig", "export_policy", "load_policy", "read_checkpoint_state"]

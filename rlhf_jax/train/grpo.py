@@ -1,0 +1,591 @@
+"""GRPO family (GRPO, Dr. GRPO, DAPO, BNPO, CISPO, GSPO) and RLOO: critic-free online RL.
+
+One iteration (`GRPOTrainer.step`):
+
+1. **Rollout**: ``G = num_generations`` responses per prompt (rows of a prompt are contiguous).
+2. **Scoring** (jitted): reward-source scores ``[B * G]`` (missing-EOS penalty applied); one
+   forward pass of the policy (the rollout log-probs, the "old" policy of the importance ratios)
+   and of the frozen reference; advantages per response, broadcast over its tokens:
+
+   - GRPO (`GRPOConfig`): `rlhf_jax.losses.group_advantages`, ``(r - mean_group) / (std + eps)``
+     with the std over the group, the batch, or none (``scale_rewards``).
+   - RLOO (`RLOOConfig`): the reward is ``r - beta * KL(seq)`` (k1 summed over the response,
+     TRL's RLOO puts the KL in the reward), then `rlhf_jax.losses.rloo_advantages`
+     (leave-one-out baseline), optionally standardised.
+
+3. **Update** (jitted, state donated): ``num_iterations`` passes over ``num_minibatches``
+   shuffled minibatches; per-token loss by ``loss_type``:
+
+   - ``grpo``, ``dr_grpo``, ``dapo``, ``bnpo``: `rlhf_jax.losses.grpo_loss` (token-level
+     clipped ratio, optional two-sided ``delta``, plus ``beta * k3`` to the reference for GRPO)
+     reduced by `rlhf_jax.losses.aggregate_loss` of the same name;
+   - ``gspo``: `rlhf_jax.losses.grpo_loss` with the sequence-level ratio, sequence-mean
+     aggregation (GSPO);
+   - ``cispo``: `rlhf_jax.losses.cispo_loss` (clipped, stopped importance weight on every
+     token's log-prob) + ``beta * k3``, ``dapo`` aggregation.
+
+No value model. Metrics (``grpo/`` or ``rloo/``): ``score_mean``, ``score_std``, ``kl_ref``
+(`rlhf_jax.train.rollout.sequence_kl_to_reference`, the same estimator as PPO's), ``entropy``,
+``clipfrac``, ``approx_kl``, ``loss``, ``response_length``, ``eos_fraction``,
+``frac_zero_std_groups`` (groups whose rewards are all equal, which carry no signal) and
+``advantages_std``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from rlhf_jax import losses
+from rlhf_jax.train.common import run_summary
+from rlhf_jax.train.config import DataSpec, TrainConfig
+from rlhf_jax.train.rollout import (
+    ONLINE_DATA,
+    Reference,
+    RewardSource,
+    RewardSpec,
+    Rollout,
+    RolloutConfig,
+    cached_optimizer,
+    check_online_config,
+    check_rows_divide_mesh,
+    commit_to_mesh,
+    create_sharded_state,
+    merged_state,
+    minibatch_indices,
+    policy_response_logps,
+    resolve_mesh,
+    rollout_batch_sharding,
+    sample_rollout,
+    score_rollout,
+    seed_key_data,
+    sequence_kl_to_reference,
+    setup_from_config,
+    take_minibatch,
+    to_host,
+    uses_lora,
+)
+from rlhf_jax.train.state import TrainState, make_train_step
+
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "gspo")
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig(TrainConfig):
+    """GRPO and its variants (TRL ``GRPOTrainer`` conventions and defaults).
+
+    ``num_steps`` counts iterations; ``data.batch_size`` prompts per iteration, each answered
+    ``num_generations`` times.
+    """
+
+    output_dir: str = "runs/grpo"
+    data: DataSpec = ONLINE_DATA
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardSpec = RewardSpec()
+    num_generations: int = 4
+    """Responses per prompt ``G`` (the group)."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "gspo"] = "dapo"
+    """Per-token objective and aggregation (module docstring)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide the group-centred rewards by the group std, the batch std, or nothing."""
+    beta: float = 0.0
+    """KL-to-reference coefficient (k3 in the loss; 0 disables the term)."""
+    epsilon: float = 0.2
+    """Lower clip of the importance ratio (``1 - epsilon``)."""
+    epsilon_high: float | None = None
+    """Upper clip (``1 + epsilon_high``; default ``epsilon``). For ``cispo`` the maximum
+    importance weight (default 5.0); for ``gspo`` the paper uses 4e-4 with ``epsilon=3e-4``."""
+    delta: float | None = None
+    """Two-sided clipping: upper bound on the unclipped ratio (None: off)."""
+    num_iterations: int = 1
+    """Updates per rollout batch (TRL ``num_iterations``, GRPO's mu)."""
+    num_minibatches: int = 1
+    """Minibatches per iteration pass; must divide ``data.batch_size * num_generations``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RLOOConfig(GRPOConfig):
+    """RLOO: REINFORCE with a leave-one-out baseline (Ahmadian et al. 2024), TRL's ``RLOOTrainer``.
+
+    ``beta`` is the coefficient of the sequence KL (k1) subtracted from the reward, not a loss
+    term; ``scale_rewards`` is unused.
+    """
+
+    output_dir: str = "runs/rloo"
+    beta: float = 0.05
+    """KL coefficient in the reward: ``r = score - beta * sum_t (log pi - log pi_ref)``."""
+    normalize_advantages: bool = False
+    """Standardise the leave-one-out advantages over the batch."""
+
+
+# ---------------------------------------------------------------------------------------------
+# State, buffer, hyper-parameters
+# ---------------------------------------------------------------------------------------------
+
+
+class GRPOState(NamedTuple):
+    """Everything a GRPO/RLOO run updates: iteration count, the policy's `TrainState`, RNG."""
+
+    step: jax.Array
+    policy: TrainState
+    rng: jax.Array
+
+
+class GRPOExperience(NamedTuple):
+    """The rollout buffer of one iteration.
+
+    Attributes:
+      rollout: ``B * G`` sampled rows.
+      scores: ``[B * G]`` reward-source scores (after the missing-EOS penalty).
+      rewards: ``[B * G]`` rewards the advantages use (RLOO: minus the KL penalty).
+      advantages: ``[B * G]`` one advantage per response.
+      old_logps: ``[B * G, N]`` rollout-time policy log-probs (tempered).
+      ref_logps: ``[B * G, N]`` reference log-probs.
+    """
+
+    rollout: Rollout
+    scores: jax.Array
+    rewards: jax.Array
+    advantages: jax.Array
+    old_logps: jax.Array
+    ref_logps: jax.Array
+
+
+class GRPOHyperParams(NamedTuple):
+    """Static hyper-parameters of the jitted functions."""
+
+    algorithm: str
+    temperature: float
+    num_generations: int
+    loss_type: str
+    scale_rewards: str
+    beta: float
+    epsilon: float
+    epsilon_high: float | None
+    delta: float | None
+    num_iterations: int
+    num_minibatches: int
+    normalize_advantages: bool
+    max_completion_length: int
+
+    @classmethod
+    def from_config(cls, config: GRPOConfig) -> GRPOHyperParams:
+        rloo = isinstance(config, RLOOConfig)
+        return cls(
+            algorithm="rloo" if rloo else "grpo",
+            temperature=float(config.rollout.temperature),
+            num_generations=int(config.num_generations),
+            loss_type=config.loss_type,
+            scale_rewards=config.scale_rewards,
+            beta=float(config.beta),
+            epsilon=float(config.epsilon),
+            epsilon_high=None if config.epsilon_high is None else float(config.epsilon_high),
+            delta=None if config.delta is None else float(config.delta),
+            num_iterations=int(config.num_iterations),
+            num_minibatches=int(config.num_minibatches),
+            normalize_advantages=bool(getattr(config, "normalize_advantages", False)),
+            max_completion_length=int(config.rollout.max_new_tokens),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure math
+# ---------------------------------------------------------------------------------------------
+
+
+def grpo_sequence_advantages(
+    scores: jax.Array,
+    old_logps: jax.Array,
+    ref_logps: jax.Array,
+    response_mask: jax.Array,
+    *,
+    hp: GRPOHyperParams,
+) -> tuple[jax.Array, jax.Array]:
+    """``(rewards [B*G], advantages [B*G])`` of a scored group rollout.
+
+    GRPO: ``rewards = scores``, `rlhf_jax.losses.group_advantages` (``scale_rewards``).
+    RLOO: ``rewards = scores - beta * sum_t m (log pi - log pi_ref)``,
+    `rlhf_jax.losses.rloo_advantages`.
+    """
+    if hp.algorithm == "rloo":
+        kl = sequence_kl_to_reference(old_logps, ref_logps, response_mask)
+        rewards = scores - hp.beta * kl
+        advantages = losses.rloo_advantages(
+            rewards, group_size=hp.num_generations, normalize=hp.normalize_advantages
+        )
+        return rewards, advantages
+    advantages = losses.group_advantages(
+        scores, group_size=hp.num_generations, scale=hp.scale_rewards
+    )
+    return scores, advantages
+
+
+def grpo_per_token_loss(
+    logps: jax.Array,
+    old_logps: jax.Array,
+    ref_logps: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    hp: GRPOHyperParams,
+) -> jax.Array:
+    """``[B, N]`` per-token loss of ``hp.loss_type`` (module docstring), 0 on padding."""
+    beta = 0.0 if hp.algorithm == "rloo" else hp.beta
+    if hp.loss_type == "cispo":
+        max_ratio = 5.0 if hp.epsilon_high is None else hp.epsilon_high
+        loss = losses.cispo_loss(logps, old_logps, advantages, mask, max_ratio=max_ratio)
+        if beta:
+            loss = loss + beta * losses.kl_k3(logps, jax.lax.stop_gradient(ref_logps)) * mask
+        return loss
+    return losses.grpo_loss(
+        logps,
+        old_logps,
+        advantages,
+        mask,
+        ref_logps=ref_logps,
+        kl_coef=beta,
+        clip_eps=hp.epsilon,
+        clip_eps_high=hp.epsilon_high,
+        importance_sampling_level="sequence" if hp.loss_type == "gspo" else "token",
+        delta=hp.delta,
+    )
+
+
+def aggregation_mode(loss_type: str) -> str:
+    """The `rlhf_jax.losses.aggregate_loss` mode of a loss type (``gspo``: sequence mean,
+    ``cispo``: token mean over the batch, as TRL)."""
+    return {"gspo": "grpo", "cispo": "dapo"}.get(loss_type, loss_type)
+
+
+def grpo_minibatch_loss(
+    policy: Any, batch: GRPOExperience, *, hp: GRPOHyperParams
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Loss and metrics of one minibatch (``grpo/...`` or ``rloo/...`` names)."""
+    rollout = batch.rollout
+    mask = rollout.response_mask.astype(jnp.float32)
+    logps, entropy = policy_response_logps(
+        policy, rollout, temperature=hp.temperature, with_entropy=True
+    )
+    per_token = grpo_per_token_loss(
+        logps, batch.old_logps, batch.ref_logps, batch.advantages, mask, hp=hp
+    )
+    loss = losses.aggregate_loss(
+        per_token,
+        mask,
+        mode=aggregation_mode(hp.loss_type),
+        max_completion_length=hp.max_completion_length,
+    )
+    name = hp.algorithm
+    high = hp.epsilon if hp.epsilon_high is None or hp.loss_type == "cispo" else hp.epsilon_high
+    metrics = {
+        f"{name}/loss": loss,
+        f"{name}/entropy": jax.lax.stop_gradient(losses.masked_mean(entropy, mask)),
+        f"{name}/clipfrac": losses.clip_fraction(
+            logps, batch.old_logps, mask, clip_eps=hp.epsilon, clip_eps_high=high,
+            advantages=batch.advantages,
+        ),
+        f"{name}/approx_kl": losses.approx_kl(logps, batch.old_logps, mask),
+    }
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Jitted pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def make_score_fn(policy_graphdef: nnx.GraphDef, *, hp: GRPOHyperParams, reference: Reference):
+    """Pure ``score(state, ref_state, rollout, scores) -> (experience, metrics)``."""
+
+    def score(state: GRPOState, ref_state: Any, rollout: Rollout, scores: jax.Array):
+        mask = rollout.response_mask.astype(jnp.float32)
+        policy = nnx.merge(policy_graphdef, state.policy.params, state.policy.frozen)
+        old_logps, _ = policy_response_logps(policy, rollout, temperature=hp.temperature)
+        ref_model = reference.model(policy_graphdef, state.policy, ref_state)
+        ref_logps, _ = policy_response_logps(ref_model, rollout, temperature=hp.temperature)
+        old_logps = jax.lax.stop_gradient(old_logps) * mask
+        ref_logps = jax.lax.stop_gradient(ref_logps) * mask
+        rewards, advantages = grpo_sequence_advantages(
+            scores, old_logps, ref_logps, mask, hp=hp
+        )
+        experience = GRPOExperience(
+            rollout=rollout,
+            scores=scores,
+            rewards=rewards,
+            advantages=advantages,
+            old_logps=old_logps,
+            ref_logps=ref_logps,
+        )
+        grouped = scores.reshape(-1, hp.num_generations)
+        name = hp.algorithm
+        metrics = {
+            f"{name}/score_mean": jnp.mean(scores),
+            f"{name}/score_std": jnp.std(scores),
+            f"{name}/reward_mean": jnp.mean(rewards),
+            f"{name}/kl_ref": jnp.mean(sequence_kl_to_reference(old_logps, ref_logps, mask)),
+            f"{name}/response_length": jnp.mean(jnp.sum(mask, axis=-1)),
+            f"{name}/eos_fraction": jnp.mean(rollout.finished.astype(jnp.float32)),
+            f"{name}/advantages_std": jnp.std(advantages),
+            f"{name}/frac_zero_std_groups": jnp.mean(
+                (jnp.max(grouped, axis=1) == jnp.min(grouped, axis=1)).astype(jnp.float32)
+            ),
+        }
+        return experience, metrics
+
+    return score
+
+
+def make_update_fn(
+    policy_graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    hp: GRPOHyperParams,
+    batch_sharding: Any = None,
+    schedule: optax.Schedule | None = None,
+):
+    """Pure ``update(state, experience) -> (state, metrics)``: ``num_iterations`` x
+    ``num_minibatches`` optimizer steps of `rlhf_jax.train.state.make_train_step` (gradient,
+    optax update, non-finite steps skipped) in one ``lax.scan``; metrics are their means."""
+    name = hp.algorithm
+    train_step = make_train_step(
+        lambda model, mb, rng: grpo_minibatch_loss(model, mb, hp=hp),
+        tx,
+        graphdef=policy_graphdef,
+        schedule=schedule,
+    )
+
+    def update(state: GRPOState, experience: GRPOExperience):
+        next_rng, perm_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+        indices = minibatch_indices(
+            perm_rng,
+            batch_size=experience.scores.shape[0],
+            num_minibatches=hp.num_minibatches,
+            num_epochs=hp.num_iterations,
+        )
+
+        def body(policy_state: TrainState, idx):
+            mb = take_minibatch(experience, idx)
+            if batch_sharding is not None:
+                mb = jax.lax.with_sharding_constraint(mb, batch_sharding)
+            return train_step(policy_state, mb)
+
+        policy_state, metrics = jax.lax.scan(body, state.policy, indices)
+        nonfinite = jnp.sum(metrics.pop("train/nonfinite"))
+        metrics = {k: jnp.mean(v) for k, v in metrics.items()}
+        metrics[f"{name}/grad_norm"] = metrics.pop("train/grad_norm")
+        metrics[f"{name}/nonfinite"] = nonfinite
+        metrics["train/nonfinite"] = jnp.minimum(nonfinite, 1.0)
+        new_state = GRPOState(
+            step=state.step + 1, policy=policy_state, rng=jax.random.key_data(next_rng)
+        )
+        return new_state, metrics
+
+    return update
+
+
+@functools.lru_cache(maxsize=32)
+def _jit_score(policy_graphdef, hp, reference):
+    return jax.jit(make_score_fn(policy_graphdef, hp=hp, reference=reference))
+
+
+@functools.lru_cache(maxsize=32)
+def _jit_update(policy_graphdef, tx, hp, batch_sharding, schedule):
+    update = make_update_fn(
+        policy_graphdef, tx, hp=hp, batch_sharding=batch_sharding, schedule=schedule
+    )
+    return jax.jit(update, donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------
+
+
+class GRPOTrainer:
+    """A GRPO or RLOO run held in memory (`RLOOConfig` selects RLOO); ``iteration()`` does one
+    rollout + scoring + update and returns host metrics.
+
+    Args: as `rlhf_jax.train.ppo.PPOTrainer` (no value model). ``metric_fns`` receive the
+    `GRPOExperience`.
+    """
+
+    def __init__(
+        self,
+        config: GRPOConfig,
+        *,
+        policy: nnx.Module,
+        reward: RewardSource,
+        prompts: Iterator[Mapping[str, np.ndarray]],
+        eos_token_id: int,
+        pad_token_id: int,
+        reference: nnx.Module | None = None,
+        mesh: Any = None,
+        metric_fns: Sequence[Callable[..., Mapping[str, float]]] = (),
+    ):
+        check_online_config(config)
+        if config.loss_type not in GRPO_LOSS_TYPES:
+            raise ValueError(f"loss_type={config.loss_type!r}; allowed: {GRPO_LOSS_TYPES}")
+        rloo = isinstance(config, RLOOConfig)
+        if config.num_generations < (2 if rloo else 1):
+            raise ValueError(
+                f"num_generations must be >= {2 if rloo else 1} for "
+                f"{'RLOO' if rloo else 'GRPO'}, got {config.num_generations}"
+            )
+        for name in ("num_iterations", "num_minibatches"):
+            if getattr(config, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+        rows = config.data.batch_size * config.num_generations
+        if rows % config.num_minibatches:
+            raise ValueError(
+                f"num_minibatches={config.num_minibatches} must divide data.batch_size * "
+                f"num_generations = {rows}"
+            )
+        self.config = config
+        self.hp = GRPOHyperParams.from_config(config)
+        self.algorithm = self.hp.algorithm
+        self.reward = reward
+        self.prompts = prompts
+        self.eos_token_id = int(eos_token_id)
+        self.pad_token_id = int(pad_token_id)
+        self.metric_fns = tuple(metric_fns)
+        self.mesh = resolve_mesh(config.mesh, mesh)
+        self.batch_sharding = rollout_batch_sharding(self.mesh)
+        check_rows_divide_mesh(
+            rows // config.num_minibatches, self.mesh,
+            what="a minibatch (data.batch_size * num_generations / num_minibatches)",
+        )
+        lora = uses_lora(policy)
+        self.reference = Reference.build(policy, reference, lora=lora, mesh=self.mesh)
+        total_updates = max(config.num_steps * config.num_iterations * config.num_minibatches, 1)
+        self.tx, self.schedule = cached_optimizer(config.optimizer, total_updates)
+        self.policy_graphdef, policy_state = create_sharded_state(
+            policy, self.tx, seed=config.seed, mesh=self.mesh
+        )
+        self.state = commit_to_mesh(
+            GRPOState(
+                step=jnp.zeros((), jnp.int32), policy=policy_state, rng=seed_key_data(config.seed)
+            ),
+            self.mesh,
+        )
+        self._score = _jit_score(self.policy_graphdef, self.hp, self.reference)
+        self._update = _jit_update(
+            self.policy_graphdef, self.tx, self.hp, self.batch_sharding, self.schedule
+        )
+
+    def rollout(self, state: GRPOState, prompts: Mapping[str, np.ndarray], rng: jax.Array):
+        """``num_generations`` samples per prompt from the current policy."""
+        return sample_rollout(
+            self.policy_graphdef,
+            merged_state(state.policy),
+            prompts["prompt_ids"],
+            prompts["prompt_mask"],
+            rng=rng,
+            config=self.config.rollout,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            num_samples=self.config.num_generations,
+            mesh=self.mesh,
+        )
+
+    def score(self, state: GRPOState, rollout: Rollout, prompts: Mapping[str, np.ndarray]):
+        """Reward-source scores, then the jitted scoring (log-probs, advantages)."""
+        scores = score_rollout(
+            self.reward,
+            rollout,
+            prompts,
+            num_samples=self.config.num_generations,
+            missing_eos_penalty=self.config.rollout.missing_eos_penalty,
+        )
+        scores = jax.device_put(scores, self.batch_sharding)
+        return self._score(state, self.reference.state, rollout, scores)
+
+    def step(self, state: GRPOState, prompts: Mapping[str, np.ndarray]):
+        """One iteration (the `fit` step function)."""
+        rollout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
+        rollout = self.rollout(state, prompts, rollout_key)
+        experience, metrics = self.score(state, rollout, prompts)
+        extra: dict[str, float] = {}
+        for fn in self.metric_fns:
+            extra.update({k: float(v) for k, v in fn(experience, prompts).items()})
+        state, update_metrics = self._update(state, experience)
+        return state, {**metrics, **update_metrics, **extra}
+
+    def iteration(self, prompts: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+        """One iteration on the next prompt batch (or ``prompts``); returns host metrics."""
+        if prompts is None:
+            prompts = next(self.prompts)
+        self.state, metrics = self.step(self.state, prompts)
+        return to_host(metrics)
+
+    def train(self, *, guard: Any = None) -> Any:
+        """Runs ``config.num_steps`` iterations through `rlhf_jax.train.loop.fit`; ``guard``: a
+        `rlhf_jax.train.loop.PreemptionGuard` (default: SIGTERM)."""
+        from rlhf_jax.train.loop import fit
+
+        result = fit(self.config, step_fn=self.step, state=self.state, train_batches=self.prompts,
+                     guard=guard)
+        self.state = result.state
+        return result
+
+    def policy_model(self) -> nnx.Module:
+        """The current policy as an NNX module."""
+        return nnx.merge(self.policy_graphdef, self.state.policy.params, self.state.policy.frozen)
+
+
+def _train(config: GRPOConfig, algorithm: str) -> dict[str, Any]:
+    setup = setup_from_config(config, algorithm=algorithm)
+    trainer = GRPOTrainer(
+        config,
+        policy=setup.policy,
+        reward=setup.reward,
+        prompts=setup.prompts,
+        eos_token_id=setup.eos_token_id,
+        pad_token_id=setup.pad_token_id,
+        metric_fns=setup.metric_fns,
+    )
+    return run_summary(trainer.train(), config)
+
+
+def train_grpo(config: GRPOConfig) -> dict[str, Any]:
+    """``rlhf-jax grpo``: builds policy, reward and prompts from ``config`` and runs GRPO."""
+    if isinstance(config, RLOOConfig):
+        return train_rloo(config)
+    return _train(config, "grpo")
+
+
+def train_rloo(config: RLOOConfig) -> dict[str, Any]:
+    """``rlhf-jax rloo``: as `train_grpo` with leave-one-out advantages."""
+    if not isinstance(config, RLOOConfig):
+        raise TypeError(f"train_rloo needs an RLOOConfig, got {type(config).__name__}")
+    return _train(config, "rloo")
+
+
+__all__ = [
+    "GRPOConfig",
+    "GRPOExperience",
+    "GRPOHyperParams",
+    "GRPOState",
+    "GRPOTrainer",
+    "GRPO_LOSS_TYPES",
+    "RLOOConfig",
+    "aggregation_mode",
+    "grpo_minibatch_loss",
+    "grpo_per_token_loss",
+    "grpo_sequence_advantages",
+    "make_score_fn",
+    "make_update_fn",
+    "train_grpo",
+    "train_rloo",
+]

@@ -1,0 +1,165 @@
+"""Metric sinks of a training run: `metrics.jsonl`, TensorBoard, Weights & Biases, a progress bar.
+
+`MetricsLogger.log(step, metrics)` writes one JSON line per call to `output_dir/metrics.jsonl`
+(`{"step": 10, "sft/loss": 1.23, ...}`), the same scalars under the same namespaced names to
+TensorBoard (`output_dir/tensorboard`, via tensorboardX) and, when enabled and installed, to
+Weights & Biases. Values are converted to Python floats with `float()`, so a value read back from
+the JSONL file is bit-identical to the float32 the step computed.
+
+On resume, `MetricsLogger(..., resume_step=s)` drops the JSONL lines of steps after `s` (those
+steps are re-run), so an interrupted-and-resumed run leaves the same file as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from rlhf_jax.train.config import LoggingConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _to_float(value: Any) -> float:
+    return float(np.asarray(value))
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
+    """Reads a `metrics.jsonl` file (or the run directory holding it) into a list of dicts."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, METRICS_FILE)
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsLogger:
+    """Writes scalar metrics to every configured sink (see module docstring).
+
+    Args:
+      output_dir: the run directory.
+      config: which sinks to use.
+      resume_step: when resuming from a checkpoint at this step, JSONL lines with a larger step
+        are dropped; None starts a fresh file.
+      run_config: the resolved run config (dict), passed to Weights & Biases.
+      total_steps: length of the progress bar.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        config: LoggingConfig | None = None,
+        *,
+        resume_step: int | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        total_steps: int | None = None,
+    ):
+        config = config or LoggingConfig()
+        self.output_dir = os.fspath(output_dir)
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.path = os.path.join(self.output_dir, METRICS_FILE)
+        kept: list[str] = []
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        self._file = open(self.path, "w")
+        self._file.writelines(kept)
+        self._file.flush()
+
+        self._tb = None
+        if config.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(self.output_dir, "tensorboard"))
+
+        self._wandb = None
+        if config.wandb:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError(
+                    "logging.wandb=true needs the `wandb` package; install it or set "
+                    "--logging.wandb False"
+                ) from e
+            self._wandb = wandb.init(
+                project=config.wandb_project,
+                dir=self.output_dir,
+                config=dict(run_config or {}),
+                resume="allow",
+            )
+
+        self._bar = None
+        self._bar_kind = config.progress
+        if config.progress != "none" and total_steps:
+            initial = resume_step or 0
+            if config.progress == "tqdm":
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=total_steps, initial=initial, dynamic_ncols=True,
+                                 file=sys.stderr)
+            else:
+                from rich.progress import Progress
+
+                self._bar = Progress(transient=False)
+                self._bar.start()
+                self._task = self._bar.add_task("train", total=total_steps, completed=initial)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """Writes `metrics` (namespaced name -> scalar) for `step`; returns them as floats."""
+        values = {name: _to_float(v) for name, v in metrics.items()}
+        record = {"step": int(step), **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, v in values.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(name, v, int(step))
+        if self._wandb is not None:
+            self._wandb.log(values, step=int(step))
+        return values
+
+    def progress(self, step: int, postfix: Mapping[str, float] | None = None) -> None:
+        """Moves the console progress bar to `step` (showing a few metric values)."""
+        if self._bar is None:
+            return
+        if self._bar_kind == "tqdm":
+            self._bar.update(step - self._bar.n)
+            if postfix:
+                self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in postfix.items()},
+                                      refresh=False)
+        else:
+            self._bar.update(self._task, completed=step)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            if self._bar_kind == "tqdm":
+                self._bar.close()
+            else:
+                self._bar.stop()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+__all__ = ["METRICS_FILE", "MetricsLogger", "read_metrics"]

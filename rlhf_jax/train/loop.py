@@ -1,0 +1,388 @@
+"""The generic training loop: jitted steps, logging, evaluation and checkpoint cadence, resume,
+NaN policy and SIGTERM handling. Every trainer (SFT, RM, DPO, PPO, ...) runs through it.
+
+Two levels:
+
+- `train_loop(step_fn, state, batches, ...)` runs `num_steps - state.step` steps of an already
+  jitted `step_fn(state, batch) -> (state, metrics)` over an iterator of host batches, and
+  handles logging, evaluation, checkpoints, the NaN policy and preemption.
+- `fit(config, step_fn=..., state=..., train_batches=...)` is what trainers call: it writes
+  `config.yaml`, opens the `MetricsLogger` and the `Checkpointer` under `config.output_dir`,
+  resumes from the newest checkpoint (train state onto the caller's shardings, data-loader state
+  via `set_state`), installs the SIGTERM handler and runs `train_loop`.
+
+Device work is dispatched asynchronously: the host reads a step's metrics only after it has
+dispatched the next step, so the host never stalls the device except when it must (a log line,
+an evaluation or a checkpoint).
+
+Resume is exact: the checkpoint holds the train state (including the PRNG key) and the data
+loader's state taken right after the batch of the last completed step was drawn, and
+`metrics.jsonl` lines after the restored step are dropped before the run continues. An
+interrupted-then-resumed run therefore logs bit-identical metrics to an uninterrupted one.
+
+Non-finite values: `make_train_step` skips any update whose loss or gradient norm is not finite
+(so the state is never poisoned) and reports `train/nonfinite`. With `nan_policy="skip"` the loop
+counts such steps (`train/skipped_steps`, cumulative, in every log line); with `"stop"` it raises
+`NonFiniteError` naming the step, before any later checkpoint is written.
+
+Metrics the loop adds to each training log line: `train/skipped_steps` (cumulative count of
+skipped updates) and `train/steps_per_sec` (host wall-clock rate since the previous log line;
+not part of the bit-exact comparison).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from rlhf_jax.train.checkpoint import Checkpointer
+from rlhf_jax.train.config import TrainConfig, config_to_dict, save_config
+from rlhf_jax.train.logging import MetricsLogger
+from rlhf_jax.train.state import TrainState
+
+StepFn = Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
+EvalFn = Callable[[TrainState], Mapping[str, float]]
+
+_log = logging.getLogger("rlhf_jax.train")
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_DIR = "checkpoints"
+WALL_CLOCK_METRICS = ("train/steps_per_sec",)
+"""Metrics measured on the host clock (excluded when comparing runs for exactness)."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised under `nan_policy="stop"` when a step's loss or gradient is not finite."""
+
+
+class LoopResult(NamedTuple):
+    """What `train_loop` / `fit` return.
+
+    Attributes:
+      state: the final train state (on device).
+      step: the number of completed steps.
+      metrics: the last step's training metrics (host floats).
+      eval_metrics: the last evaluation's metrics (empty if none ran).
+      skipped_steps: number of updates skipped for non-finite loss/gradient.
+      preempted: True when the loop stopped early on SIGTERM (after saving).
+    """
+
+    state: TrainState
+    step: int
+    metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+    skipped_steps: int
+    preempted: bool
+
+
+def jit_train_step(
+    step_fn: StepFn,
+    *,
+    state_sharding: Any = None,
+    batch_sharding: Any = None,
+    donate: bool = True,
+) -> StepFn:
+    """`jax.jit` of a pure step with explicit in/out shardings and the state donated.
+
+    Args:
+      step_fn: `step(state, batch) -> (state, metrics)`.
+      state_sharding: a pytree of `jax.sharding.Sharding` matching the state (or a prefix of it;
+        see `rlhf_jax.sharding`), or None to follow the inputs' shardings.
+      batch_sharding: the batch's sharding (a pytree prefix, e.g. one `NamedSharding` for every
+        key), or None.
+      donate: donate the input state's buffers to the output state.
+    """
+    kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
+    if state_sharding is not None or batch_sharding is not None:
+        kwargs["in_shardings"] = (state_sharding, batch_sharding)
+        kwargs["out_shardings"] = (state_sharding, None)
+    return jax.jit(step_fn, **kwargs)
+
+
+class PreemptionGuard:
+    """Context manager that turns SIGTERM into a flag the loop checks at each step boundary.
+
+    `request()` sets the flag by hand (what the signal handler does). Outside the main thread
+    (where signal handlers cannot be installed) only `request()` works. The previous handler is
+    restored on exit.
+    """
+
+    def __init__(self, *, enabled: bool = True, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.enabled = enabled
+        self.signals = signals
+        self._event = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def request(self, signum: int | None = None, frame: Any = None) -> None:
+        self._event.set()
+
+    def __enter__(self):
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self.request)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def _host(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+def _data_state(batches: Any) -> Any:
+    get_state = getattr(batches, "get_state", None)
+    return get_state() if callable(get_state) else None
+
+
+def train_loop(
+    step_fn: StepFn,
+    state: TrainState,
+    batches: Iterator[Mapping[str, np.ndarray]],
+    *,
+    num_steps: int,
+    put_batch: Callable[[Mapping[str, np.ndarray]], Any] | None = None,
+    eval_fn: EvalFn | None = None,
+    eval_every: int = 0,
+    logger: MetricsLogger | None = None,
+    log_every: int = 1,
+    checkpointer: Checkpointer | None = None,
+    checkpoint_every: int = 0,
+    run_config: Mapping[str, Any] | None = None,
+    nan_policy: str = "skip",
+    skipped_steps: int = 0,
+    guard: PreemptionGuard | None = None,
+) -> LoopResult:
+    """Runs steps until `state.step == num_steps` (see module docstring).
+
+    Args:
+      step_fn: jitted `step(state, batch) -> (state, metrics)`; donates its state.
+      state: the (possibly restored) train state; the loop starts at `state.step`.
+      batches: iterator of host batches; if it has `get_state()` that state is checkpointed.
+      num_steps: total number of steps of the run.
+      put_batch: host batch -> device batch (e.g. sharded `device_put`); identity if None.
+      eval_fn: `eval_fn(state) -> {name: float}`, run every `eval_every` steps and at the end.
+      eval_every: evaluation cadence (0: only at the end).
+      logger: metric sink (None: nothing logged).
+      log_every: training-metric cadence (the last step is always logged).
+      checkpointer: where to save (None: never).
+      checkpoint_every: checkpoint cadence (0: only at the end and on SIGTERM).
+      run_config: the resolved config dict stored with each checkpoint.
+      nan_policy: `"skip"` or `"stop"`.
+      skipped_steps: skipped-update count carried over from a restored checkpoint.
+      guard: a `PreemptionGuard`; when it is triggered the loop saves and returns.
+    """
+    if nan_policy not in ("skip", "stop"):
+        raise ValueError(f"nan_policy must be 'skip' or 'stop', got {nan_policy!r}")
+    if log_every < 1:
+        raise ValueError(f"logging.every_steps must be >= 1, got {log_every}")
+    put_batch = put_batch or (lambda b: b)
+    step = int(jax.device_get(state.step))
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    last_metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    data_state = _data_state(batches)
+    preempted = False
+    last_saved = step if checkpointer is not None and step in checkpointer.all_steps() else None
+    clock = [time.perf_counter(), step]
+
+    def drain(keep_last: int) -> None:
+        nonlocal skipped_steps, last_metrics
+        while len(pending) > keep_last:
+            s, device_metrics = pending.pop(0)
+            values = _host(device_metrics)
+            if values.get("train/nonfinite", 0.0) > 0:
+                if nan_policy == "stop":
+                    raise NonFiniteError(
+                        f"non-finite loss or gradient at step {s} (metrics: {values}); the "
+                        f"update was skipped and the run stopped (nan_policy='stop'). The last "
+                        f"checkpoint is step {last_saved}."
+                    )
+                skipped_steps += 1
+            last_metrics = values
+            if logger is not None and (s % log_every == 0 or s == num_steps):
+                now = time.perf_counter()
+                rate = (s - clock[1]) / max(now - clock[0], 1e-9)
+                clock[0], clock[1] = now, s
+                logged = {**values, "train/skipped_steps": skipped_steps,
+                          "train/steps_per_sec": rate}
+                logger.log(s, logged)
+                logger.progress(s, {k: v for k, v in values.items() if k.endswith("loss")})
+
+    def save(s: int) -> None:
+        nonlocal last_saved
+        if checkpointer is None or last_saved == s:
+            return
+        drain(0)
+        checkpointer.save(
+            s,
+            state,
+            data_state={"loader": data_state, "skipped_steps": skipped_steps},
+            config=run_config,
+        )
+        last_saved = s
+
+    while step < num_steps:
+        if guard is not None and guard.requested:
+            preempted = True
+            break
+        try:
+            batch = next(batches)
+        except StopIteration:
+            _log.warning("the training data ran out after %d of %d steps", step, num_steps)
+            break
+        data_state = _data_state(batches)
+        state, metrics = step_fn(state, put_batch(batch))
+        step += 1
+        pending.append((step, metrics))
+        drain(1)
+        if eval_fn is not None and eval_every > 0 and step % eval_every == 0 and step < num_steps:
+            drain(0)
+            eval_metrics = dict(eval_fn(state))
+            if logger is not None:
+                logger.log(step, eval_metrics)
+        if checkpoint_every > 0 and step % checkpoint_every == 0:
+            save(step)
+
+    drain(0)
+    if eval_fn is not None and not preempted:
+        eval_metrics = dict(eval_fn(state))
+        if logger is not None:
+            logger.log(step, eval_metrics)
+    save(step)
+    if logger is not None:
+        logger.progress(step)
+    return LoopResult(
+        state=state,
+        step=step,
+        metrics=last_metrics,
+        eval_metrics=eval_metrics,
+        skipped_steps=skipped_steps,
+        preempted=preempted,
+    )
+
+
+def restore_latest(
+    checkpointer: Checkpointer, state: TrainState, batches: Any
+) -> tuple[TrainState, int | None, int]:
+    """Restores the newest checkpoint onto `state`'s shardings and `batches` (via `set_state`).
+
+    Returns `(state, restored_step or None, skipped_steps)`; with no checkpoint, `state` is
+    returned unchanged.
+    """
+    if checkpointer.latest_step is None:
+        return state, None, 0
+    restored = checkpointer.restore(state)
+    extra = restored.data_state or {}
+    loader_state = extra.get("loader")
+    if loader_state is not None:
+        set_state = getattr(batches, "set_state", None)
+        if not callable(set_state):
+            raise TypeError(
+                "the checkpoint holds a data-loader state but the training iterator has no "
+                "set_state(); cannot resume the data order exactly"
+            )
+        set_state(loader_state)
+    return restored.state, restored.step, int(extra.get("skipped_steps", 0))
+
+
+def prepare_output_dir(config: TrainConfig) -> str:
+    """Creates `config.output_dir` and writes the resolved `config.yaml` into it."""
+    os.makedirs(config.output_dir, exist_ok=True)
+    save_config(config, os.path.join(config.output_dir, CONFIG_FILE))
+    return config.output_dir
+
+
+def fit(
+    config: TrainConfig,
+    *,
+    step_fn: StepFn,
+    state: TrainState,
+    train_batches: Iterator[Mapping[str, np.ndarray]],
+    put_batch: Callable[[Mapping[str, np.ndarray]], Any] | None = None,
+    eval_fn: EvalFn | None = None,
+    guard: PreemptionGuard | None = None,
+) -> LoopResult:
+    """Runs a whole training run under `config.output_dir` (see module docstring).
+
+    Args:
+      config: the resolved run config (any `TrainConfig` subclass).
+      step_fn: the jitted step (see `jit_train_step`).
+      state: the freshly initialised, sharded train state (restored onto if a checkpoint exists).
+      train_batches: iterator of host batches (a loader with `get_state`/`set_state` for exact
+        resume).
+      put_batch: host batch -> device batch.
+      eval_fn: held-out evaluation, `eval_fn(state) -> {name: float}`.
+      guard: a preemption guard (default: one on SIGTERM when `checkpoint.save_on_sigterm`).
+    """
+    prepare_output_dir(config)
+    run_config = config_to_dict(config)
+    checkpointer = Checkpointer(
+        os.path.join(config.output_dir, CHECKPOINT_DIR), keep_last=config.checkpoint.keep_last
+    )
+    resume_step = None
+    skipped = 0
+    if config.checkpoint.resume:
+        state, resume_step, skipped = restore_latest(checkpointer, state, train_batches)
+    logger = MetricsLogger(
+        config.output_dir,
+        config.logging,
+        resume_step=resume_step,
+        run_config=run_config,
+        total_steps=config.num_steps,
+    )
+    if guard is None:
+        guard = PreemptionGuard(enabled=config.checkpoint.save_on_sigterm)
+    with contextlib.ExitStack() as stack:
+        stack.callback(checkpointer.close)
+        stack.callback(logger.close)
+        stack.enter_context(guard)
+        return train_loop(
+            step_fn,
+            state,
+            train_batches,
+            num_steps=config.num_steps,
+            put_batch=put_batch,
+            eval_fn=eval_fn,
+            eval_every=config.eval_every,
+            logger=logger,
+            log_every=config.logging.every_steps,
+            checkpointer=checkpointer,
+            checkpoint_every=config.checkpoint.every_steps,
+            run_config=run_config,
+            nan_policy=config.nan_policy,
+            skipped_steps=skipped,
+            guard=guard,
+        )
+
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "CONFIG_FILE",
+    "EvalFn",
+    "LoopResult",
+    "NonFiniteError",
+    "PreemptionGuard",
+    "StepFn",
+    "WALL_CLOCK_METRICS",
+    "fit",
+    "jit_train_step",
+    "prepare_output_dir",
+    "restore_latest",
+    "train_loop",
+]

@@ -1,0 +1,313 @@
+"""Iterated rejection sampling (best-of-K fine-tuning), Llama 2's first RLHF stage.
+
+Touvron et al. (2023, section 3.2.3): for each prompt sample ``K`` responses from the current
+policy, score them with the reward, keep the best one, and fine-tune the policy on the kept
+responses with the SFT loss; repeat for several rounds, each sampling from the policy the
+previous round produced.
+
+One round is one step of the shared loop (`rlhf_jax.train.loop.fit`), so checkpoints, exact
+resume, metrics.jsonl and TensorBoard work at round granularity:
+
+1. **Sample**: ``num_samples`` responses for each of the round's ``data.batch_size`` prompts
+   (`rlhf_jax.generation`, jitted).
+2. **Select**: score every response (reward source, missing-EOS penalty) and keep the best of
+   each prompt (`rlhf_jax.generation.select_best_of_n`).
+3. **Fine-tune**: ``sft_epochs`` shuffled passes of ``sft_batch_size`` rows over the kept
+   (prompt, response) pairs with `rlhf_jax.train.sft.sft_loss` (completion-only token mean), each
+   minibatch one jitted, donated optimizer step (`rlhf_jax.train.state.make_train_step`).
+
+Metrics per round (``rs/``): ``score_mean`` (all samples), ``best_score_mean`` (kept samples),
+``kl_ref`` (sequence KL of the round's samples to the reference, the estimator of every online
+trainer), ``response_length``, ``eos_fraction``, and the SFT step means ``loss``, ``accuracy``.
+``num_steps`` counts rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhf_jax.generation import select_best_of_n
+from rlhf_jax.train.common import run_summary
+from rlhf_jax.train.config import DataSpec, TrainConfig
+from rlhf_jax.train.rollout import (
+    ONLINE_DATA,
+    Reference,
+    RewardSource,
+    RewardSpec,
+    Rollout,
+    RolloutConfig,
+    cached_optimizer,
+    check_online_config,
+    check_rows_divide_mesh,
+    commit_to_mesh,
+    create_sharded_state,
+    merged_state,
+    policy_response_logps,
+    positions_from_mask,
+    resolve_mesh,
+    rollout_batch_sharding,
+    sample_rollout,
+    score_rollout,
+    seed_key_data,
+    sequence_kl_to_reference,
+    setup_from_config,
+    to_host,
+    uses_lora,
+)
+from rlhf_jax.train.sft import make_sft_loss
+from rlhf_jax.train.state import TrainState, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectionSamplingConfig(TrainConfig):
+    """Iterated best-of-K fine-tuning. ``num_steps`` = rounds; ``data.batch_size`` = prompts per
+    round."""
+
+    output_dir: str = "runs/rejection_sampling"
+    data: DataSpec = ONLINE_DATA
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardSpec = RewardSpec()
+    num_samples: int = 4
+    """Responses sampled per prompt (K)."""
+    sft_epochs: int = 1
+    """Passes over a round's kept responses."""
+    sft_batch_size: int = 8
+    """Rows per SFT optimizer step; must divide ``data.batch_size``."""
+
+
+class RejectionSamplingState(NamedTuple):
+    """Rounds completed, the policy's `TrainState` (its ``step`` counts SFT steps), the RNG."""
+
+    step: jax.Array
+    policy: TrainState
+    rng: jax.Array
+
+
+def best_of_n_sft_batch(rollout: Rollout, indices: jax.Array) -> dict[str, jax.Array]:
+    """An SFT batch of the rows ``indices`` of a rollout: prompt + response with the loss on the
+    response tokens (its EOS included).
+
+    Returns ``input_ids, attention_mask, positions, loss_mask`` ``[K, P + N]`` (the prompt stays
+    left-padded, so positions are ``cumsum(attention_mask) - 1``).
+    """
+    kept = jax.tree.map(lambda x: jnp.take(x, indices, axis=0), rollout)
+    p = kept.prompt_length
+    loss_mask = jnp.concatenate(
+        [jnp.zeros_like(kept.sequence_mask[:, :p]), kept.response_mask], axis=1
+    )
+    return {
+        "input_ids": kept.sequences,
+        "attention_mask": kept.sequence_mask,
+        "positions": positions_from_mask(kept.sequence_mask),
+        "loss_mask": loss_mask,
+    }
+
+
+def _kl_fn(policy_graphdef, reference, temperature):
+    def kl(state: RejectionSamplingState, ref_state: Any, rollout: Rollout) -> jax.Array:
+        mask = rollout.response_mask.astype(jnp.float32)
+        policy = nnx.merge(policy_graphdef, state.policy.params, state.policy.frozen)
+        logps, _ = policy_response_logps(policy, rollout, temperature=temperature)
+        ref_model = reference.model(policy_graphdef, state.policy, ref_state)
+        ref_logps, _ = policy_response_logps(ref_model, rollout, temperature=temperature)
+        return jnp.mean(sequence_kl_to_reference(logps, ref_logps, mask))
+
+    return kl
+
+
+@functools.lru_cache(maxsize=16)
+def _jit_kl(policy_graphdef, reference, temperature):
+    return jax.jit(_kl_fn(policy_graphdef, reference, temperature))
+
+
+@functools.lru_cache(maxsize=16)
+def _jit_sft_step(policy_graphdef, tx, schedule):
+    step = make_train_step(make_sft_loss(), tx, graphdef=policy_graphdef, schedule=schedule)
+    return jax.jit(step, donate_argnums=(0,))
+
+
+class RejectionSamplingTrainer:
+    """Iterated rejection sampling held in memory; ``iteration()`` runs one round.
+
+    Args: as `rlhf_jax.train.ppo.PPOTrainer` (no value model); ``prompts`` yields one round's
+    prompts per batch.
+    """
+
+    algorithm = "rs"
+
+    def __init__(
+        self,
+        config: RejectionSamplingConfig,
+        *,
+        policy: nnx.Module,
+        reward: RewardSource,
+        prompts: Iterator[Mapping[str, np.ndarray]],
+        eos_token_id: int,
+        pad_token_id: int,
+        reference: nnx.Module | None = None,
+        mesh: Any = None,
+        metric_fns: Sequence[Callable[..., Mapping[str, float]]] = (),
+    ):
+        check_online_config(config)
+        if config.num_samples < 1 or config.sft_epochs < 1:
+            raise ValueError(
+                f"num_samples and sft_epochs must be >= 1, got {config.num_samples} and "
+                f"{config.sft_epochs}"
+            )
+        if config.sft_batch_size < 1 or config.data.batch_size % config.sft_batch_size:
+            raise ValueError(
+                f"sft_batch_size={config.sft_batch_size} must divide data.batch_size="
+                f"{config.data.batch_size}"
+            )
+        self.config = config
+        self.reward = reward
+        self.prompts = prompts
+        self.eos_token_id = int(eos_token_id)
+        self.pad_token_id = int(pad_token_id)
+        self.metric_fns = tuple(metric_fns)
+        self.mesh = resolve_mesh(config.mesh, mesh)
+        self.batch_sharding = rollout_batch_sharding(self.mesh)
+        check_rows_divide_mesh(config.sft_batch_size, self.mesh, what="sft_batch_size")
+        self.reference = Reference.build(policy, reference, lora=uses_lora(policy),
+                                         mesh=self.mesh)
+        self.steps_per_round = config.sft_epochs * (config.data.batch_size // config.sft_batch_size)
+        total = max(config.num_steps * self.steps_per_round, 1)
+        self.tx, self.schedule = cached_optimizer(config.optimizer, total)
+        self.policy_graphdef, policy_state = create_sharded_state(
+            policy, self.tx, seed=config.seed, mesh=self.mesh
+        )
+        self.state = commit_to_mesh(
+            RejectionSamplingState(
+                step=jnp.zeros((), jnp.int32), policy=policy_state,
+                rng=seed_key_data(config.seed),
+            ),
+            self.mesh,
+        )
+        self._kl = _jit_kl(self.policy_graphdef, self.reference,
+                           float(config.rollout.temperature))
+        self._sft_step = _jit_sft_step(self.policy_graphdef, self.tx, self.schedule)
+
+    def collect(self, state: RejectionSamplingState, prompts: Mapping[str, np.ndarray],
+                rng: jax.Array) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+        """Samples K responses per prompt, keeps the best; returns the SFT batch and metrics."""
+        k = self.config.num_samples
+        rollout = sample_rollout(
+            self.policy_graphdef,
+            merged_state(state.policy),
+            prompts["prompt_ids"],
+            prompts["prompt_mask"],
+            rng=rng,
+            config=self.config.rollout,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            num_samples=k,
+            mesh=self.mesh,
+        )
+        scores = score_rollout(
+            self.reward, rollout, prompts, num_samples=k,
+            missing_eos_penalty=self.config.rollout.missing_eos_penalty,
+        )
+        selection = select_best_of_n(scores, num_samples=k)
+        mask = rollout.response_mask.astype(jnp.float32)
+        metrics = {
+            "rs/score_mean": jnp.mean(scores),
+            "rs/best_score_mean": jnp.mean(selection.best_scores),
+            "rs/kl_ref": self._kl(state, self.reference.state, rollout),
+            "rs/response_length": jnp.mean(jnp.sum(mask, axis=-1)),
+            "rs/eos_fraction": jnp.mean(rollout.finished.astype(jnp.float32)),
+        }
+        experience = _Kept(rollout=rollout, scores=scores, selection=selection)
+        for fn in self.metric_fns:
+            metrics.update({k_: float(v) for k_, v in fn(experience, prompts).items()})
+        return best_of_n_sft_batch(rollout, selection.best_indices), metrics
+
+    def step(self, state: RejectionSamplingState, prompts: Mapping[str, np.ndarray]):
+        """One round (the `fit` step function)."""
+        key = jax.random.wrap_key_data(state.rng)
+        rollout_key, shuffle_key, next_key = jax.random.split(key, 3)
+        batch, metrics = self.collect(state, prompts, rollout_key)
+        n = self.config.data.batch_size
+        size = self.config.sft_batch_size
+        policy = state.policy
+        sft_metrics: list[dict[str, jax.Array]] = []
+        for epoch in range(self.config.sft_epochs):
+            order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), n)
+            for start in range(0, n, size):
+                rows = order[start : start + size]
+                mb = jax.device_put(
+                    {k: jnp.take(v, rows, axis=0) for k, v in batch.items()},
+                    self.batch_sharding,
+                )
+                policy, m = self._sft_step(policy, mb)
+                sft_metrics.append(m)
+        metrics["rs/loss"] = jnp.mean(jnp.stack([m["sft/loss"] for m in sft_metrics]))
+        metrics["rs/accuracy"] = jnp.mean(jnp.stack([m["sft/accuracy"] for m in sft_metrics]))
+        metrics["train/nonfinite"] = jnp.max(
+            jnp.stack([m["train/nonfinite"] for m in sft_metrics])
+        )
+        metrics["train/learning_rate"] = sft_metrics[-1]["train/learning_rate"]
+        new_state = RejectionSamplingState(
+            step=state.step + 1, policy=policy, rng=jax.random.key_data(next_key)
+        )
+        return new_state, metrics
+
+    def iteration(self, prompts: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+        """One round on the next prompt batch (or ``prompts``); returns host metrics."""
+        if prompts is None:
+            prompts = next(self.prompts)
+        self.state, metrics = self.step(self.state, prompts)
+        return to_host(metrics)
+
+    def train(self, *, guard: Any = None) -> Any:
+        """Runs ``config.num_steps`` rounds through `rlhf_jax.train.loop.fit`; ``guard``: a
+        `rlhf_jax.train.loop.PreemptionGuard` (default: SIGTERM)."""
+        from rlhf_jax.train.loop import fit
+
+        result = fit(self.config, step_fn=self.step, state=self.state, train_batches=self.prompts,
+                     guard=guard)
+        self.state = result.state
+        return result
+
+    def policy_model(self) -> nnx.Module:
+        """The current policy as an NNX module."""
+        return nnx.merge(self.policy_graphdef, self.state.policy.params, self.state.policy.frozen)
+
+
+class _Kept(NamedTuple):
+    """What per-round metric functions receive: all samples, their scores, the selection."""
+
+    rollout: Rollout
+    scores: jax.Array
+    selection: Any
+
+
+def train_rejection_sampling(config: RejectionSamplingConfig) -> dict[str, Any]:
+    """``rlhf-jax rejection-sampling``: builds policy, reward and prompts and runs the rounds."""
+    setup = setup_from_config(config, algorithm="rs")
+    trainer = RejectionSamplingTrainer(
+        config,
+        policy=setup.policy,
+        reward=setup.reward,
+        prompts=setup.prompts,
+        eos_token_id=setup.eos_token_id,
+        pad_token_id=setup.pad_token_id,
+        metric_fns=setup.metric_fns,
+    )
+    return run_summary(trainer.train(), config)
+
+
+__all__ = [
+    "RejectionSamplingConfig",
+    "RejectionSamplingState",
+    "RejectionSamplingTrainer",
+    "best_of_n_sft_batch",
+    "train_rejection_sampling",
+]

@@ -1,0 +1,196 @@
+"""Sampling filters and token sampling against float64 NumPy references."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import parameterized
+
+from rlhf_jax.generation import (
+    apply_temperature,
+    filter_logits,
+    min_p_filter,
+    sample_tokens,
+    top_k_filter,
+    top_p_filter,
+)
+
+# ---------------------------------------------------------------- float64 NumPy references
+
+
+def _softmax64(x):
+    x = np.asarray(x, np.float64)
+    finite = np.isfinite(x)
+    z = np.where(finite, x - np.max(np.where(finite, x, -np.inf), -1, keepdims=True), -np.inf)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def ref_top_k(logits, k):
+    logits = np.asarray(logits, np.float64)
+    kth = np.sort(logits, -1)[..., ::-1][..., min(k, logits.shape[-1]) - 1 : min(k, logits.shape[-1])]
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def ref_top_p(logits, p):
+    # Hugging Face's formulation: sort ascending, remove tokens whose cumulative mass is
+    # <= 1 - p, always keep the most likely token.
+    logits = np.asarray(logits, np.float64)
+    out = logits.copy()
+    for row in np.ndindex(logits.shape[:-1]):
+        order = np.argsort(logits[row], kind="stable")
+        cum = np.cumsum(_softmax64(logits[row])[order])
+        remove = cum <= 1 - p
+        remove[-1] = False
+        out[row][order[remove]] = -np.inf
+    return out
+
+
+def ref_min_p(logits, m):
+    logits = np.asarray(logits, np.float64)
+    probs = _softmax64(logits)
+    return np.where(probs < m * probs.max(-1, keepdims=True), -np.inf, logits)
+
+
+def ref_filter(logits, *, temperature, top_k=None, top_p=None, min_p=None):
+    out = np.asarray(logits, np.float64) / temperature
+    if top_k is not None:
+        out = ref_top_k(out, top_k)
+    if top_p is not None:
+        out = ref_top_p(out, top_p)
+    if min_p is not None:
+        out = ref_min_p(out, min_p)
+    return out
+
+
+def _random_logits(seed, shape=(6, 33), scale=2.0):
+    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(np.float32)
+
+
+def _kept(x):
+    return np.isfinite(np.asarray(x))
+
+
+# Hand-worked distribution p = (0.5, 0.3, 0.2) (plus one impossible token for the min-p case).
+_HAND = np.log(np.array([[0.5, 0.3, 0.2]], np.float32))
+
+
+class FilterTest(parameterized.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_temperature(self):
+        logits = _random_logits(0)
+        out = self.variant(lambda x: apply_temperature(x, temperature=0.7))(logits)
+        np.testing.assert_allclose(out, logits.astype(np.float64) / 0.7, rtol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(1, 2, 5, 33, 100)
+    def test_top_k_matches_reference(self, k):
+        logits = _random_logits(k)
+        out = self.variant(lambda x: top_k_filter(x, top_k=k))(logits)
+        np.testing.assert_array_equal(_kept(out), _kept(ref_top_k(logits, k)))
+        np.testing.assert_array_equal(np.asarray(out)[_kept(out)], logits[_kept(out)])
+        self.assertTrue(np.all(_kept(out).sum(-1) == min(k, 33)))
+
+    def test_top_k_keeps_ties(self):
+        logits = jnp.array([[1.0, 3.0, 3.0, 0.0]])
+        np.testing.assert_array_equal(_kept(top_k_filter(logits, top_k=1)), [[0, 1, 1, 0]])
+
+    @parameterized.parameters(0, -1, 1.5, True)
+    def test_top_k_rejects_bad_values(self, k):
+        with self.assertRaisesRegex(ValueError, "top_k"):
+            top_k_filter(jnp.zeros((1, 4)), top_k=k)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(0.05, 0.3, 0.5, 0.9, 0.99, 1.0)
+    def test_top_p_matches_reference(self, p):
+        logits = _random_logits(int(p * 100))
+        out = self.variant(lambda x: top_p_filter(x, top_p=p))(logits)
+        np.testing.assert_array_equal(_kept(out), _kept(ref_top_p(logits, p)))
+        np.testing.assert_array_equal(np.asarray(out)[_kept(out)], logits[_kept(out)])
+
+    @parameterized.parameters((0.45, [1, 0, 0]), (0.6, [1, 1, 0]), (0.75, [1, 1, 0]), (0.85, [1, 1, 1]))
+    def test_top_p_hand_worked(self, p, kept):
+        # mass strictly before each token (sorted): 0, 0.5, 0.8; kept iff < p.
+        np.testing.assert_array_equal(_kept(top_p_filter(jnp.asarray(_HAND), top_p=p)), [kept])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(0.0, 0.01, 0.1, 0.5, 1.0)
+    def test_min_p_matches_reference(self, m):
+        logits = _random_logits(int(m * 100) + 7)
+        out = self.variant(lambda x: min_p_filter(x, min_p=m))(logits)
+        np.testing.assert_array_equal(_kept(out), _kept(ref_min_p(logits, m)))
+
+    @parameterized.parameters((0.5, [1, 1, 0]), (0.7, [1, 0, 0]), (0.39, [1, 1, 1]))
+    def test_min_p_hand_worked(self, m, kept):
+        # threshold m * 0.5: keeps p >= 0.25 for m=0.5, p >= 0.35 for m=0.7, p >= 0.195 for 0.39.
+        np.testing.assert_array_equal(_kept(min_p_filter(jnp.asarray(_HAND), min_p=m)), [kept])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_composition_order_matches_reference(self):
+        logits = _random_logits(11, shape=(16, 40))
+        kw = dict(temperature=0.8, top_k=12, top_p=0.8, min_p=0.05)
+        out = self.variant(lambda x: filter_logits(x, **kw))(logits)
+        ref = ref_filter(logits, **kw)
+        np.testing.assert_array_equal(_kept(out), _kept(ref))
+        np.testing.assert_allclose(np.asarray(out)[_kept(out)], ref[_kept(ref)], rtol=1e-6)
+
+    def test_extreme_logits_stay_finite(self):
+        logits = jnp.array([[1e30, -1e30, 0.0, 5.0], [-jnp.inf, 2.0, -jnp.inf, 1.0]])
+        out = filter_logits(logits, temperature=1e-3, top_k=3, top_p=0.9, min_p=0.1)
+        logp = jax.nn.log_softmax(out, -1)
+        self.assertTrue(np.all(np.isfinite(np.asarray(logp)[_kept(out)])))
+        self.assertTrue(np.all(_kept(out).sum(-1) >= 1))
+
+
+class SampleTokensTest(parameterized.TestCase):
+    @parameterized.parameters(
+        dict(temperature=1.0),
+        dict(temperature=0.7, top_k=4),
+        dict(temperature=1.3, top_p=0.7),
+        dict(temperature=1.0, min_p=0.2),
+        dict(temperature=0.9, top_k=6, top_p=0.9, min_p=0.05),
+    )
+    def test_frequencies_follow_filtered_softmax(self, **kw):
+        num_rows, vocab = 20_000, 8
+        row = np.random.default_rng(3).normal(size=(vocab,)).astype(np.float32) * 1.5
+        logits = jnp.broadcast_to(jnp.asarray(row), (num_rows, vocab))
+        tokens, logps, _ = jax.jit(lambda x, k: sample_tokens(x, k, **kw))(logits, jax.random.key(0))
+        freq = np.bincount(np.asarray(tokens), minlength=vocab) / num_rows
+        probs = _softmax64(ref_filter(row[None], **kw))[0]
+        # Each frequency is Binomial(n, p) / n with standard deviation sqrt(p (1 - p) / n) <= 0.0036
+        # for n = 20000. A 5-sigma band per token fails with probability < 6e-7 each, < 5e-6 over the
+        # 8 tokens (union bound), so a failure means the sampler draws from a different law.
+        # Removed tokens (p = 0) must never be drawn.
+        sigma = np.sqrt(probs * (1 - probs) / num_rows)
+        np.testing.assert_array_less(np.abs(freq - probs), 5 * sigma + 1e-12)
+        np.testing.assert_array_equal(freq[probs == 0], 0.0)
+        np.testing.assert_allclose(logps, np.log(probs[np.asarray(tokens)]), atol=2e-5)
+
+    def test_logps_and_model_logps(self):
+        logits = jnp.asarray(_random_logits(5, shape=(32, 16)))
+        tokens, logps, model_logps = sample_tokens(
+            logits, jax.random.key(1), temperature=0.5, top_k=3
+        )
+        with np.errstate(divide="ignore"):
+            ref = np.log(_softmax64(ref_filter(logits, temperature=0.5, top_k=3)))
+        ref_model = np.log(_softmax64(logits))
+        idx = np.arange(32), np.asarray(tokens)
+        np.testing.assert_allclose(logps, ref[idx], atol=2e-5)
+        np.testing.assert_allclose(model_logps, ref_model[idx], atol=2e-5)
+        self.assertTrue(np.all(np.isfinite(ref[idx])))  # only kept tokens are drawn
+
+    def test_greedy_is_argmax_and_deterministic(self):
+        logits = jnp.asarray(_random_logits(6, shape=(10, 20)))
+        a = sample_tokens(logits, jax.random.key(0), greedy=True, temperature=0.3)
+        b = sample_tokens(logits, jax.random.key(9), greedy=True, temperature=0.3)
+        np.testing.assert_array_equal(a[0], np.argmax(np.asarray(logits), -1))
+        chex.assert_trees_all_equal(a, b)
+
+    def test_same_key_same_tokens(self):
+        logits = jnp.asarray(_random_logits(8, shape=(64, 20)))
+        a = sample_tokens(logits, jax.random.key(4))[0]
+        b = sample_tokens(logits, jax.random.key(4))[0]
+        c = sample_tokens(logits, jax.random.key(5))[0]
+        np.testing.assert_array_equal(a, b)
+        self.assertFalse(np.array_equal(a, c))
+
