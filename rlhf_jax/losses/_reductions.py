@@ -97,9 +97,10 @@ def masked_var(
       float32 scalar.
     """
     check_same_shape(x=x, mask=mask)
-    _, m = _masked(x, mask)
+    xm, m = _masked(x, mask)
     mean = masked_mean(x, mask, axis_name=axis_name)
-    centered = f32(x) - mean
+    # Centre the cleaned entries: NaN/inf in padding must not reach the gradient through `x - mean`.
+    centered = xm - mean
     var = masked_mean(centered**2, mask, axis_name=axis_name)
     if unbiased:
         n = _psum(jnp.sum(m), axis_name)

@@ -119,6 +119,21 @@ class TestTrainStep:
             jax.tree.leaves(before.params)[0], jax.tree.leaves(state.params)[0]
         )
 
+    def test_weight_decay_only_on_matrices(self):
+        cfg = OptimizerConfig(learning_rate=0.5, weight_decay=0.1, schedule="constant")
+        tx, _ = make_optimizer(cfg, 10)
+        graphdef, state = create_train_state(ToyModel(), tx, seed=0)
+        state = state._replace(params=jax.tree.map(lambda x: x + 1.0, state.params))
+        before = jax.tree.map(np.asarray, state.params)
+        zero_loss = lambda m, b, r: (0.0 * jnp.sum(m(b["x"])), {})
+        state, _ = jax.jit(make_train_step(zero_loss, tx, graphdef=graphdef))(
+            state, next(ToyLoader()))
+        # AdamW with a zero gradient: W <- W - lr * wd * W for matrices, biases untouched.
+        np.testing.assert_allclose(state.params["linear"]["kernel"][...],
+                                   before["linear"]["kernel"][...] * (1 - 0.5 * 0.1), rtol=1e-6)
+        np.testing.assert_array_equal(state.params["linear"]["bias"][...],
+                                      before["linear"]["bias"][...])
+
     def test_frozen_variables_are_not_trained(self):
         tx, _ = make_optimizer(OptimizerConfig(learning_rate=0.1), 10)
         graphdef, state = create_train_state(ToyModel(), tx, seed=0)
