@@ -8,12 +8,16 @@ run function is called with it and returns a summary dict, printed as JSON.
 
     rlhf-jax dpo --config dpo.yaml --optimizer.learning-rate 5e-5 --output-dir runs/dpo1
     rlhf-jax sft --help            # every option with its default and documentation
+
+On a multi-host slice every host runs the same command with ``RLHF_JAX_DISTRIBUTED=1``
+(`tpu_scripts/launch.sh` sets it), which initialises `jax.distributed` first.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +35,10 @@ COMMANDS: dict[str, str] = {
     "export": "rlhf_jax.train.export:ExportConfig:export_policy",
 }
 """Command name -> "module:ConfigClass:run_function"."""
+
+DISTRIBUTED_ENV = "RLHF_JAX_DISTRIBUTED"
+"""With this environment variable set to ``1`` a command first calls
+`rlhf_jax.sharding.initialize_distributed(force=True)` (multi-host TPU slices, SLURM)."""
 
 EXIT_PREEMPTED = 143
 """Exit status after a SIGTERM-triggered save (128 + SIGTERM), so schedulers see the preemption."""
@@ -100,6 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CommandError, ConfigError) as e:
         print(f"rlhf-jax: error: {e}", file=sys.stderr)
         return 2
+    if os.environ.get(DISTRIBUTED_ENV) == "1":
+        # Multi-host run (set by tpu_scripts/launch.sh): every process joins JAX's distributed
+        # runtime before the first JAX computation, so the mesh spans all hosts.
+        from rlhf_jax.sharding import initialize_distributed
+
+        initialize_distributed(force=True)
     summary = run(config)
     if summary is not None:
         print(json.dumps(_jsonable(summary), indent=2, sort_keys=True))

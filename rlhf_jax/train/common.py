@@ -133,6 +133,7 @@ def build_model(
     kind: str = "causal_lm",
     head_names: Sequence[str] = ("reward",),
     seed: int = 0,
+    load_weights: bool = True,
 ) -> nnx.Module:
     """Builds the model a `ModelSpec` describes, with LoRA adapters when `spec.lora_rank > 0`.
 
@@ -141,6 +142,8 @@ def build_model(
       kind: `"causal_lm"`, `"reward"` (a `RewardModel` with `head_names`) or `"value"`.
       head_names: reward heads (kind `"reward"` only).
       seed: initialisation seed (random init, fresh heads and LoRA adapters).
+      load_weights: read the weights of ``spec.path``; with False only its ``config.json`` is
+        read and the model is randomly initialised (a skeleton to restore a checkpoint into).
 
     A reward/value model built from a causal-LM directory copies its backbone and gets a fresh
     head.
@@ -148,7 +151,7 @@ def build_model(
     if kind not in MODEL_KINDS:
         raise ValueError(f"model kind {kind!r}; allowed: {MODEL_KINDS}")
     rngs = nnx.Rngs(seed)
-    if spec.path is not None:
+    if spec.path is not None and load_weights:
         from rlhf_jax.models import hf
 
         lm = hf.from_pretrained(spec.path, dtype=spec.dtype, param_dtype=spec.param_dtype)

@@ -4,7 +4,8 @@
 
 The run's `config.yaml` says which model was trained (`model:`); the checkpoint's train state
 is read onto the host without needing the mesh it was written on, the policy's variables are
-located (the `policy` half of a DPO `PolicyAndReference` state, else the whole model), LoRA
+located (the policy's train state of an online run, the `policy` half of a DPO
+`PolicyAndReference` state, else the whole model), LoRA
 adapters are merged, and `rlhf_jax.models.save_pretrained` writes `config.json` +
 safetensors, plus the tokenizer when the run used one from a directory or a synthetic task.
 Reward- and value-model runs are not causal LMs and are refused with a clear error.
@@ -75,24 +76,19 @@ def _lookup(tree: dict, path: tuple) -> Any:
     return node
 
 
-def load_policy(run_dir: str, *, step: int | None = None) -> tuple[nnx.Module, int, dict]:
-    """`(model, step, run_config)`: the trained causal LM of a run, with its LoRA adapters."""
-    from rlhf_jax.train.common import build_model
-
+def read_run_config(run_dir: str) -> dict:
+    """The resolved config (``config.yaml``) a training run wrote, as a dict."""
     config_path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: is {run_dir!r} a training run?")
     with open(config_path) as f:
-        run_config = yaml.safe_load(f) or {}
-    spec = config_from_dict(ModelSpec, run_config.get("model", {}), where="config.model")
-    step, raw = read_checkpoint_state(os.path.join(run_dir, CHECKPOINT_DIR), step)
-    params, frozen = raw.get("params", {}), raw.get("frozen", {})
-    if "score_head" in params or "value_head" in params or "score_head" in frozen:
-        raise ValueError(f"{run_dir} trained a reward or value model; export writes causal "
-                         "language models only")
-    if "policy" in params:  # a PolicyAndReference state: keep the policy half
-        params, frozen = params["policy"], frozen.get("policy", {})
-    abstract = nnx.eval_shape(lambda: build_model(spec, seed=0))
+        return yaml.safe_load(f) or {}
+
+
+def restore_into(model_fn, params: dict, frozen: dict, *, where: str) -> nnx.Module:
+    """Builds the model `model_fn` describes (abstractly) and fills every variable from the
+    checkpoint's `params`/`frozen` trees; errors name missing variables and shape mismatches."""
+    abstract = nnx.eval_shape(model_fn)
     graphdef, state = nnx.split(abstract)
     values = []
     missing = []
@@ -104,13 +100,37 @@ def load_policy(run_dir: str, *, step: int | None = None) -> tuple[nnx.Module, i
             missing.append("/".join(map(str, path)))
             continue
         if tuple(leaf.shape) != tuple(var.shape):
-            raise ValueError(f"checkpoint variable {'/'.join(map(str, path))} has shape "
+            raise ValueError(f"{where}: checkpoint variable {'/'.join(map(str, path))} has shape "
                              f"{leaf.shape}, the model expects {tuple(var.shape)}")
         values.append((path, var.replace(np.asarray(leaf))))
     if missing:
-        raise ValueError(f"{run_dir}: the checkpoint lacks model variables {missing[:5]}"
+        raise ValueError(f"{where}: the checkpoint lacks model variables {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}")
-    model = nnx.merge(graphdef, nnx.from_flat_state(values))
+    return nnx.merge(graphdef, nnx.from_flat_state(values))
+
+
+def load_policy(run_dir: str, *, step: int | None = None) -> tuple[nnx.Module, int, dict]:
+    """`(model, step, run_config)`: the trained causal LM of a run, with its LoRA adapters.
+
+    Works for every trainer that trains a policy: SFT, DPO (the ``policy`` half of the
+    policy-and-reference state) and the online trainers (PPO's policy beside its value model,
+    GRPO/RLOO, rejection sampling).
+    """
+    from rlhf_jax.train.common import build_model
+
+    run_config = read_run_config(run_dir)
+    spec = config_from_dict(ModelSpec, run_config.get("model", {}), where="config.model")
+    step, raw = read_checkpoint_state(os.path.join(run_dir, CHECKPOINT_DIR), step)
+    if "params" not in raw and isinstance(raw.get("policy"), dict):
+        raw = raw["policy"]  # an online trainer's state: the policy's own train state
+    params, frozen = raw.get("params", {}), raw.get("frozen", {})
+    if "policy" in params:  # policy-and-reference or policy-and-value state: keep the policy
+        params, frozen = params["policy"], frozen.get("policy", {})
+    if "score_head" in params or "value_head" in params or "score_head" in frozen:
+        raise ValueError(f"{run_dir} trained a reward or value model; export writes causal "
+                         "language models only")
+    model = restore_into(lambda: build_model(spec, load_weights=False), params, frozen,
+                         where=run_dir)
     return model, step, run_config
 
 
@@ -133,4 +153,11 @@ def export_policy(config: ExportConfig) -> dict[str, Any]:
             "tokenizer": tokenizer is not None}
 
 
-__all__ = ["ExportConfig", "export_policy", "load_policy", "read_checkpoint_state"]
+__all__ = [
+    "ExportConfig",
+    "export_policy",
+    "load_policy",
+    "read_checkpoint_state",
+    "read_run_config",
+    "restore_into",
+]

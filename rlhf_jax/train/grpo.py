@@ -547,7 +547,7 @@ class GRPOTrainer:
 def _train(config: GRPOConfig, algorithm: str) -> dict[str, Any]:
     setup = setup_from_config(config, algorithm=algorithm)
     trainer = GRPOTrainer(
-        config,
+        setup.config,
         policy=setup.policy,
         reward=setup.reward,
         prompts=setup.prompts,
@@ -555,7 +555,7 @@ def _train(config: GRPOConfig, algorithm: str) -> dict[str, Any]:
         pad_token_id=setup.pad_token_id,
         metric_fns=setup.metric_fns,
     )
-    return run_summary(trainer.train(), config)
+    return run_summary(trainer.train(), setup.config)
 
 
 def train_grpo(config: GRPOConfig) -> dict[str, Any]:

@@ -786,7 +786,7 @@ def train_ppo(config: PPOConfig) -> dict[str, Any]:
     """
     setup = setup_from_config(config, algorithm="ppo")
     trainer = PPOTrainer(
-        config,
+        setup.config,
         policy=setup.policy,
         reward=setup.reward,
         prompts=setup.prompts,
@@ -794,7 +794,7 @@ def train_ppo(config: PPOConfig) -> dict[str, Any]:
         pad_token_id=setup.pad_token_id,
         metric_fns=setup.metric_fns,
     )
-    return run_summary(trainer.train(), config)
+    return run_summary(trainer.train(), setup.config)
 
 
 __all__ = [

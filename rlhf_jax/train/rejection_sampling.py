@@ -293,7 +293,7 @@ def train_rejection_sampling(config: RejectionSamplingConfig) -> dict[str, Any]:
     """``rlhf-jax rejection-sampling``: builds policy, reward and prompts and runs the rounds."""
     setup = setup_from_config(config, algorithm="rs")
     trainer = RejectionSamplingTrainer(
-        config,
+        setup.config,
         policy=setup.policy,
         reward=setup.reward,
         prompts=setup.prompts,
@@ -301,7 +301,7 @@ def train_rejection_sampling(config: RejectionSamplingConfig) -> dict[str, Any]:
         pad_token_id=setup.pad_token_id,
         metric_fns=setup.metric_fns,
     )
-    return run_summary(trainer.train(), config)
+    return run_summary(trainer.train(), setup.config)
 
 
 __all__ = [

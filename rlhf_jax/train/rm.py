@@ -363,6 +363,35 @@ def train_rm(config: RMConfig) -> dict[str, Any]:
     return run_summary(result, config, data, **extra)
 
 
+def load_reward_model(run_dir: str, *, step: int | None = None) -> nnx.Module:
+    """The trained `RewardModel` of an `rlhf-jax rm` run, with its normalisation and adapters.
+
+    Reads the run's ``config.yaml`` (model spec and ``head_names``) and its checkpoint (the
+    newest, or ``step``) onto the host, whatever mesh wrote it; the gain and bias set by
+    normalisation are part of the checkpoint. This is what ``reward.source: model`` with
+    ``reward.path: <run_dir>`` loads in the online trainers.
+
+    Raises:
+      FileNotFoundError: ``run_dir`` has no ``config.yaml`` or no checkpoint (for ``step``).
+      ValueError: the run did not train a reward model, or the checkpoint does not fit the
+        model its config describes (the message names the variable).
+    """
+    from rlhf_jax.train.config import ModelSpec, config_from_dict
+    from rlhf_jax.train.export import read_checkpoint_state, read_run_config, restore_into
+
+    run_config = read_run_config(run_dir)
+    spec = config_from_dict(ModelSpec, run_config.get("model", {}), where="config.model")
+    head_names = tuple(run_config.get("head_names") or ("reward",))
+    step, raw = read_checkpoint_state(os.path.join(run_dir, CHECKPOINT_DIR), step)
+    params, frozen = raw.get("params", {}), raw.get("frozen", {})
+    if "score_head" not in params and "score_head" not in frozen:
+        raise ValueError(f"{run_dir} did not train a reward model (its checkpoint has no "
+                         "score_head); reward.path must name an `rlhf-jax rm` run directory")
+    return restore_into(
+        lambda: build_model(spec, kind="reward", head_names=head_names, load_weights=False),
+        params, frozen, where=f"{run_dir} (step {step})")
+
+
 def _reference_batches(train_loader):
     """A one-pass copy of the training stream from its start (for normalisation)."""
     import copy
@@ -378,6 +407,7 @@ __all__ = [
     "RANKING_LOSSES",
     "RMConfig",
     "RM_LOSSES",
+    "load_reward_model",
     "make_rm_loss",
     "normalize_rewards",
     "pair_rewards",

@@ -890,6 +890,9 @@ class OnlineSetup(NamedTuple):
     pad_token_id: int
     metric_fns: tuple[Callable[..., Mapping[str, float]], ...]
     tokenizer: Any
+    config: Any
+    """The run's config with the model resolved (e.g. the vocabulary size taken from the
+    tokenizer), as the trainer must write it so the checkpoint can be read back."""
 
 
 def gold_reward_metric(task: Any, name: str) -> Callable[..., dict[str, float]]:
@@ -969,6 +972,7 @@ def setup_from_config(config: Any, *, algorithm: str) -> OnlineSetup:
         pad_token_id=int(data.pad_id),
         metric_fns=metric_fns,
         tokenizer=tokenizer,
+        config=dataclasses.replace(config, model=spec),
     )
 
 
