@@ -208,15 +208,26 @@ def dot_product_attention(
     `out = softmax(scale * q k^T + bias(mask)) v`, masked logits set to the float32 minimum
     (a fully masked row gives a uniform average instead of NaN). Returns `[B, T, H, D]`.
     """
+    return _attention(q, k, v, mask, scale=scale, k_spec="bskd", v_spec="bskd")
+
+
+def cached_attention(
+    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array, *, scale: float
+) -> jax.Array:
+    """`dot_product_attention` over a KV cache stored as `[B, K, S, D]` (keys and values)."""
+    return _attention(q, k_cache, v_cache, mask, scale=scale, k_spec="bksd", v_spec="bksd")
+
+
+def _attention(q, k, v, mask, *, scale, k_spec, v_spec):
     b, t, h, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[k_spec.index("k")]
     g = h // kv_heads
     qg = q.reshape(b, t, kv_heads, g, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgd,{k_spec}->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum(f"bkgts,{v_spec}->btkgd", probs, v)
     return out.reshape(b, t, h, d)
 
 
@@ -244,24 +255,24 @@ class Attention(nnx.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
-    def __call__(self, x, *, rope, mask, kv_cache=None, cache_index=None, layer=None):
+    def __call__(self, x, *, rope, mask, kv_cache=None, cache_index=None):
         """x `[B, T, E]` -> (`[B, T, E]`, kv_cache).
 
-        With `kv_cache = (k, v)` of every layer (`[L, B, S, K, D]`), this layer's new keys and
-        values are written in place at `[layer, :, cache_index]` and attention runs over this
-        layer's whole cache; the updated `(k, v)` is returned."""
+        With this layer's `kv_cache = (k, v)` (`[B, K, S, D]` each), the new keys and
+        values are written in place at slots `cache_index .. cache_index + T - 1` and attention
+        runs over the whole cache; the updated `(k, v)` is returned."""
         q, k, v = self.project_qkv(x, rope)
-        if kv_cache is not None:
-            ck, cv = kv_cache
-            start = (layer, 0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], start)
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], start)
-            k = jax.lax.dynamic_index_in_dim(ck, layer, axis=0, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(cv, layer, axis=0, keepdims=False)
-            kv_cache = (ck, cv)
         scale = self.config.resolved_head_dim ** -0.5
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=scale)
-        return self.o(out), kv_cache
+        if kv_cache is None:
+            out = dot_product_attention(q, k, v, mask, scale=scale)
+            return self.o(out), None
+        ck, cv = kv_cache
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype).transpose(0, 2, 1, 3),
+                                          (0, 0, cache_index, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype).transpose(0, 2, 1, 3),
+                                          (0, 0, cache_index, 0))
+        out = cached_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, scale=scale)
+        return self.o(out), (ck, cv)
 
 
 class MLP(nnx.Module):
@@ -295,9 +306,9 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(config, stack=stack)
         self.mlp = MLP(config, rngs=rngs, stack=stack)
 
-    def __call__(self, x, *, rope, mask, kv_cache=None, cache_index=None, layer=None):
+    def __call__(self, x, *, rope, mask, kv_cache=None, cache_index=None):
         h, kv = self.attn(self.attn_norm(x), rope=rope, mask=mask, kv_cache=kv_cache,
-                          cache_index=cache_index, layer=layer)
+                          cache_index=cache_index)
         x = x + h
         x = x + self.mlp(self.mlp_norm(x))
         return x, kv

@@ -2,7 +2,9 @@
 
 `Decoder` embeds tokens, runs the L pre-norm blocks (parameters stacked on a leading layer axis
 and applied with one `jax.lax.scan`, so compile time does not grow with depth; optional
-`jax.checkpoint` per layer) and applies the final norm. `CausalLM` adds the LM head.
+`jax.checkpoint` per layer) and applies the final norm. `CausalLM` adds the LM head. Cached
+decoding (`decode`) unrolls the layers instead, so that each layer's cache buffers are
+updated in place inside a sampler's `while_loop`.
 
 Masks and positions (docs/ARCHITECTURE.md): `attention_mask [B, T]` is 1 on real tokens;
 `positions` default to `cumsum(attention_mask) - 1` clipped at 0 (a left-padded row's first real
@@ -26,14 +28,24 @@ from rlhf_jax.models.rope import rope_tables
 class KVCache(NamedTuple):
     """Keys and values of every layer, written slot by slot during decoding.
 
+    One buffer per layer, in the layout the attention reads without a transpose, so that in a
+    `while_loop` carry each decode step updates every buffer in place (one slot) and reads it
+    once: no copy of the cache per step.
+
     Attributes:
-      k, v: `[L, B, S, K, D]` in the compute dtype (S = max_length, K = num_kv_heads).
+      k, v: tuples of L arrays `[B, K, S, D]` in the compute dtype (K = num_kv_heads,
+        S = max_length, D = head_dim).
       index: int32 scalar, the next slot to write.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     index: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        """S, the number of slots."""
+        return self.v[0].shape[2]
 
 
 def default_positions(
@@ -89,31 +101,38 @@ class Decoder(nnx.Module):
     def _run_layers(self, x, *, rope, mask, cache: KVCache | None = None):
         config = self.config
         graphdef, state = nnx.split(self.layers)
-        index = None if cache is None else cache.index
+        if cache is not None:
+            return self._run_layers_cached(x, rope=rope, mask=mask, cache=cache,
+                                           graphdef=graphdef, state=state)
 
-        # The cache (all layers) is part of the scan carry and updated in place, one layer
-        # slice per step, so a decode step does not copy it.
-        def body(carry, xs):
-            h, kv = carry
-            layer_state, layer = xs
-            block = nnx.merge(graphdef, layer_state)
-            h, kv = block(h, rope=rope, mask=mask, kv_cache=kv, cache_index=index, layer=layer)
-            return (h, kv), None
+        def body(h, layer_state):
+            h, _ = nnx.merge(graphdef, layer_state)(h, rope=rope, mask=mask)
+            return h, None
 
         policy = config.remat_policy
         if policy is not None:
             body = jax.checkpoint(body, policy=policy, prevent_cse=not config.scan_layers)
-        carry = (x, None if cache is None else (cache.k, cache.v))
-        layers = jnp.arange(config.num_layers, dtype=jnp.int32)
         if config.scan_layers:
-            carry, _ = jax.lax.scan(body, carry, (state, layers))
+            x, _ = jax.lax.scan(body, x, state)
         else:
             for i in range(config.num_layers):
-                carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], (state, layers)))
-        x, kv = carry
-        if cache is None:
-            return x, None
-        return x, KVCache(k=kv[0], v=kv[1], index=cache.index + x.shape[1])
+                x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], state))
+        return x, None
+
+    def _run_layers_cached(self, x, *, rope, mask, cache, graphdef, state):
+        # Decoding unrolls the layers so that each layer's cache buffer is updated in place
+        # (a scan would take the stacked cache as xs and write a full copy as ys every step).
+        if len(cache.k) != self.config.num_layers:
+            raise ValueError(f"the cache has {len(cache.k)} layers, the model "
+                             f"{self.config.num_layers}")
+        ks, vs = [], []
+        for i in range(self.config.num_layers):
+            block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            x, (k, v) = block(x, rope=rope, mask=mask, kv_cache=(cache.k[i], cache.v[i]),
+                              cache_index=cache.index)
+            ks.append(k)
+            vs.append(v)
+        return x, KVCache(k=tuple(ks), v=tuple(vs), index=cache.index + x.shape[1])
 
     # ------------------------------------------------------------------ public
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
@@ -134,9 +153,10 @@ class Decoder(nnx.Module):
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         c = self.config
-        shape = (c.num_layers, batch_size, max_length, c.num_kv_heads, c.resolved_head_dim)
+        shape = (batch_size, c.num_kv_heads, max_length, c.resolved_head_dim)
         dtype = jnp.dtype(dtype or c.dtype)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+        return KVCache(tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)),
+                       tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)),
                        jnp.zeros((), jnp.int32))
 
     def decode(self, input_ids, *, positions, cache: KVCache, cache_mask):
@@ -145,7 +165,7 @@ class Decoder(nnx.Module):
         b, t = input_ids.shape
         if positions.shape != (b, t):
             raise ValueError(f"positions must be [B, t] = {(b, t)}, got {positions.shape}")
-        s = cache.k.shape[2]
+        s = cache.max_length
         if cache_mask.shape != (b, s):
             raise ValueError(f"cache_mask must be [B, S] = {(b, s)}, got {cache_mask.shape}")
         x, rope = self._embed(input_ids, positions)
