@@ -45,10 +45,10 @@ import optax
 from flax import nnx
 
 from rlhf_jax import losses
-from rlhf_jax.train.common import run_summary
 from rlhf_jax.train.config import DataSpec, TrainConfig
 from rlhf_jax.train.rollout import (
     ONLINE_DATA,
+    OnlineTrainer,
     Reference,
     RewardSource,
     RewardSpec,
@@ -68,9 +68,8 @@ from rlhf_jax.train.rollout import (
     score_rollout,
     seed_key_data,
     sequence_kl_to_reference,
-    setup_from_config,
     take_minibatch,
-    to_host,
+    train_online,
     uses_lora,
 )
 from rlhf_jax.train.state import TrainState, make_train_step
@@ -413,7 +412,7 @@ def _jit_update(policy_graphdef, tx, hp, batch_sharding, schedule):
 # ---------------------------------------------------------------------------------------------
 
 
-class GRPOTrainer:
+class GRPOTrainer(OnlineTrainer):
     """A GRPO or RLOO run held in memory (`RLOOConfig` selects RLOO); ``iteration()`` does one
     rollout + scoring + update and returns host metrics.
 
@@ -522,40 +521,9 @@ class GRPOTrainer:
         state, update_metrics = self._update(state, experience)
         return state, {**metrics, **update_metrics, **extra}
 
-    def iteration(self, prompts: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
-        """One iteration on the next prompt batch (or ``prompts``); returns host metrics."""
-        if prompts is None:
-            prompts = next(self.prompts)
-        self.state, metrics = self.step(self.state, prompts)
-        return to_host(metrics)
-
-    def train(self, *, guard: Any = None) -> Any:
-        """Runs ``config.num_steps`` iterations through `rlhf_jax.train.loop.fit`; ``guard``: a
-        `rlhf_jax.train.loop.PreemptionGuard` (default: SIGTERM)."""
-        from rlhf_jax.train.loop import fit
-
-        result = fit(self.config, step_fn=self.step, state=self.state, train_batches=self.prompts,
-                     guard=guard)
-        self.state = result.state
-        return result
-
-    def policy_model(self) -> nnx.Module:
-        """The current policy as an NNX module."""
-        return nnx.merge(self.policy_graphdef, self.state.policy.params, self.state.policy.frozen)
-
 
 def _train(config: GRPOConfig, algorithm: str) -> dict[str, Any]:
-    setup = setup_from_config(config, algorithm=algorithm)
-    trainer = GRPOTrainer(
-        setup.config,
-        policy=setup.policy,
-        reward=setup.reward,
-        prompts=setup.prompts,
-        eos_token_id=setup.eos_token_id,
-        pad_token_id=setup.pad_token_id,
-        metric_fns=setup.metric_fns,
-    )
-    return run_summary(trainer.train(), setup.config)
+    return train_online(GRPOTrainer, config, algorithm=algorithm)
 
 
 def train_grpo(config: GRPOConfig) -> dict[str, Any]:

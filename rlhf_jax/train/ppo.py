@@ -54,10 +54,10 @@ import optax
 from flax import nnx
 
 from rlhf_jax import losses
-from rlhf_jax.train.common import run_summary
 from rlhf_jax.train.config import DataSpec, TrainConfig
 from rlhf_jax.train.rollout import (
     ONLINE_DATA,
+    OnlineTrainer,
     PolicyWithValueHead,
     Reference,
     RewardSource,
@@ -82,11 +82,9 @@ from rlhf_jax.train.rollout import (
     score_rollout,
     seed_key_data,
     sequence_kl_to_reference,
-    setup_from_config,
     shared_forward,
     take_minibatch,
-    to_host,
-    unwrap_policy,
+    train_online,
     uses_lora,
 )
 from rlhf_jax.train.state import TrainState, make_train_step
@@ -585,7 +583,7 @@ def _jit_update(policy_graphdef, value_graphdef, policy_tx, value_tx, kl_control
     return jax.jit(update, donate_argnums=(0,))
 
 
-class PPOTrainer:
+class PPOTrainer(OnlineTrainer):
     """A PPO run held in memory: ``iteration()`` does one rollout + scoring + update.
 
     Args:
@@ -755,46 +753,13 @@ class PPOTrainer:
         )
         return state, {**metrics, **update_metrics, **extra}
 
-    def iteration(self, prompts: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
-        """One iteration on the next prompt batch (or ``prompts``); returns host metrics."""
-        if prompts is None:
-            prompts = next(self.prompts)
-        self.state, metrics = self.step(self.state, prompts)
-        return to_host(metrics)
-
-    def train(self, *, guard: Any = None) -> Any:
-        """Runs ``config.num_steps`` iterations through `rlhf_jax.train.loop.fit` (config.yaml,
-        metrics.jsonl / TensorBoard, checkpoints, exact resume, SIGTERM). Returns its
-        `LoopResult`. ``guard``: a `rlhf_jax.train.loop.PreemptionGuard` (default: SIGTERM)."""
-        from rlhf_jax.train.loop import fit
-
-        result = fit(self.config, step_fn=self.step, state=self.state, train_batches=self.prompts,
-                     guard=guard)
-        self.state = result.state
-        return result
-
-    def policy_model(self) -> nnx.Module:
-        """The current policy as an NNX ``CausalLM`` (for evaluation or export)."""
-        model = nnx.merge(self.policy_graphdef, self.state.policy.params, self.state.policy.frozen)
-        return unwrap_policy(model)
-
 
 def train_ppo(config: PPOConfig) -> dict[str, Any]:
     """``rlhf-jax ppo``: builds the policy, reward and prompts from ``config`` and runs PPO.
 
     Returns a summary dict (output directory, iterations run, final metrics).
     """
-    setup = setup_from_config(config, algorithm="ppo")
-    trainer = PPOTrainer(
-        setup.config,
-        policy=setup.policy,
-        reward=setup.reward,
-        prompts=setup.prompts,
-        eos_token_id=setup.eos_token_id,
-        pad_token_id=setup.pad_token_id,
-        metric_fns=setup.metric_fns,
-    )
-    return run_summary(trainer.train(), setup.config)
+    return train_online(PPOTrainer, config, algorithm="ppo")
 
 
 __all__ = [

@@ -35,10 +35,10 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.generation import select_best_of_n
-from rlhf_jax.train.common import run_summary
 from rlhf_jax.train.config import DataSpec, TrainConfig
 from rlhf_jax.train.rollout import (
     ONLINE_DATA,
+    OnlineTrainer,
     Reference,
     RewardSource,
     RewardSpec,
@@ -58,8 +58,7 @@ from rlhf_jax.train.rollout import (
     score_rollout,
     seed_key_data,
     sequence_kl_to_reference,
-    setup_from_config,
-    to_host,
+    train_online,
     uses_lora,
 )
 from rlhf_jax.train.sft import make_sft_loss
@@ -134,7 +133,7 @@ def _jit_sft_step(policy_graphdef, tx, schedule):
     return jax.jit(step, donate_argnums=(0,))
 
 
-class RejectionSamplingTrainer:
+class RejectionSamplingTrainer(OnlineTrainer):
     """Iterated rejection sampling held in memory; ``iteration()`` runs one round.
 
     Args: as `rlhf_jax.train.ppo.PPOTrainer` (no value model); ``prompts`` yields one round's
@@ -259,27 +258,6 @@ class RejectionSamplingTrainer:
         )
         return new_state, metrics
 
-    def iteration(self, prompts: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
-        """One round on the next prompt batch (or ``prompts``); returns host metrics."""
-        if prompts is None:
-            prompts = next(self.prompts)
-        self.state, metrics = self.step(self.state, prompts)
-        return to_host(metrics)
-
-    def train(self, *, guard: Any = None) -> Any:
-        """Runs ``config.num_steps`` rounds through `rlhf_jax.train.loop.fit`; ``guard``: a
-        `rlhf_jax.train.loop.PreemptionGuard` (default: SIGTERM)."""
-        from rlhf_jax.train.loop import fit
-
-        result = fit(self.config, step_fn=self.step, state=self.state, train_batches=self.prompts,
-                     guard=guard)
-        self.state = result.state
-        return result
-
-    def policy_model(self) -> nnx.Module:
-        """The current policy as an NNX module."""
-        return nnx.merge(self.policy_graphdef, self.state.policy.params, self.state.policy.frozen)
-
 
 class _Kept(NamedTuple):
     """What per-round metric functions receive: all samples, their scores, the selection."""
@@ -291,17 +269,7 @@ class _Kept(NamedTuple):
 
 def train_rejection_sampling(config: RejectionSamplingConfig) -> dict[str, Any]:
     """``rlhf-jax rejection-sampling``: builds policy, reward and prompts and runs the rounds."""
-    setup = setup_from_config(config, algorithm="rs")
-    trainer = RejectionSamplingTrainer(
-        setup.config,
-        policy=setup.policy,
-        reward=setup.reward,
-        prompts=setup.prompts,
-        eos_token_id=setup.eos_token_id,
-        pad_token_id=setup.pad_token_id,
-        metric_fns=setup.metric_fns,
-    )
-    return run_summary(trainer.train(), setup.config)
+    return train_online(RejectionSamplingTrainer, config, algorithm="rs")
 
 
 __all__ = [

@@ -934,6 +934,64 @@ def load_reward_source(spec: RewardSpec, *, task: Any = None) -> Any:
     raise ValueError(f"reward.source={spec.source!r}; allowed: 'gold', 'model'")
 
 
+class OnlineTrainer:
+    """What the online trainers (PPO, GRPO/RLOO, rejection sampling) share: one iteration on a
+    prompt batch, the run through `rlhf_jax.train.loop.fit`, and the current policy.
+
+    A subclass sets ``config``, ``state`` (with ``state.policy`` a `TrainState`), ``prompts``
+    and ``policy_graphdef``, and defines ``step(state, prompts) -> (state, metrics)``.
+    """
+
+    config: Any
+    state: Any
+    prompts: Any
+    policy_graphdef: Any
+
+    def step(self, state: Any, prompts: Mapping[str, np.ndarray]) -> tuple[Any, dict]:
+        raise NotImplementedError
+
+    def iteration(self, prompts: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+        """One iteration on the next prompt batch (or ``prompts``); returns host metrics."""
+        if prompts is None:
+            prompts = next(self.prompts)
+        self.state, metrics = self.step(self.state, prompts)
+        return to_host(metrics)
+
+    def train(self, *, guard: Any = None) -> Any:
+        """Runs ``config.num_steps`` iterations through `rlhf_jax.train.loop.fit` (config.yaml,
+        metrics.jsonl / TensorBoard, checkpoints, exact resume, SIGTERM). Returns its
+        `LoopResult`. ``guard``: a `rlhf_jax.train.loop.PreemptionGuard` (default: SIGTERM)."""
+        from rlhf_jax.train.loop import fit
+
+        result = fit(self.config, step_fn=self.step, state=self.state, train_batches=self.prompts,
+                     guard=guard)
+        self.state = result.state
+        return result
+
+    def policy_model(self) -> nnx.Module:
+        """The current policy as an NNX ``CausalLM`` (for evaluation or export)."""
+        model = nnx.merge(self.policy_graphdef, self.state.policy.params, self.state.policy.frozen)
+        return unwrap_policy(model)
+
+
+def train_online(trainer_cls: type, config: Any, *, algorithm: str) -> dict[str, Any]:
+    """A command-line online run: `setup_from_config`, then ``trainer_cls(...).train()``;
+    returns the run summary (output directory, iterations run, final metrics)."""
+    from rlhf_jax.train.common import run_summary
+
+    setup = setup_from_config(config, algorithm=algorithm)
+    trainer = trainer_cls(
+        setup.config,
+        policy=setup.policy,
+        reward=setup.reward,
+        prompts=setup.prompts,
+        eos_token_id=setup.eos_token_id,
+        pad_token_id=setup.pad_token_id,
+        metric_fns=setup.metric_fns,
+    )
+    return run_summary(trainer.train(), setup.config)
+
+
 def setup_from_config(config: Any, *, algorithm: str) -> OnlineSetup:
     """Policy, reward source, prompt loader and gold-reward metric of a command-line run.
 
@@ -979,6 +1037,7 @@ def setup_from_config(config: Any, *, algorithm: str) -> OnlineSetup:
 __all__ = [
     "ONLINE_DATA",
     "OnlineSetup",
+    "OnlineTrainer",
     "PolicyWithValueHead",
     "PromptLoader",
     "Reference",
@@ -1021,6 +1080,7 @@ __all__ = [
     "shared_forward",
     "take_minibatch",
     "to_host",
+    "train_online",
     "load_reward_source",
     "unwrap_policy",
     "uses_lora",
