@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -37,19 +38,25 @@ def _is_static_zero(x) -> bool:
     return isinstance(x, int | float) and float(x) == 0.0
 
 
+_F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
+                            "discopop")
+"""Loss types that take a non-default ``f_divergence`` (as TRL DPOTrainer allows)."""
+
+
 def _f_divergence_scores(logratios: chex.Array, f_divergence: str, f_alpha: float) -> chex.Array:
-    """TRL's f-divergence 'scores' f'(pi/pi_ref) of a log-ratio (constants dropped)."""
+    """TRL's f-divergence scores f'(pi/pi_ref) of a log-ratio, constants included (they cancel
+    in differences but not in the length-normalised ``ipo``/``sigmoid_norm``)."""
     if f_divergence == "reverse_kl":
         return logratios
-    if f_divergence == "forward_kl":
-        return -jnp.exp(-logratios)
-    if f_divergence == "js_divergence":
-        return jax.nn.log_sigmoid(logratios)
-    # alpha_divergence: f'(t) = (t^(a-1) - 1)/(a-1), constant dropped, exponent clamped at 80.
+    if f_divergence == "forward_kl":  # f'(t) = 1 - 1/t
+        return 1.0 - jnp.exp(-logratios)
+    if f_divergence == "js_divergence":  # f'(t) = log(2t / (t + 1)) = log 2 + log sigmoid(log t)
+        return math.log(2.0) + jax.nn.log_sigmoid(logratios)
+    # alpha_divergence: f'(t) = (t^(a-1) - 1)/(a-1), the exponent clamped at 80 (TRL, float32).
     if abs(f_alpha - 1.0) < 1e-6:
         return logratios
     t = jnp.minimum((f_alpha - 1.0) * logratios, 80.0)
-    return jnp.exp(t) / (f_alpha - 1.0)
+    return (jnp.exp(t) - 1.0) / (f_alpha - 1.0)
 
 
 def dpo_loss(
@@ -77,11 +84,13 @@ def dpo_loss(
     :math:`s = f'(\rho)` (``f_divergence``):
 
     * ``reverse_kl`` (standard DPO): :math:`s = \rho`
-    * ``forward_kl``: :math:`s = -e^{-\rho}`
-    * ``js_divergence``: :math:`s = \log\sigma(\rho)`
-    * ``alpha_divergence``: :math:`s = e^{\min((\alpha-1)\rho,\,80)} / (\alpha - 1)`
+    * ``forward_kl``: :math:`s = 1 - e^{-\rho}`
+    * ``js_divergence``: :math:`s = \log 2 + \log\sigma(\rho)`
+    * ``alpha_divergence``: :math:`s = (e^{\min((\alpha-1)\rho,\,80)} - 1) / (\alpha - 1)`
       (:math:`s = \rho` when :math:`|\alpha - 1| < 10^{-6}`), :math:`\alpha` = ``f_alpha``
 
+    (a non-default ``f_divergence`` only with ``sigmoid``, ``sigmoid_norm``, ``hinge``, ``ipo``,
+    ``exo_pair``, ``robust`` and ``discopop``, as in TRL; the other losses use :math:`\rho`)
     and :math:`\Delta = s_c - s_r`, :math:`\beta` = ``beta``, :math:`\varepsilon` =
     ``label_smoothing``, the per-pair loss is (``loss_type`` = ..., matches TRL DPOTrainer
     loss_type=...):
@@ -97,17 +106,17 @@ def dpo_loss(
     * ``exo_pair`` (EXO, eq. 16): :math:`q_w(\log q_w - \log(1-\varepsilon)) +
       q_l(\log q_l - \log\varepsilon)`, :math:`q_w = \sigma(\beta\Delta)`,
       :math:`q_l = \sigma(-\beta\Delta)`; needs :math:`\varepsilon > 0`
-    * ``nca_pair`` (NCA): :math:`-\log\sigma(\beta s_c) - \tfrac12\log\sigma(-\beta s_c)
-      - \tfrac12\log\sigma(-\beta s_r)`
+    * ``nca_pair`` (NCA): :math:`-\log\sigma(\beta\rho_c) - \tfrac12\log\sigma(-\beta\rho_c)
+      - \tfrac12\log\sigma(-\beta\rho_r)`
     * ``robust`` (rDPO): :math:`\big[-(1-\varepsilon)\log\sigma(\beta\Delta)
       + \varepsilon\log\sigma(-\beta\Delta)\big] / (1 - 2\varepsilon)`,
       :math:`0 \le \varepsilon < 0.5`
-    * ``bco_pair`` (BCO): :math:`-\log\sigma(\beta s_c - \delta) - \log\sigma(-(\beta s_r - \delta))`
+    * ``bco_pair`` (BCO): :math:`-\log\sigma(\beta\rho_c - \delta) - \log\sigma(-(\beta\rho_r - \delta))`
       with :math:`\delta` = ``bco_delta``. TRL 1.x uses :math:`\delta = 0` (the default);
       TRL <= 0.28 used the running mean of the rewards, kept explicit here as state by
       :func:`bco_running_mean_init` / :func:`bco_running_mean_update` (pass ``state.mean``).
-    * ``sppo_hard`` (SPPO, hard probabilities): :math:`(s_c - \tfrac{1}{2\beta})^2 +
-      (s_r + \tfrac{1}{2\beta})^2`
+    * ``sppo_hard`` (SPPO, hard probabilities): :math:`(\rho_c - \tfrac{1}{2\beta})^2 +
+      (\rho_r + \tfrac{1}{2\beta})^2`
     * ``aot`` (AOT, paired): :math:`\delta = \mathrm{sort}_B(\log\pi_c - \log\pi_r) -
       \mathrm{sort}_B(\log\pi^{\mathrm{ref}}_c - \log\pi^{\mathrm{ref}}_r)`, loss
       :math:`-(1-\varepsilon)\log\sigma(\beta\delta) - \varepsilon\log\sigma(-\beta\delta)`
@@ -151,6 +160,11 @@ def dpo_loss(
     """
     check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
     check_choice("f_divergence", f_divergence, F_DIVERGENCES)
+    if f_divergence != "reverse_kl" and loss_type not in _F_DIVERGENCE_LOSS_TYPES:
+        raise ValueError(
+            f"f_divergence={f_divergence!r} is not supported by loss_type={loss_type!r}; it "
+            f"applies to {', '.join(map(repr, _F_DIVERGENCE_LOSS_TYPES))} (as in TRL)"
+        )
     check_rank("policy_chosen_logps", policy_chosen_logps, 1)
     check_same_shape(
         policy_chosen_logps=policy_chosen_logps,
