@@ -167,7 +167,7 @@ def grpo_loss(
       advantages: ``[B]`` (one per completion) or ``[B, T]``.
       mask: ``[B, T]`` completion mask.
       ref_logps: ``[B, T]`` reference log-probs; required when ``kl_coef != 0``.
-      kl_coef: :math:`\beta` (TRL's ``beta``).
+      kl_coef: :math:`\beta` (TRL's ``beta``); a Python number or a traced scalar (a schedule).
       clip_eps: :math:`\epsilon_{\mathrm{low}}` (TRL ``epsilon``).
       clip_eps_high: :math:`\epsilon_{\mathrm{high}}` (TRL ``epsilon_high``); ``None`` = ``clip_eps``.
       importance_sampling_level: ``"token"`` or ``"sequence"``.
@@ -179,7 +179,8 @@ def grpo_loss(
     check_choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
     check_rank("logps", logps, 2)
     check_same_shape(logps=logps, old_logps=old_logps, mask=mask, ref_logps=ref_logps)
-    if kl_coef != 0.0 and ref_logps is None:
+    static_zero = isinstance(kl_coef, int | float) and float(kl_coef) == 0.0
+    if not static_zero and ref_logps is None:
         raise ValueError("grpo_loss: kl_coef != 0 needs ref_logps")
     a = _token_advantages(advantages, logps)
     m = as_mask(mask)
@@ -192,7 +193,7 @@ def grpo_loss(
         jnp.exp(log_w), a, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=None,
         ratio_cap=delta,
     )
-    if kl_coef != 0.0:
+    if not static_zero:  # kl_coef may be traced (e.g. a schedule inside jit)
         safe_logps = jnp.where(m > 0, f32(logps), 0.0)
         safe_ref = jnp.where(m > 0, f32(ref_logps), 0.0)
         loss = loss + kl_coef * kl_k3(safe_logps, jax.lax.stop_gradient(safe_ref))

@@ -570,3 +570,12 @@ def test_check_grads_value_cispo_gspo():
     v = v_old + 0.05 * jnp.asarray(rng.normal(size=(2, 3)))  # inside the clip band
     ret = v_old + jnp.asarray(rng.normal(size=(2, 3)))
     check_grads(lambda x: clipped_value_loss(x, v_old, ret, clip=0.5), (v,), **tol)
+
+
+def test_grpo_kl_coef_may_be_traced(data):
+    args = (data["lp"], data["old"], data["adv_seq"], data["mask"])
+    fixed = grpo_loss(*args, ref_logps=data["ref"], kl_coef=0.3)
+    traced = jax.jit(lambda c: grpo_loss(*args, ref_logps=data["ref"], kl_coef=c))(0.3)
+    np.testing.assert_allclose(traced, fixed, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="kl_coef != 0 needs ref_logps"):
+        grpo_loss(*args, kl_coef=0.3)
