@@ -116,12 +116,16 @@ def _generate_body(
         greedy=spec.greedy,
     )
 
+    # Per-layer parameter slices, taken once here so the decode loop does not copy them out of
+    # the stacked arrays at every step (models without `layer_blocks` decode as they are).
+    blocks = {"blocks": model.layer_blocks()} if hasattr(model, "layer_blocks") else {}
+
     # Prefill: the whole left-padded prompt in one cached forward.
     cache = model.init_cache(batch, prompt_len + n_new)
     cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, n_new), jnp.int32)], axis=1)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
     logits, cache = model.decode(
-        prompt_ids, positions=positions, cache=cache, cache_mask=cache_mask
+        prompt_ids, positions=positions, cache=cache, cache_mask=cache_mask, **blocks
     )
     first_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # [B]
     token, logp, model_logp = sample(logits[:, -1], jax.random.fold_in(rng, 0))
@@ -144,7 +148,7 @@ def _generate_body(
         step, token, done, cache, tokens, logps, model_logps = carry
         positions = (first_position + step - 1)[:, None]
         logits, cache = model.decode(
-            token[:, None], positions=positions, cache=cache, cache_mask=cache_mask
+            token[:, None], positions=positions, cache=cache, cache_mask=cache_mask, **blocks
         )
         new, logp, model_logp = sample(logits[:, 0], jax.random.fold_in(rng, step))
         tokens = jax.lax.dynamic_update_slice(tokens, jnp.where(done, pad, new)[:, None], (0, step))

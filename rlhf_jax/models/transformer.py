@@ -98,12 +98,13 @@ class Decoder(nnx.Module):
             else None
         return x, rope
 
-    def _run_layers(self, x, *, rope, mask, cache: KVCache | None = None):
+    def _run_layers(self, x, *, rope, mask, cache: KVCache | None = None, blocks=None):
         config = self.config
-        graphdef, state = nnx.split(self.layers)
         if cache is not None:
             return self._run_layers_cached(x, rope=rope, mask=mask, cache=cache,
-                                           graphdef=graphdef, state=state)
+                                           blocks=self.layer_blocks() if blocks is None
+                                           else blocks)
+        graphdef, state = nnx.split(self.layers)
 
         def body(h, layer_state):
             h, _ = nnx.merge(graphdef, layer_state)(h, rope=rope, mask=mask)
@@ -119,15 +120,14 @@ class Decoder(nnx.Module):
                 x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], state))
         return x, None
 
-    def _run_layers_cached(self, x, *, rope, mask, cache, graphdef, state):
+    def _run_layers_cached(self, x, *, rope, mask, cache, blocks):
         # Decoding unrolls the layers so that each layer's cache buffer is updated in place
         # (a scan would take the stacked cache as xs and write a full copy as ys every step).
-        if len(cache.k) != self.config.num_layers:
-            raise ValueError(f"the cache has {len(cache.k)} layers, the model "
-                             f"{self.config.num_layers}")
+        if len(cache.k) != self.config.num_layers or len(blocks) != self.config.num_layers:
+            raise ValueError(f"the cache has {len(cache.k)} layers and {len(blocks)} blocks were "
+                             f"given; the model has {self.config.num_layers}")
         ks, vs = [], []
-        for i in range(self.config.num_layers):
-            block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+        for i, block in enumerate(blocks):
             x, (k, v) = block(x, rope=rope, mask=mask, kv_cache=(cache.k[i], cache.v[i]),
                               cache_index=cache.index)
             ks.append(k)
@@ -135,6 +135,17 @@ class Decoder(nnx.Module):
         return x, KVCache(k=tuple(ks), v=tuple(vs), index=cache.index + x.shape[1])
 
     # ------------------------------------------------------------------ public
+    def layer_blocks(self) -> tuple[Block, ...]:
+        """The L stacked layers as L separate `Block`s (slices of the stacked parameters).
+
+        A decoding loop calls this once, outside the loop, and passes the result to every
+        `decode(..., blocks=...)`: the per-layer parameter slices are then loop invariants
+        instead of being copied out of the stacked arrays at every step.
+        """
+        graphdef, state = nnx.split(self.layers)
+        return tuple(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+                     for i in range(self.config.num_layers))
+
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
         """Final hidden states `[B, T, E]` (compute dtype)."""
         _check_tokens(input_ids)
@@ -159,7 +170,7 @@ class Decoder(nnx.Module):
                        tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)),
                        jnp.zeros((), jnp.int32))
 
-    def decode(self, input_ids, *, positions, cache: KVCache, cache_mask):
+    def decode(self, input_ids, *, positions, cache: KVCache, cache_mask, blocks=None):
         """Hidden states `[B, t, E]` of `t` new tokens and the updated cache (see CausalLM)."""
         _check_tokens(input_ids)
         b, t = input_ids.shape
@@ -172,7 +183,7 @@ class Decoder(nnx.Module):
         q_slots = cache.index + jnp.arange(t, dtype=jnp.int32)
         mask = attention_weights_mask(jnp.broadcast_to(q_slots, (b, t)),
                                       jnp.arange(s, dtype=jnp.int32), cache_mask)
-        x, cache = self._run_layers(x, rope=rope, mask=mask, cache=cache)
+        x, cache = self._run_layers(x, rope=rope, mask=mask, cache=cache, blocks=blocks)
         return self.final_norm(x), cache
 
 
@@ -189,6 +200,9 @@ class CausalLM(nnx.Module):
       `i` attends to the slots `j <= index + i` whose `cache_mask` is 1 (so `cache_mask` must
       already mark the `t` new slots). Prefill is a `decode` of the whole prompt into an empty
       cache. The cached decode of token t equals the full forward at position t.
+    - `blocks = model.layer_blocks()` once before a decoding loop, then
+      `model.decode(..., blocks=blocks)` in it, keeps the per-layer parameter slices out of the
+      loop body.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -217,7 +231,11 @@ class CausalLM(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         return self.backbone.init_cache(batch_size, max_length, dtype)
 
-    def decode(self, input_ids, *, positions, cache: KVCache, cache_mask):
+    def layer_blocks(self) -> tuple[Block, ...]:
+        """Per-layer blocks for `decode(..., blocks=...)` in a loop (see `Decoder.layer_blocks`)."""
+        return self.backbone.layer_blocks()
+
+    def decode(self, input_ids, *, positions, cache: KVCache, cache_mask, blocks=None):
         hidden, cache = self.backbone.decode(input_ids, positions=positions, cache=cache,
-                                             cache_mask=cache_mask)
+                                             cache_mask=cache_mask, blocks=blocks)
         return self.logits_from_hidden(hidden), cache

@@ -723,8 +723,12 @@ class PolicyWithValueHead(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype=None):
         return self.lm.init_cache(batch_size, max_length, dtype)
 
-    def decode(self, input_ids, *, positions, cache, cache_mask):
-        return self.lm.decode(input_ids, positions=positions, cache=cache, cache_mask=cache_mask)
+    def layer_blocks(self):
+        return self.lm.layer_blocks()
+
+    def decode(self, input_ids, *, positions, cache, cache_mask, blocks=None):
+        return self.lm.decode(input_ids, positions=positions, cache=cache, cache_mask=cache_mask,
+                              blocks=blocks)
 
 
 def shared_forward(

@@ -223,6 +223,25 @@ class TestKVCache:
             seq = jnp.concatenate([seq, tok[:, None]], 1)
             seq_mask = jnp.concatenate([seq_mask, jnp.ones((b, 1), jnp.int32)], 1)
 
+    def test_decode_with_presliced_blocks_equals_plain_decode(self, model):
+        ids, mask = _left_padded(model.config.vocab_size, b=2, t=6)
+        cache_mask = jnp.concatenate([mask, jnp.ones((2, 2), jnp.int32)], axis=1)
+        positions = default_positions(mask)
+        blocks = model.layer_blocks()
+        assert len(blocks) == model.config.num_layers
+        outs = []
+        for kw in ({}, {"blocks": blocks}):
+            cache = model.init_cache(2, 8)
+            logits, cache = model.decode(ids, positions=positions, cache=cache,
+                                         cache_mask=cache_mask, **kw)
+            outs.append((logits, cache))
+        np.testing.assert_array_equal(outs[0][0], outs[1][0])
+        for a, b in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1])):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(ValueError, match="blocks were given"):
+            model.decode(ids, positions=positions, cache=model.init_cache(2, 8),
+                         cache_mask=cache_mask, blocks=blocks[:1])
+
     def test_bad_shapes_are_named(self, model):
         cache = model.init_cache(2, 8)
         ids = jnp.zeros((2, 1), jnp.int32)
