@@ -145,7 +145,9 @@ class TestStacking:
         base = CONFIGS["llama"]
         ids, mask = _left_padded(base.vocab_size)
         outs = []
-        for config in (base, base.replace(scan_layers=False, remat="dots"),
+        assert base.remat == "dots"  # the default
+        for config in (base.replace(remat="none"), base,
+                       base.replace(scan_layers=False, remat="dots"),
                        base.replace(remat="full")):
             m = CausalLM(config, rngs=nnx.Rngs(0))
             graphdef, params = nnx.split(m)
