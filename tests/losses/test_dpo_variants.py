@@ -4,10 +4,12 @@ hand-worked values."""
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from jax.test_util import check_grads
 
 import rlhf_jax.losses as L
@@ -15,7 +17,6 @@ import rlhf_jax.losses as L
 VARIANTS = ("exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
             "apo_down", "discopop")
 SMOOTHED = ("exo_pair", "aot", "aot_unpaired")
-TRANSFORMS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
 F_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")
 
 
@@ -97,28 +98,28 @@ def _kwargs(loss_type):
     return {"label_smoothing": 0.1} if loss_type in SMOOTHED else {}
 
 
-class TestAgainstTRLReference:
-    @pytest.mark.parametrize("transform", TRANSFORMS)
-    @pytest.mark.parametrize("loss_type", VARIANTS)
-    def test_variant(self, transform, loss_type):
+class TestAgainstTRLReference(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*VARIANTS)
+    def test_variant(self, loss_type):
         # log-ratios of a few units: every variant away from saturation
         pc, pr, rc, rr = _pairs(scale=2.0)
         kw = _kwargs(loss_type)
-        fn = transform(lambda *a: L.dpo_loss(*a, beta=0.3, loss_type=loss_type, **kw))
+        fn = self.variant(lambda *a: L.dpo_loss(*a, beta=0.3, loss_type=loss_type, **kw))
         got = fn(*_f32(pc, pr, rc, rr))
         want = _np_dpo(pc, pr, rc, rr, beta=0.3, loss_type=loss_type,
                        eps=kw.get("label_smoothing", 0.0))
         assert got.shape == (8,) and got.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
 
-    @pytest.mark.parametrize("transform", TRANSFORMS)
-    @pytest.mark.parametrize("fdiv", ["forward_kl", "js_divergence", "alpha_divergence"])
-    @pytest.mark.parametrize("loss_type", F_LOSSES)
-    def test_f_divergence(self, transform, fdiv, loss_type):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(fdiv=["forward_kl", "js_divergence", "alpha_divergence"],
+                           loss_type=F_LOSSES)
+    def test_f_divergence(self, fdiv, loss_type):
         pc, pr, rc, rr = _pairs(seed=1, scale=0.7)
         nc, nr = np.array([3, 5, 7, 2, 9, 4, 1, 6.0]), np.array([4, 4, 6, 8, 1, 2, 3, 5.0])
         eps = {"exo_pair": 0.2, "robust": 0.1, "sigmoid": 0.1}.get(loss_type, 0.0)
-        fn = transform(lambda *a: L.dpo_loss(
+        fn = self.variant(lambda *a: L.dpo_loss(
             *a, beta=0.5, loss_type=loss_type, label_smoothing=eps, chosen_lengths=nc,
             rejected_lengths=nr, f_divergence=fdiv, f_alpha=0.3, discopop_tau=0.5))
         got = fn(*_f32(pc, pr, rc, rr))
@@ -126,6 +127,8 @@ class TestAgainstTRLReference:
                        fdiv=fdiv, alpha=0.3, tau=0.5)
         np.testing.assert_allclose(np.asarray(got), want, rtol=3e-5, atol=3e-5)
 
+
+class TestFDivergenceEdges:
     @pytest.mark.parametrize("alpha", [1.0, 1.0 + 1e-7])
     def test_alpha_divergence_near_one_is_reverse_kl(self, alpha):
         args = _f32(*_pairs(seed=2, scale=1.0))

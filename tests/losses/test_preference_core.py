@@ -4,14 +4,14 @@ K-wise ranking and best-of-K, against float64 NumPy references and hand-worked v
 
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 import rlhf_jax.losses as L
-
-TRANSFORMS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
 
 
 def _logsig(x):
@@ -41,14 +41,14 @@ def _np_dpo(pc, pr, rc, rr, *, beta, loss_type, eps=0.0, nc=None, nr=None):
     raise ValueError(loss_type)
 
 
-class TestDPOLoss:
-    @pytest.mark.parametrize("transform", TRANSFORMS)
-    @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "sigmoid_norm", "robust"])
-    def test_matches_trl_reference(self, transform, loss_type):
+class TestDPOLoss(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters("sigmoid", "hinge", "ipo", "sigmoid_norm", "robust")
+    def test_matches_trl_reference(self, loss_type):
         pc, pr, rc, rr = _pairs()
         nc, nr = np.array([3, 5, 7, 2, 9, 4.0]), np.array([4, 4, 6, 8, 1, 2.0])
         eps = 0.1 if loss_type in ("sigmoid", "robust") else 0.0
-        fn = transform(lambda *a: L.dpo_loss(*a, beta=0.2, loss_type=loss_type,
+        fn = self.variant(lambda *a: L.dpo_loss(*a, beta=0.2, loss_type=loss_type,
                                              label_smoothing=eps, chosen_lengths=nc,
                                              rejected_lengths=nr))
         got = fn(*(jnp.asarray(x, jnp.float32) for x in (pc, pr, rc, rr)))
@@ -140,17 +140,17 @@ class TestDPORewardMetrics:
         np.testing.assert_array_equal(np.asarray(m.accuracy), (chosen > rejected).astype(float))
 
 
-class TestBradleyTerryLoss:
-    @pytest.mark.parametrize("transform", TRANSFORMS)
-    def test_margin_smoothing_and_soft_labels(self, transform):
+class TestBradleyTerryLoss(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_margin_smoothing_and_soft_labels(self):
         rng = np.random.default_rng(4)
         rc, rr, m = rng.normal(size=5), rng.normal(size=5), rng.uniform(0, 1, size=5)
         p = np.array([1.0, 0.9, 0.5, 0.2, 0.0])
         f = lambda x: jnp.asarray(x, jnp.float32)
         d = rc - rr - m
-        got = transform(lambda a, b, mm: L.bradley_terry_loss(a, b, margin=mm))(f(rc), f(rr), f(m))
+        got = self.variant(lambda a, b, mm: L.bradley_terry_loss(a, b, margin=mm))(f(rc), f(rr), f(m))
         np.testing.assert_allclose(np.asarray(got), -_logsig(d), rtol=1e-5, atol=1e-6)
-        got = transform(lambda a, b: L.bradley_terry_loss(a, b, label=f(p)))(f(rc), f(rr))
+        got = self.variant(lambda a, b: L.bradley_terry_loss(a, b, label=f(p)))(f(rc), f(rr))
         want = -p * _logsig(rc - rr) - (1 - p) * _logsig(rr - rc)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
         got = L.bradley_terry_loss(f(rc), f(rr), label_smoothing=0.1)

@@ -4,15 +4,15 @@ ORPOTrainer and KTOTrainer formulas, and hand-worked values."""
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from jax.test_util import check_grads
 
 import rlhf_jax.losses as L
-
-TRANSFORMS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
 
 
 def _logsig(x):
@@ -67,14 +67,13 @@ def _logps(seed, n=8, loc=-1.5, scale=0.6):
     return rng.normal(loc, scale, n), rng.normal(loc, scale, n)
 
 
-class TestCPO:
-    @pytest.mark.parametrize("transform", TRANSFORMS)
-    @pytest.mark.parametrize("loss_type", L.CPO_LOSS_TYPES)
-    @pytest.mark.parametrize("alpha", [0.0, 0.25])
-    def test_matches_trl(self, transform, loss_type, alpha):
+class TestCPO(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(loss_type=L.CPO_LOSS_TYPES, alpha=[0.0, 0.25])
+    def test_matches_trl(self, loss_type, alpha):
         pc, pr = _logps(0)
         eps = 0.15 if loss_type in ("sigmoid", "simpo") else 0.0
-        fn = transform(lambda a, b: L.cpo_loss(a, b, beta=0.7, loss_type=loss_type,
+        fn = self.variant(lambda a, b: L.cpo_loss(a, b, beta=0.7, loss_type=loss_type,
                                                label_smoothing=eps, simpo_gamma=0.3,
                                                alpha=alpha))
         got = fn(*_f32(pc, pr))
@@ -118,11 +117,11 @@ class TestCPO:
             L.cpo_loss(jnp.zeros(2), jnp.zeros(3))
 
 
-class TestSimPO:
-    @pytest.mark.parametrize("transform", TRANSFORMS)
-    def test_is_cpo_simpo_and_matches_trl(self, transform):
+class TestSimPO(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_is_cpo_simpo_and_matches_trl(self):
         pc, pr = _logps(2)
-        got = transform(lambda a, b: L.simpo_loss(a, b, beta=2.0, gamma=0.5,
+        got = self.variant(lambda a, b: L.simpo_loss(a, b, beta=2.0, gamma=0.5,
                                                   label_smoothing=0.1))(*_f32(pc, pr))
         want = _np_cpo(pc, pr, beta=2.0, loss_type="simpo", eps=0.1, gamma=0.5)
         np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
@@ -140,13 +139,13 @@ class TestSimPO:
         np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
 
 
-class TestORPO:
-    @pytest.mark.parametrize("transform", TRANSFORMS)
-    def test_matches_trl(self, transform):
+class TestORPO(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_trl(self):
         # average log-probs on both sides of TRL's log1mexp branch point (-log 2)
         pc = np.array([-0.05, -0.4, -0.69, -0.7, -1.2, -3.0, -8.0, -20.0])
         pr = np.array([-0.9, -0.1, -2.0, -0.3, -0.69, -5.0, -1.0, -0.01])
-        got = transform(lambda a, b: L.orpo_loss(a, b, beta=0.2))(*_f32(pc, pr))
+        got = self.variant(lambda a, b: L.orpo_loss(a, b, beta=0.2))(*_f32(pc, pr))
         np.testing.assert_allclose(np.asarray(got), _np_orpo(pc, pr, beta=0.2),
                                    rtol=2e-5, atol=2e-6)
 
@@ -172,15 +171,15 @@ class TestORPO:
                     modes=["rev"], atol=5e-2, rtol=5e-2)
 
 
-class TestKTO:
-    @pytest.mark.parametrize("transform", TRANSFORMS)
-    @pytest.mark.parametrize("loss_type", L.KTO_LOSS_TYPES)
-    def test_matches_trl(self, transform, loss_type):
+class TestKTO(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*L.KTO_LOSS_TYPES)
+    def test_matches_trl(self, loss_type):
         rng = np.random.default_rng(5)
         logps, ref = rng.normal(-20, 3, 8), rng.normal(-20, 3, 8)
         label = np.array([1, 0, 1, 1, 0, 0, 1, 0], np.float32)
         z0 = 0.0 if loss_type == "apo_zero_unpaired" else 0.7
-        fn = transform(lambda a, b, c: L.kto_loss(a, b, c, reference_kl=z0, beta=0.2,
+        fn = self.variant(lambda a, b, c: L.kto_loss(a, b, c, reference_kl=z0, beta=0.2,
                                                   desirable_weight=1.33, undesirable_weight=0.5,
                                                   loss_type=loss_type))
         got = fn(*_f32(logps, ref, label))
@@ -226,12 +225,12 @@ class TestKTO:
             L.kto_loss(jnp.zeros(2), jnp.zeros(2), jnp.ones(3))
 
 
-class TestKTOReferenceKL:
-    @pytest.mark.parametrize("transform", TRANSFORMS)
-    def test_matches_trl(self, transform):
+class TestKTOReferenceKL(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_trl(self):
         rng = np.random.default_rng(7)
         kl_logps, kl_ref = rng.normal(-20, 1, 6), rng.normal(-20.5, 1, 6)
-        got = transform(L.kto_reference_kl)(*_f32(kl_logps, kl_ref))
+        got = self.variant(L.kto_reference_kl)(*_f32(kl_logps, kl_ref))
         want = max(np.mean(kl_logps - kl_ref), 0.0)  # TRL: mean(...).clamp(min=0)
         assert got.shape == () and float(got) == pytest.approx(want, abs=1e-5)
 

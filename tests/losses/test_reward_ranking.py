@@ -4,6 +4,7 @@ ragged K, and its Bradley-Terry special case."""
 import itertools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +12,6 @@ import pytest
 from jax.test_util import check_grads
 
 import rlhf_jax.losses as L
-
-TRANSFORMS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
 
 
 def _np_plackett_luce(rewards, ranks, mask=None):
@@ -37,11 +36,11 @@ def _random_problem(seed, b=5, k=4):
     return rewards, ranks
 
 
-class TestPlackettLuce:
-    @pytest.mark.parametrize("transform", TRANSFORMS)
-    def test_matches_reference(self, transform):
+class TestPlackettLuce(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_reference(self):
         rewards, ranks = _random_problem(0)
-        got = transform(L.plackett_luce_loss)(jnp.asarray(rewards, jnp.float32),
+        got = self.variant(L.plackett_luce_loss)(jnp.asarray(rewards, jnp.float32),
                                               jnp.asarray(ranks))
         assert got.shape == (5,) and got.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(got), _np_plackett_luce(rewards, ranks),
