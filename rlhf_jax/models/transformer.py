@@ -194,7 +194,7 @@ class CausalLM(nnx.Module):
     KV-cache decoding (used by `rlhf_jax.generation`):
 
     - `cache = model.init_cache(batch_size, max_length)`: a `KVCache` pytree
-      (`k, v [L, B, S, K, D]`, `index` int32 scalar).
+      (`k`, `v`: one `[B, K, S, D]` buffer per layer; `index` int32 scalar).
     - `logits, cache = model.decode(input_ids [B, t], positions=[B, t], cache=cache,
       cache_mask=[B, S])` writes the new keys/values at slots `index .. index + t - 1`; query
       `i` attends to the slots `j <= index + i` whose `cache_mask` is 1 (so `cache_mask` must
