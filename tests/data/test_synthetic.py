@@ -114,6 +114,23 @@ class TestTasks:
             M[i, : len(r)] = 1
         np.testing.assert_allclose(task.gold_reward_tokens(P, R, M), text_reward, rtol=0, atol=1e-12)
 
+    def test_ids_beyond_the_tokenizer_count_as_junk(self, name, tok):
+        """A policy whose (padded) vocabulary is larger than the tokenizer's can sample ids the
+        tokenizer does not have: they score like any non-symbol token, never an IndexError."""
+        task = S.get_task(name)
+        prompts = task.sample_prompts(2, 3)
+        p_ids = np.array([[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"]
+                          for p in prompts[:1]], np.int32)
+        # two distinct in-vocabulary tokens that are no task symbol, against two distinct ids
+        # beyond the vocabulary
+        q, semi = (tok(c, add_special_tokens=False)["input_ids"][0] for c in "?;")
+        beyond = len(tok) + 100
+        resp = np.array([[beyond, beyond + 1, tok.eos_token_id]], np.int32)
+        same = np.array([[q, semi, tok.eos_token_id]], np.int32)
+        mask = np.ones_like(resp)
+        np.testing.assert_array_equal(task.gold_reward_tokens(p_ids, resp, mask),
+                                      task.gold_reward_tokens(p_ids, same, mask))
+
 
 class TestTopicReward:
     def test_hand_worked(self):

@@ -46,6 +46,14 @@ def _value_table(alphabet: str) -> np.ndarray:
     return table
 
 
+def _symbol_values(table: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+    """`table[token_ids]`, with -1 (no symbol) for ids outside the tokenizer's vocabulary, which
+    a model with a larger (padded) vocabulary than the tokenizer can sample."""
+    token_ids = np.asarray(token_ids)
+    inside = (token_ids >= 0) & (token_ids < table.shape[0])
+    return np.where(inside, table[np.where(inside, token_ids, 0)], -1)
+
+
 def _content_mask(response_ids: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
     """`[N, R]` bool: masked-in response tokens before the first EOS (EOS excluded)."""
     eos = symbol_ids()[EOS]
@@ -218,13 +226,13 @@ class TopicTask(SyntheticTask):
         table = _value_table(self.alphabet)
         a = self.num_letters
         rows = np.arange(n_rows)[:, None]
-        p_val = table[prompt_ids]
+        p_val = _symbol_values(table, prompt_ids)
         topic = np.zeros((n_rows, a + 1), bool)
         topic[np.broadcast_to(rows, p_val.shape), np.where(p_val >= 0, p_val, a)] = True
         topic = topic[:, :a]
         content = _content_mask(response_ids, response_mask)
         n = content.sum(axis=1)
-        y = table[response_ids]
+        y = _symbol_values(table, response_ids)
         on = content & (y >= 0) & np.take_along_axis(topic, np.maximum(y, 0), axis=1)
         used = np.zeros((n_rows, a + 1), bool)
         used[np.broadcast_to(rows, y.shape), np.where(on, y, a)] = True
@@ -317,7 +325,7 @@ class ProgressionTask(SyntheticTask):
         response_ids = np.asarray(response_ids)
         n_rows, p_len = prompt_ids.shape
         table = _value_table(DIGITS)
-        p_val = table[prompt_ids]
+        p_val = _symbol_values(table, prompt_ids)
         is_digit = p_val >= 0
         # Index of the last and second-to-last prompt digit (-1 when absent).
         pos = np.where(is_digit, np.arange(p_len)[None, :], -1)
@@ -331,7 +339,7 @@ class ProgressionTask(SyntheticTask):
         step = np.where(valid_prompt, (last - second) % 10, 0)
         content = _content_mask(response_ids, response_mask)
         n = content.sum(axis=1)
-        y = table[response_ids]
+        y = _symbol_values(table, response_ids)
         prev = np.concatenate([np.where(valid_prompt, last, -1)[:, None], y[:, :-1]], axis=1)
         correct = content & (y >= 0) & (prev >= 0) & (y == (prev + step[:, None]) % 10)
         accuracy = correct.sum(axis=1) / np.maximum(n, 1)
