@@ -55,7 +55,8 @@ def _f_divergence_scores(logratios: chex.Array, f_divergence: str, f_alpha: floa
     # alpha_divergence: f'(t) = (t^(a-1) - 1)/(a-1), the exponent clamped at 80 (TRL, float32).
     if abs(f_alpha - 1.0) < 1e-6:
         return logratios
-    t = jnp.minimum((f_alpha - 1.0) * logratios, 80.0)
+    t = (f_alpha - 1.0) * logratios
+    t = jnp.where(t > 80.0, 80.0, t)  # torch.clamp's gradient: 1 up to and at the bound
     return (jnp.exp(t) - 1.0) / (f_alpha - 1.0)
 
 
