@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from experiments import report as report_lib
 from experiments.demo_config import DemoConfig, parse_overrides
 from rlhf_jax import losses
+from rlhf_jax.bench import cpu_model_name
 from rlhf_jax.data import synthetic
 from rlhf_jax.generation import generate_with_state
 from rlhf_jax.models import CausalLM, ModelConfig, RewardModel, ValueModel
@@ -716,15 +717,7 @@ def run_best_of_n(ctx, sft, proxy) -> list[dict[str, Any]]:
 
 
 def environment() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model_name()
     return {"jax": jax.__version__, "backend": jax.default_backend(),
             "devices": str(jax.device_count()), "cpu": cpu, "cpu_count": str(os.cpu_count()),
             "python": platform.python_version()}

@@ -5,6 +5,11 @@ table and, with ``--markdown FILE``, writes it for ``docs/benchmarks.md``. Perfo
 here, never in tests.
 """
 
-from rlhf_jax.bench._machine import machine_description, measure_matmul_peak, time_fn
+from rlhf_jax.bench._machine import (
+    cpu_model_name,
+    machine_description,
+    measure_matmul_peak,
+    time_fn,
+)
 
-__all__ = ["machine_description", "measure_matmul_peak", "time_fn"]
+__all__ = ["cpu_model_name", "machine_description", "measure_matmul_peak", "time_fn"]

@@ -12,20 +12,24 @@ import jax
 import jax.numpy as jnp
 
 
-def machine_description() -> str:
-    """One line naming the CPU model, core count, JAX version and backend devices."""
+def cpu_model_name() -> str:
+    """The CPU's model name (`/proc/cpuinfo`, as `lscpu` shows it), else `platform`'s guess."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return model
+
+
+def machine_description() -> str:
+    """One line naming the CPU model, core count, JAX version and backend devices."""
     devices = jax.devices()
     return (
-        f"{model}, {os.cpu_count()} cores visible, jax {jax.__version__}, "
+        f"{cpu_model_name()}, {os.cpu_count()} cores visible, jax {jax.__version__}, "
         f"{len(devices)} x {devices[0].platform} device(s)"
     )
 

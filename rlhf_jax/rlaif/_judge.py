@@ -19,7 +19,7 @@ from flax import nnx
 
 from rlhf_jax.rlaif._preferences import answer_preference, debias_position, position_bias
 from rlhf_jax.rlaif._templates import PairwiseTemplate
-from rlhf_jax.rlaif._text_model import TextModel, single_token_id
+from rlhf_jax.rlaif._text_model import TextModel, TextModelLabeler, single_token_id
 
 
 class JudgeOutput(NamedTuple):
@@ -72,7 +72,7 @@ def check_texts(**named: Sequence[str]) -> int:
     return n
 
 
-class PairwiseJudge:
+class PairwiseJudge(TextModelLabeler):
     """Judges which of two responses to a prompt is better, as a soft label.
 
     Args:
@@ -116,26 +116,11 @@ class PairwiseJudge:
         if ids[0] == ids[1]:
             raise ValueError(f"answer tokens {self.template.answer_tokens} map to the same id")
         self.answer_ids = np.asarray(ids, np.int32)
-        if rationale_temperature < 0:
-            raise ValueError(f"rationale_temperature must be >= 0, got {rationale_temperature}")
-        self.rationale_tokens = rationale_tokens
-        self.rationale_temperature = rationale_temperature
-        self.lm = _text_model or TextModel(
-            model,
-            tokenizer,
-            batch_size=batch_size,
-            mesh=mesh,
-            max_length=max_length,
-            min_bucket=min_bucket,
-        )
-
-    @classmethod
-    def from_state(cls, graphdef: Any, state: Any, tokenizer: Any, **kwargs: Any) -> PairwiseJudge:
-        """A judge over an already split model ``(graphdef, state)``."""
-        lm_kwargs = {k: kwargs.pop(k) for k in ("batch_size", "mesh", "max_length", "min_bucket")
-                     if k in kwargs}
-        lm = TextModel.from_state(graphdef, state, tokenizer, **lm_kwargs)
-        return cls(None, tokenizer, _text_model=lm, **kwargs)
+        self._init_text_model(model, tokenizer, batch_size=batch_size, mesh=mesh,
+                              max_length=max_length, min_bucket=min_bucket,
+                              rationale_tokens=rationale_tokens,
+                              rationale_temperature=rationale_temperature,
+                              text_model=_text_model)
 
     def prompts(
         self,

@@ -18,7 +18,7 @@ from flax import nnx
 from rlhf_jax.rlaif._judge import broadcast_principles, check_texts
 from rlhf_jax.rlaif._preferences import expected_score, score_distribution
 from rlhf_jax.rlaif._templates import ScoreTemplate
-from rlhf_jax.rlaif._text_model import TextModel, decode, single_token_id
+from rlhf_jax.rlaif._text_model import TextModel, TextModelLabeler, decode, single_token_id
 
 
 class ScoreOutput(NamedTuple):
@@ -38,7 +38,7 @@ class ScoreOutput(NamedTuple):
     rationales: list[str] | None
 
 
-class DirectScorer:
+class DirectScorer(TextModelLabeler):
     """Rates single responses; also a reward function for PPO/GRPO.
 
     As a reward: ``scorer(prompts, responses) -> np.ndarray [B]`` on text (the signature of
@@ -90,28 +90,13 @@ class DirectScorer:
             raise ValueError(f"score tokens {self.template.score_tokens} map to repeated ids {ids}")
         self.score_ids = np.asarray(ids, np.int32)
         self.score_values = np.asarray(self.template.score_values, np.float32)
-        if rationale_temperature < 0:
-            raise ValueError(f"rationale_temperature must be >= 0, got {rationale_temperature}")
-        self.rationale_tokens = rationale_tokens
-        self.rationale_temperature = rationale_temperature
         self.principle = principle
         self.tokenizer = tokenizer
-        self.lm = _text_model or TextModel(
-            model,
-            tokenizer,
-            batch_size=batch_size,
-            mesh=mesh,
-            max_length=max_length,
-            min_bucket=min_bucket,
-        )
-
-    @classmethod
-    def from_state(cls, graphdef: Any, state: Any, tokenizer: Any, **kwargs: Any) -> DirectScorer:
-        """A scorer over an already split model ``(graphdef, state)``."""
-        lm_kwargs = {k: kwargs.pop(k) for k in ("batch_size", "mesh", "max_length", "min_bucket")
-                     if k in kwargs}
-        lm = TextModel.from_state(graphdef, state, tokenizer, **lm_kwargs)
-        return cls(None, tokenizer, _text_model=lm, **kwargs)
+        self._init_text_model(model, tokenizer, batch_size=batch_size, mesh=mesh,
+                              max_length=max_length, min_bucket=min_bucket,
+                              rationale_tokens=rationale_tokens,
+                              rationale_temperature=rationale_temperature,
+                              text_model=_text_model)
 
     def score(
         self,

@@ -89,6 +89,10 @@ def _next_token_logps(graphdef, state, input_ids, attention_mask, token_ids):
     return last[:, token_ids]
 
 
+TEXT_MODEL_OPTIONS = ("batch_size", "mesh", "max_length", "min_bucket")
+"""`TextModel` constructor options that labelers pass through."""
+
+
 class TextModel:
     """A causal LM and its tokenizer, for scoring next tokens and sampling continuations of text.
 
@@ -283,3 +287,42 @@ def _cut(text: str, stop_strings: Sequence[str]) -> str:
             if i != -1:
                 cut = min(cut, i)
     return text[:cut]
+
+
+class TextModelLabeler:
+    """What the LM labelers (`PairwiseJudge`, `DirectScorer`) share: the `TextModel` over the
+    labeler LM, the chain-of-thought settings, and construction from a split model."""
+
+    def _init_text_model(
+        self,
+        model: nnx.Module | None,
+        tokenizer: Any,
+        *,
+        batch_size: int,
+        mesh: jax.sharding.Mesh | None,
+        max_length: int | None,
+        min_bucket: int,
+        rationale_tokens: int,
+        rationale_temperature: float,
+        text_model: TextModel | None,
+    ) -> None:
+        if rationale_temperature < 0:
+            raise ValueError(f"rationale_temperature must be >= 0, got {rationale_temperature}")
+        self.rationale_tokens = rationale_tokens
+        self.rationale_temperature = rationale_temperature
+        self.lm = text_model or TextModel(
+            model,
+            tokenizer,
+            batch_size=batch_size,
+            mesh=mesh,
+            max_length=max_length,
+            min_bucket=min_bucket,
+        )
+
+    @classmethod
+    def from_state(cls, graphdef: Any, state: Any, tokenizer: Any, **kwargs: Any):
+        """A labeler over an already split model ``(graphdef, state)`` (e.g. a trainer's
+        current parameters); ``kwargs`` are the labeler's constructor options."""
+        lm_kwargs = {k: kwargs.pop(k) for k in TEXT_MODEL_OPTIONS if k in kwargs}
+        lm = TextModel.from_state(graphdef, state, tokenizer, **lm_kwargs)
+        return cls(None, tokenizer, _text_model=lm, **kwargs)
