@@ -43,6 +43,20 @@ _F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair
 """Loss types that take a non-default ``f_divergence`` (as TRL DPOTrainer allows)."""
 
 
+def _check_sequence_logps(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **extra
+) -> None:
+    """The four ``[B]`` sequence log-prob arrays (and any ``extra`` ``[B]`` arrays) agree."""
+    check_rank("policy_chosen_logps", policy_chosen_logps, 1)
+    check_same_shape(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        **extra,
+    )
+
+
 def _f_divergence_scores(logratios: chex.Array, f_divergence: str, f_alpha: float) -> chex.Array:
     """TRL's f-divergence scores f'(pi/pi_ref) of a log-ratio, constants included (they cancel
     in differences but not in the length-normalised ``ipo``/``sigmoid_norm``)."""
@@ -166,15 +180,9 @@ def dpo_loss(
             f"f_divergence={f_divergence!r} is not supported by loss_type={loss_type!r}; it "
             f"applies to {', '.join(map(repr, _F_DIVERGENCE_LOSS_TYPES))} (as in TRL)"
         )
-    check_rank("policy_chosen_logps", policy_chosen_logps, 1)
-    check_same_shape(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-    )
+    _check_sequence_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                          ref_rejected_logps, chosen_lengths=chosen_lengths,
+                          rejected_lengths=rejected_lengths)
     if loss_type not in _USES_LABEL_SMOOTHING and not _is_static_zero(label_smoothing):
         raise ValueError(
             f"label_smoothing is not used by loss_type={loss_type!r}; it applies to "
@@ -316,13 +324,8 @@ def dpo_reward_metrics(
     Returns:
       :class:`RewardMetrics` of ``[B]`` arrays.
     """
-    check_rank("policy_chosen_logps", policy_chosen_logps, 1)
-    check_same_shape(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
-    )
+    _check_sequence_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                          ref_rejected_logps)
     sg = jax.lax.stop_gradient
     chosen = beta * sg(f32(policy_chosen_logps) - f32(ref_chosen_logps))
     rejected = beta * sg(f32(policy_rejected_logps) - f32(ref_rejected_logps))

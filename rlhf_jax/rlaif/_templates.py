@@ -115,8 +115,29 @@ class Exemplar:
             raise ValueError(f"Exemplar.preferred must be 1 or 2, got {self.preferred!r}")
 
 
+class _AnswerPrompt:
+    """Rendering shared by the labeler templates: an optional chain-of-thought prompt, then the
+    answer prompt whose next token is read (fields ``cot_prompt``, ``separator``,
+    ``answer_prompt``)."""
+
+    def render_answer(self, context: str, rationale: str | None = None) -> str:
+        """The text whose next token is the answer (or score): context, [CoT + rationale],
+        answer prompt."""
+        if self.cot_prompt is not None:
+            if rationale is None:
+                raise ValueError("this template uses chain of thought; a rationale is required")
+            context = self.render_cot(context) + rationale
+        return context + self.separator + self.answer_prompt
+
+    def render_cot(self, context: str) -> str:
+        """The text after which the rationale is generated."""
+        if self.cot_prompt is None:
+            raise ValueError("this template has no cot_prompt")
+        return context + self.separator + self.cot_prompt
+
+
 @dataclasses.dataclass(frozen=True)
-class PairwiseTemplate:
+class PairwiseTemplate(_AnswerPrompt):
     """Labeler prompt for a pairwise preference between two responses.
 
     The rendered context is ``preamble + exemplars + query``, each piece separated by
@@ -204,20 +225,6 @@ class PairwiseTemplate:
         parts.append(self._sample(prompt, response_1, response_2, principle))
         return self.separator.join(p for p in parts if p)
 
-    def render_answer(self, context: str, rationale: str | None = None) -> str:
-        """The text whose next token is the answer: context, [CoT + rationale], answer prompt."""
-        if self.cot_prompt is not None:
-            if rationale is None:
-                raise ValueError("this template uses chain of thought; a rationale is required")
-            context = self.render_cot(context) + rationale
-        return context + self.separator + self.answer_prompt
-
-    def render_cot(self, context: str) -> str:
-        """The text after which the rationale is generated."""
-        if self.cot_prompt is None:
-            raise ValueError("this template has no cot_prompt")
-        return context + self.separator + self.cot_prompt
-
     @classmethod
     def default(cls, *, chain_of_thought: bool = False, **overrides) -> PairwiseTemplate:
         """A general helpfulness/harmlessness preference prompt with answers "1"/"2"."""
@@ -260,7 +267,7 @@ class PairwiseTemplate:
 
 
 @dataclasses.dataclass(frozen=True)
-class ScoreTemplate:
+class ScoreTemplate(_AnswerPrompt):
     """Labeler prompt for a direct rating of one response.
 
     The judge reads the next-token distribution after ``preamble + query + answer_prompt``
@@ -335,20 +342,6 @@ class ScoreTemplate:
             _fill(self.query, values, "ScoreTemplate.query"),
         ]
         return self.separator.join(p for p in parts if p)
-
-    def render_answer(self, context: str, rationale: str | None = None) -> str:
-        """The text whose next token is the score."""
-        if self.cot_prompt is not None:
-            if rationale is None:
-                raise ValueError("this template uses chain of thought; a rationale is required")
-            context = self.render_cot(context) + rationale
-        return context + self.separator + self.answer_prompt
-
-    def render_cot(self, context: str) -> str:
-        """The text after which the rationale is generated."""
-        if self.cot_prompt is None:
-            raise ValueError("this template has no cot_prompt")
-        return context + self.separator + self.cot_prompt
 
     @classmethod
     def default(cls, *, chain_of_thought: bool = False, **overrides) -> ScoreTemplate:
