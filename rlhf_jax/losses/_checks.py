@@ -30,6 +30,12 @@ def check_same_shape(**arrays: chex.Array | None) -> None:
         )
 
 
+def is_static_zero(x) -> bool:
+    """True for a Python number equal to 0 (a hyper-parameter known to be off at trace time);
+    False for anything else, including arrays and traced values."""
+    return isinstance(x, int | float) and float(x) == 0.0
+
+
 def f32(x: chex.Array) -> chex.Array:
     """Casts to float32 (losses compute in float32 whatever the input dtype)."""
     return jnp.asarray(x, jnp.float32)

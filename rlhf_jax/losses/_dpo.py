@@ -10,7 +10,13 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses._checks import check_choice, check_rank, check_same_shape, f32
+from rlhf_jax.losses._checks import (
+    check_choice,
+    check_rank,
+    check_same_shape,
+    f32,
+    is_static_zero,
+)
 from rlhf_jax.losses._reward import RewardMetrics, reward_metrics
 
 DPO_LOSS_TYPES = (
@@ -32,10 +38,6 @@ DPO_LOSS_TYPES = (
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 _USES_LABEL_SMOOTHING = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
 _LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
-
-
-def _is_static_zero(x) -> bool:
-    return isinstance(x, int | float) and float(x) == 0.0
 
 
 _F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
@@ -183,7 +185,7 @@ def dpo_loss(
     _check_sequence_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                           ref_rejected_logps, chosen_lengths=chosen_lengths,
                           rejected_lengths=rejected_lengths)
-    if loss_type not in _USES_LABEL_SMOOTHING and not _is_static_zero(label_smoothing):
+    if loss_type not in _USES_LABEL_SMOOTHING and not is_static_zero(label_smoothing):
         raise ValueError(
             f"label_smoothing is not used by loss_type={loss_type!r}; it applies to "
             f"{', '.join(map(repr, _USES_LABEL_SMOOTHING))}"
@@ -197,7 +199,7 @@ def dpo_loss(
         raise ValueError(
             f"loss_type={loss_type!r} is length-normalised: pass chosen_lengths and rejected_lengths"
         )
-    if loss_type != "bco_pair" and not _is_static_zero(bco_delta):
+    if loss_type != "bco_pair" and not is_static_zero(bco_delta):
         raise ValueError(f"bco_delta is only used by loss_type='bco_pair', not {loss_type!r}")
 
     pc, pr = f32(policy_chosen_logps), f32(policy_rejected_logps)

@@ -6,7 +6,14 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses._checks import as_mask, check_choice, check_rank, check_same_shape, f32
+from rlhf_jax.losses._checks import (
+    as_mask,
+    check_choice,
+    check_rank,
+    check_same_shape,
+    f32,
+    is_static_zero,
+)
 from rlhf_jax.losses._kl import kl_estimate, kl_k3
 from rlhf_jax.losses._reductions import masked_mean
 
@@ -179,7 +186,7 @@ def grpo_loss(
     check_choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
     check_rank("logps", logps, 2)
     check_same_shape(logps=logps, old_logps=old_logps, mask=mask, ref_logps=ref_logps)
-    static_zero = isinstance(kl_coef, int | float) and float(kl_coef) == 0.0
+    static_zero = is_static_zero(kl_coef)
     if not static_zero and ref_logps is None:
         raise ValueError("grpo_loss: kl_coef != 0 needs ref_logps")
     a = _token_advantages(advantages, logps)

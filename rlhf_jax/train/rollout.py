@@ -916,8 +916,8 @@ def gold_reward_metric(task: Any, name: str) -> Callable[..., dict[str, float]]:
 
 
 def load_reward_source(spec: RewardSpec, *, task: Any = None) -> Any:
-    """The reward source a `RewardSpec` names (the synthetic task's gold reward, or a reward
-    model directory with ``config.json`` + weights read by `rlhf_jax.models.hf`)."""
+    """The reward source a `RewardSpec` names (the synthetic task's gold reward, or the reward
+    model of an `rlhf-jax rm` run directory, read by `rlhf_jax.train.rm.load_reward_model`)."""
     if spec.source == "gold":
         if task is None:
             raise ValueError("reward.source='gold' needs a synthetic task (set data.synthetic)")
@@ -925,16 +925,9 @@ def load_reward_source(spec: RewardSpec, *, task: Any = None) -> Any:
     if spec.source == "model":
         if spec.path is None:
             raise ValueError("reward.source='model' needs reward.path (a reward model directory)")
-        from rlhf_jax.train import rm as rm_trainer
+        from rlhf_jax.train.rm import load_reward_model
 
-        loader = getattr(rm_trainer, "load_reward_model", None)
-        if loader is None:
-            raise ValueError(
-                "reward.source='model': this installation cannot load a reward model from a "
-                "directory; build a RewardModelSource in Python and pass it to the trainer"
-            )
-        model = loader(spec.path)
-        return RewardModelSource(model, head=spec.head or 0)
+        return RewardModelSource(load_reward_model(spec.path), head=spec.head or 0)
     raise ValueError(f"reward.source={spec.source!r}; allowed: 'gold', 'model'")
 
 
