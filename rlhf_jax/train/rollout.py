@@ -723,8 +723,8 @@ class PolicyWithValueHead(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype=None):
         return self.lm.init_cache(batch_size, max_length, dtype)
 
-    def layer_blocks(self):
-        return self.lm.layer_blocks()
+    def layer_blocks(self, *, fuse_qkv: bool = True):
+        return self.lm.layer_blocks(fuse_qkv=fuse_qkv)
 
     def decode(self, input_ids, *, positions, cache, cache_mask, blocks=None):
         return self.lm.decode(input_ids, positions=positions, cache=cache, cache_mask=cache_mask,

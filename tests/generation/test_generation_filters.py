@@ -8,6 +8,7 @@ from absl.testing import parameterized
 
 from rlhf_jax.generation import (
     apply_temperature,
+    categorical_inverse_cdf,
     filter_logits,
     min_p_filter,
     sample_tokens,
@@ -165,6 +166,35 @@ class SampleTokensTest(parameterized.TestCase):
         np.testing.assert_array_less(np.abs(freq - probs), 5 * sigma + 1e-12)
         np.testing.assert_array_equal(freq[probs == 0], 0.0)
         np.testing.assert_allclose(logps, np.log(probs[np.asarray(tokens)]), atol=2e-5)
+
+    @parameterized.parameters(dict(vocab=8, block=1024), dict(vocab=2_500, block=256))
+    def test_inverse_cdf_draws_follow_softmax(self, vocab, block):
+        # vocab=2500 with block=256 takes the two-level path (10 blocks, the last one padded).
+        # The mass sits on 9 tokens spread over the blocks, including the first and last id;
+        # every other token has probability 0 (or ~1e-30) and must never be drawn.
+        num_rows = 20_000
+        kept = np.unique(np.linspace(0, vocab - 1, 9).astype(int))
+        row = np.full((vocab,), -np.inf, np.float32)
+        row[kept] = np.random.default_rng(5).normal(size=kept.size) * 1.2
+        if vocab > 8:
+            row[1] = -70.0  # p ~ 1e-30: allowed but practically never drawn
+        logits = jnp.broadcast_to(jnp.asarray(row), (num_rows, vocab))
+        draw = jax.jit(lambda x, k: categorical_inverse_cdf(k, x, block=block))
+        tokens = np.asarray(draw(logits, jax.random.key(2)))
+        freq = np.bincount(tokens, minlength=vocab) / num_rows
+        probs = _softmax64(row[None].astype(np.float64))[0]
+        # Same 5-sigma band as above: a per-token failure probability below 6e-7.
+        sigma = np.sqrt(probs * (1 - probs) / num_rows)
+        np.testing.assert_array_less(np.abs(freq - probs), 5 * sigma + 1e-12)
+        self.assertEqual(freq[probs < 1e-20].sum(), 0.0)
+        self.assertTrue(np.all((tokens >= 0) & (tokens < vocab)))
+
+    def test_inverse_cdf_first_token_with_zero_probability_is_never_drawn(self):
+        # A threshold of exactly 0 would pick id 0; the uniforms are drawn in (0, 1].
+        logits = jnp.asarray([[-jnp.inf, 0.0, -jnp.inf, 1.0]] * 4096)
+        for block in (1024, 2):
+            tokens = np.asarray(categorical_inverse_cdf(jax.random.key(7), logits, block=block))
+            self.assertTrue(set(np.unique(tokens)) <= {1, 3})
 
     def test_logps_and_model_logps(self):
         logits = jnp.asarray(_random_logits(5, shape=(32, 16)))

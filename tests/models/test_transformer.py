@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from rlhf_jax.models import CausalLM, KVCache, ModelConfig, default_positions
-from rlhf_jax.models.layers import attention_weights_mask, dot_product_attention
+from rlhf_jax.models.layers import LoRAParam, attention_weights_mask, dot_product_attention
+from rlhf_jax.models.lora import apply_lora
 
 CONFIGS = {"gpt2": ModelConfig.tiny_gpt2(), "llama": ModelConfig.tiny_llama()}
 
@@ -237,12 +238,62 @@ class TestKVCache:
             logits, cache = model.decode(ids, positions=positions, cache=cache,
                                          cache_mask=cache_mask, **kw)
             outs.append((logits, cache))
-        np.testing.assert_array_equal(outs[0][0], outs[1][0])
+        np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
         for a, b in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1])):
-            np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         with pytest.raises(ValueError, match="blocks were given"):
             model.decode(ids, positions=positions, cache=model.init_cache(2, 8),
                          cache_mask=cache_mask, blocks=blocks[:1])
+
+    @pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2"])
+    def test_fused_qkv_blocks_match_separate_projections(self, name):
+        # GPT-2 (q/k/v biases, MHA), Llama (GQA, RoPE, no bias), Qwen2 (GQA, RoPE, q/k/v bias).
+        config = {"gpt2": ModelConfig.tiny_gpt2(), "llama": ModelConfig.tiny_llama(),
+                  "qwen2": ModelConfig.tiny_qwen2()}[name]
+        model = CausalLM(config, rngs=nnx.Rngs(3))
+        ids, mask = _left_padded(config.vocab_size, b=2, t=5, seed=4)
+        cache_mask = jnp.concatenate([mask, jnp.ones((2, 3), jnp.int32)], axis=1)
+        positions = default_positions(mask)
+        fused = model.layer_blocks()
+        plain = model.layer_blocks(fuse_qkv=False)
+        assert all(b.attn.fused_qkv is not None for b in fused)
+        assert all(b.attn.fused_qkv is None for b in plain)
+        h, k, d = config.num_heads, config.num_kv_heads, config.resolved_head_dim
+        kernel, bias = fused[0].attn.fused_qkv
+        assert kernel.shape == (config.hidden_size, (h + 2 * k) * d)
+        assert (bias is not None) == config.qkv_bias
+        outs = []
+        for blocks in (plain, fused):
+            cache = model.init_cache(2, 8)
+            logits, cache = model.decode(ids, positions=positions, cache=cache,
+                                         cache_mask=cache_mask, blocks=blocks)
+            step, cache = model.decode(ids[:, :1], positions=positions[:, -1:] + 1, cache=cache,
+                                       cache_mask=cache_mask, blocks=blocks)
+            outs.append((logits, step, cache))
+        for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    def test_fused_qkv_folds_lora_adapters_in(self, model):
+        lora_model = nnx.clone(model)
+        apply_lora(lora_model, rank=2, targets=("q", "k", "v"), rngs=nnx.Rngs(1))
+        # Non-zero B so that the adapters change the output.
+        for path, var in nnx.iter_graph(lora_model):
+            if isinstance(var, LoRAParam) and path[-1] == "lora_b":
+                var[...] = 0.3 * jax.random.normal(jax.random.key(len(path)), var.shape)
+        ids, mask = _left_padded(model.config.vocab_size, b=2, t=5, seed=2)
+        cache_mask = jnp.concatenate([mask, jnp.ones((2, 1), jnp.int32)], axis=1)
+        positions = default_positions(mask)
+        outs = []
+        for fuse in (False, True):
+            logits, _ = lora_model.decode(ids, positions=positions,
+                                          cache=lora_model.init_cache(2, 6),
+                                          cache_mask=cache_mask,
+                                          blocks=lora_model.layer_blocks(fuse_qkv=fuse))
+            outs.append(logits)
+        np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+        plain, _ = model.decode(ids, positions=positions, cache=model.init_cache(2, 6),
+                                cache_mask=cache_mask)
+        assert float(jnp.max(jnp.abs(plain - outs[1]))) > 1e-3  # the adapters are in effect
 
     def test_bad_shapes_are_named(self, model):
         cache = model.init_cache(2, 8)
