@@ -280,24 +280,43 @@ def frontier_finding(frontier: Mapping[str, Any]) -> Finding:
     return Finding(bool(improved), sentences, headline)
 
 
-def overoptimization_finding(run: Mapping[str, Any]) -> Finding:
+def overoptimization_finding(
+    run: Mapping[str, Any], sweep: Sequence[Mapping[str, Any]] = ()
+) -> Finding:
     """Did gold reward peak and then fall while the proxy reward kept rising?
 
+    Without `sweep`, the points are the evaluations of the long run, in step order. With
+    `sweep` (the PPO policies of the KL-coefficient sweep, `{"param", "step", "kl", ...}`), the
+    points are every PPO policy, long run and sweep together, ordered by KL: gold reward
+    against the degree of optimisation, as in Stiennon et al. (2020, Fig. 5, which varies the
+    KL coefficient) and Gao et al. (2022).
+
     The peak is the maximum gold reward. The effect is reproduced when the peak is more than
-    `NOISE_Z` standard errors above the first evaluation (gold rose), the final gold reward is
-    more than `NOISE_Z` standard errors below the peak (it fell), and the proxy's final value
+    `NOISE_Z` standard errors above the first point (gold rose), the last point's gold reward is
+    more than `NOISE_Z` standard errors below the peak (it fell), and the proxy's last value
     exceeds its value at the gold peak (the proxy kept rising).
     """
-    points = sorted(_require(run, "points", "overoptimization"), key=lambda p: p["step"])
-    if len(points) < 3:
-        raise ValueError(f"overoptimization needs at least 3 points, got {len(points)}")
-    for p in points:
+    run_points = _require(run, "points", "overoptimization")
+    for p in [*run_points, *sweep]:
         for key in ("kl", "proxy_reward", "gold_reward"):
             _require(p, key, "overoptimization.points[]")
     kl_coef = run.get("kl_coef")
-    intro = "Along the PPO run" + (
-        f" with a small KL coefficient ({fmt_param(kl_coef)})" if kl_coef is not None else ""
-    )
+    small = f" with a small KL coefficient ({fmt_param(kl_coef)})" if kl_coef is not None else ""
+    if sweep:
+        points = [dict(p, where=f"the long run's step {p['step']}") for p in run_points]
+        points += [dict(p, where=f"KL coefficient {fmt_param(_require(p, 'param', 'ppo'))}"
+                        + (f", step {p['step']}" if "step" in p else ""))
+                   for p in sweep]
+        points.sort(key=lambda p: float(p["kl"]))
+        intro = (f"Across the {len(points)} PPO policies ordered by KL (the KL-coefficient "
+                 f"sweep and the long run{small})")
+    else:
+        points = [dict(p, where=f"step {p['step']}")
+                  for p in sorted(run_points, key=lambda p: p["step"])]
+        intro = "Along the PPO run" + small
+    scope = "these policies" if sweep else "this run"
+    if len(points) < 3:
+        raise ValueError(f"overoptimization needs at least 3 points, got {len(points)}")
     first, last = points[0], points[-1]
     peak_i = max(range(len(points)), key=lambda i: points[i]["gold_reward"])
     peak = points[peak_i]
@@ -317,7 +336,7 @@ def overoptimization_finding(run: Mapping[str, Any]) -> Finding:
             f"{fmt(float(peak['gold_reward']))} (KL {fmt(float(peak['kl']))}; a rise of "
             f"{fmt(rise)} against {fmt(NOISE_Z)} standard errors = {fmt(NOISE_Z * rise_se)}), "
             f"then down to {fmt(float(last['gold_reward']))} by KL {fmt(float(last['kl']))}. "
-            "The rise-then-fall of over-optimisation is not established by this run."
+            f"The rise-then-fall of over-optimisation is not established by {scope}."
         )
     elif peak_i == 0 and fall > NOISE_Z * se:
         reproduced = False
@@ -326,14 +345,14 @@ def overoptimization_finding(run: Mapping[str, Any]) -> Finding:
             f"({fmt(float(first['gold_reward']))} at KL {fmt(float(first['kl']))}): it fell to "
             f"{fmt(float(last['gold_reward']))} by KL {fmt(float(last['kl']))}. The proxy was "
             "exploited from the first evaluation on, so the rise-then-fall of over-optimisation "
-            "was not observed in this run."
+            f"was not observed in {scope}."
         )
     elif peak_i == len(points) - 1 or fall <= 0:
         reproduced = False
         sentences.append(
             f"{intro}, gold reward did not peak and fall: it was highest at the last evaluation "
             f"({fmt(float(last['gold_reward']))} at KL {fmt(float(last['kl']))}), so "
-            "over-optimisation of the proxy reward model was not observed in this run."
+            f"over-optimisation of the proxy reward model was not observed in {scope}."
         )
     elif fall <= NOISE_Z * se:
         reproduced = False
@@ -341,20 +360,20 @@ def overoptimization_finding(run: Mapping[str, Any]) -> Finding:
             f"{intro}, gold reward peaked at {fmt(float(peak['gold_reward']))} at KL "
             f"{fmt(float(peak['kl']))} and then fell by only {fmt(fall)} by KL "
             f"{fmt(float(last['kl']))}, which is within noise ({fmt(NOISE_Z)} standard errors = "
-            f"{fmt(NOISE_Z * se)}); over-optimisation is not established by this run."
+            f"{fmt(NOISE_Z * se)}); over-optimisation is not established by {scope}."
         )
     else:
         reproduced = proxy_rise > 0
         sentences.append(
             f"{intro}, gold reward peaked at {fmt(float(peak['gold_reward']))} at KL "
-            f"{fmt(float(peak['kl']))} (step {peak['step']}) and fell by {fmt(fall)} to "
+            f"{fmt(float(peak['kl']))} ({peak['where']}) and fell by {fmt(fall)} to "
             f"{fmt(float(last['gold_reward']))} by KL {fmt(float(last['kl']))}."
         )
     if proxy_rise > 0:
         sentences.append(
             f"The proxy reward-model score kept rising past the gold peak, from "
             f"{fmt(float(peak['proxy_reward']))} to {fmt(float(last['proxy_reward']))} "
-            f"({fmt(proxy_total)} over the whole run)."
+            f"({fmt(proxy_total)} over the whole {'range' if sweep else 'run'})."
         )
     else:
         sentences.append(
@@ -424,7 +443,10 @@ def plot_frontier(frontier: Mapping[str, Any], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def plot_overoptimization(run: Mapping[str, Any], path: pathlib.Path) -> None:
+def plot_overoptimization(
+    run: Mapping[str, Any], path: pathlib.Path, sweep: Sequence[Mapping[str, Any]] = ()
+) -> None:
+    """The long run as lines (in step order); the KL-sweep policies, if any, as open markers."""
     points = sorted(run["points"], key=lambda p: p["step"])
     kl = [float(p["kl"]) for p in points]
     gold = [float(p["gold_reward"]) for p in points]
@@ -436,11 +458,21 @@ def plot_overoptimization(run: Mapping[str, Any], path: pathlib.Path) -> None:
     ax2 = ax.twinx()
     ax2.plot(kl, gold, marker="s", color="tab:blue", label="gold reward")
     ax2.set_ylabel("gold reward", color="tab:blue")
-    i = max(range(len(gold)), key=gold.__getitem__)
-    ax2.axvline(kl[i], color="tab:blue", ls=":", lw=1)
-    lines = ax.get_lines()[:1] + ax2.get_lines()[:1]
-    ax.legend(lines, [ln.get_label() for ln in lines], loc="lower center", fontsize=8,
-              bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    all_kl, all_gold = list(kl), list(gold)
+    if sweep:
+        s_kl = [float(p["kl"]) for p in sweep]
+        ax.scatter(s_kl, [float(p["proxy_reward"]) for p in sweep], marker="o",
+                   facecolors="none", edgecolors="tab:red")
+        s_gold = [float(p["gold_reward"]) for p in sweep]
+        ax2.scatter(s_kl, s_gold, marker="s", facecolors="none", edgecolors="tab:blue",
+                    label="PPO KL sweep (open markers)")
+        all_kl += s_kl
+        all_gold += s_gold
+    i = max(range(len(all_gold)), key=all_gold.__getitem__)
+    ax2.axvline(all_kl[i], color="tab:blue", ls=":", lw=1)
+    handles = ax.get_lines()[:1] + ax2.get_lines()[:1] + ax2.collections[:1]
+    ax.legend(handles, [h.get_label() for h in handles], loc="lower center", fontsize=8,
+              bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
     title = "Over-optimisation along a PPO run"
     if run.get("kl_coef") is not None:
         title += f" (KL coef {fmt_param(run['kl_coef'])})"
@@ -541,6 +573,11 @@ def render_markdown(results: Mapping[str, Any], findings: Mapping[str, Finding])
     return "\n".join(lines)
 
 
+def _ppo_sweep(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The PPO policies of the frontier's KL-coefficient sweep (empty without a frontier)."""
+    return [p for p in results.get("frontier", {}).get("points", ()) if p.get("method") == "ppo"]
+
+
 def compute_findings(results: Mapping[str, Any]) -> dict[str, Finding]:
     """The findings for whichever of the three experiments the results contain."""
     findings: dict[str, Finding] = {}
@@ -549,7 +586,8 @@ def compute_findings(results: Mapping[str, Any]) -> dict[str, Finding]:
     if "frontier" in results:
         findings["frontier"] = frontier_finding(results["frontier"])
     if "overoptimization" in results:
-        findings["overoptimization"] = overoptimization_finding(results["overoptimization"])
+        findings["overoptimization"] = overoptimization_finding(results["overoptimization"],
+                                                                _ppo_sweep(results))
     if not findings:
         raise ValueError(
             "results contain none of 'rm_scaling', 'frontier', 'overoptimization' "
@@ -572,7 +610,8 @@ def write_report(results: Mapping[str, Any], output_dir: str | pathlib.Path) -> 
         plot_frontier(results["frontier"], figures["frontier"])
     if "overoptimization" in findings:
         figures["overoptimization"] = out / OVEROPT_FIGURE
-        plot_overoptimization(results["overoptimization"], figures["overoptimization"])
+        plot_overoptimization(results["overoptimization"], figures["overoptimization"],
+                              _ppo_sweep(results))
     results_path = out / "results.json"
     with_findings = dict(results)
     with_findings["findings"] = {

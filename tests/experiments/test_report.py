@@ -136,6 +136,43 @@ class TestOveroptimization:
         with pytest.raises(ValueError, match="at least 3 points"):
             report.overoptimization_finding(overopt([0.1, 0.2], [0, 1]))
 
+    def test_sweep_points_are_ordered_by_kl_with_the_long_run(self):
+        # The long run alone exploits the proxy at once (its gold never rises); the sweep's
+        # strongly penalised policy sits at the gold peak (Stiennon et al. 2020, Fig. 5).
+        run = overopt([0.60, 0.55, 0.40, 0.20], [0.0, 1.0, 2.0, 3.0], kl=[0.0, 3.0, 9.0, 30.0])
+        assert not report.overoptimization_finding(run).reproduced
+        sweep = [
+            {"method": "ppo", "param": 0.3, "step": 60, "kl": 1.2, "proxy_reward": 0.7,
+             "gold_reward": 0.68, "gold_reward_se": 0.01},
+            {"method": "ppo", "param": 0.03, "step": 60, "kl": 20.0, "proxy_reward": 2.5,
+             "gold_reward": 0.25, "gold_reward_se": 0.01},
+        ]
+        f = report.overoptimization_finding(run, sweep)
+        assert f.reproduced
+        assert f.sentences[0] == (
+            "Across the 6 PPO policies ordered by KL (the KL-coefficient sweep and the long run "
+            "with a small KL coefficient (0.001)), gold reward peaked at 0.68 at KL 1.20 "
+            "(KL coefficient 0.3, step 60) and fell by 0.48 to 0.20 by KL 30.00.")
+        assert "from 0.70 to 3.00 (3.00 over the whole range)" in f.sentences[1]
+
+    def test_sweep_without_a_rise_is_not_reproduced(self):
+        run = overopt([0.60, 0.55, 0.40, 0.20], [0.0, 1.0, 2.0, 3.0], kl=[0.0, 3.0, 9.0, 30.0])
+        sweep = [{"method": "ppo", "param": 0.3, "step": 60, "kl": 1.2, "proxy_reward": 0.7,
+                  "gold_reward": 0.59, "gold_reward_se": 0.01}]
+        f = report.overoptimization_finding(run, sweep)
+        assert not f.reproduced
+        assert "never rose above its starting value" in f.sentences[0]
+        assert "not observed in these policies" in f.sentences[0]
+
+    def test_compute_findings_uses_the_frontier_ppo_sweep(self):
+        run = overopt([0.60, 0.55, 0.40, 0.20], [0.0, 1.0, 2.0, 3.0], kl=[0.0, 3.0, 9.0, 30.0])
+        ppo = {"method": "ppo", "param": 0.3, "step": 60, "kl": 1.2, "proxy_reward": 0.7,
+               "gold_reward": 0.68, "gold_reward_se": 0.01}
+        dpo = dict(ppo, method="dpo", gold_reward=0.99)  # not a PPO policy: ignored here
+        results = {"overoptimization": run, "frontier": frontier([ppo, dpo], ref=0.6)}
+        f = report.compute_findings(results)["overoptimization"]
+        assert f.reproduced and "peaked at 0.68" in f.sentences[0]
+
 
 class TestFrontier:
     def test_methods_ranked_in_common_range(self):
