@@ -473,9 +473,12 @@ def plot_overoptimization(
     handles = ax.get_lines()[:1] + ax2.get_lines()[:1] + ax2.collections[:1]
     ax.legend(handles, [h.get_label() for h in handles], loc="lower center", fontsize=8,
               bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
-    title = "Over-optimisation along a PPO run"
-    if run.get("kl_coef") is not None:
-        title += f" (KL coef {fmt_param(run['kl_coef'])})"
+    coef = f"KL coef {fmt_param(run['kl_coef'])}" if run.get("kl_coef") is not None else ""
+    if sweep:
+        title = "Over-optimisation across PPO policies" + (f"\n(line: the {coef} run)"
+                                                          if coef else "")
+    else:
+        title = "Over-optimisation along a PPO run" + (f" ({coef})" if coef else "")
     ax.set_title(title, pad=22)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
