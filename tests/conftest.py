@@ -1,11 +1,23 @@
-"""Test harness: 8 fake CPU devices, set before JAX is imported anywhere."""
+"""Test harness: 8 fake CPU devices, set before JAX is imported anywhere.
+
+Accelerator numerics check (opt-in, never in CI): `RLHF_JAX_TEST_PLATFORM=cuda` (or `tpu`) makes
+that platform JAX's default backend while the 8 fake CPU devices stay available, e.g.
+`RLHF_JAX_TEST_PLATFORM=cuda pytest tests/losses tests/models tests/generation`. Tests that
+build a mesh of 8 devices from `jax.devices()` then fail by design. Run it a second time with
+`JAX_DEFAULT_MATMUL_PRECISION=highest`: float32 matmuls on a GPU default to TF32, which the
+float32-tolerance parity tests do not allow for (docs/benchmarks.md, GPU section).
+"""
 
 import os
 
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_accelerator = os.environ.get("RLHF_JAX_TEST_PLATFORM", "").strip().lower()
+if _accelerator:
+    os.environ["JAX_PLATFORMS"] = f"{_accelerator},cpu"
+else:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,7 +35,8 @@ settings.register_profile(
 )
 settings.load_profile("rlhf_jax")
 
-assert jax.device_count() == 8, (
+_cpu_devices = len(jax.devices("cpu")) if _accelerator else jax.device_count()
+assert _cpu_devices == 8, (
     "tests expect 8 fake CPU devices; XLA_FLAGS was set too late "
     f"(device_count={jax.device_count()})"
 )
