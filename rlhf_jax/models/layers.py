@@ -271,8 +271,8 @@ class Attention(nnx.Module):
                 w = w + p.lora_scale * (a @ b)
             return w.astype(dtype)
 
-        kernel = jnp.concatenate([merged(p) for p in (self.q, self.k, self.v)], axis=1)
         projs = (self.q, self.k, self.v)
+        kernel = jnp.concatenate([merged(p) for p in projs], axis=1)
         bias = (jnp.concatenate([p.bias[...].reshape(-1).astype(dtype) for p in projs])
                 if self.config.qkv_bias else None)
         self.fused_qkv = nnx.data((kernel, bias))
