@@ -39,7 +39,7 @@ CONFIGS = {
 
 def _load() -> str:
     try:
-        return os.getloadavg().__repr__()
+        return "(" + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + ")"
     except OSError:
         return "unknown"
 

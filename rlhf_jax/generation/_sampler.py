@@ -29,6 +29,10 @@ from rlhf_jax.generation._sampling import sample_tokens, validate_sampling_args
 from rlhf_jax.sharding import BATCH_AXES, batch_sharding
 
 
+_CACHE_SEGMENT_TOKENS = 32
+_MAX_CACHE_SEGMENTS = 4
+
+
 class GenerationOutput(NamedTuple):
     """Sampled responses, ready for scoring and for PPO/GRPO.
 
@@ -78,6 +82,29 @@ class _Spec:
     use_min_p: bool
     use_eos: bool
     batch_sharding: NamedSharding | None
+    cache_segments: int = 1
+
+
+def segment_ends(max_new_tokens: int, segments: int) -> tuple[int, ...]:
+    """Response lengths at which the KV cache grows: ``segments`` near-equal parts of
+    ``max_new_tokens``, the last one ending at ``max_new_tokens``."""
+    n = max(1, min(segments, max_new_tokens))
+    return tuple(round(max_new_tokens * (j + 1) / n) for j in range(n))
+
+
+def auto_cache_segments(max_new_tokens: int) -> int:
+    """The default number of cache segments: one per 32 new tokens, at most 4 (a single buffer
+    below 64 new tokens). Each segment is one more copy of the decode loop to compile, and the
+    cache read per step falls from ``P + N`` slots to about ``P + 5N/8`` with 4 segments."""
+    return max(1, min(_MAX_CACHE_SEGMENTS, max_new_tokens // _CACHE_SEGMENT_TOKENS))
+
+
+def grow_cache(cache: Any, extra: int) -> Any:
+    """``cache`` with ``extra`` empty slots appended to every layer's key and value buffer (the
+    copy is made once per segment, not per step)."""
+    widths = ((0, 0), (0, 0), (0, extra), (0, 0))
+    return cache._replace(k=tuple(jnp.pad(k, widths) for k in cache.k),
+                          v=tuple(jnp.pad(v, widths) for v in cache.v))
 
 
 def _generate_body(
@@ -120,12 +147,19 @@ def _generate_body(
     # the stacked arrays at every step (models without `layer_blocks` decode as they are).
     blocks = {"blocks": model.layer_blocks()} if hasattr(model, "layer_blocks") else {}
 
+    # The cache grows in segments: the loop over the steps of segment j attends over
+    # `P + ends[j]` slots instead of all `P + N`, so a step reads less of the cache.
+    ends = segment_ends(n_new, spec.cache_segments)
+
+    def prompt_then_ones(end):
+        return jnp.concatenate([prompt_mask, jnp.ones((batch, end), jnp.int32)], axis=1)
+
     # Prefill: the whole left-padded prompt in one cached forward.
-    cache = model.init_cache(batch, prompt_len + n_new)
-    cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, n_new), jnp.int32)], axis=1)
+    cache = model.init_cache(batch, prompt_len + ends[0])
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
     logits, cache = model.decode(
-        prompt_ids, positions=positions, cache=cache, cache_mask=cache_mask, **blocks
+        prompt_ids, positions=positions, cache=cache, cache_mask=prompt_then_ones(ends[0]),
+        **blocks
     )
     first_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # [B]
     token, logp, model_logp = sample(logits[:, -1], jax.random.fold_in(rng, 0))
@@ -140,26 +174,41 @@ def _generate_body(
     model_logps = jnp.zeros((batch, n_new), jnp.float32).at[:, 0].set(model_logp)
     done = is_eos(token)
 
-    def cond(carry):
-        step, _, done, *_ = carry
-        return (step < n_new) & ~jnp.all(done)
+    def decode_until(end, carry):
+        cache_mask = prompt_then_ones(end)
 
-    def body(carry):
-        step, token, done, cache, tokens, logps, model_logps = carry
-        positions = (first_position + step - 1)[:, None]
-        logits, cache = model.decode(
-            token[:, None], positions=positions, cache=cache, cache_mask=cache_mask, **blocks
-        )
-        new, logp, model_logp = sample(logits[:, 0], jax.random.fold_in(rng, step))
-        tokens = jax.lax.dynamic_update_slice(tokens, jnp.where(done, pad, new)[:, None], (0, step))
-        logps = jax.lax.dynamic_update_slice(logps, jnp.where(done, 0.0, logp)[:, None], (0, step))
-        model_logps = jax.lax.dynamic_update_slice(
-            model_logps, jnp.where(done, 0.0, model_logp)[:, None], (0, step)
-        )
-        return step + 1, new, done | is_eos(new), cache, tokens, logps, model_logps
+        def cond(carry):
+            step, _, done, *_ = carry
+            return (step < end) & ~jnp.all(done)
+
+        def body(carry):
+            step, token, done, cache, tokens, logps, model_logps = carry
+            positions = (first_position + step - 1)[:, None]
+            logits, cache = model.decode(
+                token[:, None], positions=positions, cache=cache, cache_mask=cache_mask, **blocks
+            )
+            new, logp, model_logp = sample(logits[:, 0], jax.random.fold_in(rng, step))
+            tokens = jax.lax.dynamic_update_slice(
+                tokens, jnp.where(done, pad, new)[:, None], (0, step)
+            )
+            logps = jax.lax.dynamic_update_slice(
+                logps, jnp.where(done, 0.0, logp)[:, None], (0, step)
+            )
+            model_logps = jax.lax.dynamic_update_slice(
+                model_logps, jnp.where(done, 0.0, model_logp)[:, None], (0, step)
+            )
+            return step + 1, new, done | is_eos(new), cache, tokens, logps, model_logps
+
+        return jax.lax.while_loop(cond, body, carry)
 
     carry = (jnp.int32(1), token, done, cache, tokens, logps, model_logps)
-    _, _, done, _, tokens, logps, model_logps = jax.lax.while_loop(cond, body, carry)
+    for j, end in enumerate(ends):
+        if j:
+            step, token, done, cache, tokens, logps, model_logps = carry
+            carry = (step, token, done, grow_cache(cache, end - ends[j - 1]), tokens, logps,
+                     model_logps)
+        carry = decode_until(end, carry)
+    _, _, done, _, tokens, logps, model_logps = carry
 
     if not spec.use_eos:
         mask = jnp.ones((batch, n_new), jnp.int32)
@@ -233,6 +282,7 @@ def generate_with_state(
     pad_token_id: int,
     num_samples: int = 1,
     mesh: Mesh | None = None,
+    cache_segments: int | None = None,
 ) -> GenerationOutput:
     """Samples responses from ``nnx.merge(graphdef, state)``; see :func:`generate`.
 
@@ -247,6 +297,12 @@ def generate_with_state(
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    if cache_segments is None:
+        cache_segments = auto_cache_segments(max_new_tokens)
+    elif (not isinstance(cache_segments, int) or isinstance(cache_segments, bool)
+          or not 1 <= cache_segments <= max_new_tokens):
+        raise ValueError(f"cache_segments must be an int in [1, max_new_tokens={max_new_tokens}] "
+                         f"or None, got {cache_segments!r}")
     if eos_token_id is not None and not isinstance(eos_token_id, int | np.integer):
         raise ValueError(f"eos_token_id must be an int or None, got {eos_token_id!r}")
     if not isinstance(pad_token_id, int | np.integer):
@@ -275,6 +331,7 @@ def generate_with_state(
         use_min_p=min_p is not None,
         use_eos=eos_token_id is not None,
         batch_sharding=sharding,
+        cache_segments=cache_segments,
     )
     out = _generate_jit(
         graphdef,
@@ -341,12 +398,13 @@ def generate(
     pad_token_id: int,
     num_samples: int = 1,
     mesh: Mesh | None = None,
+    cache_segments: int | None = None,
 ) -> GenerationOutput:
     """Samples up to ``max_new_tokens`` tokens after each left-padded prompt.
 
-    Prefills the prompt into a KV cache of length ``P + max_new_tokens``, then runs a jitted
-    ``lax.while_loop`` of single-token cached decodes that stops as soon as every row has produced
-    ``eos_token_id`` (or after ``max_new_tokens`` steps). Rows that stopped keep decoding with
+    Prefills the prompt into a KV cache, then runs a jitted ``lax.while_loop`` of single-token
+    cached decodes (one loop per cache segment, see ``cache_segments``) that stops as soon as
+    every row has produced ``eos_token_id`` (or after ``max_new_tokens`` steps). Rows that stopped keep decoding with
     their outputs discarded: the tokens after the first EOS are ``pad_token_id`` and masked out.
 
     The sampling distribution is ``softmax(filter(logits / temperature))`` where ``filter`` applies
@@ -372,6 +430,11 @@ def generate(
       num_samples: ``n`` responses per prompt; rows ``b * n .. b * n + n - 1`` are prompt ``b``'s.
       mesh: optional mesh; the batch is sharded over its ``("data", "fsdp")`` axes (``B`` must be
         divisible by their size). The result does not depend on the sharding.
+      cache_segments: the KV cache grows in this many steps, so that the decode steps of the
+        first segments attend over a shorter buffer (``P + N/s``, ``P + 2N/s``, ...) instead of
+        all ``P + N`` slots; each segment is one more copy of the loop to compile. ``None``
+        (default): one segment per 32 new tokens, at most 4 (one buffer below 64 new tokens).
+        The tokens and log-probs do not depend on it beyond float rounding of the attention sums.
 
     Returns:
       A :class:`GenerationOutput` with ``B * n`` rows.
@@ -393,4 +456,5 @@ def generate(
         pad_token_id=pad_token_id,
         num_samples=num_samples,
         mesh=mesh,
+        cache_segments=cache_segments,
     )

@@ -207,6 +207,9 @@ class RolloutConfig:
     missing_eos_penalty: float | None = None
     """Subtracted from the score of responses without the EOS token (TRL's
     ``missing_eos_penalty``); None: no penalty."""
+    cache_segments: int | None = None
+    """The sampler's KV cache grows in this many segments (see
+    ``rlhf_jax.generation.generate``); None: one per 32 new tokens, at most 4."""
 
 
 def rollout_from_generation(output: Any) -> Rollout:
@@ -256,6 +259,7 @@ def sample_rollout(
         pad_token_id=int(pad_token_id),
         num_samples=num_samples,
         mesh=mesh,
+        cache_segments=config.cache_segments,
     )
     rollout = rollout_from_generation(output)
     if stop != eos_token_id:

@@ -18,6 +18,7 @@ from rlhf_jax.generation import (
     text_reward,
     truncate_response,
 )
+from rlhf_jax.generation._sampler import auto_cache_segments, segment_ends
 from rlhf_jax.models import CausalLM, ModelConfig
 from rlhf_jax.sharding import MeshConfig, make_mesh, shard_state
 
@@ -203,6 +204,68 @@ class TestSampled:
         assert len(out.tokens.sharding.device_set) == 8
         np.testing.assert_array_equal(out.tokens, sampled.tokens)
         np.testing.assert_allclose(out.logps, sampled.logps, atol=1e-5)
+
+
+class TestCacheSegments:
+    """The cache grown in segments (shorter attention in early steps) changes nothing but the
+    float rounding of the attention sums."""
+
+    def test_segment_ends_and_default_count(self):
+        assert segment_ends(128, 4) == (32, 64, 96, 128)
+        assert segment_ends(7, 3) == (2, 5, 7)
+        assert segment_ends(5, 1) == (5,)
+        assert segment_ends(3, 3) == (1, 2, 3)
+        assert [auto_cache_segments(n) for n in (1, 7, 63, 64, 100, 128, 4096)] == \
+            [1, 1, 1, 2, 3, 4, 4]
+
+    def test_sampled_output_does_not_depend_on_segments(self, sampler, prompts, sampled):
+        kw = dict(max_new_tokens=N_NEW, rng=jax.random.key(7), eos_token_id=None,
+                  pad_token_id=PAD, **SAMPLE_KW)
+        for segments in (2, 3, N_NEW):
+            out = sampler.generate(*prompts, cache_segments=segments, **kw)
+            np.testing.assert_array_equal(out.tokens, sampled.tokens)
+            np.testing.assert_array_equal(out.mask, sampled.mask)
+            np.testing.assert_allclose(out.logps, sampled.logps, atol=1e-5)
+            np.testing.assert_allclose(out.model_logps, sampled.model_logps, atol=1e-5)
+
+    def test_greedy_one_slot_per_segment_matches_argmax_loop(self, model, prompts):
+        out = generate(model, *prompts, max_new_tokens=N_NEW, greedy=True, eos_token_id=None,
+                       pad_token_id=PAD, cache_segments=N_NEW)
+        np.testing.assert_array_equal(
+            out.tokens, argmax_loop_without_cache(model, *prompts, N_NEW, eos=None)
+        )
+
+    def test_eos_across_segments(self, model, sampler, prompts):
+        # Rows stop in different segments; once all have stopped the later loops run no step.
+        free = sampler.generate(*prompts, max_new_tokens=N_NEW, greedy=True, eos_token_id=None,
+                                pad_token_id=PAD)
+        for eos in (int(free.tokens[0, 2]), int(free.tokens[0, 0])):
+            one = sampler.generate(*prompts, max_new_tokens=N_NEW, greedy=True, eos_token_id=eos,
+                                   pad_token_id=PAD, cache_segments=1)
+            seg = sampler.generate(*prompts, max_new_tokens=N_NEW, greedy=True, eos_token_id=eos,
+                                   pad_token_id=PAD, cache_segments=3)
+            np.testing.assert_array_equal(seg.tokens, one.tokens)
+            np.testing.assert_array_equal(seg.mask, one.mask)
+            np.testing.assert_array_equal(seg.finished, one.finished)
+            np.testing.assert_array_equal(
+                seg.tokens, argmax_loop_without_cache(model, *prompts, N_NEW, eos=eos)
+            )
+
+    def test_sharded_segments_match_one_device(self, model, prompts, sampled):
+        mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+        sharded = Sampler(model, mesh=mesh)
+        out = sharded.generate(*prompts, max_new_tokens=N_NEW, rng=jax.random.key(7),
+                               eos_token_id=None, pad_token_id=PAD, cache_segments=3,
+                               **SAMPLE_KW)
+        assert len(out.tokens.sharding.device_set) == 8
+        np.testing.assert_array_equal(out.tokens, sampled.tokens)
+        np.testing.assert_allclose(out.logps, sampled.logps, atol=1e-5)
+
+    @pytest.mark.parametrize("bad", [0, N_NEW + 1, True, 1.5, "2"])
+    def test_bad_segment_count(self, sampler, prompts, bad):
+        with pytest.raises(ValueError, match="cache_segments must be an int in"):
+            sampler.generate(*prompts, max_new_tokens=N_NEW, rng=jax.random.key(0),
+                             eos_token_id=None, pad_token_id=PAD, cache_segments=bad)
 
 
 def test_first_token_frequencies_follow_filtered_softmax(model, prompts):
