@@ -28,7 +28,6 @@ from jax.sharding import Mesh, NamedSharding
 from rlhf_jax.generation._sampling import sample_tokens, validate_sampling_args
 from rlhf_jax.sharding import BATCH_AXES, batch_sharding
 
-
 _CACHE_SEGMENT_TOKENS = 32
 _MAX_CACHE_SEGMENTS = 4
 
