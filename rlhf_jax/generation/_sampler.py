@@ -1,12 +1,12 @@
 """Prefill + jitted decode loop over the KV cache.
 
 The model is split once with ``nnx.split`` into a graph definition (static) and a state pytree
-(traced); the whole rollout (prefill of the left-padded prompt, then a ``lax.while_loop`` of
-single-token cached decodes with per-row EOS stop) is one jitted function of that state, compiled
-once per (graph, batch, prompt length, ``max_new_tokens``, sampling structure) and cached by
-``jax.jit``. The values of temperature, ``top_p``, ``min_p`` and the EOS/pad ids are traced, so
-changing them does not recompile; switching a filter (or EOS stopping) on or off, ``top_k``,
-``greedy``, ``num_samples`` and the mesh do.
+(traced); the whole rollout (prefill of the left-padded prompt, then one ``lax.while_loop`` of
+single-token cached decodes per cache segment, with per-row EOS stop) is one jitted function of
+that state, compiled once per (graph, batch, prompt length, ``max_new_tokens``, cache segments,
+sampling structure) and cached by ``jax.jit``. The values of temperature, ``top_p``, ``min_p``
+and the EOS/pad ids are traced, so changing them does not recompile; switching a filter (or EOS
+stopping) on or off, ``top_k``, ``greedy``, ``num_samples`` and the mesh do.
 
 Randomness: the token of step ``i`` is drawn with ``jax.random.fold_in(rng, i)`` over the whole
 ``[B * n, V]`` batch, so the draws depend only on the key and the global row index, never on how
