@@ -250,6 +250,16 @@ class TestCacheSegments:
             np.testing.assert_array_equal(
                 seg.tokens, argmax_loop_without_cache(model, *prompts, N_NEW, eos=eos)
             )
+        # Every row stops at step 0: the loops of all three segments run no step.
+        ids, mask = prompts
+        same_ids, same_mask = np.repeat(ids[:1], len(ids), 0), np.repeat(mask[:1], len(ids), 0)
+        first = int(free.tokens[0, 0])
+        out = sampler.generate(same_ids, same_mask, max_new_tokens=N_NEW, greedy=True,
+                               eos_token_id=first, pad_token_id=PAD, cache_segments=3)
+        np.testing.assert_array_equal(out.tokens[:, 0], first)
+        np.testing.assert_array_equal(out.tokens[:, 1:], PAD)
+        np.testing.assert_array_equal(out.mask.sum(1), 1)
+        assert np.all(out.finished)
 
     def test_sharded_segments_match_one_device(self, model, prompts, sampled):
         mesh = make_mesh(MeshConfig(data=2, fsdp=4))
