@@ -100,7 +100,9 @@ def auto_cache_segments(max_new_tokens: int) -> int:
 
 def grow_cache(cache: Any, extra: int) -> Any:
     """``cache`` with ``extra`` empty slots appended to every layer's key and value buffer (the
-    copy is made once per segment, not per step)."""
+    copy is made once per segment, not per step); ``cache`` itself when ``extra`` is 0."""
+    if extra == 0:
+        return cache
     widths = ((0, 0), (0, 0), (0, extra), (0, 0))
     return cache._replace(k=tuple(jnp.pad(k, widths) for k in cache.k),
                           v=tuple(jnp.pad(v, widths) for v in cache.v))
@@ -174,6 +176,10 @@ def _generate_body(
     done = is_eos(token)
 
     def decode_until(end, carry):
+        # Grow the cache to `P + end` slots (a no-op for the first segment), then decode.
+        step, token, done, cache, tokens, logps, model_logps = carry
+        cache = grow_cache(cache, prompt_len + end - cache.max_length)
+        carry = (step, token, done, cache, tokens, logps, model_logps)
         cache_mask = prompt_then_ones(end)
 
         def cond(carry):
@@ -201,11 +207,7 @@ def _generate_body(
         return jax.lax.while_loop(cond, body, carry)
 
     carry = (jnp.int32(1), token, done, cache, tokens, logps, model_logps)
-    for j, end in enumerate(ends):
-        if j:
-            step, token, done, cache, tokens, logps, model_logps = carry
-            carry = (step, token, done, grow_cache(cache, end - ends[j - 1]), tokens, logps,
-                     model_logps)
+    for end in ends:
         carry = decode_until(end, carry)
     _, _, done, _, tokens, logps, model_logps = carry
 
@@ -403,8 +405,9 @@ def generate(
 
     Prefills the prompt into a KV cache, then runs a jitted ``lax.while_loop`` of single-token
     cached decodes (one loop per cache segment, see ``cache_segments``) that stops as soon as
-    every row has produced ``eos_token_id`` (or after ``max_new_tokens`` steps). Rows that stopped keep decoding with
-    their outputs discarded: the tokens after the first EOS are ``pad_token_id`` and masked out.
+    every row has produced ``eos_token_id`` (or after ``max_new_tokens`` steps). Rows that
+    stopped keep decoding with their outputs discarded: the tokens after the first EOS are
+    ``pad_token_id`` and masked out.
 
     The sampling distribution is ``softmax(filter(logits / temperature))`` where ``filter`` applies
     top-k, then top-p, then min-p (Hugging Face ``generate`` order). ``greedy=True`` takes the

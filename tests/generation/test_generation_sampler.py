@@ -18,7 +18,7 @@ from rlhf_jax.generation import (
     text_reward,
     truncate_response,
 )
-from rlhf_jax.generation._sampler import auto_cache_segments, segment_ends
+from rlhf_jax.generation._sampler import auto_cache_segments, grow_cache, segment_ends
 from rlhf_jax.models import CausalLM, ModelConfig
 from rlhf_jax.sharding import MeshConfig, make_mesh, shard_state
 
@@ -217,6 +217,23 @@ class TestCacheSegments:
         assert segment_ends(3, 3) == (1, 2, 3)
         assert [auto_cache_segments(n) for n in (1, 7, 63, 64, 100, 128, 4096)] == \
             [1, 1, 1, 2, 3, 4, 4]
+
+    def test_grow_cache_appends_empty_slots(self, model):
+        cache = model.init_cache(2, 5)
+        cache = cache._replace(
+            k=tuple(jnp.full_like(k, i + 1.0) for i, k in enumerate(cache.k)),
+            v=tuple(jnp.full_like(v, -(i + 1.0)) for i, v in enumerate(cache.v)),
+            index=jnp.int32(3),
+        )
+        grown = grow_cache(cache, 3)
+        assert grown.max_length == 8 and int(grown.index) == 3
+        for i, (k, v) in enumerate(zip(grown.k, grown.v)):
+            assert k.shape == (2, cache.k[i].shape[1], 8, cache.k[i].shape[3])
+            np.testing.assert_array_equal(k[:, :, :5], i + 1.0)
+            np.testing.assert_array_equal(v[:, :, :5], -(i + 1.0))
+            np.testing.assert_array_equal(k[:, :, 5:], 0.0)
+            np.testing.assert_array_equal(v[:, :, 5:], 0.0)
+        assert grow_cache(cache, 0) is cache
 
     def test_sampled_output_does_not_depend_on_segments(self, sampler, prompts, sampled):
         kw = dict(max_new_tokens=N_NEW, rng=jax.random.key(7), eos_token_id=None,
