@@ -10,7 +10,9 @@ Shapes (random GPT-2, vocabulary 512, `P` pairs of prompt + response tokens):
 - `small`: 8 pairs, 64 + 64 tokens, 4 layers, width 256, 4 heads.
 
 Every step sees the same rows: DPO `2P` sequences (chosen and rejected in one batch), the reward
-model the same `2P`, SFT `2P` sequences. Figures are the median and the best of `--steps` timed
+model the same `2P`, SFT `2P` sequences; `dpo_prefix_shared` the same pairs as `P` prefix-shared
+rows of `prompt + 2 response` tokens (`DataSpec.prefix_sharing`: the prompt runs once), whose
+MFU counts the FLOPs it executes and whose tokens/s counts the same `2P` sequences as `dpo`. Figures are the median and the best of `--steps` timed
 steps after warm-up (compilation excluded), all in float32; on a shared machine the best step
 is the least disturbed one.
 
@@ -65,10 +67,15 @@ SHAPES = {
 }
 
 
-def step_flops(shape: Shape, *, lm_head: bool = True, reference_forward: bool = False) -> float:
-    """Model FLOPs of one step over `2 * pairs` sequences (module docstring)."""
+def step_flops(shape: Shape, *, lm_head: bool = True, reference_forward: bool = False,
+               prefix_shared: bool = False) -> float:
+    """Model FLOPs of one step over `2 * pairs` sequences (module docstring), or with
+    `prefix_shared` over `pairs` rows of `prompt + 2 * response` tokens."""
     n_tokens = 2 * shape.pairs * shape.seq
     d, layers, t = shape.width, shape.layers, shape.seq
+    if prefix_shared:
+        t = shape.prompt + 2 * shape.response
+        n_tokens = shape.pairs * t
     n = 12 * layers * d * d + (d * shape.vocab if lm_head else 0)
     flops = n_tokens * (6 * n + 12 * layers * t * d)
     if reference_forward:
@@ -102,6 +109,18 @@ def _pair_batch(rng, shape: Shape) -> dict[str, np.ndarray]:
     batch["margin"] = np.zeros(shape.pairs, np.float32)
     batch["label"] = np.ones(shape.pairs, np.float32)
     return batch
+
+
+def _prefix_shared_batch(pair_batch: dict[str, np.ndarray], shape: Shape) -> dict:
+    """The pairs of `pair_batch` (with the chosen row's prompt) as prefix-shared rows of exactly
+    `prompt + 2 * response` tokens."""
+    from rlhf_jax.data import collate_prefix_shared
+    from rlhf_jax.data._examples import TokenizedPreference
+
+    p = shape.prompt
+    examples = [TokenizedPreference(c[:p], c[p:], r[p:], 0.0, 1.0, "bench")
+                for c, r in zip(pair_batch["chosen_input_ids"], pair_batch["rejected_input_ids"])]
+    return collate_prefix_shared(examples, pad_id=0, length=p + 2 * shape.response)
 
 
 def _time_steps(step_fn, state, batch, *, steps: int, warmup: int = 2) -> float:
@@ -154,6 +173,10 @@ def bench_rlhf_jax(shape: Shape, *, steps: int) -> dict[str, tuple[float, float]
     both = PolicyAndReference(policy, ref)
     run("dpo", both, make_preference_loss(DPOConfig(), reference="model"), pair_batch,
         trainable=policy_only_filter(both))
+    policy, ref = build_model(spec), build_model(spec)
+    both = PolicyAndReference(policy, ref)
+    run("dpo_prefix_shared", both, make_preference_loss(DPOConfig(), reference="model"),
+        _prefix_shared_batch(pair_batch, shape), trainable=policy_only_filter(both))
     pre = dict(pair_batch)
     pre["ref_chosen_logps"] = rng.normal(size=shape.pairs).astype(np.float32) - 100
     pre["ref_rejected_logps"] = rng.normal(size=shape.pairs).astype(np.float32) - 100
@@ -257,6 +280,7 @@ def run(shapes: list[str], *, steps: int, with_trl: bool) -> tuple[list[dict[str
             "sft": step_flops(shape),
             "rm": step_flops(shape, lm_head=False),
             "dpo": step_flops(shape, reference_forward=True),
+            "dpo_prefix_shared": step_flops(shape, reference_forward=True, prefix_shared=True),
             "dpo_precomputed": step_flops(shape),
         }
         def row(step_name, times, step_flops_, name=name, tokens=tokens):
@@ -267,7 +291,7 @@ def run(shapes: list[str], *, steps: int, with_trl: bool) -> tuple[list[dict[str
 
         for step_name, times in ours.items():
             r = row(step_name, times, flops[step_name])
-            if step_name == "dpo" and trl_s is not None:
+            if step_name in ("dpo", "dpo_prefix_shared") and trl_s is not None:
                 r["speedup_vs_trl"] = trl_s[0] / times[0]
             rows.append(r)
         if trl_s is not None:

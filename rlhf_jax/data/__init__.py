@@ -12,6 +12,9 @@ KTO: SFT keys plus ``label`` (and ``kl_`` keys); RL prompts: ``prompt_ids, promp
 prompt_positions, prompt_segment_ids`` `[B, P]` left-padded plus ``prompt_index`` and numeric task
 fields. Packed SFT / preference batches add ``sequence_ids`` and, for pairs, ``chosen_index,
 rejected_index, chosen_last_index, rejected_last_index, pair_mask`` (see `pack_preference`).
+Prefix-shared preference batches (`BatchConfig.prefix_sharing`) hold one row per pair, the
+prompt once: the SFT token keys plus ``branch_ids`` `[B, T]` and ``margin, label`` (see
+`collate_prefix_shared`).
 
 Bad rows raise a `RecordError` naming file, line/row and problem, or with ``on_error="skip"``
 are counted per reason in a `LoadReport` that is logged to the ``rlhf_jax.data`` logger.
@@ -24,6 +27,7 @@ from rlhf_jax.data._collate import (
     bucket_length,
     collate_kto,
     collate_preference,
+    collate_prefix_shared,
     collate_prompts,
     collate_ranking,
     collate_sft,
@@ -100,6 +104,7 @@ __all__ = [
     "build_tfds_dataset",
     "collate_kto",
     "collate_preference",
+    "collate_prefix_shared",
     "collate_prompts",
     "collate_ranking",
     "collate_sft",

@@ -144,6 +144,7 @@ def collate_preference(
     pad_id: int,
     length_buckets: Sequence[int] | None = DEFAULT_LENGTH_BUCKETS,
     length: int | None = None,
+    prefix_sharing: bool = False,
 ) -> dict[str, np.ndarray]:
     """Pairwise preference batch.
 
@@ -151,7 +152,12 @@ def collate_preference(
     `T` (so a trainer may concatenate chosen and rejected along the batch axis), `margin [B]` and
     `label [B]` float32 (probability that chosen is preferred). Loss masks cover the response
     tokens only.
+
+    With `prefix_sharing`, one row per pair instead (see `collate_prefix_shared`).
     """
+    if prefix_sharing:
+        return collate_prefix_shared(examples, pad_id=pad_id, length_buckets=length_buckets,
+                                     length=length)
     chosen = [_join(e.prompt_ids, e.chosen_ids) for e in examples]
     rejected = [_join(e.prompt_ids, e.rejected_ids) for e in examples]
     t = _batch_length([len(c[0]) for c in chosen + rejected], length_buckets, length)
@@ -162,6 +168,61 @@ def collate_preference(
     out["margin"] = np.asarray([e.margin for e in examples], np.float32)
     out["label"] = np.asarray([e.label for e in examples], np.float32)
     return out
+
+
+def collate_prefix_shared(
+    examples: Sequence[TokenizedPreference],
+    *,
+    pad_id: int,
+    length_buckets: Sequence[int] | None = DEFAULT_LENGTH_BUCKETS,
+    length: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Prefix-shared pairwise batch: one row per pair, `prompt | chosen | rejected | padding`.
+
+    The prompt is run once instead of twice, so a pair costs `p + c + r` tokens instead of
+    `2p + c + r` (prefix sharing, as in Wang 2024, "Accelerating Direct Preference Optimization
+    with Prefix Sharing"). Keys, all `[B, T]` int32 with `T` the smallest of `length_buckets`
+    that fits `p + c + r` (or `length`):
+
+    - the five token keys of the module docstring, with `positions` `0 .. p-1` on the prompt and
+      `p, p+1, ...` again on each response (the positions each token has in its own row), and
+      `loss_mask` 1 on both responses;
+    - `branch_ids`: 0 on the prompt and on padding, 1 on the chosen and 2 on the rejected
+      response. The model lets a token attend to the prompt and to its own branch only
+      (`rlhf_jax.models`), so every logit equals the one of the unshared row, and
+      `rlhf_jax.train.common.aligned_token_logps` scores the rejected response's first token
+      from the prompt's last logits;
+
+    plus `margin [B]` and `label [B]` float32 as in `collate_preference`.
+    """
+    b = len(examples)
+    parts = [(_as_ids(e.prompt_ids), _as_ids(e.chosen_ids), _as_ids(e.rejected_ids))
+             for e in examples]
+    t = _batch_length([sum(len(x) for x in part) for part in parts], length_buckets, length)
+    ids = np.full((b, t), pad_id, np.int32)
+    att = np.zeros((b, t), np.int32)
+    loss = np.zeros((b, t), np.int32)
+    pos = np.zeros((b, t), np.int32)
+    branch = np.zeros((b, t), np.int32)
+    for i, (prompt, chosen, rejected) in enumerate(parts):
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        n = p + c + r
+        ids[i, :n] = np.concatenate([prompt, chosen, rejected])
+        att[i, :n] = 1
+        loss[i, p:n] = 1
+        pos[i, :n] = np.concatenate([np.arange(p + c), p + np.arange(r)])
+        branch[i, p:p + c] = 1
+        branch[i, p + c:n] = 2
+    return {
+        "input_ids": ids,
+        "attention_mask": att,
+        "loss_mask": loss,
+        "positions": pos,
+        "segment_ids": att.copy(),
+        "branch_ids": branch,
+        "margin": np.asarray([e.margin for e in examples], np.float32),
+        "label": np.asarray([e.label for e in examples], np.float32),
+    }
 
 
 def collate_ranking(

@@ -68,6 +68,8 @@ class BatchConfig:
       kl_pairs: add KTO's mismatched ``kl_`` pairs to KTO batches.
       drop_remainder: drop a final incomplete padded batch of a finite stream (logged with its
         size); otherwise it is returned with fewer rows.
+      prefix_sharing: preference examples only: one row per pair with the prompt once
+        (`collate_prefix_shared`); not with packing.
     """
 
     batch_size: int
@@ -78,12 +80,16 @@ class BatchConfig:
     num_responses: int | None = None
     kl_pairs: bool = True
     drop_remainder: bool = True
+    prefix_sharing: bool = False
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.packing and self.length is None:
             raise ValueError("packing needs a fixed row length: set BatchConfig.length")
+        if self.packing and self.prefix_sharing:
+            raise ValueError("packing and prefix_sharing are two different preference row "
+                             "layouts; choose one")
         if self.max_pairs is not None and self.max_pairs < 1:
             raise ValueError(f"max_pairs must be >= 1, got {self.max_pairs}")
 
@@ -108,7 +114,8 @@ def make_collate_fn(kind: str, config: BatchConfig, *, pad_id: int) -> Callable[
     if kind == "sft":
         return lambda xs: collate_sft(xs, **common)
     if kind == "preference":
-        return lambda xs: collate_preference(xs, **common)
+        return lambda xs: collate_preference(xs, prefix_sharing=config.prefix_sharing,
+                                             **common)
     if kind == "ranking":
         return lambda xs: collate_ranking(xs, num_responses=config.num_responses, **common)
     if kind == "kto":
@@ -173,6 +180,8 @@ class DataLoader:
                 raise TypeError(f"example {i} ({e.origin}) is {_kind(e)}, not {self.kind}")
         if batch_config.packing and self.kind not in ("sft", "preference"):
             raise ValueError(f"packing supports 'sft' and 'preference' examples, not {self.kind!r}")
+        if batch_config.prefix_sharing and self.kind != "preference":
+            raise ValueError(f"prefix_sharing supports 'preference' examples, not {self.kind!r}")
         self.batch_config = batch_config
         self.pad_id = int(pad_id)
         self.seed = int(seed)

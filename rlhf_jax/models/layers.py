@@ -190,13 +190,19 @@ def attention_weights_mask(
     kv_valid: jax.Array,
     q_segments: jax.Array | None = None,
     kv_segments: jax.Array | None = None,
+    q_branches: jax.Array | None = None,
+    kv_branches: jax.Array | None = None,
 ) -> jax.Array:
     """Boolean mask `[B, T, S]`: key slot j is visible from query i when
-    `kv_slots[j] <= q_slot[i]`, `kv_valid[b, j]`, and (packed rows) the segments agree."""
+    `kv_slots[j] <= q_slot[i]`, `kv_valid[b, j]`, (packed rows) the segments agree, and
+    (prefix-shared rows) key j is in the shared prefix (branch 0) or in query i's branch."""
     mask = kv_slots[None, None, :] <= q_positions_slot[:, :, None]
     mask = mask & kv_valid[:, None, :].astype(bool)
     if q_segments is not None:
         mask = mask & (q_segments[:, :, None] == kv_segments[:, None, :])
+    if q_branches is not None:
+        kv_b = kv_branches[:, None, :]
+        mask = mask & ((kv_b == 0) | (kv_b == q_branches[:, :, None]))
     return mask
 
 

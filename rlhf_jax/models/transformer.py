@@ -9,7 +9,11 @@ updated in place inside a sampler's `while_loop`.
 Masks and positions (docs/ARCHITECTURE.md): `attention_mask [B, T]` is 1 on real tokens;
 `positions` default to `cumsum(attention_mask) - 1` clipped at 0 (a left-padded row's first real
 token has position 0), or restart at 0 in each segment when `segment_ids [B, T]` are given
-(packed rows; attention never crosses a segment).
+(packed rows; attention never crosses a segment). Prefix-shared rows (one preference pair per
+row: the prompt once, then each response) add `branch_ids [B, T]`: 0 on the shared prefix,
+`k > 0` on the tokens of continuation `k`; a token attends to the prefix and to earlier tokens of
+its own branch only, and the caller passes `positions` (each branch continues from the prefix's
+length).
 """
 
 from __future__ import annotations
@@ -153,7 +157,8 @@ class Decoder(nnx.Module):
                 block.attn.fuse_qkv()
         return blocks
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+                 branch_ids=None):
         """Final hidden states `[B, T, E]` (compute dtype)."""
         _check_tokens(input_ids)
         b, t = input_ids.shape
@@ -161,11 +166,15 @@ class Decoder(nnx.Module):
             attention_mask = (segment_ids > 0) if segment_ids is not None \
                 else jnp.ones((b, t), jnp.int32)
         if positions is None:
+            if branch_ids is not None:
+                raise ValueError("branch_ids (prefix-shared rows) need explicit positions")
             positions = default_positions(attention_mask, segment_ids)
+        if branch_ids is not None and branch_ids.shape != (b, t):
+            raise ValueError(f"branch_ids must be [B, T] = {(b, t)}, got {branch_ids.shape}")
         x, rope = self._embed(input_ids, positions)
         slots = jnp.arange(t, dtype=jnp.int32)
         mask = attention_weights_mask(jnp.broadcast_to(slots, (b, t)), slots, attention_mask,
-                                      segment_ids, segment_ids)
+                                      segment_ids, segment_ids, branch_ids, branch_ids)
         x, _ = self._run_layers(x, rope=rope, mask=mask)
         return self.final_norm(x)
 
@@ -195,8 +204,8 @@ class Decoder(nnx.Module):
 
 
 class CausalLM(nnx.Module):
-    """Decoder + LM head: `model(input_ids, attention_mask, positions, segment_ids)` ->
-    logits `[B, T, V]` float32.
+    """Decoder + LM head: `model(input_ids, attention_mask, positions, segment_ids,
+    branch_ids)` -> logits `[B, T, V]` float32.
 
     KV-cache decoding (used by `rlhf_jax.generation`):
 
@@ -231,8 +240,9 @@ class CausalLM(nnx.Module):
                           self.lm_head.kernel[...].astype(dtype),
                           preferred_element_type=jnp.float32)
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
-        hidden = self.backbone(input_ids, attention_mask, positions, segment_ids)
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+                 branch_ids=None):
+        hidden = self.backbone(input_ids, attention_mask, positions, segment_ids, branch_ids)
         return self.logits_from_hidden(hidden)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:

@@ -15,7 +15,10 @@ token they score**, `logps[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`, `
 `logps[:, 0] = 0`. They are computed with `rlhf_jax.losses.token_logps(logits[:, :-1],
 input_ids[:, 1:])` padded with one zero column in front. In packed rows the first token of each
 segment has no context inside its segment, so its log-prob is set to 0 too (and a loss mask never
-selects it, since a segment's first token is a prompt token).
+selects it, since a segment's first token is a prompt token). In prefix-shared rows
+(`branch_ids`, `rlhf_jax.data.collate_preference(prefix_sharing=True)`) the first token of every
+branch after the first is scored by the logits of the prefix's last token, as it would be in its
+own row.
 """
 
 from __future__ import annotations
@@ -394,7 +397,16 @@ def build_data(
     pad_id = next((int(v) for v in (tokenizer.pad_token_id, tokenizer.eos_token_id)
                    if v is not None), 0)
 
+    if spec.prefix_sharing and (spec.packing or format != "preference" or unpair):
+        raise ValueError("data.prefix_sharing needs pairwise preference data for a DPO-family "
+                         f"trainer (format {format!r} for {wanted!r} examples"
+                         f"{', with packing' if spec.packing else ''})")
+
     def batch_config(batch_size, packing):
+        if spec.prefix_sharing:
+            return BatchConfig(batch_size=batch_size // hosts, prefix_sharing=True,
+                               length_buckets=prefix_shared_lengths(spec.max_length,
+                                                                    spec.buckets))
         if spec.buckets and not packing:
             buckets = tuple(sorted(b for b in spec.buckets if b < spec.max_length))
             return BatchConfig(batch_size=batch_size // hosts,
@@ -551,13 +563,26 @@ def run_summary(result: Any, config: TrainConfig, data: DataBundle | None = None
     return summary
 
 
+def prefix_shared_lengths(max_length: int, buckets: Sequence[int] = ()) -> tuple[int, ...]:
+    """Row lengths for prefix-shared pairs (`DataSpec.prefix_sharing`): multiples of
+    `max_length / 4` (rounded up to 8) from `max_length / 2` to `2 * max_length`, plus the given
+    `buckets`. A pair's row holds `p + c + r <= 2 * max_length` tokens."""
+    step = -(-max_length // 4)
+    quarters = {-(-(k * step) // 8) * 8 for k in range(2, 9)}
+    cap = 2 * max_length
+    return tuple(sorted({min(b, cap) for b in (*quarters, *buckets)} | {cap}))
+
+
 # ---------------------------------------------------------------------------------------------
 # log-probs
 # ---------------------------------------------------------------------------------------------
 
 
 def aligned_token_logps(
-    logits: jax.Array, input_ids: jax.Array, segment_ids: jax.Array | None = None
+    logits: jax.Array,
+    input_ids: jax.Array,
+    segment_ids: jax.Array | None = None,
+    branch_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Per-token log-probs aligned to the token they score (module docstring).
 
@@ -566,9 +591,14 @@ def aligned_token_logps(
       input_ids: `[B, T]` int token ids.
       segment_ids: optional `[B, T]` packed-row segment ids; the first token of each segment
         gets log-prob 0.
+      branch_ids: optional `[B, T]` prefix-shared rows (0 on the shared prefix at the start of
+        the row and on padding, `k > 0` on continuation `k`). A token whose left neighbour is in
+        another continuation starts its branch: it is scored by the logits of the prefix's last
+        token (log-prob 0 when the prefix is empty, as at position 0 of its own row).
 
     Returns:
-      `[B, T]` float32, `out[:, 0] = 0`, `out[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`.
+      `[B, T]` float32, `out[:, 0] = 0`, `out[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`
+      (with `branch_ids`: given the prefix and the earlier tokens of its branch).
     """
     lp = token_logps(logits[:, :-1], input_ids[:, 1:])
     lp = jnp.pad(lp, ((0, 0), (1, 0)))
@@ -576,13 +606,23 @@ def aligned_token_logps(
         same = segment_ids[:, 1:] == segment_ids[:, :-1]
         same = jnp.pad(same, ((0, 0), (1, 0)), constant_values=False)
         lp = jnp.where(same, lp, 0.0)
+    if branch_ids is not None:
+        prev = jnp.pad(branch_ids[:, :-1], ((0, 0), (1, 0)))
+        starts = (branch_ids > 0) & (prev > 0) & (prev != branch_ids)
+        prefix_len = jnp.argmax(branch_ids > 0, axis=-1)  # [B]; the prefix is the row's start
+        last = jnp.take_along_axis(
+            logits, jnp.maximum(prefix_len - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, V]
+        from_prefix = jnp.take_along_axis(
+            jax.nn.log_softmax(last.astype(jnp.float32), axis=-1), input_ids, axis=1)
+        from_prefix = jnp.where((prefix_len > 0)[:, None], from_prefix, 0.0)
+        lp = jnp.where(starts, from_prefix, lp)
     return lp
 
 
 def model_inputs(batch: Mapping[str, jax.Array], prefix: str = "") -> dict[str, Any]:
     """The model's keyword inputs from the batch keys `<prefix>attention_mask` etc."""
     out: dict[str, Any] = {}
-    for key in ("attention_mask", "positions", "segment_ids"):
+    for key in ("attention_mask", "positions", "segment_ids", "branch_ids"):
         if prefix + key in batch:
             out[key] = batch[prefix + key]
     return out
@@ -595,7 +635,8 @@ def model_token_logps(
     input_ids = batch[prefix + "input_ids"]
     kwargs = model_inputs(batch, prefix)
     logits = model(input_ids, **kwargs)
-    return aligned_token_logps(logits, input_ids, kwargs.get("segment_ids")), logits
+    return aligned_token_logps(logits, input_ids, kwargs.get("segment_ids"),
+                               kwargs.get("branch_ids")), logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,6 +651,12 @@ def is_packed_pairs(batch: Mapping[str, jax.Array]) -> bool:
     return "chosen_index" in batch
 
 
+def is_prefix_shared_pairs(batch: Mapping[str, jax.Array]) -> bool:
+    """True for a prefix-shared preference batch (one row per pair: prompt, chosen, rejected;
+    `rlhf_jax.data.collate_preference(prefix_sharing=True)`)."""
+    return "branch_ids" in batch
+
+
 def pair_forward_batch(batch: Mapping[str, jax.Array], prefixes=("chosen_", "rejected_")
                        ) -> dict[str, jax.Array]:
     """The rows one forward pass runs on for a pairwise batch.
@@ -617,7 +664,10 @@ def pair_forward_batch(batch: Mapping[str, jax.Array], prefixes=("chosen_", "rej
     Padded layout: `chosen_<k>` and `rejected_<k>` `[B, T]` concatenated along the batch axis
     into `<k>` `[2B, T]` (rows `:B` chosen, `B:` rejected), so chosen and rejected share one
     forward pass. Packed layout: the rows as they are (`[R, T]`, plus `sequence_ids`).
+    Prefix-shared layout: the `[P, T]` rows as they are (plus `branch_ids`).
     """
+    if is_prefix_shared_pairs(batch):
+        return {k: batch[k] for k in (*_TOKEN_KEYS, "branch_ids")}
     if is_packed_pairs(batch):
         return {k: batch[k] for k in (*_TOKEN_KEYS, "sequence_ids") if k in batch}
     return {k: jnp.concatenate([batch[p + k] for p in prefixes], axis=0)
@@ -637,7 +687,12 @@ def pair_sequence_sums(
     from rlhf_jax.losses import masked_sum
 
     mask = rows["loss_mask"].astype(jnp.float32)
-    if is_packed_pairs(batch):
+    if is_prefix_shared_pairs(batch):
+        branch = rows["branch_ids"]
+        c_mask, r_mask = mask * (branch == 1), mask * (branch == 2)
+        c_sum, r_sum = masked_sum(values, c_mask, axis=-1), masked_sum(values, r_mask, axis=-1)
+        c_len, r_len = jnp.sum(c_mask, axis=-1), jnp.sum(r_mask, axis=-1)
+    elif is_packed_pairs(batch):
         num = 2 * batch["chosen_index"].shape[0] + 1
         ids = rows["sequence_ids"].reshape(-1)
         masked = jnp.where(mask > 0, values, 0.0).reshape(-1)
@@ -660,12 +715,15 @@ def pair_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
     """`[P]` float weights of the pairs: `pair_mask` of a packed batch, else ones."""
     if is_packed_pairs(batch):
         return batch["pair_mask"].astype(jnp.float32)
+    if is_prefix_shared_pairs(batch):
+        return jnp.ones(batch["input_ids"].shape[:1], jnp.float32)
     return jnp.ones(batch["chosen_input_ids"].shape[:1], jnp.float32)
 
 
 __all__ = [
     "MODEL_KINDS",
     "is_packed_pairs",
+    "is_prefix_shared_pairs",
     "pair_forward_batch",
     "pair_sequence_sums",
     "pair_weights",

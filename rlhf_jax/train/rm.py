@@ -58,6 +58,7 @@ from rlhf_jax.train.common import (
     build_model,
     check_vocab,
     is_packed_pairs,
+    is_prefix_shared_pairs,
     load_tokenizer_for,
     model_inputs,
     pair_forward_batch,
@@ -116,6 +117,9 @@ def _head_weights(batch: Mapping[str, jax.Array], n: int, heads: jax.Array) -> j
 
 def pair_rewards(model: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """`(chosen [P, H], rejected [P, H])` rewards of a pairwise batch, in one forward pass."""
+    if is_prefix_shared_pairs(batch):
+        raise ValueError("a reward model scores each response's own row; prefix-shared "
+                         "preference batches (data.prefix_sharing) are for the DPO family")
     rows = pair_forward_batch(batch)
     if is_packed_pairs(batch):
         scores = model.token_scores(rows["input_ids"], **model_inputs(rows))
@@ -335,6 +339,9 @@ def train_rm(config: RMConfig) -> dict[str, Any]:
     """
     if config.loss not in RM_LOSSES:
         raise ValueError(f"loss={config.loss!r}; allowed: {RM_LOSSES}")
+    if config.data.prefix_sharing:
+        raise ValueError("data.prefix_sharing is for the DPO family; a reward model scores each "
+                         "response's own row")
     fmt = "ranking" if config.loss in RANKING_LOSSES else "preference"
     tokenizer = load_tokenizer_for(config.data, config.model)
     data = build_data(config.data, format=fmt, tokenizer=tokenizer, seed=config.seed)

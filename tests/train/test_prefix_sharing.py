@@ -1,0 +1,296 @@
+"""Prefix-shared preference rows (`DataSpec.prefix_sharing`): one row per pair, the prompt once.
+
+The layout is checked by hand; the tree attention against the unshared rows (the same logits for
+every response token, GPT-2 and RoPE models); the log-prob alignment against a float64 NumPy
+reference; the DPO-family losses, metrics and gradients against the padded layout; the config
+errors; and a DPO run on the 8-device mesh against the same run without sharing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from train_toys import write_easy_preferences
+
+from rlhf_jax.data import (
+    BatchConfig,
+    DataLoader,
+    TokenizedPreference,
+    TokenizedSFT,
+    collate_preference,
+    collate_prefix_shared,
+)
+from rlhf_jax.models import CausalLM, ModelConfig
+from rlhf_jax.train import (
+    CheckpointConfig,
+    DataSpec,
+    LoggingConfig,
+    ModelSpec,
+    OptimizerConfig,
+    read_metrics,
+)
+from rlhf_jax.train.common import (
+    aligned_token_logps,
+    build_data,
+    model_token_logps,
+    pair_forward_batch,
+    pair_sequence_sums,
+    pair_weights,
+    prefix_shared_lengths,
+)
+from rlhf_jax.train.dpo import DPOConfig, PolicyAndReference, preference_loss, train_dpo
+from rlhf_jax.train.rm import RMConfig, train_rm
+
+
+def _example(prompt, chosen, rejected, label=1.0):
+    as_ids = lambda x: np.asarray(x, np.int32)  # noqa: E731
+    return TokenizedPreference(as_ids(prompt), as_ids(chosen), as_ids(rejected), 0.5, label,
+                               "test")
+
+
+def _random_examples(seed, lengths, vocab=60):
+    rng = np.random.default_rng(seed)
+    return [_example(rng.integers(3, vocab, p), rng.integers(3, vocab, c),
+                     rng.integers(3, vocab, r), label=float(rng.uniform(0.6, 1.0)))
+            for p, c, r in lengths]
+
+
+# Prompt, chosen, rejected lengths: different prompts, an empty prompt, an empty chosen response.
+LENGTHS = [(5, 3, 4), (1, 6, 2), (0, 2, 3), (7, 0, 1), (4, 4, 4), (2, 1, 6), (3, 5, 2), (6, 2, 2)]
+
+
+class TestLayout:
+    def test_hand_worked_rows(self):
+        batch = collate_prefix_shared(
+            [_example([11, 12, 13], [21, 22], [31, 32, 33]), _example([14], [23, 24, 25], [34])],
+            pad_id=0, length=9)
+        np.testing.assert_array_equal(batch["input_ids"], [[11, 12, 13, 21, 22, 31, 32, 33, 0],
+                                                           [14, 23, 24, 25, 34, 0, 0, 0, 0]])
+        np.testing.assert_array_equal(batch["attention_mask"], [[1, 1, 1, 1, 1, 1, 1, 1, 0],
+                                                                [1, 1, 1, 1, 1, 0, 0, 0, 0]])
+        np.testing.assert_array_equal(batch["segment_ids"], batch["attention_mask"])
+        np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 0, 1, 1, 1, 1, 1, 0],
+                                                           [0, 1, 1, 1, 1, 0, 0, 0, 0]])
+        # Each response continues from the prompt's length, as in its own row.
+        np.testing.assert_array_equal(batch["positions"], [[0, 1, 2, 3, 4, 3, 4, 5, 0],
+                                                           [0, 1, 2, 3, 1, 0, 0, 0, 0]])
+        np.testing.assert_array_equal(batch["branch_ids"], [[0, 0, 0, 1, 1, 2, 2, 2, 0],
+                                                            [0, 1, 1, 1, 2, 0, 0, 0, 0]])
+        np.testing.assert_allclose(batch["margin"], [0.5, 0.5])
+        np.testing.assert_allclose(batch["label"], [1.0, 1.0])
+        assert all(v.dtype == np.int32 for k, v in batch.items() if k not in ("margin", "label"))
+
+    def test_buckets_and_too_long(self):
+        examples = [_example([1] * 5, [2] * 6, [3] * 7)]  # 18 tokens
+        assert collate_preference(examples, pad_id=0, prefix_sharing=True,
+                                  length_buckets=(16, 24, 32))["input_ids"].shape == (1, 24)
+        with pytest.raises(ValueError, match="18 tokens, more than length=16"):
+            collate_prefix_shared(examples, pad_id=0, length=16)
+
+    def test_row_lengths(self):
+        # max_length 48: multiples of 12 from 24 to 96, each rounded up to a multiple of 8.
+        assert prefix_shared_lengths(48) == (24, 40, 48, 64, 72, 88, 96)
+        assert prefix_shared_lengths(48, (30, 200)) == (24, 30, 40, 48, 64, 72, 88, 96)
+        assert prefix_shared_lengths(128)[-1] == 256
+
+    def test_loader_and_batch_config(self):
+        examples = _random_examples(0, LENGTHS)
+        loader = DataLoader(examples, batch_config=BatchConfig(batch_size=4, prefix_sharing=True,
+                                                               length_buckets=(32,)),
+                            pad_id=0, seed=0, shuffle=False)
+        batch = next(iter(loader))
+        assert batch["input_ids"].shape == (4, 32)
+        np.testing.assert_array_equal(batch["input_ids"],
+                                      collate_prefix_shared(examples[:4], pad_id=0,
+                                                            length=32)["input_ids"])
+        with pytest.raises(ValueError, match="packing and prefix_sharing"):
+            BatchConfig(batch_size=4, length=32, packing=True, prefix_sharing=True)
+        sft = [TokenizedSFT(np.arange(1, 5, dtype=np.int32), np.ones(4, np.int32), "x")] * 4
+        with pytest.raises(ValueError, match="prefix_sharing supports 'preference' examples"):
+            DataLoader(sft, batch_config=BatchConfig(batch_size=2, prefix_sharing=True),
+                       pad_id=0)
+
+
+def _np_log_softmax(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("variant", ["jit", "eager"])
+def test_aligned_logps_with_branches_match_numpy(variant):
+    """Branch starts after the first are scored from the prefix's last logits (0 without a
+    prefix); every other token from its left neighbour; float64 NumPy reference."""
+    batch = collate_prefix_shared(_random_examples(1, LENGTHS[:4]), pad_id=0, length=16)
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(4, 16, 60)).astype(np.float32) * 3
+    fn = aligned_token_logps if variant == "eager" else jax.jit(aligned_token_logps)
+    out = np.asarray(fn(jnp.asarray(logits), jnp.asarray(batch["input_ids"]),
+                        jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["branch_ids"])))
+    lsm = _np_log_softmax(logits)
+    ref = np.zeros((4, 16))
+    for b, (p, c, r) in enumerate(LENGTHS[:4]):
+        ids = batch["input_ids"][b]
+        for t in range(1, 16):
+            source = t - 1
+            if t == p + c + r:  # the first padding token starts segment 0
+                continue
+            if t == p + c and c > 0 and r > 0:  # first rejected token after a chosen one
+                if p == 0:
+                    continue
+                source = p - 1
+            ref[b, t] = lsm[b, source, ids[t]]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny_gpt2", "tiny_llama"])
+def test_shared_rows_give_the_unshared_logits(preset):
+    """Tree attention: every response token's logits (and so every log-prob) in the shared row
+    equal those of its own row."""
+    config = getattr(ModelConfig, preset)(vocab_size=64)
+    model = CausalLM(config, rngs=nnx.Rngs(0))
+    examples = _random_examples(3, LENGTHS[:6])
+    padded = collate_preference(examples, pad_id=0, length=16)
+    shared = collate_prefix_shared(examples, pad_id=0, length=24)
+    kw = lambda b, pre="": {k: jnp.asarray(b[pre + k])  # noqa: E731
+                            for k in ("attention_mask", "positions", "segment_ids")}
+    logits_c = np.asarray(model(jnp.asarray(padded["chosen_input_ids"]), **kw(padded, "chosen_")))
+    logits_r = np.asarray(model(jnp.asarray(padded["rejected_input_ids"]),
+                                **kw(padded, "rejected_")))
+    logits_s = np.asarray(model(jnp.asarray(shared["input_ids"]), **kw(shared),
+                                branch_ids=jnp.asarray(shared["branch_ids"])))
+    for b, (p, c, r) in enumerate(LENGTHS[:6]):
+        np.testing.assert_allclose(logits_s[b, :p + c], logits_c[b, :p + c], atol=2e-5)
+        np.testing.assert_allclose(logits_s[b, p + c:p + c + r], logits_r[b, p:p + r], atol=2e-5)
+
+
+def test_model_input_errors():
+    model = CausalLM(ModelConfig.tiny_gpt2(vocab_size=64), rngs=nnx.Rngs(0))
+    ids = jnp.ones((2, 5), jnp.int32)
+    with pytest.raises(ValueError, match="need explicit positions"):
+        model(ids, branch_ids=jnp.zeros((2, 5), jnp.int32))
+    with pytest.raises(ValueError, match=r"branch_ids must be \[B, T\]"):
+        model(ids, positions=jnp.zeros((2, 5), jnp.int32), branch_ids=jnp.zeros((2, 4), jnp.int32))
+
+
+class TestPreferenceLosses:
+    """The DPO family on prefix-shared rows equals the padded layout: loss, metrics, gradients."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def models(cls):
+        config = ModelConfig.tiny_gpt2(vocab_size=64)
+        return CausalLM(config, rngs=nnx.Rngs(1)), CausalLM(config, rngs=nnx.Rngs(2))
+
+    @pytest.mark.parametrize("algorithm, loss_type", [
+        ("dpo", ("sigmoid",)), ("dpo", ("ipo",)), ("dpo", ("sigmoid", "sft")),
+        ("simpo", ()), ("orpo", ()), ("cpo", ("sigmoid",)),
+    ])
+    def test_loss_metrics_and_grads(self, models, algorithm, loss_type):
+        policy, ref = models
+        examples = _random_examples(4, LENGTHS)
+        padded = {k: jnp.asarray(v) for k, v in collate_preference(examples, pad_id=0,
+                                                                   length=16).items()}
+        shared = {k: jnp.asarray(v) for k, v in collate_prefix_shared(examples, pad_id=0,
+                                                                      length=24).items()}
+        kw = dict(algorithm=algorithm, loss_type=loss_type, beta=0.3,
+                  reference="model" if algorithm == "dpo" else "none")
+
+        def loss_and_grads(batch):
+            graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
+
+            def f(p):
+                pol = nnx.merge(graphdef, p, rest)
+                model = PolicyAndReference(pol, ref) if algorithm == "dpo" else pol
+                return preference_loss(model, batch, **kw)
+
+            return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+        (loss_p, metrics_p), grads_p = loss_and_grads(padded)
+        (loss_s, metrics_s), grads_s = loss_and_grads(shared)
+        np.testing.assert_allclose(loss_s, loss_p, rtol=1e-5)
+        assert metrics_s.keys() == metrics_p.keys()
+        for key in metrics_p:
+            np.testing.assert_allclose(metrics_s[key], metrics_p[key], rtol=1e-4, atol=1e-5,
+                                       err_msg=key)
+        for gs, gp in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_p)):
+            np.testing.assert_allclose(gs, gp, rtol=1e-4, atol=1e-6)
+
+    def test_padding_is_inert_and_sums_match(self, models):
+        policy, _ = models
+        examples = _random_examples(5, LENGTHS)
+        padded = collate_preference(examples, pad_id=0, length=16)
+        shared = collate_prefix_shared(examples, pad_id=0, length=24)
+        junk = dict(shared)
+        junk["input_ids"] = np.where(shared["attention_mask"] > 0, shared["input_ids"], 63)
+        sums = []
+        for batch in (padded, shared, junk):
+            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            rows = pair_forward_batch(batch)
+            logps, _ = model_token_logps(policy, rows)
+            sums.append([np.asarray(x) for x in pair_sequence_sums(logps, rows, batch)])
+        for x, y, z in zip(*sums):
+            np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(z, y)
+        np.testing.assert_array_equal(sums[1][2], [c for _, c, _ in LENGTHS])  # chosen lengths
+        np.testing.assert_array_equal(pair_weights({"branch_ids": jnp.zeros((8, 3)),
+                                                    "input_ids": jnp.zeros((8, 3))}), np.ones(8))
+
+
+TINY = ModelSpec(preset="tiny_gpt2", vocab_size=64, hidden_size=32, num_layers=1, num_heads=2,
+                 max_position_embeddings=128)
+QUIET = LoggingConfig(every_steps=1, tensorboard=False, progress="none")
+
+
+@pytest.fixture(scope="module")
+def pref_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prefix")
+    write_easy_preferences(root / "train.jsonl", n=48, seed=0)
+    write_easy_preferences(root / "eval.jsonl", n=16, seed=1)
+    return root
+
+
+def _data(root, **kw):
+    return DataSpec(synthetic="topic", path=str(root / "train.jsonl"),
+                    eval_path=str(root / "eval.jsonl"), batch_size=8, max_length=48,
+                    max_prompt_length=24, **kw)
+
+
+def test_dpo_run_on_the_mesh_matches_unshared(tmp_path, pref_files):
+    """A DPO run with prefix sharing on the 8-device mesh logs the same metrics as without."""
+    assert jax.device_count() == 8
+    runs = {}
+    for sharing in (False, True):
+        config = DPOConfig(output_dir=str(tmp_path / str(sharing)), num_steps=3, model=TINY,
+                           data=_data(pref_files, prefix_sharing=sharing), logging=QUIET,
+                           optimizer=OptimizerConfig(learning_rate=2e-3),
+                           checkpoint=CheckpointConfig(every_steps=0))
+        summary = train_dpo(config)
+        train_records = [r for r in read_metrics(config.output_dir) if "dpo/loss" in r]
+        runs[sharing] = (train_records, summary["eval_metrics"])
+    (plain, plain_eval), (shared, shared_eval) = runs[False], runs[True]
+    assert len(plain) == len(shared) == 3
+    for a, b in zip(plain, shared):
+        for key in ("dpo/loss", "dpo/reward_margin", "dpo/logps_chosen", "dpo/logps_rejected",
+                    "dpo/accuracy"):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    for key in plain_eval:
+        np.testing.assert_allclose(shared_eval[key], plain_eval[key], rtol=1e-4, atol=1e-5)
+
+
+def test_config_errors(tmp_path, pref_files):
+    from rlhf_jax.data.synthetic import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    with pytest.raises(ValueError, match="prefix_sharing needs pairwise preference data.*packing"):
+        build_data(_data(pref_files, prefix_sharing=True, packing=True), format="preference",
+                   tokenizer=tokenizer, seed=0)
+    with pytest.raises(ValueError, match="prefix_sharing needs pairwise preference data"):
+        build_data(_data(pref_files, prefix_sharing=True), format="kto", tokenizer=tokenizer,
+                   seed=0)
+    with pytest.raises(ValueError, match="data.prefix_sharing is for the DPO family"):
+        train_rm(RMConfig(output_dir=str(tmp_path / "rm"), num_steps=1, model=TINY,
+                          data=_data(pref_files, prefix_sharing=True)))
