@@ -10,9 +10,10 @@ Shapes (random GPT-2, vocabulary 512, `P` pairs of prompt + response tokens):
 - `small`: 8 pairs, 64 + 64 tokens, 4 layers, width 256, 4 heads.
 
 Every step sees the same rows: DPO `2P` sequences (chosen and rejected in one batch), the reward
-model the same `2P`, SFT `2P` sequences; `dpo_prefix_shared` the same pairs as `P` prefix-shared
-rows of `prompt + 2 response` tokens (`DataSpec.prefix_sharing`: the prompt runs once), whose
-MFU counts the FLOPs it executes and whose tokens/s counts the same `2P` sequences as `dpo`. Figures are the median and the best of `--steps` timed
+model the same `2P`, SFT `2P` sequences; `dpo_prefix_shared` and `rm_prefix_shared` the same
+pairs as `P` prefix-shared rows of `prompt + 2 response` tokens (`DataSpec.prefix_sharing`: the
+prompt runs once), whose MFU counts the FLOPs they execute and whose tokens/s counts the same
+`2P` sequences as `dpo` and `rm`. Figures are the median and the best of `--steps` timed
 steps after warm-up (compilation excluded), all in float32; on a shared machine the best step
 is the least disturbed one.
 
@@ -169,6 +170,9 @@ def bench_rlhf_jax(shape: Shape, *, steps: int) -> dict[str, tuple[float, float]
 
     run("sft", build_model(spec), make_sft_loss(), _token_rows(rng, shape, 2 * shape.pairs))
     run("rm", build_model(spec, kind="reward"), make_rm_loss(RMConfig()), pair_batch)
+    shared_batch = _prefix_shared_batch(pair_batch, shape)
+    run("rm_prefix_shared", build_model(spec, kind="reward"), make_rm_loss(RMConfig()),
+        shared_batch)
     policy, ref = build_model(spec), build_model(spec)
     both = PolicyAndReference(policy, ref)
     run("dpo", both, make_preference_loss(DPOConfig(), reference="model"), pair_batch,
@@ -176,7 +180,7 @@ def bench_rlhf_jax(shape: Shape, *, steps: int) -> dict[str, tuple[float, float]
     policy, ref = build_model(spec), build_model(spec)
     both = PolicyAndReference(policy, ref)
     run("dpo_prefix_shared", both, make_preference_loss(DPOConfig(), reference="model"),
-        _prefix_shared_batch(pair_batch, shape), trainable=policy_only_filter(both))
+        shared_batch, trainable=policy_only_filter(both))
     pre = dict(pair_batch)
     pre["ref_chosen_logps"] = rng.normal(size=shape.pairs).astype(np.float32) - 100
     pre["ref_rejected_logps"] = rng.normal(size=shape.pairs).astype(np.float32) - 100
@@ -279,6 +283,7 @@ def run(shapes: list[str], *, steps: int, with_trl: bool) -> tuple[list[dict[str
         flops = {
             "sft": step_flops(shape),
             "rm": step_flops(shape, lm_head=False),
+            "rm_prefix_shared": step_flops(shape, lm_head=False, prefix_shared=True),
             "dpo": step_flops(shape, reference_forward=True),
             "dpo_prefix_shared": step_flops(shape, reference_forward=True, prefix_shared=True),
             "dpo_precomputed": step_flops(shape),

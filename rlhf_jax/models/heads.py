@@ -57,8 +57,9 @@ class ValueModel(nnx.Module):
         self.value_head = Proj((config.hidden_size,), (1,), in_names=("embed",),
                                out_names=(None,), use_bias=True, config=config, rngs=rngs)
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
-        hidden = self.backbone(input_ids, attention_mask, positions, segment_ids)
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+                 branch_ids=None):
+        hidden = self.backbone(input_ids, attention_mask, positions, segment_ids, branch_ids)
         return self.value_head(hidden).astype(jnp.float32)[..., 0]
 
     @classmethod
@@ -113,9 +114,11 @@ class RewardModel(nnx.Module):
                                              out_sharding=("reward_heads",),
                                              eager_sharding=False)
 
-    def token_scores(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
-        """Normalised scores at every token, `[B, T, H]` float32."""
-        hidden = self.backbone(input_ids, attention_mask, positions, segment_ids)
+    def token_scores(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+                     branch_ids=None):
+        """Normalised scores at every token, `[B, T, H]` float32 (for prefix-shared rows with
+        `branch_ids`, read the last token of each branch)."""
+        hidden = self.backbone(input_ids, attention_mask, positions, segment_ids, branch_ids)
         raw = self.score_head(hidden).astype(jnp.float32)
         return raw * self.norm_gain[...] + self.norm_bias[...]
 

@@ -398,9 +398,9 @@ def build_data(
                    if v is not None), 0)
 
     if spec.prefix_sharing and (spec.packing or format != "preference" or unpair):
-        raise ValueError("data.prefix_sharing needs pairwise preference data for a DPO-family "
-                         f"trainer (format {format!r} for {wanted!r} examples"
-                         f"{', with packing' if spec.packing else ''})")
+        raise ValueError("data.prefix_sharing needs pairwise preference data (DPO family, "
+                         f"pairwise reward models); got format {format!r} for {wanted!r} examples"
+                         f"{' with packing' if spec.packing else ''}")
 
     def batch_config(batch_size, packing):
         if spec.prefix_sharing:

@@ -116,9 +116,9 @@ class DataSpec:
     packing: bool = False
     """Pack several sequences per row of `max_length` tokens (SFT and preference data)."""
     prefix_sharing: bool = False
-    """DPO family (dpo, simpo, orpo, cpo): one row per preference pair, the prompt once and both
-    responses after it (`rlhf_jax.data.collate_prefix_shared`): the same log-probs for
-    `2p + c + r` -> `p + c + r` tokens of compute. Rows are padded to the smallest multiple of
+    """DPO family (dpo, simpo, orpo, cpo) and pairwise reward models: one row per preference
+    pair, the prompt once and both responses after it (`rlhf_jax.data.collate_prefix_shared`):
+    the same log-probs and rewards for `2p + c + r` -> `p + c + r` tokens of compute. Rows are padded to the smallest multiple of
     `max_length / 4` (from `max_length / 2` to `2 * max_length`, and any of `buckets`) that
     fits. Not with `packing`."""
     shuffle: bool = True

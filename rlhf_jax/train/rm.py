@@ -117,10 +117,18 @@ def _head_weights(batch: Mapping[str, jax.Array], n: int, heads: jax.Array) -> j
 
 def pair_rewards(model: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """`(chosen [P, H], rejected [P, H])` rewards of a pairwise batch, in one forward pass."""
-    if is_prefix_shared_pairs(batch):
-        raise ValueError("a reward model scores each response's own row; prefix-shared "
-                         "preference batches (data.prefix_sharing) are for the DPO family")
     rows = pair_forward_batch(batch)
+    if is_prefix_shared_pairs(batch):
+        # Each response's reward is read at its last token (the prompt's last token when the
+        # response is empty), as in its own row: prompt | chosen | rejected | padding.
+        scores = model.token_scores(rows["input_ids"], **model_inputs(rows))
+        valid = rows["attention_mask"].astype(bool)
+        branch = rows["branch_ids"]
+        p, c, r = (jnp.sum(valid & (branch == k), axis=-1) for k in (0, 1, 2))
+        chosen_last = jnp.maximum(p + c - 1, 0)
+        rejected_last = jnp.maximum(jnp.where(r > 0, p + c + r - 1, p - 1), 0)
+        take = lambda idx: jnp.take_along_axis(scores, idx[:, None, None], axis=1)[:, 0]  # noqa: E731
+        return take(chosen_last), take(rejected_last)
     if is_packed_pairs(batch):
         scores = model.token_scores(rows["input_ids"], **model_inputs(rows))
         flat = scores.reshape(-1, scores.shape[-1])
@@ -179,9 +187,10 @@ def rm_loss(
                            for h in head_names], jnp.float32)
     metrics: dict[str, jax.Array] = {}
     if loss == "bradley_terry":
-        if "chosen_input_ids" not in batch and not is_packed_pairs(batch):
+        if not ("chosen_input_ids" in batch or is_packed_pairs(batch)
+                or is_prefix_shared_pairs(batch)):
             raise ValueError("loss='bradley_terry' needs a pairwise preference batch "
-                             "(chosen_*/rejected_* keys)")
+                             "(chosen_*/rejected_* keys, packed or prefix-shared rows)")
         chosen, rejected = pair_rewards(model, batch)  # [P, H]
         p, h = chosen.shape
         w = _head_weights(batch, p, trained) * pair_weights(batch)[:, None]
@@ -339,9 +348,6 @@ def train_rm(config: RMConfig) -> dict[str, Any]:
     """
     if config.loss not in RM_LOSSES:
         raise ValueError(f"loss={config.loss!r}; allowed: {RM_LOSSES}")
-    if config.data.prefix_sharing:
-        raise ValueError("data.prefix_sharing is for the DPO family; a reward model scores each "
-                         "response's own row")
     fmt = "ranking" if config.loss in RANKING_LOSSES else "preference"
     tokenizer = load_tokenizer_for(config.data, config.model)
     data = build_data(config.data, format=fmt, tokenizer=tokenizer, seed=config.seed)

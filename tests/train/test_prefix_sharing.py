@@ -2,8 +2,9 @@
 
 The layout is checked by hand; the tree attention against the unshared rows (the same logits for
 every response token, GPT-2 and RoPE models); the log-prob alignment against a float64 NumPy
-reference; the DPO-family losses, metrics and gradients against the padded layout; the config
-errors; and a DPO run on the 8-device mesh against the same run without sharing.
+reference; the DPO-family losses, metrics and gradients, and the pairwise reward model's rewards,
+loss and gradients, against the padded layout; the config errors; and DPO and reward-model runs
+on the 8-device mesh against the same runs without sharing.
 """
 
 from __future__ import annotations
@@ -291,6 +292,60 @@ def test_config_errors(tmp_path, pref_files):
     with pytest.raises(ValueError, match="prefix_sharing needs pairwise preference data"):
         build_data(_data(pref_files, prefix_sharing=True), format="kto", tokenizer=tokenizer,
                    seed=0)
-    with pytest.raises(ValueError, match="data.prefix_sharing is for the DPO family"):
+    with pytest.raises(ValueError, match="prefix_sharing needs pairwise preference data"):
         train_rm(RMConfig(output_dir=str(tmp_path / "rm"), num_steps=1, model=TINY,
-                          data=_data(pref_files, prefix_sharing=True)))
+                          loss="plackett_luce", data=_data(pref_files, prefix_sharing=True,
+                                                           format="ranking")))
+
+
+@pytest.mark.parametrize("preset", ["tiny_gpt2", "tiny_llama"])
+def test_reward_model_reads_each_response_last_token(preset):
+    """Pairwise rewards from prefix-shared rows equal those of the unshared rows (empty prompt
+    and empty chosen response included), and so does the Bradley-Terry loss and its gradient."""
+    from rlhf_jax.models import RewardModel
+    from rlhf_jax.train.rm import pair_rewards, rm_loss
+
+    config = getattr(ModelConfig, preset)(vocab_size=64)
+    model = RewardModel(config, head_names=("a", "b"), rngs=nnx.Rngs(0))
+    examples = _random_examples(6, LENGTHS)
+    padded = {k: jnp.asarray(v) for k, v in collate_preference(examples, pad_id=0,
+                                                               length=16).items()}
+    shared = {k: jnp.asarray(v) for k, v in collate_prefix_shared(examples, pad_id=0,
+                                                                  length=24).items()}
+    for x, y in zip(pair_rewards(model, padded), pair_rewards(model, shared)):
+        assert x.shape == y.shape == (8, 2)
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=2e-5)
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p, batch):
+        return rm_loss(nnx.merge(graphdef, p, rest), batch, head_names=("a", "b"),
+                       use_margin=True)[0]
+
+    (lp, gp), (ls, gs) = (jax.value_and_grad(loss)(params, b) for b in (padded, shared))
+    np.testing.assert_allclose(ls, lp, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gp)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_rm_run_matches_unshared(tmp_path, pref_files):
+    runs = {}
+    for sharing in (False, True):
+        config = RMConfig(output_dir=str(tmp_path / str(sharing)), num_steps=3, model=TINY,
+                          data=_data(pref_files, prefix_sharing=sharing), logging=QUIET,
+                          optimizer=OptimizerConfig(learning_rate=2e-3),
+                          checkpoint=CheckpointConfig(every_steps=0))
+        summary = train_rm(config)
+        runs[sharing] = ([r for r in read_metrics(config.output_dir) if "rm/loss" in r],
+                         summary["eval_metrics"])
+    (plain, plain_eval), (shared, shared_eval) = runs[False], runs[True]
+    assert len(plain) == len(shared) == 3
+    # Bradley-Terry is invariant to a common shift of the rewards, so the head's bias has a zero
+    # true gradient and Adam turns its rounding noise into +-lr steps: the chosen and rejected
+    # rewards may move together by ~1e-3, while everything the loss sees agrees.
+    for a, b in zip(plain, shared):
+        for key in ("rm/loss", "rm/accuracy", "rm/margin"):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(b["rm/chosen_reward"], a["rm/chosen_reward"], atol=5e-3)
+    for key in ("rm/eval/loss", "rm/eval/accuracy", "rm/eval/margin"):
+        np.testing.assert_allclose(shared_eval[key], plain_eval[key], rtol=1e-4, atol=1e-5)
