@@ -397,7 +397,7 @@ def build_data(
     pad_id = next((int(v) for v in (tokenizer.pad_token_id, tokenizer.eos_token_id)
                    if v is not None), 0)
 
-    if spec.prefix_sharing and (spec.packing or format != "preference" or unpair):
+    if spec.prefix_sharing and (spec.packing or format not in ("preference", "hh") or unpair):
         raise ValueError("data.prefix_sharing needs pairwise preference data (DPO family, "
                          f"pairwise reward models); got format {format!r} for {wanted!r} examples"
                          f"{' with packing' if spec.packing else ''}")

@@ -349,3 +349,27 @@ def test_rm_run_matches_unshared(tmp_path, pref_files):
         np.testing.assert_allclose(b["rm/chosen_reward"], a["rm/chosen_reward"], atol=5e-3)
     for key in ("rm/eval/loss", "rm/eval/accuracy", "rm/eval/margin"):
         np.testing.assert_allclose(shared_eval[key], plain_eval[key], rtol=1e-4, atol=1e-5)
+
+
+def test_hh_transcripts_share_their_prompt(tmp_path):
+    """HH-RLHF records (chosen and rejected transcripts with one prompt) load as prefix-shared
+    rows: the prompt once, then each response, in one of the row lengths."""
+    import json
+
+    from rlhf_jax.data.synthetic import build_tokenizer
+
+    human, assistant = "\n\nHuman:", "\n\nAssistant:"
+    with open(tmp_path / "hh.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"chosen": f"{human} hi there {i}{assistant} hello friend",
+                                "rejected": f"{human} hi there {i}{assistant} go away"}) + "\n")
+    spec = DataSpec(path=str(tmp_path / "hh.jsonl"), format="hh", batch_size=4, max_length=48,
+                    max_prompt_length=32, prefix_sharing=True, num_eval=0, shuffle=False)
+    data = build_data(spec, format="preference", tokenizer=build_tokenizer(), seed=0)
+    batch = next(iter(data.train))
+    assert batch["input_ids"].shape[1] in prefix_shared_lengths(48)
+    for att, branch in zip(batch["attention_mask"], batch["branch_ids"], strict=True):
+        n = int(att.sum())
+        p, c, r = (int(((branch == k) & (att > 0)).sum()) for k in (0, 1, 2))
+        assert p + c + r == n and c > 0 and r > 0
+        np.testing.assert_array_equal(branch[:n], [0] * p + [1] * c + [2] * r)
