@@ -12,9 +12,9 @@ KTO: SFT keys plus ``label`` (and ``kl_`` keys); RL prompts: ``prompt_ids, promp
 prompt_positions, prompt_segment_ids`` `[B, P]` left-padded plus ``prompt_index`` and numeric task
 fields. Packed SFT / preference batches add ``sequence_ids`` and, for pairs, ``chosen_index,
 rejected_index, chosen_last_index, rejected_last_index, pair_mask`` (see `pack_preference`).
-Prefix-shared preference batches (`BatchConfig.prefix_sharing`) hold one row per pair, the
-prompt once: the SFT token keys plus ``branch_ids`` `[B, T]` and ``margin, label`` (see
-`collate_prefix_shared`).
+Prefix-shared batches (`BatchConfig.prefix_sharing`) hold one row per pair or ranking, the
+prompt once: the SFT token keys plus ``branch_ids`` `[B, T]`, and ``margin, label`` (pairs, see
+`collate_prefix_shared`) or ``ranks, response_mask`` (rankings, see `collate_ranking`).
 
 Bad rows raise a `RecordError` naming file, line/row and problem, or with ``on_error="skip"``
 are counted per reason in a `LoadReport` that is logged to the ``rlhf_jax.data`` logger.

@@ -195,24 +195,46 @@ def collate_prefix_shared(
 
     plus `margin [B]` and `label [B]` float32 as in `collate_preference`.
     """
-    b = len(examples)
-    parts = [(_as_ids(e.prompt_ids), _as_ids(e.chosen_ids), _as_ids(e.rejected_ids))
-             for e in examples]
-    t = _batch_length([sum(len(x) for x in part) for part in parts], length_buckets, length)
+    out = _prefix_shared_rows(
+        [(e.prompt_ids, (e.chosen_ids, e.rejected_ids)) for e in examples],
+        pad_id=pad_id, length_buckets=length_buckets, length=length)
+    out["margin"] = np.asarray([e.margin for e in examples], np.float32)
+    out["label"] = np.asarray([e.label for e in examples], np.float32)
+    return out
+
+
+def _prefix_shared_rows(
+    rows: Sequence[tuple[np.ndarray, Sequence[np.ndarray]]],
+    *,
+    pad_id: int,
+    length_buckets: Sequence[int] | None,
+    length: int | None,
+) -> dict[str, np.ndarray]:
+    """`(prompt, responses)` per row -> the five token keys and `branch_ids`, `[B, T]` int32:
+    `prompt | response 1 | response 2 | ... | padding`, response `k` on branch `k`, each
+    response's positions continuing from the prompt's length, `loss_mask` 1 on the responses."""
+    parts = [(_as_ids(prompt), [_as_ids(r) for r in responses]) for prompt, responses in rows]
+    t = _batch_length([len(p) + sum(len(r) for r in rs) for p, rs in parts], length_buckets,
+                      length)
+    b = len(parts)
     ids = np.full((b, t), pad_id, np.int32)
     att = np.zeros((b, t), np.int32)
     loss = np.zeros((b, t), np.int32)
     pos = np.zeros((b, t), np.int32)
     branch = np.zeros((b, t), np.int32)
-    for i, (prompt, chosen, rejected) in enumerate(parts):
-        p, c, r = len(prompt), len(chosen), len(rejected)
-        n = p + c + r
-        ids[i, :n] = np.concatenate([prompt, chosen, rejected])
-        att[i, :n] = 1
-        loss[i, p:n] = 1
-        pos[i, :n] = np.concatenate([np.arange(p + c), p + np.arange(r)])
-        branch[i, p:p + c] = 1
-        branch[i, p + c:n] = 2
+    for i, (prompt, responses) in enumerate(parts):
+        p = len(prompt)
+        ids[i, :p] = prompt
+        pos[i, :p] = np.arange(p)
+        start = p
+        for k, response in enumerate(responses, start=1):
+            end = start + len(response)
+            ids[i, start:end] = response
+            pos[i, start:end] = p + np.arange(len(response))
+            branch[i, start:end] = k
+            start = end
+        att[i, :start] = 1
+        loss[i, p:start] = 1
     return {
         "input_ids": ids,
         "attention_mask": att,
@@ -220,8 +242,6 @@ def collate_prefix_shared(
         "positions": pos,
         "segment_ids": att.copy(),
         "branch_ids": branch,
-        "margin": np.asarray([e.margin for e in examples], np.float32),
-        "label": np.asarray([e.label for e in examples], np.float32),
     }
 
 
@@ -232,16 +252,28 @@ def collate_ranking(
     num_responses: int | None = None,
     length_buckets: Sequence[int] | None = DEFAULT_LENGTH_BUCKETS,
     length: int | None = None,
+    prefix_sharing: bool = False,
 ) -> dict[str, np.ndarray]:
     """K-way ranking batch: the five token keys `[B, K, T]`, `ranks [B, K]` int32 (0 = best).
 
     `K` is `num_responses` (or the largest K in the batch). Examples with fewer responses are
     padded with empty responses that have `response_mask [B, K] == 0` and rank -1.
+
+    With `prefix_sharing`, one row per example instead, `prompt | response 1 | ... | response
+    K | padding`: the five token keys and `branch_ids` (response `k` on branch `k`) `[B, T]`, as
+    in `collate_prefix_shared`, with `T` fitting `p + sum of the response lengths`.
     """
     k_max = max(len(e.response_ids) for e in examples)
     k = k_max if num_responses is None else int(num_responses)
     if k_max > k:
         raise ValueError(f"an example has {k_max} responses, more than num_responses={k}")
+    if prefix_sharing:
+        empty = np.zeros(0, np.int32)
+        out = _prefix_shared_rows(
+            [(e.prompt_ids, tuple(e.response_ids) + (empty,) * (k - len(e.response_ids)))
+             for e in examples], pad_id=pad_id, length_buckets=length_buckets, length=length)
+        out.update(_ranks(examples, k))
+        return out
     seqs = [[_join(e.prompt_ids, r) for r in e.response_ids] for e in examples]
     t = _batch_length([len(s[0]) for row in seqs for s in row], length_buckets, length)
     b = len(examples)
@@ -252,14 +284,17 @@ def collate_ranking(
         flat_loss += [p[1] for p in padded]
     rows = _rows(flat_ids, flat_loss, length=t, pad_id=pad_id)
     out = {key: v.reshape(b, k, t) for key, v in rows.items()}
-    ranks = np.full((b, k), -1, np.int32)
-    response_mask = np.zeros((b, k), np.int32)
+    out.update(_ranks(examples, k))
+    return out
+
+
+def _ranks(examples: Sequence[TokenizedRanking], k: int) -> dict[str, np.ndarray]:
+    ranks = np.full((len(examples), k), -1, np.int32)
+    response_mask = np.zeros((len(examples), k), np.int32)
     for i, e in enumerate(examples):
         ranks[i, : len(e.ranks)] = e.ranks
         response_mask[i, : len(e.ranks)] = 1
-    out["ranks"] = ranks
-    out["response_mask"] = response_mask
-    return out
+    return {"ranks": ranks, "response_mask": response_mask}
 
 
 def collate_kto(

@@ -68,8 +68,8 @@ class BatchConfig:
       kl_pairs: add KTO's mismatched ``kl_`` pairs to KTO batches.
       drop_remainder: drop a final incomplete padded batch of a finite stream (logged with its
         size); otherwise it is returned with fewer rows.
-      prefix_sharing: preference examples only: one row per pair with the prompt once
-        (`collate_prefix_shared`); not with packing.
+      prefix_sharing: preference and ranking examples: one row per example with the prompt
+        once (`collate_prefix_shared`, `collate_ranking`); not with packing.
     """
 
     batch_size: int
@@ -117,7 +117,8 @@ def make_collate_fn(kind: str, config: BatchConfig, *, pad_id: int) -> Callable[
         return lambda xs: collate_preference(xs, prefix_sharing=config.prefix_sharing,
                                              **common)
     if kind == "ranking":
-        return lambda xs: collate_ranking(xs, num_responses=config.num_responses, **common)
+        return lambda xs: collate_ranking(xs, num_responses=config.num_responses,
+                                          prefix_sharing=config.prefix_sharing, **common)
     if kind == "kto":
         return lambda xs: collate_kto(xs, kl_pairs=config.kl_pairs, **common)
     if kind == "prompt":
@@ -180,8 +181,9 @@ class DataLoader:
                 raise TypeError(f"example {i} ({e.origin}) is {_kind(e)}, not {self.kind}")
         if batch_config.packing and self.kind not in ("sft", "preference"):
             raise ValueError(f"packing supports 'sft' and 'preference' examples, not {self.kind!r}")
-        if batch_config.prefix_sharing and self.kind != "preference":
-            raise ValueError(f"prefix_sharing supports 'preference' examples, not {self.kind!r}")
+        if batch_config.prefix_sharing and self.kind not in ("preference", "ranking"):
+            raise ValueError("prefix_sharing supports 'preference' and 'ranking' examples, not "
+                             f"{self.kind!r}")
         self.batch_config = batch_config
         self.pad_id = int(pad_id)
         self.seed = int(seed)

@@ -397,16 +397,19 @@ def build_data(
     pad_id = next((int(v) for v in (tokenizer.pad_token_id, tokenizer.eos_token_id)
                    if v is not None), 0)
 
-    if spec.prefix_sharing and (spec.packing or format not in ("preference", "hh") or unpair):
-        raise ValueError("data.prefix_sharing needs pairwise preference data (DPO family, "
-                         f"pairwise reward models); got format {format!r} for {wanted!r} examples"
+    if spec.prefix_sharing and (spec.packing or unpair
+                                or format not in ("preference", "hh", "ranking")):
+        raise ValueError("data.prefix_sharing needs preference pairs (DPO family, reward "
+                         f"models) or rankings; got format {format!r} for {wanted!r} examples"
                          f"{' with packing' if spec.packing else ''}")
 
     def batch_config(batch_size, packing):
         if spec.prefix_sharing:
+            branches = spec.num_responses if format == "ranking" else 2
             return BatchConfig(batch_size=batch_size // hosts, prefix_sharing=True,
-                               length_buckets=prefix_shared_lengths(spec.max_length,
-                                                                    spec.buckets))
+                               num_responses=spec.num_responses if format == "ranking" else None,
+                               length_buckets=prefix_shared_lengths(
+                                   spec.max_length, spec.buckets, branches=branches))
         if spec.buckets and not packing:
             buckets = tuple(sorted(b for b in spec.buckets if b < spec.max_length))
             return BatchConfig(batch_size=batch_size // hosts,
@@ -563,14 +566,20 @@ def run_summary(result: Any, config: TrainConfig, data: DataBundle | None = None
     return summary
 
 
-def prefix_shared_lengths(max_length: int, buckets: Sequence[int] = ()) -> tuple[int, ...]:
-    """Row lengths for prefix-shared pairs (`DataSpec.prefix_sharing`): multiples of
-    `max_length / 4` (rounded up to 8) from `max_length / 2` to `2 * max_length`, plus the given
-    `buckets`. A pair's row holds `p + c + r <= 2 * max_length` tokens."""
-    step = -(-max_length // 4)
-    quarters = {-(-(k * step) // 8) * 8 for k in range(2, 9)}
-    cap = 2 * max_length
-    return tuple(sorted({min(b, cap) for b in (*quarters, *buckets)} | {cap}))
+def prefix_shared_lengths(max_length: int, buckets: Sequence[int] = (), *,
+                          branches: int = 2) -> tuple[int, ...]:
+    """Row lengths for prefix-shared rows (`DataSpec.prefix_sharing`) of `branches` responses:
+    multiples of `max_length / 4` from `max_length / 2` to `2 * max_length`, then of
+    `max_length / 2` up to `branches * max_length` (each rounded up to 8), plus the given
+    `buckets`. A row holds `p + r_1 + ... + r_K <= K * max_length` tokens."""
+    def round8(x):
+        return -(-x // 8) * 8
+
+    quarter, half = -(-max_length // 4), -(-max_length // 2)
+    cap = round8(max(2, branches) * max_length)
+    lengths = {round8(k * quarter) for k in range(2, 9)}
+    lengths |= {round8(k * half) for k in range(5, 2 * max(2, branches) + 1)}
+    return tuple(sorted({min(b, cap) for b in (*lengths, *buckets)} | {cap}))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -116,11 +116,12 @@ class DataSpec:
     packing: bool = False
     """Pack several sequences per row of `max_length` tokens (SFT and preference data)."""
     prefix_sharing: bool = False
-    """DPO family (dpo, simpo, orpo, cpo) and pairwise reward models: one row per preference
-    pair, the prompt once and both responses after it (`rlhf_jax.data.collate_prefix_shared`):
-    the same log-probs and rewards for `2p + c + r` -> `p + c + r` tokens of compute. Rows are padded to the smallest multiple of
-    `max_length / 4` (from `max_length / 2` to `2 * max_length`, and any of `buckets`) that
-    fits. Not with `packing`."""
+    """One row per example with the prompt once and the responses after it, each attending to
+    the prompt and itself only (`rlhf_jax.data.collate_prefix_shared`): the same log-probs and
+    rewards for less compute (a pair costs `p + c + r` tokens instead of `2p + c + r`). For
+    preference pairs (DPO family, reward models) and K-way rankings (reward models). Rows are
+    padded to the smallest fitting multiple of `max_length / 4` up to `2 * max_length`, then of
+    `max_length / 2` up to `K * max_length` (or one of `buckets`). Not with `packing`."""
     shuffle: bool = True
     """Shuffle the training examples every epoch (from the run seed)."""
     on_error: Literal["raise", "skip"] = "raise"

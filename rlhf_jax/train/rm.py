@@ -119,16 +119,8 @@ def pair_rewards(model: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array,
     """`(chosen [P, H], rejected [P, H])` rewards of a pairwise batch, in one forward pass."""
     rows = pair_forward_batch(batch)
     if is_prefix_shared_pairs(batch):
-        # Each response's reward is read at its last token (the prompt's last token when the
-        # response is empty), as in its own row: prompt | chosen | rejected | padding.
-        scores = model.token_scores(rows["input_ids"], **model_inputs(rows))
-        valid = rows["attention_mask"].astype(bool)
-        branch = rows["branch_ids"]
-        p, c, r = (jnp.sum(valid & (branch == k), axis=-1) for k in (0, 1, 2))
-        chosen_last = jnp.maximum(p + c - 1, 0)
-        rejected_last = jnp.maximum(jnp.where(r > 0, p + c + r - 1, p - 1), 0)
-        take = lambda idx: jnp.take_along_axis(scores, idx[:, None, None], axis=1)[:, 0]  # noqa: E731
-        return take(chosen_last), take(rejected_last)
+        rewards = branch_last_rewards(model, rows, 2)
+        return rewards[:, 0], rewards[:, 1]
     if is_packed_pairs(batch):
         scores = model.token_scores(rows["input_ids"], **model_inputs(rows))
         flat = scores.reshape(-1, scores.shape[-1])
@@ -137,8 +129,33 @@ def pair_rewards(model: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array,
     return tuple(jnp.split(rewards, 2, axis=0))
 
 
+def branch_last_rewards(model: Any, rows: Mapping[str, jax.Array], num_branches: int
+                        ) -> jax.Array:
+    """`[B, K, H]` rewards of prefix-shared rows (`prompt | response 1 | ... | response K`),
+    each read at its response's last token (the prompt's last token for an empty response), as
+    in the response's own row."""
+    scores = model.token_scores(rows["input_ids"], **model_inputs(rows))  # [B, T, H]
+    valid = rows["attention_mask"].astype(bool)
+    counts = jnp.stack([jnp.sum(valid & (rows["branch_ids"] == k), axis=-1)
+                        for k in range(num_branches + 1)], axis=-1)  # [B, K + 1]
+    prompt = counts[:, :1]
+    ends = prompt + jnp.cumsum(counts[:, 1:], axis=-1)  # one past each response
+    last = jnp.maximum(jnp.where(counts[:, 1:] > 0, ends - 1, prompt - 1), 0)  # [B, K]
+    return jnp.take_along_axis(scores, last[..., None], axis=1)
+
+
+def is_ranking_batch(batch: Mapping[str, jax.Array]) -> bool:
+    """True for a K-way ranking batch (`[B, K, T]` rows or prefix-shared rows with `ranks`)."""
+    return "ranks" in batch
+
+
 def ranking_rewards(model: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """`[B, K, H]` rewards of a ranking batch (`input_ids [B, K, T]`), in one forward pass."""
+    """`[B, K, H]` rewards of a ranking batch (`input_ids [B, K, T]`, or one prefix-shared row
+    per example), in one forward pass."""
+    if "branch_ids" in batch:
+        keys = ("input_ids", "attention_mask", "positions", "segment_ids", "branch_ids")
+        return branch_last_rewards(model, {key: batch[key] for key in keys},
+                                   batch["ranks"].shape[1])
     b, k, t = batch["input_ids"].shape
     flat = {key: batch[key].reshape(b * k, t)
             for key in ("input_ids", "attention_mask", "positions", "segment_ids") if key in batch}
@@ -215,8 +232,9 @@ def rm_loss(
         chosen_mean = _weighted_mean(chosen, w)
         rejected_mean = _weighted_mean(rejected, w)
     else:
-        if batch["input_ids"].ndim != 3:
-            raise ValueError(f"loss={loss!r} needs a ranking batch with input_ids [B, K, T]")
+        if not is_ranking_batch(batch):
+            raise ValueError(f"loss={loss!r} needs a ranking batch (input_ids [B, K, T] and "
+                             "ranks [B, K], or prefix-shared rows with ranks)")
         rewards = ranking_rewards(model, batch)  # [B, K, H]
         b, k, h = rewards.shape
         ranks = batch["ranks"]
@@ -287,7 +305,7 @@ def reward_statistics(
 
     def rewards_fn(params, frozen, batch):
         model = nnx.merge(setup.graphdef, params, frozen)
-        if "input_ids" in batch and batch["input_ids"].ndim == 3:
+        if is_ranking_batch(batch):
             r = ranking_rewards(model, batch)
             m = batch["response_mask"].astype(jnp.float32)[..., None]
             r = r.reshape(-1, r.shape[-1])
@@ -423,6 +441,8 @@ __all__ = [
     "load_reward_model",
     "make_rm_loss",
     "normalize_rewards",
+    "branch_last_rewards",
+    "is_ranking_batch",
     "pair_rewards",
     "ranking_rewards",
     "reward_statistics",

@@ -1,10 +1,11 @@
-"""Prefix-shared preference rows (`DataSpec.prefix_sharing`): one row per pair, the prompt once.
+"""Prefix-shared rows (`DataSpec.prefix_sharing`): one row per preference pair or K-way ranking,
+the prompt once.
 
 The layout is checked by hand; the tree attention against the unshared rows (the same logits for
 every response token, GPT-2 and RoPE models); the log-prob alignment against a float64 NumPy
-reference; the DPO-family losses, metrics and gradients, and the pairwise reward model's rewards,
-loss and gradients, against the padded layout; the config errors; and DPO and reward-model runs
-on the 8-device mesh against the same runs without sharing.
+reference; the DPO-family losses, metrics and gradients, and the reward model's pairwise and
+K-way rewards, losses and gradients, against the padded layouts; the config errors; and DPO and
+reward-model runs on the 8-device mesh against the same runs without sharing.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class TestLayout:
         with pytest.raises(ValueError, match="packing and prefix_sharing"):
             BatchConfig(batch_size=4, length=32, packing=True, prefix_sharing=True)
         sft = [TokenizedSFT(np.arange(1, 5, dtype=np.int32), np.ones(4, np.int32), "x")] * 4
-        with pytest.raises(ValueError, match="prefix_sharing supports 'preference' examples"):
+        with pytest.raises(ValueError, match="prefix_sharing supports 'preference' and 'ranking' examples, not 'sft'"):
             DataLoader(sft, batch_config=BatchConfig(batch_size=2, prefix_sharing=True),
                        pad_id=0)
 
@@ -286,16 +287,15 @@ def test_config_errors(tmp_path, pref_files):
     from rlhf_jax.data.synthetic import build_tokenizer
 
     tokenizer = build_tokenizer()
-    with pytest.raises(ValueError, match="prefix_sharing needs pairwise preference data.*packing"):
+    with pytest.raises(ValueError, match="prefix_sharing needs preference pairs.*with packing"):
         build_data(_data(pref_files, prefix_sharing=True, packing=True), format="preference",
                    tokenizer=tokenizer, seed=0)
-    with pytest.raises(ValueError, match="prefix_sharing needs pairwise preference data"):
+    with pytest.raises(ValueError, match="prefix_sharing needs preference pairs.*'kto'"):
         build_data(_data(pref_files, prefix_sharing=True), format="kto", tokenizer=tokenizer,
                    seed=0)
-    with pytest.raises(ValueError, match="prefix_sharing needs pairwise preference data"):
-        train_rm(RMConfig(output_dir=str(tmp_path / "rm"), num_steps=1, model=TINY,
-                          loss="plackett_luce", data=_data(pref_files, prefix_sharing=True,
-                                                           format="ranking")))
+    with pytest.raises(ValueError, match="prefix_sharing needs preference pairs.*'sft'"):
+        build_data(_data(pref_files, prefix_sharing=True, format="sft"), format="sft",
+                   tokenizer=tokenizer, seed=0)
 
 
 @pytest.mark.parametrize("preset", ["tiny_gpt2", "tiny_llama"])
@@ -373,3 +373,96 @@ def test_hh_transcripts_share_their_prompt(tmp_path):
         p, c, r = (int(((branch == k) & (att > 0)).sum()) for k in (0, 1, 2))
         assert p + c + r == n and c > 0 and r > 0
         np.testing.assert_array_equal(branch[:n], [0] * p + [1] * c + [2] * r)
+
+
+class TestRanking:
+    """K-way rankings as prefix-shared rows: `prompt | response 1 | ... | response K`."""
+
+    def test_hand_worked_rows(self):
+        from rlhf_jax.data import TokenizedRanking, collate_ranking
+
+        as_ids = lambda x: np.asarray(x, np.int32)  # noqa: E731
+        examples = [
+            TokenizedRanking(as_ids([11, 12]), (as_ids([21]), as_ids([31, 32]), as_ids([41])),
+                             as_ids([1, 0, 2]), "a"),
+            TokenizedRanking(as_ids([13]), (as_ids([22, 23]), as_ids([33])), as_ids([1, 0]),
+                             "b"),
+        ]
+        batch = collate_ranking(examples, pad_id=0, length=8, prefix_sharing=True)
+        np.testing.assert_array_equal(batch["input_ids"], [[11, 12, 21, 31, 32, 41, 0, 0],
+                                                           [13, 22, 23, 33, 0, 0, 0, 0]])
+        np.testing.assert_array_equal(batch["branch_ids"], [[0, 0, 1, 2, 2, 3, 0, 0],
+                                                            [0, 1, 1, 2, 0, 0, 0, 0]])
+        np.testing.assert_array_equal(batch["positions"], [[0, 1, 2, 2, 3, 2, 0, 0],
+                                                           [0, 1, 2, 1, 0, 0, 0, 0]])
+        np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 1, 1, 1, 1, 0, 0],
+                                                           [0, 1, 1, 1, 0, 0, 0, 0]])
+        np.testing.assert_array_equal(batch["ranks"], [[1, 0, 2], [1, 0, -1]])
+        np.testing.assert_array_equal(batch["response_mask"], [[1, 1, 1], [1, 1, 0]])
+
+    @pytest.mark.parametrize("loss", ["kwise", "plackett_luce", "best_of_k"])
+    def test_rewards_losses_and_grads_match_unshared(self, loss):
+        from rlhf_jax.data import TokenizedRanking, collate_ranking
+        from rlhf_jax.models import RewardModel
+        from rlhf_jax.train.rm import ranking_rewards, rm_loss
+
+        rng = np.random.default_rng(7)
+        examples = []
+        for i, k in enumerate([3, 2, 3, 1]):  # ragged K; one empty response in example 2
+            lengths = [int(rng.integers(1, 5)) for _ in range(k)]
+            if i == 2:
+                lengths[1] = 0
+            examples.append(TokenizedRanking(
+                rng.integers(3, 60, int(rng.integers(1, 6))).astype(np.int32),
+                tuple(rng.integers(3, 60, n).astype(np.int32) for n in lengths),
+                rng.permutation(k).astype(np.int32), f"ex{i}"))
+        padded = {k: jnp.asarray(v) for k, v in collate_ranking(examples, pad_id=0,
+                                                                length=12).items()}
+        shared = {k: jnp.asarray(v) for k, v in collate_ranking(
+            examples, pad_id=0, length=24, prefix_sharing=True).items()}
+        model = RewardModel(ModelConfig.tiny_llama(vocab_size=64), head_names=("a", "b"),
+                            rngs=nnx.Rngs(0))
+        mask = np.asarray(padded["response_mask"]) > 0
+        r_p, r_s = np.asarray(ranking_rewards(model, padded)), np.asarray(
+            ranking_rewards(model, shared))
+        assert r_s.shape == r_p.shape == (4, 3, 2)
+        np.testing.assert_allclose(r_s[mask], r_p[mask], rtol=1e-5, atol=2e-5)
+
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def f(p, batch):
+            return rm_loss(nnx.merge(graphdef, p, rest), batch, loss=loss, head_names=("a", "b"))
+
+        (lp, mp), gp = jax.value_and_grad(f, has_aux=True)(params, padded)
+        (ls, ms), gs = jax.value_and_grad(f, has_aux=True)(params, shared)
+        np.testing.assert_allclose(ls, lp, rtol=1e-5)
+        for key in mp:
+            np.testing.assert_allclose(ms[key], mp[key], rtol=1e-4, atol=1e-5, err_msg=key)
+        for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gp)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+    def test_synthetic_ranking_run(self, tmp_path):
+        """A Plackett-Luce reward-model run on synthetic rankings with prefix sharing logs the
+        same losses as without; the rows fit the K-response lengths."""
+        from rlhf_jax.data.synthetic import build_tokenizer
+
+        spec = DataSpec(synthetic="topic", format="ranking", num_train=32, num_eval=8,
+                        batch_size=8, max_length=48, max_prompt_length=24, num_responses=3,
+                        prefix_sharing=True)
+        data = build_data(spec, format="ranking", tokenizer=build_tokenizer(), seed=0)
+        batch = next(iter(data.train))
+        assert batch["input_ids"].ndim == 2 and batch["ranks"].shape == (8, 3)
+        assert batch["input_ids"].shape[1] in prefix_shared_lengths(48, branches=3)
+        runs = {}
+        for sharing in (False, True):
+            config = RMConfig(output_dir=str(tmp_path / str(sharing)), num_steps=3, model=TINY,
+                              loss="plackett_luce", logging=QUIET, normalize=False,
+                              data=DataSpec(**{**spec.__dict__, "prefix_sharing": sharing}),
+                              optimizer=OptimizerConfig(learning_rate=2e-3),
+                              checkpoint=CheckpointConfig(every_steps=0))
+            train_rm(config)
+            runs[sharing] = [r for r in read_metrics(config.output_dir) if "rm/loss" in r]
+        assert len(runs[False]) == len(runs[True]) == 3
+        for a, b in zip(runs[False], runs[True]):
+            for key in ("rm/loss", "rm/accuracy", "rm/margin"):
+                np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
