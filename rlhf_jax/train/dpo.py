@@ -7,8 +7,8 @@ concatenated along the batch axis (`rlhf_jax.train.common.pair_forward_batch`; p
 used as they are) and their aligned token log-probs are summed over the completion tokens
 (`pair_sequence_sums`). With `data.prefix_sharing` each pair is one row, `prompt | chosen |
 rejected`, with tree attention (`rlhf_jax.data.collate_prefix_shared`): the same log-probs with
-the prompt run once, 17-19% faster steps on the CPU benchmark's shapes (prompt as long as the
-response). All objectives come from `rlhf_jax.losses`.
+the prompt run once: 19-26% faster steps on the CPU benchmark's "small" shape (prompt as long
+as the response; docs/benchmarks.md). All objectives come from `rlhf_jax.losses`.
 
 The reference policy (`reference`):
 
