@@ -153,9 +153,7 @@ def ranking_rewards(model: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
     """`[B, K, H]` rewards of a ranking batch (`input_ids [B, K, T]`, or one prefix-shared row
     per example), in one forward pass."""
     if "branch_ids" in batch:
-        keys = ("input_ids", "attention_mask", "positions", "segment_ids", "branch_ids")
-        return branch_last_rewards(model, {key: batch[key] for key in keys},
-                                   batch["ranks"].shape[1])
+        return branch_last_rewards(model, batch, batch["ranks"].shape[1])
     b, k, t = batch["input_ids"].shape
     flat = {key: batch[key].reshape(b * k, t)
             for key in ("input_ids", "attention_mask", "positions", "segment_ids") if key in batch}

@@ -261,18 +261,26 @@ def _data(root, **kw):
                     max_prompt_length=24, **kw)
 
 
+def _runs_with_and_without(tmp_path, train, config_cls, data, loss_key, **kw):
+    """`{sharing: (train-step records, held-out metrics)}` of two 3-step runs on the 8-device
+    mesh, without and with prefix sharing (`data(sharing)` gives the `DataSpec`)."""
+    runs = {}
+    for sharing in (False, True):
+        config = config_cls(output_dir=str(tmp_path / str(sharing)), num_steps=3, model=TINY,
+                            data=data(sharing), logging=QUIET,
+                            optimizer=OptimizerConfig(learning_rate=2e-3),
+                            checkpoint=CheckpointConfig(every_steps=0), **kw)
+        summary = train(config)
+        runs[sharing] = ([r for r in read_metrics(config.output_dir) if loss_key in r],
+                         summary["eval_metrics"])
+    return runs
+
+
 def test_dpo_run_on_the_mesh_matches_unshared(tmp_path, pref_files):
     """A DPO run with prefix sharing on the 8-device mesh logs the same metrics as without."""
     assert jax.device_count() == 8
-    runs = {}
-    for sharing in (False, True):
-        config = DPOConfig(output_dir=str(tmp_path / str(sharing)), num_steps=3, model=TINY,
-                           data=_data(pref_files, prefix_sharing=sharing), logging=QUIET,
-                           optimizer=OptimizerConfig(learning_rate=2e-3),
-                           checkpoint=CheckpointConfig(every_steps=0))
-        summary = train_dpo(config)
-        train_records = [r for r in read_metrics(config.output_dir) if "dpo/loss" in r]
-        runs[sharing] = (train_records, summary["eval_metrics"])
+    runs = _runs_with_and_without(
+        tmp_path, train_dpo, DPOConfig, lambda s: _data(pref_files, prefix_sharing=s), "dpo/loss")
     (plain, plain_eval), (shared, shared_eval) = runs[False], runs[True]
     assert len(plain) == len(shared) == 3
     for a, b in zip(plain, shared):
@@ -329,15 +337,8 @@ def test_reward_model_reads_each_response_last_token(preset):
 
 
 def test_rm_run_matches_unshared(tmp_path, pref_files):
-    runs = {}
-    for sharing in (False, True):
-        config = RMConfig(output_dir=str(tmp_path / str(sharing)), num_steps=3, model=TINY,
-                          data=_data(pref_files, prefix_sharing=sharing), logging=QUIET,
-                          optimizer=OptimizerConfig(learning_rate=2e-3),
-                          checkpoint=CheckpointConfig(every_steps=0))
-        summary = train_rm(config)
-        runs[sharing] = ([r for r in read_metrics(config.output_dir) if "rm/loss" in r],
-                         summary["eval_metrics"])
+    runs = _runs_with_and_without(
+        tmp_path, train_rm, RMConfig, lambda s: _data(pref_files, prefix_sharing=s), "rm/loss")
     (plain, plain_eval), (shared, shared_eval) = runs[False], runs[True]
     assert len(plain) == len(shared) == 3
     # Bradley-Terry is invariant to a common shift of the rewards, so the head's bias has a zero
@@ -453,16 +454,12 @@ class TestRanking:
         batch = next(iter(data.train))
         assert batch["input_ids"].ndim == 2 and batch["ranks"].shape == (8, 3)
         assert batch["input_ids"].shape[1] in prefix_shared_lengths(48, branches=3)
-        runs = {}
-        for sharing in (False, True):
-            config = RMConfig(output_dir=str(tmp_path / str(sharing)), num_steps=3, model=TINY,
-                              loss="plackett_luce", logging=QUIET, normalize=False,
-                              data=DataSpec(**{**spec.__dict__, "prefix_sharing": sharing}),
-                              optimizer=OptimizerConfig(learning_rate=2e-3),
-                              checkpoint=CheckpointConfig(every_steps=0))
-            train_rm(config)
-            runs[sharing] = [r for r in read_metrics(config.output_dir) if "rm/loss" in r]
-        assert len(runs[False]) == len(runs[True]) == 3
-        for a, b in zip(runs[False], runs[True]):
+        runs = _runs_with_and_without(
+            tmp_path, train_rm, RMConfig,
+            lambda s: DataSpec(**{**spec.__dict__, "prefix_sharing": s}), "rm/loss",
+            loss="plackett_luce", normalize=False)
+        (plain, _), (shared, _) = runs[False], runs[True]
+        assert len(plain) == len(shared) == 3
+        for a, b in zip(plain, shared):
             for key in ("rm/loss", "rm/accuracy", "rm/margin"):
                 np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
