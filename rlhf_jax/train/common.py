@@ -662,8 +662,9 @@ def is_packed_pairs(batch: Mapping[str, jax.Array]) -> bool:
 
 def is_prefix_shared_pairs(batch: Mapping[str, jax.Array]) -> bool:
     """True for a prefix-shared preference batch (one row per pair: prompt, chosen, rejected;
-    `rlhf_jax.data.collate_preference(prefix_sharing=True)`)."""
-    return "branch_ids" in batch
+    `rlhf_jax.data.collate_preference(prefix_sharing=True)`); a prefix-shared ranking batch
+    (with `ranks`) is not one."""
+    return "branch_ids" in batch and "ranks" not in batch
 
 
 def pair_forward_batch(batch: Mapping[str, jax.Array], prefixes=("chosen_", "rejected_")

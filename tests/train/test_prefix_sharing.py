@@ -442,6 +442,23 @@ class TestRanking:
         for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gp)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
+    def test_ranking_rows_are_not_pairs(self):
+        """Bradley-Terry on a prefix-shared ranking batch is refused (not read as branches 1 and
+        2), as on a padded ranking batch."""
+        from rlhf_jax.data import TokenizedRanking, collate_ranking
+        from rlhf_jax.models import RewardModel
+        from rlhf_jax.train.rm import rm_loss
+
+        as_ids = lambda x: np.asarray(x, np.int32)  # noqa: E731
+        example = TokenizedRanking(as_ids([11, 12]), (as_ids([21]), as_ids([31]), as_ids([41])),
+                                   as_ids([1, 0, 2]), "a")
+        model = RewardModel(ModelConfig.tiny_gpt2(vocab_size=64), rngs=nnx.Rngs(0))
+        for sharing in (False, True):
+            batch = {k: jnp.asarray(v) for k, v in collate_ranking(
+                [example], pad_id=0, length=8, prefix_sharing=sharing).items()}
+            with pytest.raises(ValueError, match="needs a pairwise preference batch"):
+                rm_loss(model, batch)
+
     def test_synthetic_ranking_run(self, tmp_path):
         """A Plackett-Luce reward-model run on synthetic rankings with prefix sharing logs the
         same losses as without; the rows fit the K-response lengths."""
