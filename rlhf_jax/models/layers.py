@@ -215,26 +215,34 @@ def dot_product_attention(
     `out = softmax(scale * q k^T + bias(mask)) v`, masked logits set to the float32 minimum
     (a fully masked row gives a uniform average instead of NaN). Returns `[B, T, H, D]`.
     """
-    return _attention(q, k, v, mask, scale=scale, k_spec="bskd", v_spec="bskd")
+    b, t, h, d = q.shape
+    _, s, kv_heads, _ = k.shape
+    g = h // kv_heads
+    # Heads-major products: the transposes are explicit and each (batch, kv head) is one
+    # `[G*T, D] x [D, S]` matmul. On CPU the forward takes about half the time of one einsum
+    # over the token-major layout, with identical values.
+    qh = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kv_heads, g, t, s) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh)
+    return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def cached_attention(
     q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array, *, scale: float
 ) -> jax.Array:
     """`dot_product_attention` over a KV cache stored as `[B, K, S, D]` (keys and values)."""
-    return _attention(q, k_cache, v_cache, mask, scale=scale, k_spec="bksd", v_spec="bksd")
-
-
-def _attention(q, k, v, mask, *, scale, k_spec, v_spec):
     b, t, h, d = q.shape
-    kv_heads = k.shape[k_spec.index("k")]
-    g = h // kv_heads
-    qg = q.reshape(b, t, kv_heads, g, d)
-    scores = jnp.einsum(f"btkgd,{k_spec}->bkgts", qg, k, preferred_element_type=jnp.float32)
+    kv_heads = k_cache.shape[1]
+    qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
     scores = scores * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum(f"bkgts,{v_spec}->btkgd", probs, v)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_cache)
     return out.reshape(b, t, h, d)
 
 
