@@ -5,6 +5,10 @@ tokens are set to ``-inf``; kept tokens keep their value, so ``log_softmax`` of 
 renormalised distribution over the kept tokens. The composition order is Hugging Face
 ``generate``'s: temperature, then top-k, then top-p, then min-p (each filter sees the output of the
 previous one). Each filter keeps at least one token (the most likely one).
+
+Top-k and top-p never sort the vocabulary: each row's cut-off logit is found by bisection over
+the order of float32 values (exact, since the keys are the values' bit patterns), which is what
+makes them cheap enough for a 151,936-token vocabulary inside the decode loop.
 """
 
 from __future__ import annotations
@@ -14,6 +18,37 @@ import jax
 import jax.numpy as jnp
 
 _NEG_INF = -jnp.inf
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys with the order of the float32 values ``x`` (``-0.0`` maps to ``+0.0``'s key;
+    ``-inf`` and ``+inf`` are the lowest and highest keys of non-NaN values)."""
+    x = jnp.where(x == 0, jnp.float32(0), x.astype(jnp.float32))
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    sign = bits >> 31
+    # Positive floats: set the top bit. Negative floats: flip every bit (larger magnitude first).
+    return jnp.where(sign == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _largest_true(pred, *, hi: jax.Array) -> jax.Array:
+    """Per row, the largest uint32 ``t`` in ``[0, hi)`` with ``pred(t)`` true, for a predicate that
+    is true at 0, false at ``hi`` and monotone (true below some point, false above), by bisection
+    in 32 steps. ``pred`` maps keys ``[...]`` to booleans ``[...]``; ``hi`` is ``[...]``.
+
+    The top-k and top-p filters find their cut-off this way instead of sorting the vocabulary:
+    32 fused reductions over ``[B, V]``, 30-40x faster on CPU than the sort-based formulation at
+    ``V >= 32,768`` (``python -m rlhf_jax.bench filters``); on TPU and GPU they are plain
+    reductions too."""
+    lo = jnp.zeros_like(hi)
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = pred(mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+    return lo
 
 
 def apply_temperature(logits: jax.Array, *, temperature: float | jax.Array) -> jax.Array:
@@ -47,8 +82,11 @@ def top_k_filter(logits: jax.Array, *, top_k: int) -> jax.Array:
     vocab = logits.shape[-1]
     if top_k >= vocab:
         return logits
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    return jnp.where(logits < kth, _NEG_INF, logits)
+    keys = _order_keys(logits)
+    # The k-th largest key: the largest t with #{keys >= t} >= k (true at t = 0).
+    kth = _largest_true(lambda t: jnp.sum(keys >= t[..., None], axis=-1) >= top_k,
+                        hi=jnp.max(keys, axis=-1) + 1)
+    return jnp.where(keys < kth[..., None], _NEG_INF, logits)
 
 
 def top_p_filter(logits: jax.Array, *, top_p: float | jax.Array) -> jax.Array:
@@ -68,14 +106,17 @@ def top_p_filter(logits: jax.Array, *, top_p: float | jax.Array) -> jax.Array:
       ``[..., V]`` logits with the removed tokens at ``-inf``.
     """
     logits = logits.astype(jnp.float32)
-    sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
-    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep = mass_before < jnp.asarray(top_p, jnp.float32)
-    keep = keep.at[..., 0].set(True)
-    num_kept = jnp.sum(keep, axis=-1, keepdims=True)
-    threshold = jnp.take_along_axis(sorted_logits, num_kept - 1, axis=-1)
-    return jnp.where(logits < threshold, _NEG_INF, logits)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keys = _order_keys(logits)
+    top_p = jnp.asarray(top_p, jnp.float32)
+    # t_a: the largest t whose mass strictly above, M(t) = sum(p[keys > t]), is still >= top_p
+    # (M falls as t rises). The kept tokens are those above t_a: the first sorted token whose
+    # mass before it is < top_p, every token before it, and its ties.
+    above = _largest_true(
+        lambda t: jnp.sum(jnp.where(keys > t[..., None], probs, 0.0), axis=-1) >= top_p,
+        hi=jnp.max(keys, axis=-1),
+    )
+    return jnp.where(keys > above[..., None], logits, _NEG_INF)
 
 
 def min_p_filter(logits: jax.Array, *, min_p: float | jax.Array) -> jax.Array:

@@ -114,6 +114,53 @@ class FilterTest(parameterized.TestCase):
         # mass strictly before each token (sorted): 0, 0.5, 0.8; kept iff < p.
         np.testing.assert_array_equal(_kept(top_p_filter(jnp.asarray(_HAND), top_p=p)), [kept])
 
+    def test_top_p_keeps_ties_with_the_last_kept_token(self):
+        # p = (0.47, 0.47, 0.06): the second token's mass before it (0.47) is >= 0.3, but it
+        # ties with the first (kept) token, so it is kept too.
+        logits = jnp.array([[2.0, 2.0, -0.5], [-0.5, 2.0, 2.0]])
+        np.testing.assert_array_equal(_kept(top_p_filter(logits, top_p=0.3)),
+                                      [[1, 1, 0], [0, 1, 1]])
+
+    def test_signed_zeros_are_one_value(self):
+        # -0.0 == 0.0: a top-1 cut keeps both (a tie), as the float comparison does.
+        logits = jnp.array([[-0.0, 0.0, -5.0, -1.0]])
+        np.testing.assert_array_equal(_kept(top_k_filter(logits, top_k=1)), [[1, 1, 0, 0]])
+        np.testing.assert_array_equal(_kept(top_p_filter(logits, top_p=0.2)), [[1, 1, 0, 0]])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters((1, 0.05), (7, 0.5), (300, 0.9), (4999, 0.999))
+    def test_large_vocabulary_matches_reference(self, k, p):
+        # 5,000 tokens with -inf entries, repeated values and a wide range (the cut-offs are
+        # found by bisection over the float order, not by sorting).
+        rng = np.random.default_rng(k)
+        logits = (rng.standard_normal((3, 5000)) * rng.choice([0.5, 4.0, 30.0], (3, 1)))
+        logits = np.round(logits, 1).astype(np.float32)  # many exact ties
+        logits[:, rng.choice(5000, 200, replace=False)] = -np.inf
+        out_k = self.variant(lambda x: top_k_filter(x, top_k=k))(logits)
+        np.testing.assert_array_equal(_kept(out_k), _kept(ref_top_k(logits, k)))
+        out_p = self.variant(lambda x: top_p_filter(x, top_p=p))(logits)
+        # The reference keeps part of a tie group in its sort order; the filter keeps every
+        # token tied with the last kept one (documented).
+        last_kept = np.min(np.where(_kept(ref_top_p(logits, p)), logits, np.inf), -1, keepdims=True)
+        np.testing.assert_array_equal(_kept(out_p), logits >= last_kept)
+        np.testing.assert_array_equal(np.asarray(out_p)[_kept(out_p)], logits[_kept(out_p)])
+
+    def test_order_keys_follow_float_order(self):
+        from rlhf_jax.generation._sampling import _order_keys
+
+        # (No subnormals: XLA on CPU compares them as zero.)
+        values = np.array([-np.inf, -3e38, -1.5, -1e-30, -0.0, 0.0, 1e-37, 2.0, 3e38, np.inf],
+                          np.float32)
+        keys = np.asarray(_order_keys(jnp.asarray(values))).astype(np.int64)
+        self.assertEqual(keys[4], keys[5])  # -0.0 and 0.0
+        distinct = np.delete(keys, 4)
+        self.assertTrue(np.all(np.diff(distinct) > 0), distinct)
+        rng = np.random.default_rng(0)
+        x = (rng.standard_normal(10_000) * 10.0 ** rng.integers(-30, 30, 10_000)).astype(np.float32)
+        kx = np.asarray(_order_keys(jnp.asarray(x))).astype(np.int64)
+        np.testing.assert_array_equal(np.sign(kx[:, None] - kx[None, :500]),
+                                      np.sign(x[:, None] - x[None, :500]))
+
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters(0.0, 0.01, 0.1, 0.5, 1.0)
     def test_min_p_matches_reference(self, m):
