@@ -236,6 +236,20 @@ class SampleTokensTest(parameterized.TestCase):
         self.assertEqual(freq[probs < 1e-20].sum(), 0.0)
         self.assertTrue(np.all((tokens >= 0) & (tokens < vocab)))
 
+    def test_inverse_cdf_last_partial_block_excludes_the_block_before(self):
+        # vocab 2,500 in blocks of 256: the last block is ids 2304..2499 and is read as the
+        # window 2244..2499. Token 2250 (block 8, inside that window) and token 2499 (block 9)
+        # are equally likely; drawing 2250 from the last block's window would skew it to 3/4.
+        num_rows = 20_000
+        row = np.full((2_500,), -np.inf, np.float32)
+        row[[2250, 2499]] = 0.0
+        logits = jnp.broadcast_to(jnp.asarray(row), (num_rows, 2_500))
+        tokens = np.asarray(jax.jit(lambda x, k: categorical_inverse_cdf(k, x, block=256))(
+            logits, jax.random.key(4)))
+        self.assertEqual(set(np.unique(tokens)), {2250, 2499})
+        # 5 sigma of a fair coin over 20,000 draws: 0.0177.
+        self.assertLess(abs(np.mean(tokens == 2250) - 0.5), 5 * np.sqrt(0.25 / num_rows))
+
     def test_inverse_cdf_first_token_with_zero_probability_is_never_drawn(self):
         # A threshold of exactly 0 would pick id 0; the uniforms are drawn in (0, 1].
         logits = jnp.asarray([[-jnp.inf, 0.0, -jnp.inf, 1.0]] * 4096)
