@@ -36,6 +36,7 @@ from rlhf_jax.losses._advantages import (
     last_token_index,
     rloo_advantages,
 )
+from rlhf_jax.losses._cpl import CPL_BC_SEGMENTS, CPLOutput, cpl_loss
 from rlhf_jax.losses._dpo import (
     DPO_LOSS_TYPES,
     F_DIVERGENCES,
@@ -102,6 +103,8 @@ from rlhf_jax.losses._reward import (
 __all__ = [
     "AGGREGATION_MODES",
     "BCORunningMean",
+    "CPLOutput",
+    "CPL_BC_SEGMENTS",
     "CPO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCES",
@@ -125,6 +128,7 @@ __all__ = [
     "cispo_loss",
     "clip_fraction",
     "clipped_value_loss",
+    "cpl_loss",
     "cpo_loss",
     "dpo_loss",
     "dpo_reward_metrics",
