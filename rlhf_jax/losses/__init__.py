@@ -47,6 +47,7 @@ from rlhf_jax.losses._dpo import (
     dpo_reward_metrics,
     mixed_dpo_loss,
 )
+from rlhf_jax.losses._hindsight import HIRLoss, hir_contrastive_loss, hir_loss, vocab_mean_logps
 from rlhf_jax.losses._kl import KL_ESTIMATORS, kl_estimate, kl_from_logits, kl_k1, kl_k2, kl_k3
 from rlhf_jax.losses._kl_controller import (
     KLController,
@@ -110,6 +111,7 @@ __all__ = [
     "F_DIVERGENCES",
     "GAEOutput",
     "GROUP_SCALES",
+    "HIRLoss",
     "IMPORTANCE_SAMPLING_LEVELS",
     "KLController",
     "KLControllerState",
@@ -138,6 +140,8 @@ __all__ = [
     "group_advantages",
     "grpo_loss",
     "gspo_loss",
+    "hir_contrastive_loss",
+    "hir_loss",
     "kl_estimate",
     "kl_from_logits",
     "kl_k1",
@@ -165,4 +169,5 @@ __all__ = [
     "sequence_logps",
     "simpo_loss",
     "token_logps",
+    "vocab_mean_logps",
 ]
