@@ -89,6 +89,14 @@ from rlhf_jax.losses._reductions import (
     masked_var,
     masked_whiten,
 )
+from rlhf_jax.losses._rest import (
+    REST_WEIGHTINGS,
+    ReSTLoss,
+    VMPOOutput,
+    gold_loss,
+    rest_bc_loss,
+    vmpo_loss,
+)
 from rlhf_jax.losses._reward import (
     RewardMetrics,
     best_of_k_loss,
@@ -118,7 +126,10 @@ __all__ = [
     "KL_ESTIMATORS",
     "KTO_LOSS_TYPES",
     "PenalizedRewards",
+    "REST_WEIGHTINGS",
+    "ReSTLoss",
     "RewardMetrics",
+    "VMPOOutput",
     "adaptive_kl_controller",
     "aggregate_loss",
     "approx_kl",
@@ -137,6 +148,7 @@ __all__ = [
     "entropy_from_logits",
     "fixed_kl_controller",
     "gae",
+    "gold_loss",
     "group_advantages",
     "grpo_loss",
     "gspo_loss",
@@ -160,6 +172,7 @@ __all__ = [
     "orpo_loss",
     "plackett_luce_loss",
     "ppo_clip_loss",
+    "rest_bc_loss",
     "reward_accuracy",
     "reward_centering_loss",
     "reward_margin",
@@ -169,5 +182,6 @@ __all__ = [
     "sequence_logps",
     "simpo_loss",
     "token_logps",
+    "vmpo_loss",
     "vocab_mean_logps",
 ]

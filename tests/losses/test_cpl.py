@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 import rlhf_jax.losses as L
+from rlhf_jax.sharding import MeshConfig, make_mesh
 
 # --------------------------------------------------------------------------------------------
 # float64 NumPy references
@@ -305,7 +306,7 @@ class TestCPL(chex.TestCase):
         args = (*_f32(lc, lr), jnp.asarray(mc), jnp.asarray(mr))
         fn = jax.jit(lambda a, b, c, d: L.cpl_loss(a, b, c, d, discount=0.9, bc_coeff=0.2).loss)
         want = fn(*args)
-        mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+        mesh = make_mesh(MeshConfig(data=2, fsdp=4))
         sharded = [jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp")))) for x in args]
         got = fn(*sharded)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
