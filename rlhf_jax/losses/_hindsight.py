@@ -110,7 +110,7 @@ def hir_contrastive_loss(
 
     Two layouts are covered:
 
-    * **In batch** (the paper, section 4): ``candidate_logps`` is ``[B, B]``, row ``i`` the
+    * **In batch** (the paper's contrastive term): ``candidate_logps`` is ``[B, B]``, row ``i`` the
       output of example ``i`` scored under every example's relabelled instruction, the
       positive on the diagonal (``positive_index=None``). Mask out (``candidate_mask = 0``)
       columns whose instruction equals row ``i``'s own (frequent when relabelled instructions

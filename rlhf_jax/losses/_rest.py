@@ -66,10 +66,10 @@ def rest_bc_loss(
     with the weights (gradient stopped), :math:`k_b` = 1 on kept samples:
 
     * ``"none"`` (ReST's BC, the default): :math:`w_b = k_b`.
-    * ``"reward"``: :math:`w_b = k_b R_b`, likelihood weighted by the reward (ReST-EM's
-      :math:`\mathbb{1}[R > \tau] \cdot R`). Meant for rewards :math:`\ge 0` (ReST's
-      normalised scores in :math:`[0, 1]`, binary rewards); a negative weight would push the
-      sample's likelihood down, so filter with ``threshold >= 0``.
+    * ``"reward"``: :math:`w_b = k_b R_b`, likelihood weighted by the reward; with binary
+      rewards and no threshold this is ReST-EM's :math:`\mathbb{E}[r \log\pi(y \mid x)]`.
+      Meant for rewards :math:`\ge 0` (scores in :math:`[0, 1]`, binary rewards): a negative
+      weight would push the sample's likelihood down, so filter with ``threshold >= 0``.
     * ``"exp"``: reward-weighted regression, self-normalised over the kept samples of the
       batch: :math:`w_b = k_b\,e^{R_b/\beta} / \mathrm{mean}_{k}(e^{R/\beta})` (mean weight 1,
       invariant to a shift of the rewards), :math:`\beta` = ``temperature``.
@@ -147,7 +147,7 @@ def gold_loss(
             \log\pi(y_{bt} \mid x_b, y_{b,<t})
 
     with :math:`\tilde\pi` = ``exp(importance_logps)`` (default: the current policy's own
-    log-probs, gradient stopped; the GOLD code uses a copy synced every few thousand steps),
+    log-probs, gradient stopped; the GOLD code uses a lagged copy it refreshes periodically),
     :math:`u` = ``min_importance_weight`` (the code's ``--iw-min``, 0.2 in its IWSLT script)
     and :math:`Q` = ``returns``. In ReST the return is the sample's reward, the same at every
     token (terminal reward, no discount): pass ``returns`` as ``[B]``. GOLD's own returns are
@@ -252,8 +252,8 @@ def vmpo_loss(
     temperature_loss``. Keep :math:`\eta, \alpha > 0` by parametrising them (e.g.
     ``softplus(param) + 1e-8``) and train those parameters on the same loss.
 
-    The ReST paper reports BC ahead of BVMPO, GOLD and offline actor-critic on its
-    translation tasks. V-MPO's hyper-parameters are not given there: :math:`\varepsilon_\eta`,
+    The ReST paper found plain BC ahead of the offline RL losses it tried (BVMPO, GOLD,
+    offline actor-critic) on its translation tasks. V-MPO's hyper-parameters are not given there: :math:`\varepsilon_\eta`,
     :math:`\varepsilon_\alpha` here are starting points to tune. The weights are normalised
     over the batch given (under ``jit`` with sharded arrays, the global batch; under
     ``shard_map`` gather the advantages first).
