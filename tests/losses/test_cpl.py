@@ -237,7 +237,7 @@ class TestCPL(chex.TestCase):
 
         args = _f32(lc, lr, rc, rr)
         assert np.isfinite(float(total(*args)))
-        grads = jax.grad(total, argnums=(0, 1, 2, 3))(*args)
+        grads = jax.jit(jax.grad(total, argnums=(0, 1, 2, 3)))(*args)
         for g, m in zip(grads, (mc, mr, mc, mr)):
             g = np.asarray(g)
             assert np.all(np.isfinite(g))
@@ -276,9 +276,9 @@ class TestCPL(chex.TestCase):
 
     def test_gradient_raises_the_chosen_and_lowers_the_rejected(self):
         lc, lr, mc, mr, *_ = _batch(7)
-        grads = jax.grad(lambda a, b: jnp.sum(L.cpl_loss(a, b, jnp.asarray(mc), jnp.asarray(mr),
+        grads = jax.jit(jax.grad(lambda a, b: jnp.sum(L.cpl_loss(a, b, jnp.asarray(mc), jnp.asarray(mr),
                                                          conservative_bias=1.0).loss),
-                         argnums=(0, 1))(*_f32(lc, lr))
+                         argnums=(0, 1)))(*_f32(lc, lr))
         assert np.all(np.asarray(grads[0])[mc] < 0) and np.all(np.asarray(grads[1])[mr] > 0)
 
     @parameterized.parameters(1.0, 0.5)

@@ -169,7 +169,7 @@ class TestHIRContrastive(chex.TestCase):
                 positive_index=jnp.asarray([keep.index(i)]),
                 candidate_mask=jnp.ones((1, len(keep))), label_smoothing=0.2)
             np.testing.assert_allclose(got[i], row[0], rtol=1e-6, atol=1e-6)
-        jac = np.asarray(jax.jacrev(per_row)(*_f32(cand_nan)))  # [B, B(rows), K]
+        jac = np.asarray(jax.jit(jax.jacrev(per_row))(*_f32(cand_nan)))  # [B, B(rows), K]
         valid = cmask | np.eye(5, dtype=bool)
         assert np.all(np.isfinite(jac))
         for i in range(5):
@@ -180,8 +180,8 @@ class TestHIRContrastive(chex.TestCase):
 
     def test_gradient_raises_the_positive_and_lowers_the_negatives(self):
         cand, _ = _cands(4)
-        g = np.asarray(jax.grad(lambda c: jnp.sum(L.hir_contrastive_loss(
-            c, candidate_mask=jnp.ones((5, 5)))))(*_f32(cand)))
+        g = np.asarray(jax.jit(jax.grad(lambda c: jnp.sum(L.hir_contrastive_loss(
+            c, candidate_mask=jnp.ones((5, 5))))))(*_f32(cand)))
         assert np.all(np.diag(g) < 0) and np.all(g[~np.eye(5, dtype=bool)] > 0)
 
     def test_check_grads(self):

@@ -166,8 +166,8 @@ class TestReSTBC(chex.TestCase):
                                 *_f32(rewards[rows]), **kwargs)
         np.testing.assert_allclose(np.asarray(out.loss)[rows], sliced.loss, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(np.asarray(out.weights)[rows], sliced.weights, rtol=1e-6)
-        g = np.asarray(jax.grad(lambda a: jnp.sum(L.rest_bc_loss(
-            a, jnp.asarray(mask), *_f32(rewards), **kwargs).loss))(*_f32(x)))
+        g = np.asarray(jax.jit(jax.grad(lambda a: jnp.sum(L.rest_bc_loss(
+            a, jnp.asarray(mask), *_f32(rewards), **kwargs).loss)))(*_f32(x)))
         kept = np.asarray(out.kept) > 0
         assert np.all(np.isfinite(g))
         np.testing.assert_array_equal(g[~(mask & kept[:, None])], 0.0)
@@ -195,8 +195,8 @@ class TestReSTBC(chex.TestCase):
                 a, jnp.asarray(m), rr, weighting=w).loss)(*_f32(x, r))
             want = _np_rest(x, m, r, weighting=weighting)[0]
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
-            g = jax.grad(lambda a, w=weighting: jnp.sum(L.rest_bc_loss(
-                a, jnp.asarray(m), *_f32(r), weighting=w).loss))(*_f32(x))
+            g = jax.jit(jax.grad(lambda a, w=weighting: jnp.sum(L.rest_bc_loss(
+                a, jnp.asarray(m), *_f32(r), weighting=w).loss)))(*_f32(x))
             assert np.all(np.isfinite(np.asarray(g)))
 
     def test_errors(self):
@@ -378,9 +378,9 @@ class TestVMPO(chex.TestCase):
             np.testing.assert_allclose(v[mask], getattr(sliced, field), rtol=1e-6, atol=1e-7)
             np.testing.assert_array_equal(v[~mask], 0.0)
         assert float(out.temperature_loss) == pytest.approx(float(sliced.temperature_loss))
-        grads = jax.grad(lambda *v: jnp.sum(sum(jnp.sum(t) for t in L.vmpo_loss(
+        grads = jax.jit(jax.grad(lambda *v: jnp.sum(sum(jnp.sum(t) for t in L.vmpo_loss(
             v[0], v[1], v[3], mask=jnp.asarray(mask), kl=v[2], kl_multiplier=0.3)[:4])),
-            argnums=(0, 1, 2, 3))(*_f32(x, a, k), jnp.float32(0.7))
+            argnums=(0, 1, 2, 3)))(*_f32(x, a, k), jnp.float32(0.7))
         for g in grads:
             assert np.all(np.isfinite(np.asarray(g)))
         for g in grads[:3]:
@@ -401,9 +401,9 @@ class TestVMPO(chex.TestCase):
             want = _np_vmpo(logps, adv, eta, frac=1.0)
             np.testing.assert_allclose(np.asarray(got.weights), want["weights"], atol=1e-6)
             assert float(got.temperature_loss) == pytest.approx(want["temperature_loss"], rel=1e-5)
-            grads = jax.grad(lambda x, e: jnp.mean(L.vmpo_loss(x, *_f32(adv), e, top_fraction=1.0)
+            grads = jax.jit(jax.grad(lambda x, e: jnp.mean(L.vmpo_loss(x, *_f32(adv), e, top_fraction=1.0)
                                                    .policy_loss) + L.vmpo_loss(
-                x, *_f32(adv), e, top_fraction=1.0).temperature_loss, argnums=(0, 1))(
+                x, *_f32(adv), e, top_fraction=1.0).temperature_loss, argnums=(0, 1)))(
                 *_f32(logps), jnp.float32(eta))
             assert all(np.all(np.isfinite(np.asarray(v))) for v in grads)
 
