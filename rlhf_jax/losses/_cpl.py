@@ -96,9 +96,8 @@ def cpl_loss(
 
     with :math:`\alpha` = ``alpha``, :math:`\gamma` = ``discount``, :math:`\lambda` =
     ``conservative_bias`` and :math:`p` = ``label`` (1 when the chosen segment is preferred, the
-    default). :math:`\lambda = 1` is the paper's CPL objective (eq. 5); :math:`\lambda < 1` is its
-    conservative regulariser :math:`\mathcal{L}_{\mathrm{CPL}(\lambda)}`, which scales the
-    negative segment's term: since log-probs are :math:`\le 0`, it asks more likelihood of the
+    default). :math:`\lambda = 1` is the paper's CPL objective; :math:`\lambda < 1` is its
+    conservative (asymmetric) regulariser, which scales the negative segment's term: since log-probs are :math:`\le 0`, it asks more likelihood of the
     in-distribution positive segment than of a low-likelihood negative one. The reference code
     (github.com/jhejna/cpl, ``biased_bce_with_logits``) applies :math:`\lambda` to whichever
     segment the soft label makes negative, as here.
