@@ -57,10 +57,12 @@ from experiments.demo_config import DemoConfig, parse_overrides
 from rlhf_jax import losses
 from rlhf_jax.bench import cpu_model_name
 from rlhf_jax.data import synthetic
-from rlhf_jax.generation import generate_with_state
-from rlhf_jax.models import CausalLM, ModelConfig, RewardModel, ValueModel
+from rlhf_jax.generation import SamplingParams, generate_with_state
+from rlhf_jax.models import CausalLM, ModelConfig, RewardModel, ValueModel, positions_from_mask
 from rlhf_jax.train import create_train_state, make_train_step
-from rlhf_jax.train.rollout import Rollout, policy_response_logps, response_values
+from rlhf_jax.train.logprobs import policy_response_logps
+from rlhf_jax.train.rollout import Rollout
+from rlhf_jax.train.value import response_values
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 console = Console(highlight=False)
@@ -143,10 +145,6 @@ def model_config(cfg: DemoConfig, codec: Codec) -> ModelConfig:
     )
 
 
-def _positions(mask):
-    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
-
-
 def _rollout(batch: Mapping[str, jax.Array], prefix: str = "") -> Rollout:
     return Rollout(batch[prefix + "sequences"], batch[prefix + "sequence_mask"],
                    batch[prefix + "response_ids"], batch[prefix + "response_mask"],
@@ -169,7 +167,7 @@ def sft_loss(model, batch, rng):
 def rm_loss(model, batch, rng):
     seq = jnp.concatenate([batch["chosen_sequences"], batch["rejected_sequences"]])
     mask = jnp.concatenate([batch["chosen_sequence_mask"], batch["rejected_sequence_mask"]])
-    r = model(seq, attention_mask=mask, positions=_positions(mask))[:, 0]
+    r = model(seq, attention_mask=mask, positions=positions_from_mask(mask))[:, 0]
     chosen, rejected = jnp.split(r, 2)
     loss = jnp.mean(losses.bradley_terry_loss(chosen, rejected))
     acc = jnp.mean((chosen > rejected).astype(jnp.float32))
@@ -238,7 +236,8 @@ def _forward_logps(graphdef, state, sequences, sequence_mask, response_ids, resp
 @jax.jit
 def _rm_scores(graphdef, state, sequences, sequence_mask):
     model = nnx.merge(graphdef, state)
-    return model(sequences, attention_mask=sequence_mask, positions=_positions(sequence_mask))[:, 0]
+    return model(sequences, attention_mask=sequence_mask,
+                 positions=positions_from_mask(sequence_mask))[:, 0]
 
 
 def _split(model):
@@ -284,11 +283,12 @@ def sample(model, prompt_ids, prompt_mask, *, rng, max_new_tokens, num_samples=1
     """`num_samples` responses per prompt (rows `b * n .. b * n + n - 1` for prompt `b`),
     generated in chunks of `CHUNK_ROWS` rows (chunk `i` uses `fold_in(rng, i)`)."""
     g, s = _split(model)
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0)
 
     def gen(i, p_ids, p_mask):
-        out = generate_with_state(g, s, jnp.asarray(p_ids), jnp.asarray(p_mask),
-                                  max_new_tokens=max_new_tokens, rng=jax.random.fold_in(rng, i),
-                                  temperature=1.0, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+        out = generate_with_state(g, s, jnp.asarray(p_ids), jnp.asarray(p_mask), sampling,
+                                  rng=jax.random.fold_in(rng, i), eos_token_id=EOS_ID,
+                                  pad_token_id=PAD_ID)
         return (out.sequences, out.sequence_mask, out.tokens, out.mask,
                 out.model_logps * out.mask)
 
@@ -518,7 +518,8 @@ def _ppo_prepare(pg, ps, vg, vs, rg, rs, refg, refs, sequences, sequence_mask, r
     ref_logps, _ = policy_response_logps(nnx.merge(refg, refs), ro)
     values = response_values(nnx.merge(vg, vs), ro)
     rm = nnx.merge(rg, rs)
-    scores = rm(sequences, attention_mask=sequence_mask, positions=_positions(sequence_mask))[:, 0]
+    scores = rm(sequences, attention_mask=sequence_mask,
+                positions=positions_from_mask(sequence_mask))[:, 0]
     mask = response_mask
     pen = losses.kl_penalized_rewards(scores, logps, ref_logps, mask, kl_coef=kl_coef)
     adv = losses.gae(pen.rewards, values * mask, mask, gamma=1.0, lam=0.95)

@@ -146,7 +146,7 @@ def _summary(times: list[float]) -> tuple[float, float]:
 def bench_rlhf_jax(shape: Shape, *, steps: int) -> dict[str, tuple[float, float]]:
     """`(median, best)` seconds per step of the SFT, RM, DPO (reference model) and DPO
     (precomputed reference) steps."""
-    from rlhf_jax.train.common import build_model, setup_training
+    from rlhf_jax.train.builders import build_model, setup_training
     from rlhf_jax.train.config import TrainConfig
     from rlhf_jax.train.dpo import (
         DPOConfig,

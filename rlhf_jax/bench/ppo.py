@@ -89,10 +89,11 @@ def _block(tree):
 
 def run(cfg: BenchConfig, *, iterations: int = 5, warmup: int = 2) -> dict:
     """Times ``iterations`` PPO iterations of ``cfg`` after ``warmup`` (compilation) ones."""
+    from rlhf_jax.generation import RewardModelSource
     from rlhf_jax.models import CausalLM, ModelConfig, RewardModel
     from rlhf_jax.train.config import DataSpec, OptimizerConfig
     from rlhf_jax.train.ppo import PPOConfig, PPOTrainer
-    from rlhf_jax.train.rollout import RewardModelSource, RolloutConfig
+    from rlhf_jax.train.rollout import RolloutConfig
 
     model_cfg = ModelConfig.gpt2_family(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,

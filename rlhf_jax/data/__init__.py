@@ -3,7 +3,8 @@
 Pipeline: raw records (JSONL / parquet / HF `datasets` / TFDS array_record / Python dicts) are
 validated into examples (`parse_record`, `load_examples`), tokenized outside jit
 (`tokenize_examples`), and collated into fixed-shape NumPy batches (`collate_*`, `pack_*`),
-served by a deterministic, sharded, checkpointable grain-backed `DataLoader`.
+served by a deterministic, sharded, checkpointable grain-backed `DataLoader`. `PromptLoader`
+serves in-memory prompt sets (already tokenized) to the online trainers, resumably.
 
 Batch keys (see docs/ARCHITECTURE.md "Batches"): SFT ``input_ids, attention_mask, loss_mask,
 positions, segment_ids`` `[B, T]`; preference: the same prefixed ``chosen_`` / ``rejected_`` plus
@@ -50,6 +51,7 @@ from rlhf_jax.data._examples import (
 )
 from rlhf_jax.data._hh import HHParseError, HHSplit, split_hh_transcripts
 from rlhf_jax.data._loader import BatchConfig, DataLoader, make_collate_fn, make_loader
+from rlhf_jax.data._prompt_loader import PromptLoader
 from rlhf_jax.data._records import (
     FORMATS,
     REASONS,
@@ -91,6 +93,7 @@ __all__ = [
     "LoadReport",
     "PreferenceExample",
     "PromptExample",
+    "PromptLoader",
     "RankingExample",
     "RecordError",
     "SFTExample",

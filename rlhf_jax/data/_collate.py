@@ -190,7 +190,7 @@ def collate_prefix_shared(
     - `branch_ids`: 0 on the prompt and on padding, 1 on the chosen and 2 on the rejected
       response. The model lets a token attend to the prompt and to its own branch only
       (`rlhf_jax.models`), so every logit and hidden state equals the one of the unshared row;
-      `rlhf_jax.train.common.aligned_token_logps` scores the rejected response's first token
+      `rlhf_jax.train.logprobs.aligned_token_logps` scores the rejected response's first token
       from the prompt's last logits, and a reward model reads each response's last token;
 
     plus `margin [B]` and `label [B]` float32 as in `collate_preference`.

@@ -1,5 +1,14 @@
 """Jitted KV-cache sampling for rollouts: prefill + decode loop, sampling filters, EOS handling,
-best-of-n (rejection) sampling and lm-human-preferences-style truncation helpers.
+the reward sources that score samples, best-of-n (rejection) sampling and
+lm-human-preferences-style truncation helpers.
+
+- :class:`SamplingParams`: response width, temperature, top-k / top-p / min-p, greedy, KV-cache
+  segments; the one set of sampling parameters of :func:`generate`, :func:`generate_with_state`,
+  :class:`Sampler`, :func:`best_of_n`, the trainers' ``RolloutConfig`` and the AI labelers.
+- :class:`RewardSource`: ``source(responses, prompts) -> [B]``, the one reward interface of
+  best-of-n, rejection sampling, the online trainers and the AI labelers
+  (:class:`RewardModelSource`, :class:`TokenRewardFunction`, :class:`TextRewardFunction`,
+  :class:`WeightedRewardSum`, :class:`SafetyGatedReward`; :func:`score_samples`).
 
 Layout of the outputs (see :class:`GenerationOutput`): responses ``[B * n, N]`` right-padded, with
 ``num_samples = n`` samples of each prompt in contiguous rows; ``logps`` are under the sampling
@@ -10,14 +19,27 @@ from rlhf_jax.generation._best_of_n import (
     BestOfNOutput,
     BestOfNSelection,
     best_of_n,
-    reward_model_reward,
     select_best_of_n,
     take_rows,
-    text_reward,
+)
+from rlhf_jax.generation._rewards import (
+    Responses,
+    RewardModelSource,
+    RewardSource,
+    SafetyGatedReward,
+    TextRewardFunction,
+    TokenRewardFunction,
+    WeightedRewardSum,
+    apply_missing_eos_penalty,
+    check_scores,
+    repeat_rows,
+    safety_gated_reward,
+    score_samples,
 )
 from rlhf_jax.generation._sampler import (
     GenerationOutput,
     Sampler,
+    SamplingParams,
     generate,
     generate_with_state,
 )
@@ -42,10 +64,20 @@ __all__ = [
     "BestOfNOutput",
     "BestOfNSelection",
     "GenerationOutput",
+    "Responses",
+    "RewardModelSource",
+    "RewardSource",
+    "SafetyGatedReward",
     "Sampler",
+    "SamplingParams",
+    "TextRewardFunction",
+    "TokenRewardFunction",
+    "WeightedRewardSum",
+    "apply_missing_eos_penalty",
     "apply_temperature",
     "best_of_n",
     "categorical_inverse_cdf",
+    "check_scores",
     "contains_stop_token",
     "filter_logits",
     "first_true_indices",
@@ -53,12 +85,13 @@ __all__ = [
     "generate_with_state",
     "min_p_filter",
     "penalize_missing_eos",
+    "repeat_rows",
     "response_mask",
-    "reward_model_reward",
+    "safety_gated_reward",
     "sample_tokens",
+    "score_samples",
     "select_best_of_n",
     "take_rows",
-    "text_reward",
     "top_k_filter",
     "top_p_filter",
     "truncate_response",

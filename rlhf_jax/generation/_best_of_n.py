@@ -1,13 +1,14 @@
 """Best-of-n (rejection) sampling: draw n responses per prompt, keep the best (and the worst).
 
 Rejection sampling as in Llama 2 (Touvron et al., 2023, section 3.2.3): sample ``n`` responses per
-prompt, score them with a reward model or a reward function, keep the highest-scoring one for
-fine-tuning. Keeping the lowest-scoring one as well gives a (chosen, rejected) preference pair.
+prompt, score them with a reward source (`rlhf_jax.generation.RewardSource`: a reward model, a
+function of tokens or text, an AI labeler), keep the highest-scoring one for fine-tuning.
+Keeping the lowest-scoring one as well gives a (chosen, rejected) preference pair.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import chex
@@ -15,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.generation._sampler import GenerationOutput, Sampler
+from rlhf_jax.generation._rewards import RewardSource, score_samples
+from rlhf_jax.generation._sampler import GenerationOutput, Sampler, SamplingParams
 
 
 class BestOfNSelection(NamedTuple):
@@ -97,73 +99,20 @@ def take_rows(output: GenerationOutput, indices: jax.Array) -> GenerationOutput:
     )
 
 
-RewardFn = Callable[[GenerationOutput], Any]
-
-
-def text_reward(
-    fn: Callable[[Sequence[str], Sequence[str]], Sequence[float]],
-    *,
-    decode: Callable[[Sequence[int]], str],
-) -> RewardFn:
-    """Wraps a reward on decoded text, ``fn(prompts, responses) -> scores``, as a ``reward_fn``.
-
-    Prompts are decoded from their real (unpadded) tokens; responses from the tokens under
-    ``mask`` (so they include the EOS token when one was produced; have ``decode`` skip special
-    tokens if the reward should not see it).
-
-    Args:
-      fn: maps ``B * n`` prompt strings and response strings to ``B * n`` scores.
-      decode: token ids -> string, e.g. ``lambda ids: tokenizer.decode(ids,
-        skip_special_tokens=True)``.
-
-    Returns:
-      A function of a :class:`GenerationOutput` returning ``[B * n]`` float32 scores.
-    """
-
-    def reward_fn(output: GenerationOutput) -> np.ndarray:
-        p = output.prompt_length
-        seqs = np.asarray(output.sequences)
-        seq_mask = np.asarray(output.sequence_mask).astype(bool)
-        prompts = [decode(row[:p][m[:p]].tolist()) for row, m in zip(seqs, seq_mask)]
-        responses = [decode(row[p:][m[p:]].tolist()) for row, m in zip(seqs, seq_mask)]
-        return np.asarray(fn(prompts, responses), np.float32)
-
-    return reward_fn
-
-
-def reward_model_reward(reward_model: Any, *, head: int = 0) -> RewardFn:
-    """Scores ``output.sequences`` with a reward model ``rm(ids, attention_mask, positions)``.
-
-    The model reads its score at the last real token of each row (``rlhf_jax.models.RewardModel``
-    convention); positions are ``cumsum(sequence_mask) - 1`` clipped at 0, as for the policy.
-
-    Args:
-      reward_model: callable ``(input_ids, attention_mask=..., positions=...) -> [B, H]``.
-      head: which reward head to use.
-
-    Returns:
-      A function of a :class:`GenerationOutput` returning ``[B * n]`` float32 scores.
-    """
-
-    def reward_fn(output: GenerationOutput) -> jax.Array:
-        mask = output.sequence_mask
-        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
-        rewards = reward_model(output.sequences, attention_mask=mask, positions=positions)
-        return jnp.asarray(rewards, jnp.float32)[:, head]
-
-    return reward_fn
-
-
 def best_of_n(
     sampler: Sampler | Any,
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
+    sampling: SamplingParams,
     *,
     num_samples: int,
-    reward_fn: RewardFn,
+    reward: RewardSource,
     rng: jax.Array,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    prompts: Mapping[str, Any] | None = None,
+    missing_eos_penalty: float | None = None,
     return_worst: bool = False,
-    **generate_kwargs: Any,
 ) -> BestOfNOutput:
     """Samples ``n`` responses per prompt, scores them and keeps the best (and the worst).
 
@@ -171,13 +120,17 @@ def best_of_n(
       sampler: a :class:`Sampler` or an NNX ``CausalLM`` (wrapped in a ``Sampler``).
       prompt_ids: ``[B, P]`` left-padded prompts.
       prompt_mask: ``[B, P]`` prompt mask.
+      sampling: how to sample (:class:`SamplingParams`).
       num_samples: ``n``; ``n >= 2`` when ``return_worst``.
-      reward_fn: ``GenerationOutput ([B * n] rows) -> [B * n]`` scores; see
-        :func:`reward_model_reward` and :func:`text_reward`. Scores must be finite.
+      reward: a :class:`RewardSource` (e.g. :class:`RewardModelSource`,
+        :class:`TextRewardFunction`, an AI labeler's ``reward_source()``); it sees the ``B * n``
+        samples and the prompt fields repeated to them. Scores must be finite.
       rng: PRNG key for sampling.
+      eos_token_id, pad_token_id: as in :func:`generate`.
+      prompts: extra ``[B, ...]`` prompt fields the reward reads (e.g. a safety flag);
+        ``prompt_ids`` and ``prompt_mask`` are always passed.
+      missing_eos_penalty: subtracted from the score of samples without EOS (None: off).
       return_worst: also return the lowest-scoring sample of each prompt (preference pairs).
-      **generate_kwargs: forwarded to :meth:`Sampler.generate` (``max_new_tokens``,
-        ``eos_token_id``, ``pad_token_id``, ``temperature``, ``top_k``, ...).
 
     Returns:
       A :class:`BestOfNOutput`.
@@ -187,15 +140,16 @@ def best_of_n(
     if not isinstance(sampler, Sampler):
         sampler = Sampler(sampler)
     samples = sampler.generate(
-        prompt_ids, prompt_mask, rng=rng, num_samples=num_samples, **generate_kwargs
+        prompt_ids, prompt_mask, sampling, rng=rng, num_samples=num_samples,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
     )
-    scores = jnp.asarray(reward_fn(samples), jnp.float32)
-    expected = (samples.tokens.shape[0],)
-    if scores.shape != expected:
-        raise ValueError(f"reward_fn returned scores of shape {scores.shape}, expected {expected}")
+    fields = {**(prompts or {}), "prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
+    scores = score_samples(reward, samples, jax.device_get(fields), num_samples=num_samples,
+                           missing_eos_penalty=missing_eos_penalty)
     bad = np.flatnonzero(~np.isfinite(np.asarray(scores)))
     if bad.size:
-        raise ValueError(f"reward_fn returned non-finite scores at rows {bad[:10].tolist()}")
+        raise ValueError(f"reward source {reward.name!r} returned non-finite scores at rows "
+                         f"{bad[:10].tolist()}")
     selection = select_best_of_n(scores, num_samples=num_samples)
     return BestOfNOutput(
         best=take_rows(samples, selection.best_indices),

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from rlhf_jax.generation._sampling import sample_tokens, validate_sampling_args
+from rlhf_jax.models import positions_from_mask
 from rlhf_jax.sharding import BATCH_AXES, batch_sharding
 
 _CACHE_SEGMENT_TOKENS = 32
@@ -67,6 +68,38 @@ class GenerationOutput(NamedTuple):
     sequence_mask: jax.Array
     finished: jax.Array
     prompt_length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How responses are sampled: their width, the sampling distribution and the KV cache's
+    growth. One value is shared by `generate`, `generate_with_state`, `Sampler`, `best_of_n`,
+    the online trainers' ``RolloutConfig`` (which extends it) and the AI labelers' text model.
+
+    The distribution is ``softmax(filter(logits / temperature))``, where ``filter`` applies
+    top-k, then top-p, then min-p (Hugging Face ``generate``'s order); ``greedy`` takes its
+    argmax instead. The values are checked where they are used (`generate_with_state`), with
+    errors that name the field.
+    """
+
+    max_new_tokens: int
+    """Response width ``N >= 1``: tokens sampled per prompt at most."""
+    temperature: float = 1.0
+    """Sampling temperature ``T > 0``."""
+    top_k: int | None = None
+    """Keep the ``top_k`` most likely tokens (None: off)."""
+    top_p: float | None = None
+    """Nucleus mass in ``(0, 1]`` (None: off)."""
+    min_p: float | None = None
+    """Min-p threshold in ``[0, 1]`` (None: off)."""
+    greedy: bool = False
+    """Argmax decoding instead of sampling (no key needed)."""
+    cache_segments: int | None = None
+    """The KV cache grows in this many segments, so that the decode steps of the first segments
+    attend over a shorter buffer (``P + N/s``, ``P + 2N/s``, ...) instead of all ``P + N``
+    slots; each segment is one more copy of the loop to compile. None: one segment per 32 new
+    tokens, at most 4 (one buffer below 64 new tokens). The tokens and log-probs do not depend
+    on it beyond float rounding of the attention sums."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +190,7 @@ def _generate_body(
 
     # Prefill: the whole left-padded prompt in one cached forward.
     cache = model.init_cache(batch, prompt_len + ends[0])
-    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+    positions = positions_from_mask(prompt_mask)
     logits, cache = model.decode(
         prompt_ids, positions=positions, cache=cache, cache_mask=prompt_then_ones(ends[0]),
         **blocks
@@ -271,19 +304,13 @@ def generate_with_state(
     state: Any,
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
+    sampling: SamplingParams,
     *,
-    max_new_tokens: int,
     rng: jax.Array | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    greedy: bool = False,
     eos_token_id: int | None,
     pad_token_id: int,
     num_samples: int = 1,
     mesh: Mesh | None = None,
-    cache_segments: int | None = None,
 ) -> GenerationOutput:
     """Samples responses from ``nnx.merge(graphdef, state)``; see :func:`generate`.
 
@@ -291,6 +318,12 @@ def generate_with_state(
     from ``nnx.split(model)`` once, ``state`` is the current parameters (any sharding).
     """
     _check_prompts(prompt_ids, prompt_mask)
+    if not isinstance(sampling, SamplingParams):
+        raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    max_new_tokens, cache_segments = sampling.max_new_tokens, sampling.cache_segments
+    temperature, top_k, top_p, min_p, greedy = (
+        sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p, sampling.greedy
+    )
     validate_sampling_args(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy
     )
@@ -370,15 +403,24 @@ class Sampler:
         return sampler
 
     def generate(
-        self, prompt_ids: jax.Array, prompt_mask: jax.Array, *, state: Any = None, **kwargs: Any
+        self,
+        prompt_ids: jax.Array,
+        prompt_mask: jax.Array,
+        sampling: SamplingParams,
+        *,
+        state: Any = None,
+        **kwargs: Any,
     ) -> GenerationOutput:
-        """:func:`generate_with_state` with this sampler's graph, state (or ``state``) and mesh."""
+        """:func:`generate_with_state` with this sampler's graph, state (or ``state``) and mesh;
+        ``kwargs`` are its keyword arguments (``rng``, ``eos_token_id``, ``pad_token_id``,
+        ``num_samples``)."""
         kwargs.setdefault("mesh", self.mesh)
         return generate_with_state(
             self.graphdef,
             self.state if state is None else state,
             prompt_ids,
             prompt_mask,
+            sampling,
             **kwargs,
         )
 
@@ -387,21 +429,15 @@ def generate(
     model: nnx.Module,
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
+    sampling: SamplingParams,
     *,
-    max_new_tokens: int,
     rng: jax.Array | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    greedy: bool = False,
     eos_token_id: int | None,
     pad_token_id: int,
     num_samples: int = 1,
     mesh: Mesh | None = None,
-    cache_segments: int | None = None,
 ) -> GenerationOutput:
-    """Samples up to ``max_new_tokens`` tokens after each left-padded prompt.
+    """Samples up to ``sampling.max_new_tokens`` tokens after each left-padded prompt.
 
     Prefills the prompt into a KV cache, then runs a jitted ``lax.while_loop`` of single-token
     cached decodes (one loop per cache segment, see ``cache_segments``) that stops as soon as
@@ -410,8 +446,8 @@ def generate(
     ``pad_token_id`` and masked out.
 
     The sampling distribution is ``softmax(filter(logits / temperature))`` where ``filter`` applies
-    top-k, then top-p, then min-p (Hugging Face ``generate`` order). ``greedy=True`` takes the
-    argmax instead (no key needed).
+    top-k, then top-p, then min-p (Hugging Face ``generate`` order); ``sampling.greedy`` takes
+    the argmax instead (no key needed). See :class:`SamplingParams` for every field.
 
     Args:
       model: an NNX causal LM with ``init_cache(batch_size, max_length)`` and
@@ -420,23 +456,13 @@ def generate(
         once.
       prompt_ids: ``[B, P]`` int token ids, left-padded.
       prompt_mask: ``[B, P]`` 1 on real tokens; every row needs at least one real token.
-      max_new_tokens: ``N >= 1``, the response width.
+      sampling: response width ``N``, temperature, filters, greedy, KV-cache segments.
       rng: PRNG key; the draw of step ``i`` uses ``fold_in(rng, i)``.
-      temperature: ``T > 0``.
-      top_k: keep the ``top_k`` most likely tokens, or ``None``.
-      top_p: nucleus mass in ``(0, 1]``, or ``None``.
-      min_p: min-p threshold in ``[0, 1]``, or ``None``.
-      greedy: argmax decoding.
       eos_token_id: stop token; ``None`` never stops early (always ``N`` tokens).
       pad_token_id: written after the first EOS.
       num_samples: ``n`` responses per prompt; rows ``b * n .. b * n + n - 1`` are prompt ``b``'s.
       mesh: optional mesh; the batch is sharded over its ``("data", "fsdp")`` axes (``B`` must be
         divisible by their size). The result does not depend on the sharding.
-      cache_segments: the KV cache grows in this many steps, so that the decode steps of the
-        first segments attend over a shorter buffer (``P + N/s``, ``P + 2N/s``, ...) instead of
-        all ``P + N`` slots; each segment is one more copy of the loop to compile. ``None``
-        (default): one segment per 32 new tokens, at most 4 (one buffer below 64 new tokens).
-        The tokens and log-probs do not depend on it beyond float rounding of the attention sums.
 
     Returns:
       A :class:`GenerationOutput` with ``B * n`` rows.
@@ -447,16 +473,10 @@ def generate(
         state,
         prompt_ids,
         prompt_mask,
-        max_new_tokens=max_new_tokens,
+        sampling,
         rng=rng,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        greedy=greedy,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         num_samples=num_samples,
         mesh=mesh,
-        cache_segments=cache_segments,
     )

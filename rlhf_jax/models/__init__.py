@@ -61,7 +61,13 @@ from rlhf_jax.models.lora import (
     merge_lora,
     trainable_fraction,
 )
-from rlhf_jax.models.transformer import CausalLM, Decoder, KVCache, default_positions
+from rlhf_jax.models.transformer import (
+    CausalLM,
+    Decoder,
+    KVCache,
+    default_positions,
+    positions_from_mask,
+)
 
 __all__ = [
     "CausalLM",
@@ -85,6 +91,7 @@ __all__ = [
     "load_tokenizer",
     "lora_disabled",
     "merge_lora",
+    "positions_from_mask",
     "save_pretrained",
     "trainable_fraction",
 ]

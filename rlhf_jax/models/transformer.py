@@ -52,17 +52,24 @@ class KVCache(NamedTuple):
         return self.v[0].shape[2]
 
 
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """Positions `[B, T]` int32 of rows whose real tokens are marked by `mask [B, T]`:
+    `max(cumsum(mask) - 1, 0)`, so a left-padded row's first real token has position 0 and
+    every later token counts the real tokens before it (docs/ARCHITECTURE.md). The one formula
+    the models, the sampler, the trainers and the AI labelers use."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0).astype(jnp.int32)
+
+
 def default_positions(
     attention_mask: jax.Array, segment_ids: jax.Array | None = None
 ) -> jax.Array:
     """Positions `[B, T]` int32.
 
-    Without segments: `max(cumsum(mask) - 1, 0)`. With `segment_ids`: the offset of each token
-    from the first token of its segment (0 on padding).
+    Without segments: `positions_from_mask(attention_mask)`. With `segment_ids`: the offset of
+    each token from the first token of its segment (0 on padding).
     """
     if segment_ids is None:
-        mask = attention_mask.astype(jnp.int32)
-        return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+        return positions_from_mask(attention_mask)
     seg = segment_ids.astype(jnp.int32)
     t = seg.shape[-1]
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), seg.shape)

@@ -17,6 +17,7 @@ context stays short; all prompts of a round are generated in batches.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from rlhf_jax.generation import SamplingParams
 from rlhf_jax.rlaif._judge import PairwiseJudge, check_texts
 from rlhf_jax.rlaif._pipelines import LabelledPairs, combine_labelers, write_jsonl
 from rlhf_jax.rlaif._principles import Constitution
@@ -56,6 +58,10 @@ class CritiqueRevision(NamedTuple):
         return self.revisions[-1] if self.revisions else self.initial_response
 
 
+DEFAULT_SAMPLING = SamplingParams(max_new_tokens=64)
+"""`critique_revision`'s default: 64 tokens per response, critique and revision, temperature 1."""
+
+
 def critique_revision(
     policy: TextModel,
     prompts: Sequence[str],
@@ -64,11 +70,8 @@ def critique_revision(
     rng: jax.Array,
     num_rounds: int = 1,
     template: CritiqueTemplate | None = None,
-    max_new_tokens: int = 64,
+    sampling: SamplingParams = DEFAULT_SAMPLING,
     critique_tokens: int | None = None,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    greedy: bool = False,
 ) -> list[CritiqueRevision]:
     """Runs ``num_rounds`` of principle-guided critique and revision for every prompt.
 
@@ -83,11 +86,9 @@ def critique_revision(
       rng: PRNG key.
       num_rounds: critique -> revision rounds (>= 0).
       template: transcript layout (default :class:`CritiqueTemplate`).
-      max_new_tokens: tokens per response and per revision.
-      critique_tokens: tokens per critique (default ``max_new_tokens``).
-      temperature: sampling temperature.
-      top_p: nucleus mass, or None.
-      greedy: decode greedily instead of sampling.
+      sampling: how responses, critiques and revisions are sampled (``SamplingParams``;
+        ``max_new_tokens`` is the width of a response and of a revision).
+      critique_tokens: tokens per critique (default ``sampling.max_new_tokens``).
 
     Returns:
       One :class:`CritiqueRevision` per prompt.
@@ -98,16 +99,16 @@ def critique_revision(
         raise ValueError(f"num_rounds must be an int >= 0, got {num_rounds!r}")
     n = check_texts(prompts=prompts)
     template = template or CritiqueTemplate()
-    critique_tokens = critique_tokens or max_new_tokens
+    critique_sampling = dataclasses.replace(
+        sampling, max_new_tokens=critique_tokens or sampling.max_new_tokens)
     k_principles, k_response, k_rounds = jax.random.split(rng, 3)
     drawn = constitution.sample_indices(k_principles, (n, num_rounds))
     stop = template.stop_strings
-    sample = dict(temperature=temperature, top_p=top_p, greedy=greedy, stop_strings=stop)
 
     conversations = [template.render_conversation(p) for p in prompts]
     initial = [
         r.strip()
-        for r in policy.generate(conversations, max_new_tokens=max_new_tokens, rng=k_response, **sample)
+        for r in policy.generate(conversations, sampling, rng=k_response, stop_strings=stop)
     ]
     current = list(initial)
     critiques: list[list[str]] = [[] for _ in range(n)]
@@ -122,9 +123,9 @@ def critique_revision(
             x.strip()
             for x in policy.generate(
                 critique_contexts,
-                max_new_tokens=critique_tokens,
+                critique_sampling,
                 rng=jax.random.fold_in(k_rounds, 2 * r),
-                **sample,
+                stop_strings=stop,
             )
         ]
         revision_contexts = [
@@ -135,9 +136,9 @@ def critique_revision(
             x.strip()
             for x in policy.generate(
                 revision_contexts,
-                max_new_tokens=max_new_tokens,
+                sampling,
                 rng=jax.random.fold_in(k_rounds, 2 * r + 1),
-                **sample,
+                stop_strings=stop,
             )
         ]
         for i in range(n):

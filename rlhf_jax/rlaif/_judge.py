@@ -174,15 +174,12 @@ class PairwiseJudge(TextModelLabeler):
                  for i in range(n)]
         rationales = None
         if self.template.cot_prompt is not None:
-            greedy = self.rationale_temperature == 0
-            if not greedy and rng is None:
+            if not self.rationale_sampling.greedy and rng is None:
                 raise ValueError("rng is required to sample rationales (rationale_temperature > 0)")
             generated = self.lm.generate(
                 [self.template.render_cot(c) for c in contexts],
-                max_new_tokens=self.rationale_tokens,
+                self.rationale_sampling,
                 rng=rng,
-                temperature=self.rationale_temperature if not greedy else 1.0,
-                greedy=greedy,
                 stop_strings=(self.template.answer_prompt,),
                 names=names,
             )

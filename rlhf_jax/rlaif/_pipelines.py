@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from rlhf_jax.generation import SamplingParams
 from rlhf_jax.rlaif._agreement import Alignment, fleiss_kappa, labeler_alignment
 from rlhf_jax.rlaif._consensus import consensus
 from rlhf_jax.rlaif._judge import JudgeOutput, PairwiseJudge, broadcast_principles, check_texts
@@ -272,27 +273,28 @@ def combine_labelers(
 def sample_pairs(
     policy: TextModel,
     prompts: Sequence[str],
+    sampling: SamplingParams,
     *,
     rng: jax.Array,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float | None = None,
     stop_strings: Sequence[str] = (),
 ) -> tuple[list[str], list[str]]:
     """Two independent samples of the policy per prompt (the pairs to be labelled).
+
+    Args:
+      policy: the policy as a :class:`TextModel`.
+      prompts: ``N`` prompts.
+      sampling: response width, temperature, filters (``SamplingParams``).
+      rng: PRNG key (split into one key per sample).
+      stop_strings: each sample is cut before the first of these.
 
     Returns:
       ``(responses_1, responses_2)``, ``N`` each.
     """
     check_texts(prompts=prompts)
     first, second = jax.random.split(rng)
-    kwargs = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        stop_strings=stop_strings,
-    )
     return (
-        policy.generate(prompts, rng=first, **kwargs),
-        policy.generate(prompts, rng=second, **kwargs),
+        policy.generate(prompts, sampling, rng=first, stop_strings=stop_strings),
+        policy.generate(prompts, sampling, rng=second, stop_strings=stop_strings),
     )
 
 

@@ -7,7 +7,8 @@ reward in RL, skipping the reward model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -15,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlhf_jax.generation import TextRewardFunction
 from rlhf_jax.rlaif._judge import broadcast_principles, check_texts
 from rlhf_jax.rlaif._preferences import expected_score, score_distribution
 from rlhf_jax.rlaif._templates import ScoreTemplate
-from rlhf_jax.rlaif._text_model import TextModel, TextModelLabeler, decode, single_token_id
+from rlhf_jax.rlaif._text_model import TextModel, TextModelLabeler, single_token_id
+from rlhf_jax.rlaif._text_model import decode as decode_ids
 
 
 class ScoreOutput(NamedTuple):
@@ -41,11 +44,10 @@ class ScoreOutput(NamedTuple):
 class DirectScorer(TextModelLabeler):
     """Rates single responses; also a reward function for PPO/GRPO.
 
-    As a reward: ``scorer(prompts, responses) -> np.ndarray [B]`` on text (the signature of
-    ``rlhf_jax.train.TextRewardFunction`` and ``rlhf_jax.generation.text_reward``), or
-    :meth:`token_reward` ``(prompt_ids [B, P], response_ids [B, N], response_mask [B, N]) ->
-    [B]`` on tokens (the signature of ``rlhf_jax.train.TokenRewardFunction``), decoding with the
-    policy's tokenizer.
+    As a reward: :meth:`reward_source` is a ``rlhf_jax.generation.RewardSource`` (best-of-n,
+    rejection sampling, PPO/GRPO/RLOO); ``scorer(prompts, responses) -> np.ndarray [B]`` scores
+    text directly, and :meth:`token_reward` ``(prompt_ids [B, P], response_ids [B, N],
+    response_mask [B, N]) -> [B]`` tokens.
 
     Args:
       model: an NNX causal LM (split once) or None with :meth:`from_state`.
@@ -128,15 +130,12 @@ class DirectScorer(TextModelLabeler):
         names = [f"labeler prompt of example {i}" for i in range(n)]
         rationales = None
         if self.template.cot_prompt is not None:
-            greedy = self.rationale_temperature == 0
-            if not greedy and rng is None:
+            if not self.rationale_sampling.greedy and rng is None:
                 raise ValueError("rng is required to sample rationales (rationale_temperature > 0)")
             rationales = self.lm.generate(
                 [self.template.render_cot(c) for c in contexts],
-                max_new_tokens=self.rationale_tokens,
+                self.rationale_sampling,
                 rng=rng,
-                temperature=self.rationale_temperature if not greedy else 1.0,
-                greedy=greedy,
                 stop_strings=(self.template.answer_prompt,),
                 names=names,
             )
@@ -155,6 +154,22 @@ class DirectScorer(TextModelLabeler):
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """Reward on text: ``[B]`` float32 expected scores."""
         return self.score(list(prompts), list(responses)).score
+
+    def reward_source(
+        self, *, decode: Callable[[Sequence[int]], str] | None = None, name: str = "judge"
+    ) -> TextRewardFunction:
+        """This scorer as a reward source (``rlhf_jax.generation.RewardSource``, the interface of
+        best-of-n, rejection sampling and the online trainers): the sampled prompt and response
+        tokens are decoded, then scored (``d-RLAIF``, Lee et al. 2023).
+
+        Args:
+          decode: ids -> text for the policy's tokenizer (default: this scorer's tokenizer,
+            skipping special tokens).
+          name: the source's name.
+        """
+        return TextRewardFunction(
+            self, decode=decode or functools.partial(decode_ids, self.tokenizer), name=name
+        )
 
     def token_reward(
         self,
@@ -178,7 +193,7 @@ class DirectScorer(TextModelLabeler):
         Returns:
           ``[B]`` float32 expected scores.
         """
-        decode_fn = decode_fn or (lambda ids: decode(self.tokenizer, ids))
+        decode_fn = decode_fn or functools.partial(decode_ids, self.tokenizer)
         prompt_ids = np.asarray(prompt_ids)
         response_ids = np.asarray(response_ids)
         response_mask = np.asarray(response_mask).astype(bool)

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax.generation import generate_with_state
+from rlhf_jax.generation import SamplingParams, generate_with_state
+from rlhf_jax.models import positions_from_mask
 from rlhf_jax.sharding import BATCH_AXES, shard_batch
 
 
@@ -83,8 +84,8 @@ def bucket(length: int, *, minimum: int = 16) -> int:
 def _next_token_logps(graphdef, state, input_ids, attention_mask, token_ids):
     """``log_softmax(model(...)[:, -1])[:, token_ids]`` for left-padded rows, ``[B, K]``."""
     model = nnx.merge(graphdef, state)
-    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
-    logits = model(input_ids, attention_mask=attention_mask, positions=positions)
+    logits = model(input_ids, attention_mask=attention_mask,
+                   positions=positions_from_mask(attention_mask))
     last = jax.nn.log_softmax(logits[:, -1, :].astype(jnp.float32), axis=-1)
     return last[:, token_ids]
 
@@ -229,25 +230,31 @@ class TextModel:
     def generate(
         self,
         texts: Sequence[str],
+        sampling: SamplingParams,
         *,
-        max_new_tokens: int,
         rng: jax.Array | None = None,
-        temperature: float = 1.0,
-        top_p: float | None = None,
-        greedy: bool = False,
         stop_strings: Sequence[str] = (),
         names: Sequence[str] | None = None,
     ) -> list[str]:
         """Samples a continuation of each text with ``rlhf_jax.generation``.
 
         Batch ``i`` draws with ``fold_in(rng, i)``. Each continuation ends at the model's EOS
-        token, after ``max_new_tokens`` tokens, or before the first of ``stop_strings``.
+        token, after ``sampling.max_new_tokens`` tokens, or before the first of
+        ``stop_strings``.
+
+        Args:
+          texts: ``N`` strings.
+          sampling: response width, temperature, filters, greedy (`SamplingParams`).
+          rng: PRNG key (not needed with ``sampling.greedy``).
+          stop_strings: a continuation is cut before the first of these.
+          names: how errors name each text (default ``"text[i]"``).
 
         Returns:
           ``N`` decoded continuations (special tokens removed).
         """
-        if rng is None and not greedy:
-            raise ValueError("rng is required unless greedy=True")
+        if rng is None and not sampling.greedy:
+            raise ValueError("rng is required unless sampling.greedy is set")
+        max_new_tokens = sampling.max_new_tokens
         rows = self.encode_texts(texts, names=names)
         out: list[str] = []
         for index, (_, chunk) in enumerate(self._batches(rows)):
@@ -262,11 +269,8 @@ class TextModel:
                 self.state,
                 ids,
                 mask,
-                max_new_tokens=max_new_tokens,
+                sampling,
                 rng=None if rng is None else jax.random.fold_in(rng, index),
-                temperature=temperature,
-                top_p=top_p,
-                greedy=greedy,
                 eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id,
                 mesh=self.mesh,
@@ -310,6 +314,13 @@ class TextModelLabeler:
             raise ValueError(f"rationale_temperature must be >= 0, got {rationale_temperature}")
         self.rationale_tokens = rationale_tokens
         self.rationale_temperature = rationale_temperature
+        greedy = rationale_temperature == 0
+        self.rationale_sampling = SamplingParams(
+            max_new_tokens=rationale_tokens,
+            temperature=1.0 if greedy else rationale_temperature,
+            greedy=greedy,
+        )
+        """How chain-of-thought rationales are sampled (greedy when the temperature is 0)."""
         self.lm = text_model or TextModel(
             model,
             tokenizer,

@@ -11,7 +11,24 @@ Machinery (imported eagerly):
 - `checkpoint`: `Checkpointer` over orbax (state, data-loader state, config; restore onto any
   mesh).
 - `logging`: `MetricsLogger` (metrics.jsonl, TensorBoard, optional W&B, progress bar).
-- `common`: optimizer/schedule from config, model and mesh building, aligned token log-probs.
+- `optimizer`: the optimizer and learning-rate schedule of an `OptimizerConfig`.
+- `builders`: the model and tokenizer a `ModelSpec` / `DataSpec` names, the trainable
+  variables, and `setup_training` (mesh, optimizer, sharded state, jitted step).
+- `data`: `build_data`, a run's training loader and held-out batches from its `DataSpec`.
+- `run`: `run_training` (set-up, held-out evaluator, `fit`), `make_evaluator`, `run_summary`.
+- `logprobs`: per-token log-probs from a model, aligned to the token they score (offline
+  trainers) or to a rollout's response (online trainers).
+- `pairs`: the one-forward layouts of preference pairs (padded, packed, prefix-shared).
+
+Online machinery (imported by the online trainers):
+
+- `rollout`: the `Rollout` layout, `RolloutConfig` (sampling parameters), sampling,
+  minibatches.
+- `rewards`: the reward source of a run from its `RewardSpec`, through a registry of builders
+  (the sources and their interface are `rlhf_jax.generation`'s).
+- `value`: PPO's value model or shared value head, and its diagnostics.
+- `online`: `OnlineTrainer` (the one set-up sequence, sampling, scoring, the run through
+  `fit`), the frozen `Reference`, mesh plumbing, the CLI path `train_online`.
 
 Trainers: `sft` (`SFTConfig`, `train_sft`), `rm` (`RMConfig`, `train_rm`), `dpo` (DPO family,
 SimPO/ORPO/CPO, KTO: `DPOConfig`, `train_dpo`), `export` (`ExportConfig`, `export_policy`),
@@ -21,20 +38,8 @@ imported from their modules. Each trainer exposes `<Algo>Config` and
 `setup_training`, `fit`) that experiments call directly without the CLI.
 """
 
+from rlhf_jax.train.builders import TrainSetup, build_model, setup_training
 from rlhf_jax.train.checkpoint import Checkpointer, Restored, abstract_like
-from rlhf_jax.train.common import (
-    TrainSetup,
-    aligned_token_logps,
-    build_data,
-    build_model,
-    make_evaluator,
-    make_optimizer,
-    make_schedule,
-    model_inputs,
-    model_token_logps,
-    run_training,
-    setup_training,
-)
 from rlhf_jax.train.config import (
     CheckpointConfig,
     ConfigError,
@@ -50,9 +55,11 @@ from rlhf_jax.train.config import (
     load_config,
     save_config,
 )
-from rlhf_jax.train.dpo import DPOConfig, preference_loss, train_dpo
+from rlhf_jax.train.data import build_data
+from rlhf_jax.train.dpo import DPOConfig, DPOHyperParams, preference_loss, train_dpo
 from rlhf_jax.train.export import ExportConfig, export_policy
 from rlhf_jax.train.logging import MetricsLogger, read_metrics
+from rlhf_jax.train.logprobs import aligned_token_logps, model_inputs, model_token_logps
 from rlhf_jax.train.loop import (
     LoopResult,
     NonFiniteError,
@@ -63,7 +70,9 @@ from rlhf_jax.train.loop import (
     restore_latest,
     train_loop,
 )
-from rlhf_jax.train.rm import RMConfig, rm_loss, train_rm
+from rlhf_jax.train.optimizer import make_optimizer, make_schedule
+from rlhf_jax.train.rm import RMConfig, RMHyperParams, rm_loss, train_rm
+from rlhf_jax.train.run import make_evaluator, run_training
 from rlhf_jax.train.sft import SFTConfig, sft_loss, train_sft
 from rlhf_jax.train.state import (
     TrainState,
@@ -76,8 +85,10 @@ from rlhf_jax.train.state import (
 
 __all__ = [
     "DPOConfig",
+    "DPOHyperParams",
     "ExportConfig",
     "RMConfig",
+    "RMHyperParams",
     "SFTConfig",
     "TrainSetup",
     "build_data",

@@ -3,7 +3,7 @@
 NLL term), reference-free SimPO, ORPO and CPO, and unpaired KTO.
 
 One forward pass per model and step: the chosen and rejected sequences of a pairwise batch are
-concatenated along the batch axis (`rlhf_jax.train.common.pair_forward_batch`; packed rows are
+concatenated along the batch axis (`rlhf_jax.train.pairs.pair_forward_batch`; packed rows are
 used as they are) and their aligned token log-probs are summed over the completion tokens
 (`pair_sequence_sums`). With `data.prefix_sharing` each pair is one row, `prompt | chosen |
 rejected`, with tree attention (`rlhf_jax.data.collate_prefix_shared`): the same log-probs with
@@ -45,32 +45,30 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import losses
-from rlhf_jax.models import LoRAParam
-from rlhf_jax.train.common import (
-    build_data,
+from rlhf_jax import losses, sharding
+from rlhf_jax.models import LoRAParam, lora_disabled
+from rlhf_jax.train.builders import (
     build_model,
     check_vocab,
     load_tokenizer_for,
-    model_token_logps,
-    pair_forward_batch,
-    pair_sequence_sums,
-    pair_weights,
-    run_summary,
-    run_training,
     shard_train_state,
     trainable_filter,
 )
 from rlhf_jax.train.config import DataSpec, ModelSpec, TrainConfig
+from rlhf_jax.train.data import build_data
+from rlhf_jax.train.logprobs import model_token_logps
+from rlhf_jax.train.pairs import pair_forward_batch, pair_sequence_sums, pair_weights
+from rlhf_jax.train.run import run_summary, run_training
 
 ALGORITHMS = ("dpo", "simpo", "orpo", "cpo", "kto")
 REFERENCES = ("model", "precomputed")
@@ -143,67 +141,59 @@ def policy_only_filter(model: nnx.Module) -> Any:
 def base_model_of(policy: nnx.Module) -> nnx.Module:
     """The policy with LoRA adapters zeroed (the base model), sharing every other weight."""
     graphdef, lora, rest = nnx.split(policy, LoRAParam, ...)
-    from rlhf_jax.models.lora import lora_disabled
-
     return nnx.merge(graphdef, lora_disabled(lora), rest)
 
 
 # ---------------------------------------------------------------------------------------------
-# the loss
+# sequence log-probs
 # ---------------------------------------------------------------------------------------------
 
 
-DEFAULT_LOSS_TYPES = {"dpo": ("sigmoid",), "cpo": ("sigmoid",), "kto": ("kto",), "simpo": (),
-                      "orpo": ()}
+class PairLogps(NamedTuple):
+    """The policy's sequence log-probs of a pairwise batch and what the losses weigh them by.
+
+    Attributes:
+      chosen, rejected: ``[P]`` summed completion log-probs.
+      chosen_lengths, rejected_lengths: ``[P]`` completion token counts.
+      weights: ``[P]`` pair weights (`rlhf_jax.train.pairs.pair_weights`).
+      smoothing: the label smoothing ε, scalar or, with soft labels, ``1 - label`` ``[P]``.
+      metric_label: the soft ``label [P]`` for the accuracy metric, or None (hard labels).
+    """
+
+    chosen: jax.Array
+    rejected: jax.Array
+    chosen_lengths: jax.Array
+    rejected_lengths: jax.Array
+    weights: jax.Array
+    smoothing: Any
+    metric_label: jax.Array | None
+
+    def averages(self) -> tuple[jax.Array, jax.Array]:
+        """Length-normalised (mean per completion token) chosen and rejected log-probs."""
+        return (self.chosen / jnp.maximum(self.chosen_lengths, 1.0),
+                self.rejected / jnp.maximum(self.rejected_lengths, 1.0))
 
 
-def resolve_loss_types(algorithm: str, loss_type: Sequence[str]) -> tuple[str, ...]:
-    """`loss_type`, or the algorithm's default when empty."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm={algorithm!r}; allowed: {ALGORITHMS}")
-    return tuple(loss_type) or DEFAULT_LOSS_TYPES[algorithm]
+def policy_pair_logps(
+    policy: nnx.Module,
+    batch: Mapping[str, jax.Array],
+    *,
+    soft_labels: bool = False,
+    label_smoothing: float = 0.0,
+) -> PairLogps:
+    """One fused forward of the policy over a pairwise batch (any layout,
+    `rlhf_jax.train.pairs.pair_forward_batch`) and the per-pair sums of its aligned log-probs.
 
-
-def _check_types(algorithm: str, loss_type: Sequence[str], loss_weights: Sequence[float]):
-    loss_type = resolve_loss_types(algorithm, loss_type)
-    if algorithm == "dpo":
-        allowed = (*losses.DPO_LOSS_TYPES, "sft")
-        if not loss_type:
-            raise ValueError("loss_type must name at least one DPO loss type")
-    elif algorithm == "cpo":
-        allowed = losses.CPO_LOSS_TYPES
-    elif algorithm == "kto":
-        allowed = losses.KTO_LOSS_TYPES
-    else:
-        return
-    bad = [t for t in loss_type if t not in allowed]
-    if bad or (algorithm != "dpo" and len(loss_type) != 1):
-        raise ValueError(f"loss_type={loss_type} for algorithm={algorithm!r}; allowed: "
-                         f"{'one or more' if algorithm == 'dpo' else 'exactly one'} of {allowed}")
-    if loss_weights and len(loss_weights) != len(loss_type):
-        raise ValueError(f"loss_weights={tuple(loss_weights)} must have one weight per "
-                         f"loss_type {loss_type}")
-
-
-def _chosen_nll(logps_sum: jax.Array, lengths: jax.Array, w: jax.Array) -> jax.Array:
-    """Token-mean NLL over the chosen completions of the batch (TRL's `nll_loss`)."""
-    return -jnp.sum(logps_sum * w) / jnp.maximum(jnp.sum(lengths * w), 1.0)
-
-
-def _wmean(x, w):
-    return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-
-def _reward_metrics(prefix, chosen, rejected, pc, pr, w, label=None):
-    acc = losses.reward_accuracy(chosen, rejected, label=label)
-    return {
-        f"{prefix}/rewards_chosen": _wmean(chosen, w),
-        f"{prefix}/rewards_rejected": _wmean(rejected, w),
-        f"{prefix}/accuracy": _wmean(acc, w),
-        f"{prefix}/reward_margin": _wmean(chosen - rejected, w),
-        f"{prefix}/logps_chosen": _wmean(pc, w),
-        f"{prefix}/logps_rejected": _wmean(pr, w),
-    }
+    With ``soft_labels`` and a batch ``label`` p, the smoothing is ``1 - p`` per pair (and the
+    accuracy metric uses p); otherwise ``label_smoothing``."""
+    rows = pair_forward_batch(batch)
+    logps, _ = model_token_logps(policy, rows)
+    pc, pr, lc, lr = pair_sequence_sums(logps, rows, batch)
+    label = batch["label"].astype(jnp.float32) if "label" in batch else None
+    smoothing = (1.0 - label) if (soft_labels and label is not None) else label_smoothing
+    return PairLogps(chosen=pc, rejected=pr, chosen_lengths=lc, rejected_lengths=lr,
+                     weights=pair_weights(batch), smoothing=smoothing,
+                     metric_label=label if soft_labels else None)
 
 
 def reference_pair_logps(ref_model: nnx.Module, batch: Mapping[str, jax.Array]):
@@ -228,70 +218,249 @@ def kto_sequence_logps(model: nnx.Module, batch: Mapping[str, jax.Array]):
     return tuple(jnp.split(seq, 2))
 
 
-def preference_loss(
-    model: nnx.Module,
-    batch: Mapping[str, jax.Array],
-    rng: jax.Array | None = None,
-    *,
-    algorithm: str = "dpo",
-    loss_type: Sequence[str] = (),
-    loss_weights: Sequence[float] = (),
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    soft_labels: bool = False,
-    f_divergence: str = "reverse_kl",
-    f_alpha: float = 0.5,
-    discopop_tau: float = 0.05,
-    rpo_alpha: float = 0.0,
-    simpo_gamma: float = 0.5,
-    cpo_alpha: float = 1.0,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-    reference: str = "model",
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Loss and metrics of the DPO family on a batch (module docstring).
+def _chosen_nll(logps_sum: jax.Array, lengths: jax.Array, w: jax.Array) -> jax.Array:
+    """Token-mean NLL over the chosen completions of the batch (TRL's `nll_loss`)."""
+    return -jnp.sum(logps_sum * w) / jnp.maximum(jnp.sum(lengths * w), 1.0)
 
-    Args:
-      model: the policy (`reference="precomputed"`, `"lora_base"` or reference-free
-        algorithms) or a `PolicyAndReference` (`reference="model"`).
-      batch: a pairwise preference batch (padded or packed; with `ref_chosen_logps` /
-        `ref_rejected_logps` `[P]` when precomputed) or, for KTO, an unpaired batch with `kl_`
-        keys and `label` (and `ref_logps` / `ref_kl_logps` when precomputed).
-      rng: unused.
-      reference: `"model"`, `"precomputed"`, `"lora_base"` or `"none"`.
-      Other arguments: as in `DPOConfig`.
 
-    Returns:
-      `(loss, metrics)`.
-    """
-    loss_type = resolve_loss_types(algorithm, loss_type)
-    _check_types(algorithm, loss_type, loss_weights)
-    policy = model.policy if isinstance(model, PolicyAndReference) else model
-    ref_model = None
-    if algorithm in ("dpo", "kto"):
-        if reference == "model":
-            if not isinstance(model, PolicyAndReference):
-                raise TypeError("reference='model' needs a PolicyAndReference model")
-            ref_model = model.reference
-        elif reference == "lora_base":
-            ref_model = base_model_of(policy)
-        elif reference != "precomputed":
-            raise ValueError(f"reference={reference!r} for algorithm={algorithm!r}; allowed: "
-                             "'model', 'precomputed', 'lora_base'")
+def _wmean(x, w):
+    return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
 
-    if algorithm == "kto":
+
+def _reward_metrics(prefix: str, chosen, rejected, pairs: PairLogps) -> dict[str, jax.Array]:
+    w, label = pairs.weights, pairs.metric_label
+    acc = losses.reward_accuracy(chosen, rejected, label=label)
+    return {
+        f"{prefix}/rewards_chosen": _wmean(chosen, w),
+        f"{prefix}/rewards_rejected": _wmean(rejected, w),
+        f"{prefix}/accuracy": _wmean(acc, w),
+        f"{prefix}/reward_margin": _wmean(chosen - rejected, w),
+        f"{prefix}/logps_chosen": _wmean(pairs.chosen, w),
+        f"{prefix}/logps_rejected": _wmean(pairs.rejected, w),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the objectives, one hyper-parameter set per family
+# ---------------------------------------------------------------------------------------------
+
+
+def _from_config(cls, config: DPOConfig):
+    """``cls`` with every field read from the `DPOConfig` field of the same name; an empty
+    ``loss_type`` takes the family's default."""
+    values = {name: getattr(config, name) for name in cls._fields}
+    if "loss_type" in values and not values["loss_type"]:
+        values["loss_type"] = cls._field_defaults["loss_type"]
+    return cls(**values)
+
+
+def _check_loss_type(algorithm: str, loss_type: Sequence[str], allowed: Sequence[str], *,
+                     several: bool) -> None:
+    bad = [t for t in loss_type if t not in allowed]
+    if bad or not loss_type or (not several and len(loss_type) != 1):
+        raise ValueError(f"loss_type={tuple(loss_type)} for algorithm={algorithm!r}; allowed: "
+                         f"{'one or more' if several else 'exactly one'} of {tuple(allowed)}")
+
+
+class DPOHyperParams(NamedTuple):
+    """DPO (Rafailov et al. 2023) and its loss-type mixtures: every
+    `rlhf_jax.losses.DPO_LOSS_TYPES` entry plus ``"sft"`` (the chosen NLL), weighted by
+    ``loss_weights`` (MPO: ``("sigmoid", "bco_pair", "sft")``), with label smoothing or soft
+    labels, f-DPO divergences and RPO's NLL term (``rpo_alpha``). Needs a reference."""
+
+    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] = ()
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    soft_labels: bool = False
+    f_divergence: str = "reverse_kl"
+    f_alpha: float = 0.5
+    discopop_tau: float = 0.05
+    rpo_alpha: float = 0.0
+
+    algorithm = "dpo"
+    uses_reference = True
+
+    @classmethod
+    def from_config(cls, config: DPOConfig) -> DPOHyperParams:
+        return _from_config(cls, config)
+
+    def validate(self) -> None:
+        _check_loss_type(self.algorithm, self.loss_type, (*losses.DPO_LOSS_TYPES, "sft"),
+                         several=True)
+        if self.loss_weights and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"loss_weights={tuple(self.loss_weights)} must have one weight per "
+                             f"loss_type {tuple(self.loss_type)}")
+
+    def loss(self, policy, reference, batch):
+        """``(loss, metrics)``; ``reference`` None reads the batch's precomputed log-probs."""
+        pairs = policy_pair_logps(policy, batch, soft_labels=self.soft_labels,
+                                  label_smoothing=self.label_smoothing)
+        if reference is None:
+            rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            rc, rr = reference_pair_logps(reference, batch)
+        pc, pr, w = pairs.chosen, pairs.rejected, pairs.weights
+        weights = tuple(self.loss_weights) or (1.0,) * len(self.loss_type)
+        mixture = {t: wt for t, wt in zip(self.loss_type, weights) if t != "sft"}
+        per = jnp.zeros_like(pc)
+        if mixture:
+            per = losses.mixed_dpo_loss(
+                pc, pr, rc, rr, loss_weights=mixture, label_smoothing=pairs.smoothing,
+                beta=self.beta, chosen_lengths=pairs.chosen_lengths,
+                rejected_lengths=pairs.rejected_lengths, f_divergence=self.f_divergence,
+                f_alpha=self.f_alpha, discopop_tau=self.discopop_tau)
+        loss = _wmean(per, w)
+        metrics: dict[str, jax.Array] = {}
+        nll_weight = dict(zip(self.loss_type, weights)).get("sft", 0.0) + self.rpo_alpha
+        if nll_weight:
+            nll = _chosen_nll(pc, pairs.chosen_lengths, w)
+            loss = loss + nll_weight * nll
+            metrics["dpo/nll_loss"] = nll
+        rm = losses.dpo_reward_metrics(pc, pr, rc, rr, beta=self.beta, label=pairs.metric_label)
+        metrics.update(_reward_metrics("dpo", rm.chosen, rm.rejected, pairs))
+        metrics["dpo/loss"] = loss
+        return loss, metrics
+
+
+class SimPOHyperParams(NamedTuple):
+    """SimPO (Meng et al. 2024): reference-free, length-normalised log-probs, target margin
+    ``simpo_gamma``; ``beta`` is the reward scale."""
+
+    beta: float = 0.1
+    simpo_gamma: float = 0.5
+    label_smoothing: float = 0.0
+    soft_labels: bool = False
+
+    algorithm = "simpo"
+    uses_reference = False
+
+    @classmethod
+    def from_config(cls, config: DPOConfig) -> SimPOHyperParams:
+        return _from_config(cls, config)
+
+    def validate(self) -> None:
+        pass
+
+    def loss(self, policy, reference, batch):
+        pairs = policy_pair_logps(policy, batch, soft_labels=self.soft_labels,
+                                  label_smoothing=self.label_smoothing)
+        avg_c, avg_r = pairs.averages()
+        per = losses.simpo_loss(avg_c, avg_r, beta=self.beta, gamma=self.simpo_gamma,
+                                label_smoothing=pairs.smoothing)
+        loss = _wmean(per, pairs.weights)
+        sg = jax.lax.stop_gradient
+        metrics = _reward_metrics("simpo", self.beta * sg(avg_c), self.beta * sg(avg_r), pairs)
+        metrics["simpo/loss"] = loss
+        return loss, metrics
+
+
+class ORPOHyperParams(NamedTuple):
+    """ORPO (Hong et al. 2024): the chosen NLL plus ``beta`` (λ) times the odds-ratio loss of
+    the length-normalised log-probs; reference-free."""
+
+    beta: float = 0.1
+    soft_labels: bool = False
+
+    algorithm = "orpo"
+    uses_reference = False
+
+    @classmethod
+    def from_config(cls, config: DPOConfig) -> ORPOHyperParams:
+        return _from_config(cls, config)
+
+    def validate(self) -> None:
+        pass
+
+    def loss(self, policy, reference, batch):
+        pairs = policy_pair_logps(policy, batch, soft_labels=self.soft_labels)
+        avg_c, avg_r = pairs.averages()
+        per = losses.orpo_loss(avg_c, avg_r, beta=self.beta)
+        nll = _chosen_nll(pairs.chosen, pairs.chosen_lengths, pairs.weights)
+        loss = nll + _wmean(per, pairs.weights)
+        sg = jax.lax.stop_gradient
+        metrics = {"orpo/nll_loss": nll}
+        metrics.update(_reward_metrics("orpo", self.beta * sg(avg_c), self.beta * sg(avg_r),
+                                       pairs))
+        metrics["orpo/loss"] = loss
+        return loss, metrics
+
+
+class CPOHyperParams(NamedTuple):
+    """CPO (Xu et al. 2024): one `rlhf_jax.losses.CPO_LOSS_TYPES` preference term
+    (length-normalised for ``ipo`` and ``simpo``) plus ``cpo_alpha`` times the chosen NLL;
+    reference-free."""
+
+    loss_type: tuple[str, ...] = ("sigmoid",)
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    soft_labels: bool = False
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+
+    algorithm = "cpo"
+    uses_reference = False
+
+    @classmethod
+    def from_config(cls, config: DPOConfig) -> CPOHyperParams:
+        return _from_config(cls, config)
+
+    def validate(self) -> None:
+        _check_loss_type(self.algorithm, self.loss_type, losses.CPO_LOSS_TYPES, several=False)
+
+    def loss(self, policy, reference, batch):
+        pairs = policy_pair_logps(policy, batch, soft_labels=self.soft_labels,
+                                  label_smoothing=self.label_smoothing)
+        loss_type = self.loss_type[0]
+        c, r = pairs.averages() if loss_type in ("ipo", "simpo") else (pairs.chosen,
+                                                                        pairs.rejected)
+        smoothing = pairs.smoothing if loss_type in ("sigmoid", "simpo") else 0.0
+        per = losses.cpo_loss(c, r, beta=self.beta, loss_type=loss_type,
+                              label_smoothing=smoothing, simpo_gamma=self.simpo_gamma)
+        nll = _chosen_nll(pairs.chosen, pairs.chosen_lengths, pairs.weights)
+        loss = _wmean(per, pairs.weights) + self.cpo_alpha * nll
+        sg = jax.lax.stop_gradient
+        metrics = {"cpo/nll_loss": nll}
+        metrics.update(_reward_metrics("cpo", self.beta * sg(c), self.beta * sg(r), pairs))
+        metrics["cpo/loss"] = loss
+        return loss, metrics
+
+
+class KTOHyperParams(NamedTuple):
+    """KTO (Ethayarajh et al. 2024) on unpaired examples: one `rlhf_jax.losses.KTO_LOSS_TYPES`
+    loss against the batch's KL reference point ``z_0`` (TRL's mismatched ``kl_`` pairs), with
+    ``desirable_weight`` λ_D and ``undesirable_weight`` λ_U. Needs a reference."""
+
+    loss_type: tuple[str, ...] = ("kto",)
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    algorithm = "kto"
+    uses_reference = True
+
+    @classmethod
+    def from_config(cls, config: DPOConfig) -> KTOHyperParams:
+        return _from_config(cls, config)
+
+    def validate(self) -> None:
+        _check_loss_type(self.algorithm, self.loss_type, losses.KTO_LOSS_TYPES, several=False)
+
+    def loss(self, policy, reference, batch):
+        """``(loss, metrics)``; ``reference`` None reads the batch's precomputed log-probs."""
         pol, kl_pol = kto_sequence_logps(policy, batch)
-        if ref_model is None:
+        if reference is None:
             ref, kl_ref = batch["ref_logps"], batch["ref_kl_logps"]
         else:
-            ref, kl_ref = (jax.lax.stop_gradient(x) for x in kto_sequence_logps(ref_model, batch))
+            ref, kl_ref = (jax.lax.stop_gradient(x) for x in kto_sequence_logps(reference, batch))
         z0 = losses.kto_reference_kl(kl_pol, kl_ref)
         label = batch["label"].astype(jnp.float32)
-        per = losses.kto_loss(pol, ref, label, reference_kl=z0, beta=beta,
-                              desirable_weight=desirable_weight,
-                              undesirable_weight=undesirable_weight, loss_type=loss_type[0])
+        per = losses.kto_loss(pol, ref, label, reference_kl=z0, beta=self.beta,
+                              desirable_weight=self.desirable_weight,
+                              undesirable_weight=self.undesirable_weight,
+                              loss_type=self.loss_type[0])
         loss = jnp.mean(per)
-        rewards = beta * jax.lax.stop_gradient(pol - ref)
+        rewards = self.beta * jax.lax.stop_gradient(pol - ref)
         metrics = {
             "kto/loss": loss,
             "kto/kl": z0,
@@ -303,81 +472,78 @@ def preference_loss(
         }
         return loss, metrics
 
-    rows = pair_forward_batch(batch)
-    logps, _ = model_token_logps(policy, rows)
-    w = pair_weights(batch)
-    pc, pr, lc, lr = pair_sequence_sums(logps, rows, batch)
-    label = batch["label"].astype(jnp.float32) if "label" in batch else None
-    eps = (1.0 - label) if (soft_labels and label is not None) else label_smoothing
-    metric_label = label if soft_labels else None
-    sg = jax.lax.stop_gradient
-    metrics: dict[str, jax.Array] = {}
 
-    if algorithm == "dpo":
-        if ref_model is None:
-            rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        else:
-            rc, rr = reference_pair_logps(ref_model, batch)
-        weights = tuple(loss_weights) or (1.0,) * len(loss_type)
-        mixture = {t: wt for t, wt in zip(loss_type, weights) if t != "sft"}
-        common = dict(beta=beta, chosen_lengths=lc, rejected_lengths=lr,
-                      f_divergence=f_divergence, f_alpha=f_alpha, discopop_tau=discopop_tau)
-        per = jnp.zeros_like(pc)
-        if mixture:
-            per = losses.mixed_dpo_loss(pc, pr, rc, rr, loss_weights=mixture,
-                                        label_smoothing=eps, **common)
-        loss = _wmean(per, w)
-        nll_weight = dict(zip(loss_type, weights)).get("sft", 0.0) + rpo_alpha
-        if nll_weight:
-            nll = _chosen_nll(pc, lc, w)
-            loss = loss + nll_weight * nll
-            metrics["dpo/nll_loss"] = nll
-        rm = losses.dpo_reward_metrics(pc, pr, rc, rr, beta=beta, label=metric_label)
-        metrics.update(_reward_metrics("dpo", rm.chosen, rm.rejected, pc, pr, w, metric_label))
-        metrics["dpo/loss"] = loss
-        return loss, metrics
+PreferenceHyperParams = (DPOHyperParams | SimPOHyperParams | ORPOHyperParams | CPOHyperParams
+                         | KTOHyperParams)
+"""The hyper-parameters of one preference objective; its type selects the family."""
 
-    avg_c, avg_r = pc / jnp.maximum(lc, 1.0), pr / jnp.maximum(lr, 1.0)
-    if algorithm == "simpo":
-        per = losses.simpo_loss(avg_c, avg_r, beta=beta, gamma=simpo_gamma, label_smoothing=eps)
-        loss = _wmean(per, w)
-        chosen_r, rejected_r = beta * sg(avg_c), beta * sg(avg_r)
-    elif algorithm == "orpo":
-        per = losses.orpo_loss(avg_c, avg_r, beta=beta)
-        nll = _chosen_nll(pc, lc, w)
-        loss = nll + _wmean(per, w)
-        metrics["orpo/nll_loss"] = nll
-        chosen_r, rejected_r = beta * sg(avg_c), beta * sg(avg_r)
-    else:  # cpo
-        averaged = loss_type[0] in ("ipo", "simpo")
-        c, r = (avg_c, avg_r) if averaged else (pc, pr)
-        smoothing = eps if loss_type[0] in ("sigmoid", "simpo") else 0.0
-        per = losses.cpo_loss(c, r, beta=beta, loss_type=loss_type[0],
-                              label_smoothing=smoothing, simpo_gamma=simpo_gamma)
-        nll = _chosen_nll(pc, lc, w)
-        loss = _wmean(per, w) + cpo_alpha * nll
-        metrics["cpo/nll_loss"] = nll
-        chosen_r, rejected_r = beta * sg(c), beta * sg(r)
-    metrics.update(_reward_metrics(algorithm, chosen_r, rejected_r, pc, pr, w, metric_label))
-    metrics[f"{algorithm}/loss"] = loss
-    return loss, metrics
+FAMILIES: dict[str, type] = {hp.algorithm: hp for hp in (
+    DPOHyperParams, SimPOHyperParams, ORPOHyperParams, CPOHyperParams, KTOHyperParams)}
+"""``DPOConfig.algorithm`` -> its hyper-parameter class."""
+
+
+def preference_hyperparams(config: DPOConfig) -> PreferenceHyperParams:
+    """The hyper-parameters of ``config.algorithm``, read from the config's fields of the same
+    names and validated (errors name ``loss_type`` / ``loss_weights`` and the allowed values)."""
+    if config.algorithm not in FAMILIES:
+        raise ValueError(f"algorithm={config.algorithm!r}; allowed: {ALGORITHMS}")
+    hp = FAMILIES[config.algorithm].from_config(config)
+    hp.validate()
+    if config.loss_weights and "loss_weights" not in hp._fields and "loss_type" in hp._fields \
+            and len(config.loss_weights) != len(hp.loss_type):
+        raise ValueError(f"loss_weights={tuple(config.loss_weights)} must have one weight per "
+                         f"loss_type {tuple(hp.loss_type)}")
+    return hp
+
+
+def preference_loss(
+    model: nnx.Module,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array | None = None,
+    *,
+    hp: PreferenceHyperParams | None = None,
+    reference: str = "model",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Loss and metrics of a preference objective on a batch (module docstring).
+
+    Args:
+      model: the policy (`reference="precomputed"`, `"lora_base"` or reference-free
+        families) or a `PolicyAndReference` (`reference="model"`).
+      batch: a pairwise preference batch (padded, packed or prefix-shared; with
+        `ref_chosen_logps` / `ref_rejected_logps` `[P]` when precomputed) or, for KTO, an
+        unpaired batch with `kl_` keys and `label` (and `ref_logps` / `ref_kl_logps` when
+        precomputed).
+      rng: unused.
+      hp: the family and its hyper-parameters (`DPOHyperParams`, `SimPOHyperParams`,
+        `ORPOHyperParams`, `CPOHyperParams`, `KTOHyperParams`; default: `DPOHyperParams()`).
+      reference: where the reference log-probs of DPO / KTO come from: `"model"` (the
+        `PolicyAndReference`'s frozen half), `"precomputed"` (the batch), `"lora_base"` (the
+        policy with its adapters zeroed); ignored by reference-free families.
+
+    Returns:
+      `(loss, metrics)`.
+    """
+    hp = DPOHyperParams() if hp is None else hp
+    hp.validate()
+    policy = model.policy if isinstance(model, PolicyAndReference) else model
+    ref_model = None
+    if hp.uses_reference:
+        if reference == "model":
+            if not isinstance(model, PolicyAndReference):
+                raise TypeError("reference='model' needs a PolicyAndReference model")
+            ref_model = model.reference
+        elif reference == "lora_base":
+            ref_model = base_model_of(policy)
+        elif reference != "precomputed":
+            raise ValueError(f"reference={reference!r} for algorithm={hp.algorithm!r}; allowed: "
+                             "'model', 'precomputed', 'lora_base'")
+    return hp.loss(policy, ref_model, batch)
 
 
 def make_preference_loss(config: DPOConfig, *, reference: str):
     """`loss_fn(model, batch, rng)` for `make_train_step` from a `DPOConfig`."""
-    _check_types(config.algorithm, config.loss_type, config.loss_weights)
-    kwargs = dict(
-        algorithm=config.algorithm,
-        loss_type=resolve_loss_types(config.algorithm, config.loss_type),
-        loss_weights=tuple(config.loss_weights), beta=config.beta,
-        label_smoothing=config.label_smoothing, soft_labels=config.soft_labels,
-        f_divergence=config.f_divergence, f_alpha=config.f_alpha,
-        discopop_tau=config.discopop_tau, rpo_alpha=config.rpo_alpha,
-        simpo_gamma=config.simpo_gamma, cpo_alpha=config.cpo_alpha,
-        desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight,
-        reference=reference,
-    )
-    return lambda model, batch, rng: preference_loss(model, batch, rng, **kwargs)
+    return functools.partial(preference_loss, hp=preference_hyperparams(config),
+                             reference=reference)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,8 +565,6 @@ def precompute_reference_logps(
     `{"ref_chosen_logps", "ref_rejected_logps"}` (or KTO's `{"ref_logps", "ref_kl_logps"}`),
     each `[num_batches, P]` float32, row `i` belonging to the `i`-th batch.
     """
-    from rlhf_jax import sharding
-
     graphdef, state = nnx.split(ref_model)
     state, state_sharding = shard_train_state(state, mesh)
 
@@ -494,17 +658,15 @@ def reference_tables(config: DPOConfig, ref_model: nnx.Module, data: Any, mesh
 
 def train_dpo(config: DPOConfig) -> dict[str, Any]:
     """Trains with the configured preference objective; returns the run summary."""
-    from rlhf_jax import sharding
-
-    _check_types(config.algorithm, config.loss_type, config.loss_weights)
-    kto = config.algorithm == "kto"
+    hp = preference_hyperparams(config)
+    kto = hp.algorithm == "kto"
     tokenizer = load_tokenizer_for(config.data, config.model)
     data = build_data(config.data, format="kto" if kto else "preference", tokenizer=tokenizer,
                       seed=config.seed, kl_pairs=kto)
     policy = build_model(config.model, seed=config.seed)
     check_vocab(policy, tokenizer)
     lora = config.model.lora_rank > 0
-    needs_ref = config.algorithm in ("dpo", "kto")
+    needs_ref = hp.uses_reference
     model, trainable, reference = policy, None, "none"
     if needs_ref and lora and config.ref_model is None:
         reference = "lora_base"
@@ -536,18 +698,27 @@ def train_dpo(config: DPOConfig) -> dict[str, Any]:
 
 __all__ = [
     "ALGORITHMS",
+    "CPOHyperParams",
     "DPOConfig",
+    "DPOHyperParams",
+    "FAMILIES",
+    "KTOHyperParams",
+    "ORPOHyperParams",
+    "PairLogps",
     "PolicyAndReference",
+    "PreferenceHyperParams",
     "REFERENCES",
+    "SimPOHyperParams",
     "WithReferenceLogps",
     "base_model_of",
     "kto_sequence_logps",
     "make_preference_loss",
     "policy_only_filter",
+    "policy_pair_logps",
     "precompute_reference_logps",
-    "reference_tables",
-    "resolve_loss_types",
+    "preference_hyperparams",
     "preference_loss",
     "reference_pair_logps",
+    "reference_tables",
     "train_dpo",
 ]

@@ -116,7 +116,7 @@ def load_policy(run_dir: str, *, step: int | None = None) -> tuple[nnx.Module, i
     policy-and-reference state) and the online trainers (PPO's policy beside its value model,
     GRPO/RLOO, rejection sampling).
     """
-    from rlhf_jax.train.common import build_model
+    from rlhf_jax.train.builders import build_model
 
     run_config = read_run_config(run_dir)
     spec = config_from_dict(ModelSpec, run_config.get("model", {}), where="config.model")
@@ -137,7 +137,7 @@ def load_policy(run_dir: str, *, step: int | None = None) -> tuple[nnx.Module, i
 def export_policy(config: ExportConfig) -> dict[str, Any]:
     """Exports the run's policy (see module docstring); returns a summary dict."""
     from rlhf_jax.models.hf import save_pretrained
-    from rlhf_jax.train.common import load_tokenizer_for
+    from rlhf_jax.train.builders import load_tokenizer_for
 
     model, step, run_config = load_policy(config.run_dir, step=config.step)
     tokenizer = None

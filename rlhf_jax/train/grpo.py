@@ -25,7 +25,7 @@ One iteration (`GRPOTrainer.step`):
      token's log-prob) + ``beta * k3``, ``dapo`` aggregation.
 
 No value model. Metrics (``grpo/`` or ``rloo/``): ``score_mean``, ``score_std``, ``kl_ref``
-(`rlhf_jax.train.rollout.sequence_kl_to_reference`, the same estimator as PPO's), ``entropy``,
+(`rlhf_jax.train.online.sequence_kl_to_reference`, the same estimator as PPO's), ``entropy``,
 ``clipfrac``, ``approx_kl``, ``loss``, ``response_length``, ``eos_fraction``,
 ``frac_zero_std_groups`` (groups whose rewards are all equal, which carry no signal) and
 ``advantages_std``.
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -45,33 +45,20 @@ import optax
 from flax import nnx
 
 from rlhf_jax import losses
+from rlhf_jax.generation import RewardSource
 from rlhf_jax.train.config import DataSpec, TrainConfig
-from rlhf_jax.train.rollout import (
+from rlhf_jax.train.logprobs import policy_response_logps
+from rlhf_jax.train.online import (
     ONLINE_DATA,
+    MetricFn,
     OnlineTrainer,
     Reference,
-    RewardSource,
-    RewardSpec,
-    Rollout,
-    RolloutConfig,
-    cached_optimizer,
-    check_online_config,
-    check_rows_divide_mesh,
-    commit_to_mesh,
-    create_sharded_state,
-    merged_state,
-    minibatch_indices,
-    policy_response_logps,
-    resolve_mesh,
-    rollout_batch_sharding,
-    sample_rollout,
-    score_rollout,
     seed_key_data,
     sequence_kl_to_reference,
-    take_minibatch,
     train_online,
-    uses_lora,
 )
+from rlhf_jax.train.rewards import RewardSpec
+from rlhf_jax.train.rollout import Rollout, RolloutConfig, minibatch_indices, take_minibatch
 from rlhf_jax.train.state import TrainState, make_train_step
 
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "gspo")
@@ -431,9 +418,8 @@ class GRPOTrainer(OnlineTrainer):
         pad_token_id: int,
         reference: nnx.Module | None = None,
         mesh: Any = None,
-        metric_fns: Sequence[Callable[..., Mapping[str, float]]] = (),
+        metric_fns: Sequence[MetricFn] = (),
     ):
-        check_online_config(config)
         if config.loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(f"loss_type={config.loss_type!r}; allowed: {GRPO_LOSS_TYPES}")
         rloo = isinstance(config, RLOOConfig)
@@ -451,63 +437,37 @@ class GRPOTrainer(OnlineTrainer):
                 f"num_minibatches={config.num_minibatches} must divide data.batch_size * "
                 f"num_generations = {rows}"
             )
-        self.config = config
         self.hp = GRPOHyperParams.from_config(config)
         self.algorithm = self.hp.algorithm
-        self.reward = reward
-        self.prompts = prompts
-        self.eos_token_id = int(eos_token_id)
-        self.pad_token_id = int(pad_token_id)
-        self.metric_fns = tuple(metric_fns)
-        self.mesh = resolve_mesh(config.mesh, mesh)
-        self.batch_sharding = rollout_batch_sharding(self.mesh)
-        check_rows_divide_mesh(
-            rows // config.num_minibatches, self.mesh,
-            what="a minibatch (data.batch_size * num_generations / num_minibatches)",
-        )
-        lora = uses_lora(policy)
-        self.reference = Reference.build(policy, reference, lora=lora, mesh=self.mesh)
-        total_updates = max(config.num_steps * config.num_iterations * config.num_minibatches, 1)
-        self.tx, self.schedule = cached_optimizer(config.optimizer, total_updates)
-        self.policy_graphdef, policy_state = create_sharded_state(
-            policy, self.tx, seed=config.seed, mesh=self.mesh
-        )
-        self.state = commit_to_mesh(
-            GRPOState(
-                step=jnp.zeros((), jnp.int32), policy=policy_state, rng=seed_key_data(config.seed)
-            ),
-            self.mesh,
+        self.setup(
+            config,
+            policy=policy,
+            reward=reward,
+            prompts=prompts,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            reference=reference,
+            mesh=mesh,
+            metric_fns=metric_fns,
+            samples_per_prompt=config.num_generations,
+            update_rows=rows // config.num_minibatches,
+            update_rows_name="a minibatch (data.batch_size * num_generations / num_minibatches)",
+            num_updates=config.num_steps * config.num_iterations * config.num_minibatches,
         )
         self._score = _jit_score(self.policy_graphdef, self.hp, self.reference)
         self._update = _jit_update(
             self.policy_graphdef, self.tx, self.hp, self.batch_sharding, self.schedule
         )
 
-    def rollout(self, state: GRPOState, prompts: Mapping[str, np.ndarray], rng: jax.Array):
-        """``num_generations`` samples per prompt from the current policy."""
-        return sample_rollout(
-            self.policy_graphdef,
-            merged_state(state.policy),
-            prompts["prompt_ids"],
-            prompts["prompt_mask"],
-            rng=rng,
-            config=self.config.rollout,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
-            num_samples=self.config.num_generations,
-            mesh=self.mesh,
+    def initial_state(self, policy_state: TrainState) -> GRPOState:
+        return GRPOState(
+            step=jnp.zeros((), jnp.int32), policy=policy_state,
+            rng=seed_key_data(self.config.seed),
         )
 
     def score(self, state: GRPOState, rollout: Rollout, prompts: Mapping[str, np.ndarray]):
         """Reward-source scores, then the jitted scoring (log-probs, advantages)."""
-        scores = score_rollout(
-            self.reward,
-            rollout,
-            prompts,
-            num_samples=self.config.num_generations,
-            missing_eos_penalty=self.config.rollout.missing_eos_penalty,
-        )
-        scores = jax.device_put(scores, self.batch_sharding)
+        scores = jax.device_put(self.scores(rollout, prompts), self.batch_sharding)
         return self._score(state, self.reference.state, rollout, scores)
 
     def step(self, state: GRPOState, prompts: Mapping[str, np.ndarray]):
@@ -515,9 +475,7 @@ class GRPOTrainer(OnlineTrainer):
         rollout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
         rollout = self.rollout(state, prompts, rollout_key)
         experience, metrics = self.score(state, rollout, prompts)
-        extra: dict[str, float] = {}
-        for fn in self.metric_fns:
-            extra.update({k: float(v) for k, v in fn(experience, prompts).items()})
+        extra = self.extra_metrics(experience, prompts)
         state, update_metrics = self._update(state, experience)
         return state, {**metrics, **update_metrics, **extra}
 

@@ -27,7 +27,7 @@ value head on the policy's own backbone instead. With LoRA on the policy (``mode
 off (zeroed), so no second copy of the weights is held.
 
 Metrics of every iteration (namespaced ``ppo/``): ``score_mean`` (after the EOS penalty),
-``kl_ref`` (`rlhf_jax.train.rollout.sequence_kl_to_reference`, the same for every online trainer),
+``kl_ref`` (`rlhf_jax.train.online.sequence_kl_to_reference`, the same for every online trainer),
 ``entropy``, ``clipfrac``, ``approx_kl`` (policy change within the update), ``policy_loss``,
 ``value_loss``, ``value_explained_variance``, ``response_length``, ``kl_coef``,
 ``non_score_reward``, ``returns_mean``, ``advantages_std`` and ``eos_fraction``.
@@ -54,40 +54,31 @@ import optax
 from flax import nnx
 
 from rlhf_jax import losses
+from rlhf_jax.generation import RewardSource
 from rlhf_jax.train.config import DataSpec, TrainConfig
-from rlhf_jax.train.rollout import (
+from rlhf_jax.train.logprobs import policy_response_logps
+from rlhf_jax.train.online import (
     ONLINE_DATA,
+    MetricFn,
     OnlineTrainer,
-    PolicyWithValueHead,
     Reference,
-    RewardSource,
-    RewardSpec,
-    Rollout,
-    RolloutConfig,
-    cached_optimizer,
-    check_online_config,
-    check_rows_divide_mesh,
-    commit_to_mesh,
     create_sharded_state,
+    seed_key_data,
+    sequence_kl_to_reference,
+    train_online,
+)
+from rlhf_jax.train.optimizer import cached_optimizer
+from rlhf_jax.train.rewards import RewardSpec
+from rlhf_jax.train.rollout import Rollout, RolloutConfig, minibatch_indices, take_minibatch
+from rlhf_jax.train.state import TrainState, make_train_step
+from rlhf_jax.train.value import (
+    PolicyWithValueHead,
     default_value_model,
     empty_train_state,
     explained_variance,
-    merged_state,
-    minibatch_indices,
-    policy_response_logps,
-    resolve_mesh,
     response_values,
-    rollout_batch_sharding,
-    sample_rollout,
-    score_rollout,
-    seed_key_data,
-    sequence_kl_to_reference,
     shared_forward,
-    take_minibatch,
-    train_online,
-    uses_lora,
 )
-from rlhf_jax.train.state import TrainState, make_train_step
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -540,12 +531,6 @@ def make_update_fn(
 # Trainer
 # ---------------------------------------------------------------------------------------------
 
-MetricFn = Callable[[Any, Mapping[str, np.ndarray]], Mapping[str, float]]
-"""``fn(experience, prompts) -> {name: value}``: extra per-iteration metrics computed on the
-rollout (e.g. the gold reward of the sampled responses, for over-optimisation curves). The
-experience has at least ``rollout`` and ``scores``."""
-
-
 def kl_controller_from_config(config: Any) -> losses.KLController:
     """The adaptive (Ziegler et al.; ``kl_target``, ``kl_horizon``) or fixed KL controller of a
     config. Its ``update`` does not depend on the initial ``kl_coef`` (the state holds beta), so
@@ -590,10 +575,11 @@ class PPOTrainer(OnlineTrainer):
       config: the run's `PPOConfig`.
       policy: the initial policy, an NNX ``CausalLM`` (with LoRA adapters attached for
         parameter-efficient training: then only the adapters train).
-      reward: the reward source (`rlhf_jax.train.rollout`).
+      reward: the reward source (`rlhf_jax.generation.RewardSource`; from a config:
+        `rlhf_jax.train.rewards.build_reward_source`).
       prompts: iterator of host prompt batches (``prompt_ids``, ``prompt_mask`` ``[B, P]``
         left-padded, plus task fields), with ``get_state``/``set_state`` for exact resume (e.g.
-        `rlhf_jax.train.rollout.PromptLoader`).
+        `rlhf_jax.data.PromptLoader`).
       eos_token_id, pad_token_id: token ids of the policy's tokenizer.
       reference: the frozen reference policy (default: a copy of ``policy`` taken now; unused
         with LoRA, where the reference is the policy with its adapters off).
@@ -621,7 +607,6 @@ class PPOTrainer(OnlineTrainer):
         mesh: Any = None,
         metric_fns: Sequence[MetricFn] = (),
     ):
-        check_online_config(config)
         for name in ("num_epochs", "num_minibatches"):
             if getattr(config, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
@@ -630,56 +615,22 @@ class PPOTrainer(OnlineTrainer):
                 f"num_minibatches={config.num_minibatches} must divide data.batch_size="
                 f"{config.data.batch_size}"
             )
-        self.config = config
         self.hp = PPOHyperParams.from_config(config)
-        self.reward = reward
-        self.prompts = prompts
-        self.eos_token_id = int(eos_token_id)
-        self.pad_token_id = int(pad_token_id)
-        self.metric_fns = tuple(metric_fns)
-        self.mesh = resolve_mesh(config.mesh, mesh)
-        self.batch_sharding = rollout_batch_sharding(self.mesh)
-        check_rows_divide_mesh(
-            config.data.batch_size // config.num_minibatches, self.mesh,
-            what="a PPO minibatch (data.batch_size / num_minibatches)",
-        )
-
-        lora = uses_lora(policy)
-        shared = config.value_head == "shared"
-        self.reference = Reference.build(policy, reference, lora=lora, mesh=self.mesh)
-        if shared:
-            policy = PolicyWithValueHead(policy, rngs=nnx.Rngs(config.seed + 1))
-            value_model = None
-        elif value_model is None:
-            value_model = default_value_model(
-                policy, reward, init=config.value_init, seed=config.seed + 1
-            )
-        total_updates = max(config.num_steps * config.num_epochs * config.num_minibatches, 1)
-        self.policy_tx, self.schedule = cached_optimizer(config.optimizer, total_updates)
-        self.policy_graphdef, policy_state = create_sharded_state(
-            policy, self.policy_tx, seed=config.seed, mesh=self.mesh
-        )
-        if shared:
-            self.value_tx, self.value_graphdef = None, None
-            value_state = empty_train_state()
-        else:
-            value_opt = config.optimizer
-            if config.value_learning_rate is not None:
-                value_opt = dataclasses.replace(value_opt, learning_rate=config.value_learning_rate)
-            self.value_tx, _ = cached_optimizer(value_opt, total_updates)
-            self.value_graphdef, value_state = create_sharded_state(
-                value_model, self.value_tx, seed=config.seed, mesh=self.mesh
-            )
-        self.kl_controller = kl_controller_from_config(config)
-        self.state = commit_to_mesh(
-            PPOState(
-                step=jnp.zeros((), jnp.int32),
-                policy=policy_state,
-                value=value_state,
-                kl_ctl=losses.KLControllerState(kl_coef=jnp.asarray(config.kl_coef, jnp.float32)),
-                rng=seed_key_data(config.seed),
-            ),
-            self.mesh,
+        self._value_model = value_model
+        self.setup(
+            config,
+            policy=policy,
+            reward=reward,
+            prompts=prompts,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            reference=reference,
+            mesh=mesh,
+            metric_fns=metric_fns,
+            samples_per_prompt=1,
+            update_rows=config.data.batch_size // config.num_minibatches,
+            update_rows_name="a PPO minibatch (data.batch_size / num_minibatches)",
+            num_updates=config.num_steps * config.num_epochs * config.num_minibatches,
         )
         # Cached per graphs and hyper-parameters: a second trainer with the same config reuses
         # the compiled functions.
@@ -689,7 +640,7 @@ class PPOTrainer(OnlineTrainer):
         self._update = _jit_update(
             self.policy_graphdef,
             self.value_graphdef,
-            self.policy_tx,
+            self.tx,
             self.value_tx,
             self.kl_controller,
             self.hp,
@@ -697,37 +648,52 @@ class PPOTrainer(OnlineTrainer):
             self.schedule,
         )
 
-    # -- the three phases (separately callable for benchmarks) ------------------------------
+    def trained_policy(self, policy: nnx.Module) -> nnx.Module:
+        """With ``value_head="shared"`` the policy gains a value head (trained with it);
+        otherwise the separate value model is built (`default_value_model`) unless given."""
+        config = self.config
+        if config.value_head == "shared":
+            self._value_model = None
+            return PolicyWithValueHead(policy, rngs=nnx.Rngs(config.seed + 1))
+        if self._value_model is None:
+            self._value_model = default_value_model(
+                policy, self.reward, init=config.value_init, seed=config.seed + 1
+            )
+        return policy
 
-    def rollout(
-        self, state: PPOState, prompts: Mapping[str, np.ndarray], rng: jax.Array
-    ) -> Rollout:
-        """Samples one response per prompt from the current policy (jitted generation)."""
-        return sample_rollout(
-            self.policy_graphdef,
-            merged_state(state.policy),
-            prompts["prompt_ids"],
-            prompts["prompt_mask"],
-            rng=rng,
-            config=self.config.rollout,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
-            num_samples=1,
-            mesh=self.mesh,
+    def initial_state(self, policy_state: TrainState) -> PPOState:
+        """The policy's state beside the value model's (its own optimizer, an optional peak
+        learning rate of its own) and the KL controller's initial coefficient."""
+        config = self.config
+        if self._value_model is None:
+            self.value_tx, self.value_graphdef = None, None
+            value_state = empty_train_state()
+        else:
+            total_updates = config.num_steps * config.num_epochs * config.num_minibatches
+            value_opt = config.optimizer
+            if config.value_learning_rate is not None:
+                value_opt = dataclasses.replace(value_opt, learning_rate=config.value_learning_rate)
+            self.value_tx, _ = cached_optimizer(value_opt, max(total_updates, 1))
+            self.value_graphdef, value_state = create_sharded_state(
+                self._value_model, self.value_tx, seed=config.seed, mesh=self.mesh
+            )
+            self._value_model = None  # split into the state above
+        self.kl_controller = kl_controller_from_config(config)
+        return PPOState(
+            step=jnp.zeros((), jnp.int32),
+            policy=policy_state,
+            value=value_state,
+            kl_ctl=losses.KLControllerState(kl_coef=jnp.asarray(config.kl_coef, jnp.float32)),
+            rng=seed_key_data(config.seed),
         )
+
+    # -- the three phases (separately callable for benchmarks; `rollout` is the base's) -----
 
     def score(
         self, state: PPOState, rollout: Rollout, prompts: Mapping[str, np.ndarray]
     ) -> tuple[PPOExperience, dict[str, jax.Array]]:
         """Reward-source scores, then the jitted forward passes that build the rollout buffer."""
-        scores = score_rollout(
-            self.reward,
-            rollout,
-            prompts,
-            num_samples=1,
-            missing_eos_penalty=self.config.rollout.missing_eos_penalty,
-        )
-        scores = jax.device_put(scores, self.batch_sharding)
+        scores = jax.device_put(self.scores(rollout, prompts), self.batch_sharding)
         return self._score(state, self.reference.state, rollout, scores)
 
     def update(
@@ -745,9 +711,7 @@ class PPOTrainer(OnlineTrainer):
         keys = jax.random.split(jax.random.wrap_key_data(state.rng))
         rollout = self.rollout(state, prompts, keys[0])
         experience, metrics = self.score(state, rollout, prompts)
-        extra: dict[str, float] = {}
-        for fn in self.metric_fns:
-            extra.update({k: float(v) for k, v in fn(experience, prompts).items()})
+        extra = self.extra_metrics(experience, prompts)
         state, update_metrics = self.update(
             state, experience, jax.random.key_data(keys[1]), metrics["ppo/kl_ref"]
         )
@@ -763,7 +727,6 @@ def train_ppo(config: PPOConfig) -> dict[str, Any]:
 
 
 __all__ = [
-    "MetricFn",
     "PPOConfig",
     "PPOExperience",
     "PPOHyperParams",

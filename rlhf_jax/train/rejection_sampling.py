@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -34,33 +34,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax.generation import select_best_of_n
+from rlhf_jax.generation import RewardSource, select_best_of_n
+from rlhf_jax.models import positions_from_mask
 from rlhf_jax.train.config import DataSpec, TrainConfig
-from rlhf_jax.train.rollout import (
+from rlhf_jax.train.logprobs import policy_response_logps
+from rlhf_jax.train.online import (
     ONLINE_DATA,
+    MetricFn,
     OnlineTrainer,
-    Reference,
-    RewardSource,
-    RewardSpec,
-    Rollout,
-    RolloutConfig,
-    cached_optimizer,
-    check_online_config,
-    check_rows_divide_mesh,
-    commit_to_mesh,
-    create_sharded_state,
-    merged_state,
-    policy_response_logps,
-    positions_from_mask,
-    resolve_mesh,
-    rollout_batch_sharding,
-    sample_rollout,
-    score_rollout,
     seed_key_data,
     sequence_kl_to_reference,
     train_online,
-    uses_lora,
 )
+from rlhf_jax.train.rewards import RewardSpec
+from rlhf_jax.train.rollout import Rollout, RolloutConfig
 from rlhf_jax.train.sft import make_sft_loss
 from rlhf_jax.train.state import TrainState, make_train_step
 
@@ -153,9 +140,8 @@ class RejectionSamplingTrainer(OnlineTrainer):
         pad_token_id: int,
         reference: nnx.Module | None = None,
         mesh: Any = None,
-        metric_fns: Sequence[Callable[..., Mapping[str, float]]] = (),
+        metric_fns: Sequence[MetricFn] = (),
     ):
-        check_online_config(config)
         if config.num_samples < 1 or config.sft_epochs < 1:
             raise ValueError(
                 f"num_samples and sft_epochs must be >= 1, got {config.num_samples} and "
@@ -166,55 +152,38 @@ class RejectionSamplingTrainer(OnlineTrainer):
                 f"sft_batch_size={config.sft_batch_size} must divide data.batch_size="
                 f"{config.data.batch_size}"
             )
-        self.config = config
-        self.reward = reward
-        self.prompts = prompts
-        self.eos_token_id = int(eos_token_id)
-        self.pad_token_id = int(pad_token_id)
-        self.metric_fns = tuple(metric_fns)
-        self.mesh = resolve_mesh(config.mesh, mesh)
-        self.batch_sharding = rollout_batch_sharding(self.mesh)
-        check_rows_divide_mesh(config.sft_batch_size, self.mesh, what="sft_batch_size")
-        self.reference = Reference.build(policy, reference, lora=uses_lora(policy),
-                                         mesh=self.mesh)
         self.steps_per_round = config.sft_epochs * (config.data.batch_size // config.sft_batch_size)
-        total = max(config.num_steps * self.steps_per_round, 1)
-        self.tx, self.schedule = cached_optimizer(config.optimizer, total)
-        self.policy_graphdef, policy_state = create_sharded_state(
-            policy, self.tx, seed=config.seed, mesh=self.mesh
-        )
-        self.state = commit_to_mesh(
-            RejectionSamplingState(
-                step=jnp.zeros((), jnp.int32), policy=policy_state,
-                rng=seed_key_data(config.seed),
-            ),
-            self.mesh,
+        self.setup(
+            config,
+            policy=policy,
+            reward=reward,
+            prompts=prompts,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            reference=reference,
+            mesh=mesh,
+            metric_fns=metric_fns,
+            samples_per_prompt=config.num_samples,
+            update_rows=config.sft_batch_size,
+            update_rows_name="sft_batch_size",
+            num_updates=config.num_steps * self.steps_per_round,
         )
         self._kl = _jit_kl(self.policy_graphdef, self.reference,
                            float(config.rollout.temperature))
         self._sft_step = _jit_sft_step(self.policy_graphdef, self.tx, self.schedule)
 
+    def initial_state(self, policy_state: TrainState) -> RejectionSamplingState:
+        return RejectionSamplingState(
+            step=jnp.zeros((), jnp.int32), policy=policy_state,
+            rng=seed_key_data(self.config.seed),
+        )
+
     def collect(self, state: RejectionSamplingState, prompts: Mapping[str, np.ndarray],
                 rng: jax.Array) -> tuple[dict[str, jax.Array], dict[str, Any]]:
         """Samples K responses per prompt, keeps the best; returns the SFT batch and metrics."""
-        k = self.config.num_samples
-        rollout = sample_rollout(
-            self.policy_graphdef,
-            merged_state(state.policy),
-            prompts["prompt_ids"],
-            prompts["prompt_mask"],
-            rng=rng,
-            config=self.config.rollout,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
-            num_samples=k,
-            mesh=self.mesh,
-        )
-        scores = score_rollout(
-            self.reward, rollout, prompts, num_samples=k,
-            missing_eos_penalty=self.config.rollout.missing_eos_penalty,
-        )
-        selection = select_best_of_n(scores, num_samples=k)
+        rollout = self.rollout(state, prompts, rng)
+        scores = self.scores(rollout, prompts)
+        selection = select_best_of_n(scores, num_samples=self.samples_per_prompt)
         mask = rollout.response_mask.astype(jnp.float32)
         metrics = {
             "rs/score_mean": jnp.mean(scores),
@@ -224,8 +193,7 @@ class RejectionSamplingTrainer(OnlineTrainer):
             "rs/eos_fraction": jnp.mean(rollout.finished.astype(jnp.float32)),
         }
         experience = _Kept(rollout=rollout, scores=scores, selection=selection)
-        for fn in self.metric_fns:
-            metrics.update({k_: float(v) for k_, v in fn(experience, prompts).items()})
+        metrics.update(self.extra_metrics(experience, prompts))
         return best_of_n_sft_batch(rollout, selection.best_indices), metrics
 
     def step(self, state: RejectionSamplingState, prompts: Mapping[str, np.ndarray]):

@@ -39,11 +39,13 @@ Metrics (training; held-out as `rm/eval/<name>`):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,23 +53,20 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax import losses
+from rlhf_jax.train.builders import TrainSetup, build_model, check_vocab, load_tokenizer_for
 from rlhf_jax.train.checkpoint import Checkpointer
-from rlhf_jax.train.common import (
-    TrainSetup,
-    build_data,
-    build_model,
-    check_vocab,
+from rlhf_jax.train.config import DataSpec, ModelSpec, TrainConfig, config_from_dict, config_to_dict
+from rlhf_jax.train.data import build_data
+from rlhf_jax.train.export import read_checkpoint_state, read_run_config, restore_into
+from rlhf_jax.train.logprobs import model_inputs
+from rlhf_jax.train.loop import CHECKPOINT_DIR
+from rlhf_jax.train.pairs import (
     is_packed_pairs,
     is_prefix_shared_pairs,
-    load_tokenizer_for,
-    model_inputs,
     pair_forward_batch,
     pair_weights,
-    run_summary,
-    run_training,
 )
-from rlhf_jax.train.config import DataSpec, TrainConfig, config_to_dict
-from rlhf_jax.train.loop import CHECKPOINT_DIR
+from rlhf_jax.train.run import run_summary, run_training
 from rlhf_jax.train.state import TrainState
 
 RM_LOSSES = ("bradley_terry", "kwise", "plackett_luce", "best_of_k")
@@ -103,6 +102,33 @@ class RMConfig(TrainConfig):
     """Reference set for normalisation: held-out or training responses."""
     normalization_batches: int = 16
     """Number of reference batches for the normalisation statistics."""
+
+
+class RMHyperParams(NamedTuple):
+    """The loss's hyper-parameters (`rm_loss`), the `RMConfig` fields of the same names."""
+
+    loss: str = "bradley_terry"
+    head_names: tuple[str, ...] = ("reward",)
+    train_heads: tuple[str, ...] = ()
+    use_margin: bool = False
+    margin_scale: float = 1.0
+    soft_labels: bool = True
+    label_smoothing: float = 0.0
+    center_rewards_coefficient: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: RMConfig) -> RMHyperParams:
+        """Every field read from the config field of the same name."""
+        return cls(**{name: getattr(config, name) for name in cls._fields})
+
+    def validate(self) -> None:
+        """Raises naming the field when ``loss`` or ``train_heads`` is not allowed."""
+        if self.loss not in RM_LOSSES:
+            raise ValueError(f"loss={self.loss!r}; allowed: {RM_LOSSES}")
+        unknown = [h for h in self.train_heads if h not in self.head_names]
+        if unknown:
+            raise ValueError(f"train_heads {unknown} are not among head_names "
+                             f"{tuple(self.head_names)}")
 
 
 def _head_weights(batch: Mapping[str, jax.Array], n: int, heads: jax.Array) -> jax.Array:
@@ -170,34 +196,24 @@ def rm_loss(
     batch: Mapping[str, jax.Array],
     rng: jax.Array | None = None,
     *,
-    loss: str = "bradley_terry",
-    head_names: Sequence[str] = ("reward",),
-    train_heads: Sequence[str] = (),
-    use_margin: bool = False,
-    margin_scale: float = 1.0,
-    soft_labels: bool = True,
-    label_smoothing: float = 0.0,
-    center_rewards_coefficient: float = 0.0,
+    hp: RMHyperParams | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Reward-model loss and metrics (module docstring) of `model` on a pairwise or ranking batch.
 
     Args:
-      model: a `RewardModel` with heads `head_names`.
+      model: a `RewardModel` with heads `hp.head_names`.
       batch: a pairwise batch (`chosen_*`, `rejected_*`, `margin`, `label`; or packed) for
         `bradley_terry`, a ranking batch (`input_ids [B, K, T]`, `ranks`, `response_mask`) for
         the ranking losses; optional `head_index [B]`.
       rng: unused.
-      Other arguments: as in `RMConfig`.
+      hp: the loss and its hyper-parameters (`RMHyperParams`; default: its defaults).
 
     Returns:
       `(loss, metrics)`.
     """
-    if loss not in RM_LOSSES:
-        raise ValueError(f"loss={loss!r}; allowed: {RM_LOSSES}")
-    head_names = tuple(head_names)
-    unknown = [h for h in train_heads if h not in head_names]
-    if unknown:
-        raise ValueError(f"train_heads {unknown} are not among head_names {head_names}")
+    hp = RMHyperParams() if hp is None else hp
+    hp.validate()
+    loss, head_names, train_heads = hp.loss, tuple(hp.head_names), hp.train_heads
     trained = jnp.asarray([1.0 if (not train_heads or h in train_heads) else 0.0
                            for h in head_names], jnp.float32)
     metrics: dict[str, jax.Array] = {}
@@ -209,19 +225,19 @@ def rm_loss(
         chosen, rejected = pair_rewards(model, batch)  # [P, H]
         p, h = chosen.shape
         w = _head_weights(batch, p, trained) * pair_weights(batch)[:, None]
-        margin = margin_scale * batch["margin"] if use_margin else None
-        label = batch["label"] if soft_labels else None
+        margin = hp.margin_scale * batch["margin"] if hp.use_margin else None
+        label = batch["label"] if hp.soft_labels else None
         per_head = []
         for i in range(h):
             per_head.append(losses.bradley_terry_loss(
                 chosen[:, i], rejected[:, i], margin=margin, label=label,
-                label_smoothing=label_smoothing))
+                label_smoothing=hp.label_smoothing))
         pair_loss = jnp.stack(per_head, axis=-1)  # [P, H]
         total = _weighted_mean(pair_loss, w)
-        if center_rewards_coefficient > 0:
+        if hp.center_rewards_coefficient > 0:
             centering = jnp.stack([losses.reward_centering_loss(chosen[:, i], rejected[:, i])
                                    for i in range(h)], axis=-1)
-            centering_loss = center_rewards_coefficient * _weighted_mean(centering, w)
+            centering_loss = hp.center_rewards_coefficient * _weighted_mean(centering, w)
             total = total + centering_loss
             metrics["rm/centering_loss"] = centering_loss
         acc = jnp.stack([losses.reward_accuracy(chosen[:, i], rejected[:, i], label=label)
@@ -280,13 +296,9 @@ def rm_loss(
 
 def make_rm_loss(config: RMConfig):
     """`loss_fn(model, batch, rng)` for `make_train_step` from an `RMConfig`."""
-    kwargs = dict(loss=config.loss, head_names=config.head_names, train_heads=config.train_heads,
-                  use_margin=config.use_margin, margin_scale=config.margin_scale,
-                  soft_labels=config.soft_labels, label_smoothing=config.label_smoothing,
-                  center_rewards_coefficient=config.center_rewards_coefficient)
-    if config.loss not in RM_LOSSES:
-        raise ValueError(f"loss={config.loss!r}; allowed: {RM_LOSSES}")
-    return lambda model, batch, rng: rm_loss(model, batch, rng, **kwargs)
+    hp = RMHyperParams.from_config(config)
+    hp.validate()
+    return functools.partial(rm_loss, hp=hp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,9 +417,6 @@ def load_reward_model(run_dir: str, *, step: int | None = None) -> nnx.Module:
       ValueError: the run did not train a reward model, or the checkpoint does not fit the
         model its config describes (the message names the variable).
     """
-    from rlhf_jax.train.config import ModelSpec, config_from_dict
-    from rlhf_jax.train.export import read_checkpoint_state, read_run_config, restore_into
-
     run_config = read_run_config(run_dir)
     spec = config_from_dict(ModelSpec, run_config.get("model", {}), where="config.model")
     head_names = tuple(run_config.get("head_names") or ("reward",))
@@ -423,8 +432,6 @@ def load_reward_model(run_dir: str, *, step: int | None = None) -> nnx.Module:
 
 def _reference_batches(train_loader):
     """A one-pass copy of the training stream from its start (for normalisation)."""
-    import copy
-
     loader = copy.copy(train_loader)
     state = loader.get_state()
     loader.set_state({**state, "position": 0})
@@ -435,6 +442,7 @@ __all__ = [
     "NORMALIZATION_FILE",
     "RANKING_LOSSES",
     "RMConfig",
+    "RMHyperParams",
     "RM_LOSSES",
     "load_reward_model",
     "make_rm_loss",

@@ -2,7 +2,7 @@
 
 The loss is the negative log-likelihood of the tokens selected by the batch's `loss_mask`
 (completion / assistant tokens; `rlhf_jax.data` builds it), with per-token log-probs aligned to
-the token they score (`rlhf_jax.train.common.model_token_logps`):
+the token they score (`rlhf_jax.train.logprobs.model_token_logps`):
 
     token reduction (TRL's default):  L = sum_{b,t} m[b,t] * (-logp[b,t]) / max(sum m, 1)
     sequence reduction:               L = mean over sequences s of (sum_{t in s} -m logp / n_s)
@@ -37,16 +37,11 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses import masked_mean
-from rlhf_jax.train.common import (
-    build_data,
-    build_model,
-    check_vocab,
-    load_tokenizer_for,
-    model_token_logps,
-    run_summary,
-    run_training,
-)
+from rlhf_jax.train.builders import build_model, check_vocab, load_tokenizer_for
 from rlhf_jax.train.config import DataSpec, TrainConfig
+from rlhf_jax.train.data import build_data
+from rlhf_jax.train.logprobs import model_token_logps
+from rlhf_jax.train.run import run_summary, run_training
 
 REDUCTIONS = ("token", "sequence")
 
@@ -137,7 +132,7 @@ def make_sft_loss(*, completion_only: bool = True, reduction: str = "token"):
 
 
 def train_sft(config: SFTConfig) -> dict[str, Any]:
-    """Runs SFT as configured; returns the run summary (see `rlhf_jax.train.common.run_summary`).
+    """Runs SFT as configured; returns the run summary (see `rlhf_jax.train.run.run_summary`).
 
     Writes `config.yaml`, `metrics.jsonl`, TensorBoard events and `checkpoints/` under
     `config.output_dir`, and resumes from its newest checkpoint.

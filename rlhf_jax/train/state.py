@@ -76,7 +76,7 @@ def create_train_state(
 
     Args:
       model: the NNX model to train.
-      tx: the optax transformation (see `rlhf_jax.train.common.make_optimizer`).
+      tx: the optax transformation (see `rlhf_jax.train.optimizer.make_optimizer`).
       seed: int seed or PRNG key of the per-step randomness (`state.rng`).
       trainable: an `nnx` filter selecting the variables the optimizer updates.
     """

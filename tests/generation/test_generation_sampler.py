@@ -1,5 +1,7 @@
 """The prefill + decode sampler against full forwards of the real CausalLM."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,13 +11,13 @@ from flax import nnx
 from rlhf_jax.generation import (
     GenerationOutput,
     Sampler,
+    SamplingParams,
+    TokenRewardFunction,
     best_of_n,
     filter_logits,
     generate,
     generate_with_state,
     response_mask,
-    reward_model_reward,
-    text_reward,
     truncate_response,
 )
 from rlhf_jax.generation._sampler import auto_cache_segments, grow_cache, segment_ends
@@ -27,7 +29,10 @@ N_NEW = 7
 # Left-padded prompts of real lengths 6, 3, 1, 4, 6, 2, 5, 3 (token ids >= 1).
 LENGTHS = (6, 3, 1, 4, 6, 2, 5, 3)
 P = 6
-SAMPLE_KW = dict(temperature=0.8, top_k=20, top_p=0.95, min_p=0.01, num_samples=2)
+FILTERS = dict(temperature=0.8, top_k=20, top_p=0.95, min_p=0.01)
+SAMPLING = SamplingParams(max_new_tokens=N_NEW, **FILTERS)
+GREEDY = SamplingParams(max_new_tokens=N_NEW, greedy=True)
+N_SAMPLES = 2
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +61,8 @@ def sampler(model):
 def sampled(sampler, prompts):
     """Sampled output without early stop, with filters and two samples per prompt."""
     return sampler.generate(
-        *prompts, max_new_tokens=N_NEW, rng=jax.random.key(7), eos_token_id=None,
-        pad_token_id=PAD, **SAMPLE_KW,
+        *prompts, SAMPLING, rng=jax.random.key(7), eos_token_id=None, pad_token_id=PAD,
+        num_samples=N_SAMPLES,
     )
 
 
@@ -93,8 +98,7 @@ def argmax_loop_without_cache(model, ids, mask, n_new, eos):
 
 class TestGreedy:
     def test_matches_argmax_loop_without_cache(self, model, prompts):
-        out = generate(model, *prompts, max_new_tokens=N_NEW, greedy=True, eos_token_id=None,
-                       pad_token_id=PAD)
+        out = generate(model, *prompts, GREEDY, eos_token_id=None, pad_token_id=PAD)
         expected = argmax_loop_without_cache(model, *prompts, N_NEW, eos=None)
         np.testing.assert_array_equal(out.tokens, expected)
         np.testing.assert_array_equal(out.mask, np.ones_like(expected))
@@ -104,18 +108,15 @@ class TestGreedy:
         config = ModelConfig.tiny_llama(vocab_size=64, hidden_size=32, num_heads=4,
                                         num_kv_heads=2, intermediate_size=64)
         llama = CausalLM(config, rngs=nnx.Rngs(1))
-        out = generate(llama, *prompts, max_new_tokens=N_NEW, greedy=True, eos_token_id=None,
-                       pad_token_id=PAD)
+        out = generate(llama, *prompts, GREEDY, eos_token_id=None, pad_token_id=PAD)
         np.testing.assert_array_equal(
             out.tokens, argmax_loop_without_cache(llama, *prompts, N_NEW, eos=None)
         )
 
     def test_eos_stops_rows_and_masks_after_it(self, model, sampler, prompts):
-        free = sampler.generate(*prompts, max_new_tokens=N_NEW, greedy=True, eos_token_id=None,
-                                pad_token_id=PAD)
+        free = sampler.generate(*prompts, GREEDY, eos_token_id=None, pad_token_id=PAD)
         eos = int(free.tokens[0, 2])  # row 0 stops at step <= 2
-        out = sampler.generate(*prompts, max_new_tokens=N_NEW, greedy=True, eos_token_id=eos,
-                               pad_token_id=PAD)
+        out = sampler.generate(*prompts, GREEDY, eos_token_id=eos, pad_token_id=PAD)
         expected = argmax_loop_without_cache(model, *prompts, N_NEW, eos=eos)
         np.testing.assert_array_equal(out.tokens, expected)
         np.testing.assert_array_equal(
@@ -129,10 +130,10 @@ class TestGreedy:
     def test_all_rows_stop_at_step_zero(self, sampler, prompts):
         ids, mask = prompts
         same_ids, same_mask = np.repeat(ids[:1], len(ids), 0), np.repeat(mask[:1], len(ids), 0)
-        first = sampler.generate(same_ids, same_mask, max_new_tokens=N_NEW, greedy=True,
-                                 eos_token_id=None, pad_token_id=PAD).tokens[0, 0]
-        out = sampler.generate(same_ids, same_mask, max_new_tokens=N_NEW, greedy=True,
-                               eos_token_id=int(first), pad_token_id=PAD)
+        first = sampler.generate(same_ids, same_mask, GREEDY, eos_token_id=None,
+                                 pad_token_id=PAD).tokens[0, 0]
+        out = sampler.generate(same_ids, same_mask, GREEDY, eos_token_id=int(first),
+                               pad_token_id=PAD)
         np.testing.assert_array_equal(out.tokens[:, 0], first)
         np.testing.assert_array_equal(out.tokens[:, 1:], PAD)
         np.testing.assert_array_equal(out.mask, np.eye(1, N_NEW, dtype=np.int32).repeat(8, 0))
@@ -142,7 +143,7 @@ class TestGreedy:
 class TestSampled:
     def test_output_layout(self, sampled, prompts):
         ids, mask = prompts
-        b, n = len(LENGTHS), SAMPLE_KW["num_samples"]
+        b, n = len(LENGTHS), N_SAMPLES
         assert isinstance(sampled, GenerationOutput)
         assert sampled.tokens.shape == (b * n, N_NEW) and sampled.prompt_length == P
         assert sampled.sequences.shape == (b * n, P + N_NEW)
@@ -157,8 +158,7 @@ class TestSampled:
     def test_logps_match_full_forward(self, model, sampled):
         logits = full_forward_logits(model, sampled.sequences, sampled.sequence_mask)
         step_logits = logits[:, P - 1 : P - 1 + N_NEW]  # logits that predicted each response token
-        kw = {k: v for k, v in SAMPLE_KW.items() if k != "num_samples"}
-        filtered = np.asarray(filter_logits(jnp.asarray(step_logits), **kw), np.float64)
+        filtered = np.asarray(filter_logits(jnp.asarray(step_logits), **FILTERS), np.float64)
         tokens = np.asarray(sampled.tokens)[..., None]
         ref = np.take_along_axis(jax.nn.log_softmax(filtered, -1), tokens, -1)[..., 0]
         ref_model = np.take_along_axis(
@@ -171,9 +171,9 @@ class TestSampled:
         assert np.abs(np.asarray(sampled.logps) - ref_model).max() > 1e-2
 
     def test_same_key_same_output_other_key_differs(self, sampler, prompts, sampled):
-        kw = dict(max_new_tokens=N_NEW, eos_token_id=None, pad_token_id=PAD, **SAMPLE_KW)
-        again = sampler.generate(*prompts, rng=jax.random.key(7), **kw)
-        other = sampler.generate(*prompts, rng=jax.random.key(8), **kw)
+        kw = dict(eos_token_id=None, pad_token_id=PAD, num_samples=N_SAMPLES)
+        again = sampler.generate(*prompts, SAMPLING, rng=jax.random.key(7), **kw)
+        other = sampler.generate(*prompts, SAMPLING, rng=jax.random.key(8), **kw)
         for a, b in zip(sampled, again):
             np.testing.assert_array_equal(a, b)
         assert not np.array_equal(sampled.tokens, other.tokens)
@@ -181,8 +181,8 @@ class TestSampled:
     def test_eos_truncates_the_same_draws(self, sampler, prompts, sampled):
         # Step i always draws with fold_in(rng, i), so stopping at EOS changes nothing before it.
         eos = int(sampled.tokens[3, 1])
-        kw = dict(max_new_tokens=N_NEW, pad_token_id=PAD, **SAMPLE_KW)
-        out = sampler.generate(*prompts, rng=jax.random.key(7), eos_token_id=eos, **kw)
+        out = sampler.generate(*prompts, SAMPLING, rng=jax.random.key(7), eos_token_id=eos,
+                               pad_token_id=PAD, num_samples=N_SAMPLES)
         expected_mask = np.asarray(response_mask(sampled.tokens, stop_token_id=eos))
         np.testing.assert_array_equal(
             out.tokens, truncate_response(sampled.tokens, stop_token_id=eos, pad_token_id=PAD)
@@ -198,8 +198,8 @@ class TestSampled:
         graphdef, state = nnx.split(model)
         state = shard_state(state, mesh)
         out = generate_with_state(
-            graphdef, state, *prompts, max_new_tokens=N_NEW, rng=jax.random.key(7),
-            eos_token_id=None, pad_token_id=PAD, mesh=mesh, **SAMPLE_KW,
+            graphdef, state, *prompts, SAMPLING, rng=jax.random.key(7), eos_token_id=None,
+            pad_token_id=PAD, mesh=mesh, num_samples=N_SAMPLES,
         )
         assert len(out.tokens.sharding.device_set) == 8
         np.testing.assert_array_equal(out.tokens, sampled.tokens)
@@ -236,31 +236,31 @@ class TestCacheSegments:
         assert grow_cache(cache, 0) is cache
 
     def test_sampled_output_does_not_depend_on_segments(self, sampler, prompts, sampled):
-        kw = dict(max_new_tokens=N_NEW, rng=jax.random.key(7), eos_token_id=None,
-                  pad_token_id=PAD, **SAMPLE_KW)
+        kw = dict(rng=jax.random.key(7), eos_token_id=None, pad_token_id=PAD,
+                  num_samples=N_SAMPLES)
         for segments in (2, 3, N_NEW):
-            out = sampler.generate(*prompts, cache_segments=segments, **kw)
+            out = sampler.generate(
+                *prompts, dataclasses.replace(SAMPLING, cache_segments=segments), **kw)
             np.testing.assert_array_equal(out.tokens, sampled.tokens)
             np.testing.assert_array_equal(out.mask, sampled.mask)
             np.testing.assert_allclose(out.logps, sampled.logps, atol=1e-5)
             np.testing.assert_allclose(out.model_logps, sampled.model_logps, atol=1e-5)
 
     def test_greedy_one_slot_per_segment_matches_argmax_loop(self, model, prompts):
-        out = generate(model, *prompts, max_new_tokens=N_NEW, greedy=True, eos_token_id=None,
-                       pad_token_id=PAD, cache_segments=N_NEW)
+        out = generate(model, *prompts, dataclasses.replace(GREEDY, cache_segments=N_NEW),
+                       eos_token_id=None, pad_token_id=PAD)
         np.testing.assert_array_equal(
             out.tokens, argmax_loop_without_cache(model, *prompts, N_NEW, eos=None)
         )
 
     def test_eos_across_segments(self, model, sampler, prompts):
         # Rows stop in different segments; once all have stopped the later loops run no step.
-        free = sampler.generate(*prompts, max_new_tokens=N_NEW, greedy=True, eos_token_id=None,
-                                pad_token_id=PAD)
+        free = sampler.generate(*prompts, GREEDY, eos_token_id=None, pad_token_id=PAD)
+        one_segment = dataclasses.replace(GREEDY, cache_segments=1)
+        three_segments = dataclasses.replace(GREEDY, cache_segments=3)
         for eos in (int(free.tokens[0, 2]), int(free.tokens[0, 0])):
-            one = sampler.generate(*prompts, max_new_tokens=N_NEW, greedy=True, eos_token_id=eos,
-                                   pad_token_id=PAD, cache_segments=1)
-            seg = sampler.generate(*prompts, max_new_tokens=N_NEW, greedy=True, eos_token_id=eos,
-                                   pad_token_id=PAD, cache_segments=3)
+            one = sampler.generate(*prompts, one_segment, eos_token_id=eos, pad_token_id=PAD)
+            seg = sampler.generate(*prompts, three_segments, eos_token_id=eos, pad_token_id=PAD)
             np.testing.assert_array_equal(seg.tokens, one.tokens)
             np.testing.assert_array_equal(seg.mask, one.mask)
             np.testing.assert_array_equal(seg.finished, one.finished)
@@ -271,8 +271,8 @@ class TestCacheSegments:
         ids, mask = prompts
         same_ids, same_mask = np.repeat(ids[:1], len(ids), 0), np.repeat(mask[:1], len(ids), 0)
         first = int(free.tokens[0, 0])
-        out = sampler.generate(same_ids, same_mask, max_new_tokens=N_NEW, greedy=True,
-                               eos_token_id=first, pad_token_id=PAD, cache_segments=3)
+        out = sampler.generate(same_ids, same_mask, three_segments, eos_token_id=first,
+                               pad_token_id=PAD)
         np.testing.assert_array_equal(out.tokens[:, 0], first)
         np.testing.assert_array_equal(out.tokens[:, 1:], PAD)
         np.testing.assert_array_equal(out.mask.sum(1), 1)
@@ -281,9 +281,9 @@ class TestCacheSegments:
     def test_sharded_segments_match_one_device(self, model, prompts, sampled):
         mesh = make_mesh(MeshConfig(data=2, fsdp=4))
         sharded = Sampler(model, mesh=mesh)
-        out = sharded.generate(*prompts, max_new_tokens=N_NEW, rng=jax.random.key(7),
-                               eos_token_id=None, pad_token_id=PAD, cache_segments=3,
-                               **SAMPLE_KW)
+        out = sharded.generate(*prompts, dataclasses.replace(SAMPLING, cache_segments=3),
+                               rng=jax.random.key(7), eos_token_id=None, pad_token_id=PAD,
+                               num_samples=N_SAMPLES)
         assert len(out.tokens.sharding.device_set) == 8
         np.testing.assert_array_equal(out.tokens, sampled.tokens)
         np.testing.assert_allclose(out.logps, sampled.logps, atol=1e-5)
@@ -291,16 +291,16 @@ class TestCacheSegments:
     @pytest.mark.parametrize("bad", [0, N_NEW + 1, True, 1.5, "2"])
     def test_bad_segment_count(self, sampler, prompts, bad):
         with pytest.raises(ValueError, match="cache_segments must be an int in"):
-            sampler.generate(*prompts, max_new_tokens=N_NEW, rng=jax.random.key(0),
-                             eos_token_id=None, pad_token_id=PAD, cache_segments=bad)
+            sampler.generate(*prompts, dataclasses.replace(SAMPLING, cache_segments=bad),
+                             rng=jax.random.key(0), eos_token_id=None, pad_token_id=PAD)
 
 
 def test_first_token_frequencies_follow_filtered_softmax(model, prompts):
     ids, mask = prompts
     n = 4000
     kw = dict(temperature=1.3, top_k=12, top_p=0.9)
-    out = generate(model, ids[:1], mask[:1], max_new_tokens=1, rng=jax.random.key(3),
-                   eos_token_id=None, pad_token_id=PAD, num_samples=n, **kw)
+    out = generate(model, ids[:1], mask[:1], SamplingParams(max_new_tokens=1, **kw),
+                   rng=jax.random.key(3), eos_token_id=None, pad_token_id=PAD, num_samples=n)
     logits = full_forward_logits(model, ids[:1], mask[:1])[0, -1]
     probs = np.asarray(jax.nn.softmax(np.asarray(filter_logits(jnp.asarray(logits), **kw),
                                                  np.float64)))
@@ -317,72 +317,86 @@ def test_first_token_frequencies_follow_filtered_softmax(model, prompts):
 class TestBestOfN:
     def test_keeps_best_and_worst_under_a_token_reward(self, sampler, prompts, sampled):
         # Reward: number of even response tokens; reuses the compiled sampling configuration.
-        def reward_fn(output):
-            return (np.asarray(output.tokens) % 2 == 0).sum(1).astype(np.float32)
+        def even_tokens(prompt_ids, response_ids, response_mask):
+            return (np.asarray(response_ids) % 2 == 0).sum(1).astype(np.float32)
 
-        res = best_of_n(sampler, *prompts, num_samples=2, reward_fn=reward_fn,
-                        rng=jax.random.key(7), max_new_tokens=N_NEW, eos_token_id=None,
-                        pad_token_id=PAD, return_worst=True,
-                        **{k: v for k, v in SAMPLE_KW.items() if k != "num_samples"})
-        scores = reward_fn(sampled).reshape(-1, 2)
+        seen = {}
+
+        def recording(prompt_ids, response_ids, response_mask):
+            seen.update(prompt_ids=prompt_ids, mask=response_mask)
+            return even_tokens(prompt_ids, response_ids, response_mask)
+
+        res = best_of_n(sampler, *prompts, SAMPLING, num_samples=2,
+                        reward=TokenRewardFunction(recording), rng=jax.random.key(7),
+                        eos_token_id=None, pad_token_id=PAD, return_worst=True)
+        scores = even_tokens(None, sampled.tokens, None).reshape(-1, 2)
         np.testing.assert_array_equal(res.scores, scores)
+        np.testing.assert_array_equal(seen["prompt_ids"], np.repeat(prompts[0], 2, axis=0))
+        np.testing.assert_array_equal(seen["mask"], sampled.mask)
         np.testing.assert_array_equal(res.selection.best_indices,
                                       np.arange(8) * 2 + scores.argmax(1))
         np.testing.assert_array_equal(res.best.tokens,
                                       np.asarray(sampled.tokens)[res.selection.best_indices])
         np.testing.assert_array_equal(res.worst.tokens,
                                       np.asarray(sampled.tokens)[res.selection.worst_indices])
-        np.testing.assert_array_equal(reward_fn(res.best), scores.max(1))
-        np.testing.assert_array_equal(reward_fn(res.worst), scores.min(1))
+        np.testing.assert_array_equal(even_tokens(None, res.best.tokens, None), scores.max(1))
+        np.testing.assert_array_equal(even_tokens(None, res.worst.tokens, None), scores.min(1))
 
-    def test_text_and_reward_model_wrappers(self, sampled):
-        decode = lambda ids: " ".join(map(str, ids))
-        seen = {}
+    def test_prompt_fields_and_missing_eos_penalty_reach_the_scores(self, sampler, prompts):
+        class Flagged:
+            """Scores 1 on flagged prompts, 0 elsewhere: reads a prompt field."""
 
-        def on_text(prompts, responses):
-            seen["p"], seen["r"] = prompts, responses
-            return [len(r) for r in responses]
+            name = "flagged"
 
-        scores = text_reward(on_text, decode=decode)(sampled)
-        row = 0
-        assert seen["p"][row] == decode(np.asarray(sampled.sequences)[row, P - LENGTHS[0] : P])
-        assert seen["r"][row] == decode(np.asarray(sampled.tokens)[row])
-        assert scores.shape == (16,)
+            def __call__(self, responses, fields):
+                assert fields["flag"].shape == (16,)
+                return jnp.asarray(fields["flag"], jnp.float32)
 
-        def fake_rm(ids, attention_mask, positions):
-            # score = position of the last real token, as a [B, 1] head
-            return jnp.max(positions * attention_mask, axis=1, keepdims=True).astype(jnp.float32)
-
-        rm_scores = reward_model_reward(fake_rm)(sampled)
-        np.testing.assert_array_equal(
-            rm_scores, np.asarray(sampled.sequence_mask).sum(1) - 1
-        )
+        flag = np.arange(8) % 2
+        res = best_of_n(sampler, *prompts, SAMPLING, num_samples=2, reward=Flagged(),
+                        rng=jax.random.key(7), eos_token_id=None, pad_token_id=PAD,
+                        prompts={"flag": flag}, missing_eos_penalty=0.25)
+        # eos_token_id=None: no sample finishes, every score loses the penalty.
+        np.testing.assert_allclose(res.scores, np.repeat(flag, 2).reshape(8, 2) - 0.25)
 
     def test_rejects_bad_scores(self, sampler, prompts):
-        kw = dict(rng=jax.random.key(0), max_new_tokens=N_NEW, eos_token_id=None,
-                  pad_token_id=PAD, **SAMPLE_KW)
-        with pytest.raises(ValueError, match="non-finite"):
-            best_of_n(sampler, *prompts, reward_fn=lambda o: np.full(16, np.nan), **kw)
-        with pytest.raises(ValueError, match="shape"):
-            best_of_n(sampler, *prompts, reward_fn=lambda o: np.zeros(3), **kw)
+        kw = dict(rng=jax.random.key(0), eos_token_id=None, pad_token_id=PAD, num_samples=2)
+        nan = TokenRewardFunction(lambda p, r, m: np.full(16, np.nan), name="nan")
+        with pytest.raises(ValueError, match="'nan' returned non-finite"):
+            best_of_n(sampler, *prompts, SAMPLING, reward=nan, **kw)
+
+        class OnDevice:
+            name = "device"
+
+            def __call__(self, responses, fields):
+                return jnp.full((16,), jnp.inf)
+
+        with pytest.raises(ValueError, match="'device' returned non-finite"):
+            best_of_n(sampler, *prompts, SAMPLING, reward=OnDevice(), **kw)
+        short = TokenRewardFunction(lambda p, r, m: np.zeros(3), name="short")
+        with pytest.raises(ValueError, match="'short' returned shape"):
+            best_of_n(sampler, *prompts, SAMPLING, reward=short, **kw)
+        zeros = TokenRewardFunction(lambda p, r, m: np.zeros(8))
         with pytest.raises(ValueError, match="num_samples >= 2"):
-            best_of_n(sampler, *prompts, reward_fn=lambda o: np.zeros(8), return_worst=True,
+            best_of_n(sampler, *prompts, SAMPLING, reward=zeros, return_worst=True,
                       **{**kw, "num_samples": 1})
 
 
 class TestInputValidation:
-    KW = dict(max_new_tokens=2, rng=jax.random.key(0), eos_token_id=1, pad_token_id=PAD)
+    KW = dict(rng=jax.random.key(0), eos_token_id=1, pad_token_id=PAD)
+    SHORT = SamplingParams(max_new_tokens=2)
 
     def test_all_padding_prompt_rejected(self, sampler, prompts):
         ids, mask = prompts
         mask = mask.copy()
         mask[2] = 0
         with pytest.raises(ValueError, match=r"prompt_mask rows \[2\] are all padding"):
-            sampler.generate(ids, mask, **self.KW)
+            sampler.generate(ids, mask, self.SHORT, **self.KW)
 
     def test_right_padded_prompt_rejected(self, sampler):
         with pytest.raises(ValueError, match="not left-padded"):
-            sampler.generate(np.ones((1, 3), np.int32), np.array([[1, 1, 0]]), **self.KW)
+            sampler.generate(np.ones((1, 3), np.int32), np.array([[1, 1, 0]]), self.SHORT,
+                             **self.KW)
 
     @pytest.mark.parametrize(
         "bad, match",
@@ -397,13 +411,20 @@ class TestInputValidation:
         ],
     )
     def test_bad_arguments(self, sampler, prompts, bad, match):
+        fields = {f.name for f in dataclasses.fields(SamplingParams)}
+        sampling = dataclasses.replace(self.SHORT, **{k: v for k, v in bad.items() if k in fields})
+        kwargs = {**self.KW, **{k: v for k, v in bad.items() if k not in fields}}
         with pytest.raises(ValueError, match=match):
-            sampler.generate(*prompts, **{**self.KW, **bad})
+            sampler.generate(*prompts, sampling, **kwargs)
+
+    def test_sampling_must_be_sampling_params(self, sampler, prompts):
+        with pytest.raises(TypeError, match="sampling must be a SamplingParams"):
+            sampler.generate(*prompts, {"max_new_tokens": 2}, **self.KW)
 
     def test_shape_mismatch_and_mesh_divisibility(self, sampler, prompts):
         ids, mask = prompts
         with pytest.raises(ValueError, match="prompt_ids and prompt_mask"):
-            sampler.generate(ids, mask[:, 1:], **self.KW)
+            sampler.generate(ids, mask[:, 1:], self.SHORT, **self.KW)
         mesh = make_mesh(MeshConfig(data=2, fsdp=4))
         with pytest.raises(ValueError, match="not divisible"):
-            sampler.generate(ids[:6], mask[:6], mesh=mesh, **self.KW)
+            sampler.generate(ids[:6], mask[:6], self.SHORT, mesh=mesh, **self.KW)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.models import default_positions, last_token_index
+from rlhf_jax.models import default_positions, last_token_index, positions_from_mask
 from rlhf_jax.models.layers import attention_weights_mask, dot_product_attention
 from rlhf_jax.models.rope import apply_rope
 
@@ -52,6 +52,20 @@ class FunctionsTest(chex.TestCase):
                         [0, 0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1, 1]])
         got = self.variant(default_positions)(jnp.asarray(seg > 0), jnp.asarray(seg))
         np.testing.assert_array_equal(got, _np_positions(seg > 0, seg))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_positions_from_mask(self):
+        # Hand-worked: a left-padded row, a full row, an all-padding row (all 0).
+        mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+        expected = [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]]
+        for dtype in (np.int32, np.float32, bool):  # masks come as int, float or bool
+            got = self.variant(positions_from_mask)(jnp.asarray(mask.astype(dtype)))
+            chex.assert_type(got, jnp.int32)
+            np.testing.assert_array_equal(got, expected)
+        rng = np.random.default_rng(2)
+        mask = (rng.random((5, 11)) > 0.4).astype(np.int32)
+        np.testing.assert_array_equal(self.variant(positions_from_mask)(jnp.asarray(mask)),
+                                      _np_positions(mask))
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_last_token_index(self):

@@ -6,6 +6,7 @@ import pytest
 from conftest import char_score, sigmoid
 
 from rlhf_jax.data import load_examples
+from rlhf_jax.generation import SamplingParams
 from rlhf_jax.rlaif import (
     Constitution,
     CritiqueRevision,
@@ -50,11 +51,11 @@ class TestCritiqueRevision:
         rng = jax.random.key(7)
         results = critique_revision(
             policy, prompts, constitution=CONSTITUTION, rng=rng, num_rounds=2,
-            template=TEMPLATE, max_new_tokens=4,
+            template=TEMPLATE, sampling=SamplingParams(max_new_tokens=4),
         )
         again = critique_revision(
             policy, prompts, constitution=CONSTITUTION, rng=rng, num_rounds=2,
-            template=TEMPLATE, max_new_tokens=4,
+            template=TEMPLATE, sampling=SamplingParams(max_new_tokens=4),
         )
         assert results == again
         drawn = CONSTITUTION.sample_indices(jax.random.split(rng, 3)[0], (3, 2))
@@ -69,7 +70,7 @@ class TestCritiqueRevision:
     def test_zero_rounds_keeps_the_response(self, policy):
         (r,) = critique_revision(
             policy, ["ab>"], constitution=CONSTITUTION, rng=jax.random.key(0), num_rounds=0,
-            template=TEMPLATE, max_new_tokens=4,
+            template=TEMPLATE, sampling=SamplingParams(max_new_tokens=4),
         )
         assert r.revisions == () and r.final_response == r.initial_response
 

@@ -11,6 +11,7 @@ from flax import nnx
 
 from rlhf_jax.data import TokenizeConfig, collate_preference, load_examples, tokenize_examples
 from rlhf_jax.data.synthetic import get_task
+from rlhf_jax.generation import SamplingParams
 from rlhf_jax.losses import bradley_terry_loss
 from rlhf_jax.models import RewardModel
 from rlhf_jax.rlaif import PairwiseJudge, TextModel, label_preferences, sample_pairs
@@ -24,7 +25,7 @@ def test_sample_judge_train_reward_model(tmp_path, tokenizer, tiny_config, tiny_
     prompts = get_task("topic").sample_prompts(0, 8)
     policy = TextModel(tiny_lm, tokenizer, batch_size=4, min_bucket=64)
     responses_1, responses_2 = sample_pairs(
-        policy, prompts, rng=jax.random.key(0), max_new_tokens=4
+        policy, prompts, SamplingParams(max_new_tokens=4), rng=jax.random.key(0)
     )
     judge = PairwiseJudge(make_crafted(TASTE, slot_bias=0.5), tokenizer,
                           template=judge_template, batch_size=8)

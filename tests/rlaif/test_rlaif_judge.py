@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import char_score, sigmoid
 
-from rlhf_jax.generation import GenerationOutput, text_reward
+from rlhf_jax.generation import GenerationOutput, SamplingParams, score_samples
 from rlhf_jax.rlaif import (
     DirectScorer,
     Exemplar,
@@ -166,7 +166,7 @@ class TestDirectScorerCrafted:
         np.testing.assert_allclose(
             scorer.token_reward(prompt_ids, response_ids, response_mask), expected, atol=1e-5
         )
-        # Through the sampler's text-reward adapter, on a GenerationOutput.
+        # As a reward source (the interface of best-of-n and the trainers), on a GenerationOutput.
         output = GenerationOutput(
             tokens=jnp.asarray(response_ids),
             mask=jnp.asarray(response_mask),
@@ -177,8 +177,13 @@ class TestDirectScorerCrafted:
             finished=jnp.ones(len(PROMPTS), bool),
             prompt_length=pw,
         )
-        reward_fn = text_reward(scorer, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-        np.testing.assert_allclose(reward_fn(output), expected, atol=1e-5)
+        source = scorer.reward_source()
+        assert source.name == "judge"
+        np.testing.assert_allclose(source(output, {}), expected, atol=1e-5)
+        np.testing.assert_allclose(score_samples(source, output, {}), expected, atol=1e-5)
+        policy_decode = scorer.reward_source(
+            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), name="d")
+        np.testing.assert_allclose(policy_decode(output, {}), expected, atol=1e-5)
 
 
 def _reference_logps(model, tokenizer, texts, ids):
@@ -279,11 +284,12 @@ class TestTextModel:
         graphdef, state = nnx.split(tiny_lm)
         lm = TextModel.from_state(graphdef, state, tokenizer, batch_size=4, min_bucket=64)
         texts = ["ab>", "cde>", "f>"]
-        greedy = lm.generate(texts, max_new_tokens=4, greedy=True, stop_strings=("z",))
+        argmax = SamplingParams(max_new_tokens=4, greedy=True)
+        greedy = lm.generate(texts, argmax, stop_strings=("z",))
         assert len(greedy) == 3 and all(isinstance(t, str) and "z" not in t for t in greedy)
-        assert greedy == lm.generate(texts, max_new_tokens=4, greedy=True, stop_strings=("z",))
+        assert greedy == lm.generate(texts, argmax, stop_strings=("z",))
         with pytest.raises(ValueError, match="rng is required"):
-            lm.generate(texts, max_new_tokens=4)
+            lm.generate(texts, SamplingParams(max_new_tokens=4))
         logps = lm.next_token_logps(texts, [5, 6, 7])
         assert logps.shape == (3, 3) and np.all(logps < 0)
         reference = _reference_logps(tiny_lm, tokenizer, texts, [5, 6, 7])

@@ -11,9 +11,11 @@ from flax import nnx
 
 from rlhf_jax import losses, sharding
 from rlhf_jax.data.synthetic import build_tokenizer, get_task
+from rlhf_jax.generation import TokenRewardFunction
 from rlhf_jax.models import CausalLM
-from rlhf_jax.train.common import build_data, model_config
+from rlhf_jax.train.builders import model_config
 from rlhf_jax.train.config import DataSpec, ModelSpec, OptimizerConfig
+from rlhf_jax.train.data import build_data
 from rlhf_jax.train.grpo import (
     GRPO_LOSS_TYPES,
     GRPOConfig,
@@ -23,7 +25,7 @@ from rlhf_jax.train.grpo import (
     grpo_per_token_loss,
     grpo_sequence_advantages,
 )
-from rlhf_jax.train.rollout import RolloutConfig, TokenRewardFunction
+from rlhf_jax.train.rollout import RolloutConfig
 
 
 def _hp(**kw) -> GRPOHyperParams:

@@ -15,9 +15,11 @@ from flax import nnx
 
 from rlhf_jax import sharding
 from rlhf_jax.data.synthetic import build_tokenizer, get_task
+from rlhf_jax.generation import TokenRewardFunction
 from rlhf_jax.models import CausalLM
-from rlhf_jax.train.common import model_config
+from rlhf_jax.train.builders import model_config
 from rlhf_jax.train.config import DataSpec, LoggingConfig, ModelSpec, OptimizerConfig
+from rlhf_jax.train.data import build_data
 from rlhf_jax.train.loop import WALL_CLOCK_METRICS, PreemptionGuard
 from rlhf_jax.train.ppo import (
     PPOConfig,
@@ -29,7 +31,7 @@ from rlhf_jax.train.ppo import (
     ppo_rewards_and_advantages,
     ppo_value_loss,
 )
-from rlhf_jax.train.rollout import Rollout, RolloutConfig, TokenRewardFunction
+from rlhf_jax.train.rollout import Rollout, RolloutConfig
 
 # ---------------------------------------------------------------------------------------------
 # Per-token reward layout and GAE inputs, worked by hand
@@ -256,8 +258,6 @@ def _config(tmp, **kw) -> PPOConfig:
 
 
 def _prompts(seed=0, batch_size=32):
-    from rlhf_jax.train.common import build_data
-
     spec = DataSpec(synthetic="topic", batch_size=batch_size, max_length=16,
                     max_prompt_length=16, num_train=256, num_eval=0)
     return build_data(spec, format="prompt", tokenizer=TOKENIZER, seed=seed).train

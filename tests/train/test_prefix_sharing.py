@@ -10,6 +10,8 @@ reward-model runs on the 8-device mesh against the same runs without sharing.
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,11 +23,14 @@ from rlhf_jax.data import (
     BatchConfig,
     DataLoader,
     TokenizedPreference,
+    TokenizedRanking,
     TokenizedSFT,
     collate_preference,
     collate_prefix_shared,
+    collate_ranking,
 )
-from rlhf_jax.models import CausalLM, ModelConfig
+from rlhf_jax.data.synthetic import build_tokenizer
+from rlhf_jax.models import CausalLM, ModelConfig, RewardModel
 from rlhf_jax.train import (
     CheckpointConfig,
     DataSpec,
@@ -34,17 +39,24 @@ from rlhf_jax.train import (
     OptimizerConfig,
     read_metrics,
 )
-from rlhf_jax.train.common import (
-    aligned_token_logps,
-    build_data,
-    model_token_logps,
-    pair_forward_batch,
-    pair_sequence_sums,
-    pair_weights,
-    prefix_shared_lengths,
+from rlhf_jax.train.data import build_data, prefix_shared_lengths
+from rlhf_jax.train.dpo import (
+    DPOConfig,
+    PolicyAndReference,
+    preference_hyperparams,
+    preference_loss,
+    train_dpo,
 )
-from rlhf_jax.train.dpo import DPOConfig, PolicyAndReference, preference_loss, train_dpo
-from rlhf_jax.train.rm import RMConfig, train_rm
+from rlhf_jax.train.logprobs import aligned_token_logps, model_token_logps
+from rlhf_jax.train.pairs import pair_forward_batch, pair_sequence_sums, pair_weights
+from rlhf_jax.train.rm import (
+    RMConfig,
+    RMHyperParams,
+    pair_rewards,
+    ranking_rewards,
+    rm_loss,
+    train_rm,
+)
 
 
 def _example(prompt, chosen, rejected, label=1.0):
@@ -198,7 +210,8 @@ class TestPreferenceLosses:
                                                                    length=16).items()}
         shared = {k: jnp.asarray(v) for k, v in collate_prefix_shared(examples, pad_id=0,
                                                                       length=24).items()}
-        kw = dict(algorithm=algorithm, loss_type=loss_type, beta=0.3,
+        kw = dict(hp=preference_hyperparams(DPOConfig(algorithm=algorithm, loss_type=loss_type,
+                                                      beta=0.3)),
                   reference="model" if algorithm == "dpo" else "none")
 
         def loss_and_grads(batch):
@@ -292,8 +305,6 @@ def test_dpo_run_on_the_mesh_matches_unshared(tmp_path, pref_files):
 
 
 def test_config_errors(tmp_path, pref_files):
-    from rlhf_jax.data.synthetic import build_tokenizer
-
     tokenizer = build_tokenizer()
     with pytest.raises(ValueError, match="prefix_sharing needs preference pairs.*with packing"):
         build_data(_data(pref_files, prefix_sharing=True, packing=True), format="preference",
@@ -310,9 +321,6 @@ def test_config_errors(tmp_path, pref_files):
 def test_reward_model_reads_each_response_last_token(preset):
     """Pairwise rewards from prefix-shared rows equal those of the unshared rows (empty prompt
     and empty chosen response included), and so does the Bradley-Terry loss and its gradient."""
-    from rlhf_jax.models import RewardModel
-    from rlhf_jax.train.rm import pair_rewards, rm_loss
-
     config = getattr(ModelConfig, preset)(vocab_size=64)
     model = RewardModel(config, head_names=("a", "b"), rngs=nnx.Rngs(0))
     examples = _random_examples(6, LENGTHS)
@@ -327,8 +335,8 @@ def test_reward_model_reads_each_response_last_token(preset):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(p, batch):
-        return rm_loss(nnx.merge(graphdef, p, rest), batch, head_names=("a", "b"),
-                       use_margin=True)[0]
+        return rm_loss(nnx.merge(graphdef, p, rest), batch,
+                       hp=RMHyperParams(head_names=("a", "b"), use_margin=True))[0]
 
     (lp, gp), (ls, gs) = (jax.value_and_grad(loss)(params, b) for b in (padded, shared))
     np.testing.assert_allclose(ls, lp, rtol=1e-5)
@@ -355,10 +363,6 @@ def test_rm_run_matches_unshared(tmp_path, pref_files):
 def test_hh_transcripts_share_their_prompt(tmp_path):
     """HH-RLHF records (chosen and rejected transcripts with one prompt) load as prefix-shared
     rows: the prompt once, then each response, in one of the row lengths."""
-    import json
-
-    from rlhf_jax.data.synthetic import build_tokenizer
-
     human, assistant = "\n\nHuman:", "\n\nAssistant:"
     with open(tmp_path / "hh.jsonl", "w") as f:
         for i in range(8):
@@ -380,8 +384,6 @@ class TestRanking:
     """K-way rankings as prefix-shared rows: `prompt | response 1 | ... | response K`."""
 
     def test_hand_worked_rows(self):
-        from rlhf_jax.data import TokenizedRanking, collate_ranking
-
         as_ids = lambda x: np.asarray(x, np.int32)  # noqa: E731
         examples = [
             TokenizedRanking(as_ids([11, 12]), (as_ids([21]), as_ids([31, 32]), as_ids([41])),
@@ -403,10 +405,6 @@ class TestRanking:
 
     @pytest.mark.parametrize("loss", ["kwise", "plackett_luce", "best_of_k"])
     def test_rewards_losses_and_grads_match_unshared(self, loss):
-        from rlhf_jax.data import TokenizedRanking, collate_ranking
-        from rlhf_jax.models import RewardModel
-        from rlhf_jax.train.rm import ranking_rewards, rm_loss
-
         rng = np.random.default_rng(7)
         examples = []
         for i, k in enumerate([3, 2, 3, 1]):  # ragged K; one empty response in example 2
@@ -432,7 +430,8 @@ class TestRanking:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def f(p, batch):
-            return rm_loss(nnx.merge(graphdef, p, rest), batch, loss=loss, head_names=("a", "b"))
+            return rm_loss(nnx.merge(graphdef, p, rest), batch,
+                           hp=RMHyperParams(loss=loss, head_names=("a", "b")))
 
         (lp, mp), gp = jax.value_and_grad(f, has_aux=True)(params, padded)
         (ls, ms), gs = jax.value_and_grad(f, has_aux=True)(params, shared)
@@ -445,10 +444,6 @@ class TestRanking:
     def test_ranking_rows_are_not_pairs(self):
         """Bradley-Terry on a prefix-shared ranking batch is refused (not read as branches 1 and
         2), as on a padded ranking batch."""
-        from rlhf_jax.data import TokenizedRanking, collate_ranking
-        from rlhf_jax.models import RewardModel
-        from rlhf_jax.train.rm import rm_loss
-
         as_ids = lambda x: np.asarray(x, np.int32)  # noqa: E731
         example = TokenizedRanking(as_ids([11, 12]), (as_ids([21]), as_ids([31]), as_ids([41])),
                                    as_ids([1, 0, 2]), "a")
@@ -462,8 +457,6 @@ class TestRanking:
     def test_synthetic_ranking_run(self, tmp_path):
         """A Plackett-Luce reward-model run on synthetic rankings with prefix sharing logs the
         same losses as without; the rows fit the K-response lengths."""
-        from rlhf_jax.data.synthetic import build_tokenizer
-
         spec = DataSpec(synthetic="topic", format="ranking", num_train=32, num_eval=8,
                         batch_size=8, max_length=48, max_prompt_length=24, num_responses=3,
                         prefix_sharing=True)

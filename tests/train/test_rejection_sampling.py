@@ -10,15 +10,17 @@ from flax import nnx
 
 from rlhf_jax import sharding
 from rlhf_jax.data.synthetic import build_tokenizer, get_task
+from rlhf_jax.generation import TokenRewardFunction
 from rlhf_jax.models import CausalLM
-from rlhf_jax.train.common import build_data, model_config
+from rlhf_jax.train.builders import model_config
 from rlhf_jax.train.config import DataSpec, ModelSpec, OptimizerConfig
+from rlhf_jax.train.data import build_data
 from rlhf_jax.train.rejection_sampling import (
     RejectionSamplingConfig,
     RejectionSamplingTrainer,
     best_of_n_sft_batch,
 )
-from rlhf_jax.train.rollout import Rollout, RolloutConfig, TokenRewardFunction
+from rlhf_jax.train.rollout import Rollout, RolloutConfig
 
 
 def test_sft_batch_layout_of_kept_rows():

@@ -23,14 +23,33 @@ from rlhf_jax.train import (
     OptimizerConfig,
     read_metrics,
 )
-from rlhf_jax.train.common import (
-    aligned_token_logps,
-    pair_forward_batch,
-    pair_sequence_sums,
+from rlhf_jax.train.builders import build_model, load_tokenizer_for, setup_training
+from rlhf_jax.train.checkpoint import Checkpointer
+from rlhf_jax.train.data import build_data
+from rlhf_jax.train.dpo import (
+    CPOHyperParams,
+    DPOConfig,
+    DPOHyperParams,
+    ORPOHyperParams,
+    PolicyAndReference,
+    SimPOHyperParams,
+    preference_hyperparams,
+    preference_loss,
+    train_dpo,
 )
-from rlhf_jax.train.dpo import DPOConfig, train_dpo
-from rlhf_jax.train.rm import RMConfig, train_rm
-from rlhf_jax.train.sft import sft_loss_mask
+from rlhf_jax.train.export import read_checkpoint_state
+from rlhf_jax.train.logprobs import aligned_token_logps
+from rlhf_jax.train.loop import WALL_CLOCK_METRICS
+from rlhf_jax.train.pairs import pair_forward_batch, pair_sequence_sums
+from rlhf_jax.train.rm import (
+    RMConfig,
+    RMHyperParams,
+    make_rm_loss,
+    reward_statistics,
+    rm_loss,
+    train_rm,
+)
+from rlhf_jax.train.sft import SFTConfig, sft_loss_mask, train_sft
 
 TINY = ModelSpec(preset="tiny_gpt2", vocab_size=64, hidden_size=32, num_layers=1, num_heads=2,
                  max_position_embeddings=64)
@@ -195,7 +214,6 @@ def test_sft_cli_from_clean_dir_then_export(tmp_path, easy_data):
     hf_dir = tmp_path / "hf"
     assert cli.main(["export", "--run-dir", str(out), "--output-dir", str(hf_dir)]) == 0
     from rlhf_jax.models.hf import from_pretrained
-    from rlhf_jax.train.export import read_checkpoint_state
 
     exported = from_pretrained(hf_dir)
     _, raw = read_checkpoint_state(str(out / "checkpoints"))
@@ -252,7 +270,6 @@ def test_rm_learns_and_normalises(tmp_path, easy_data):
     np.testing.assert_allclose(norm["bias"], -np.asarray(norm["mean"]) / norm["std"],
                                rtol=1e-12)
     # The final checkpoint holds the normalised model.
-    from rlhf_jax.train.export import read_checkpoint_state
 
     step, raw = read_checkpoint_state(str(tmp_path / "rm" / "checkpoints"))
     assert step == 60
@@ -262,7 +279,6 @@ def test_rm_learns_and_normalises(tmp_path, easy_data):
 
 @pytest.mark.slow
 def test_rm_normalised_rewards_have_unit_statistics(tmp_path, easy_data):
-    from rlhf_jax.train.rm import reward_statistics
 
     config = RMConfig(
         output_dir=str(tmp_path / "rm"), num_steps=10, model=TINY, data=_pref_data(easy_data),
@@ -278,15 +294,6 @@ def test_rm_normalised_rewards_have_unit_statistics(tmp_path, easy_data):
 
 def summary_state(config: RMConfig):
     """Rebuilds the RM run's setup, restores its final checkpoint and its held-out batches."""
-    from rlhf_jax.train.checkpoint import Checkpointer
-    from rlhf_jax.train.common import (
-        build_data,
-        build_model,
-        load_tokenizer_for,
-        setup_training,
-    )
-    from rlhf_jax.train.rm import make_rm_loss
-
     tok = load_tokenizer_for(config.data, config.model)
     data = build_data(config.data, format="preference", tokenizer=tok, seed=config.seed)
     model = build_model(config.model, kind="reward", head_names=config.head_names)
@@ -403,8 +410,6 @@ def test_sft_resume_and_devices(tmp_path, easy_data):
     import threading
 
     from rlhf_jax.sharding import MeshConfig
-    from rlhf_jax.train.loop import WALL_CLOCK_METRICS
-    from rlhf_jax.train.sft import SFTConfig, train_sft
 
     data = DataSpec(synthetic="topic", path=str(easy_data / "sft_train.jsonl"), batch_size=8,
                     max_length=48, num_eval=0)
@@ -507,8 +512,6 @@ class TestPreferenceLossPlumbing:
 
     @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust"])
     def test_dpo_matches_numpy(self, setup, loss_type):
-        from rlhf_jax.train.dpo import PolicyAndReference, preference_loss
-
         batch, pol, ref = setup
         x = self._np_parts(batch, pol, ref)
         beta, eps = 0.3, (0.1 if loss_type == "robust" else 0.0)
@@ -527,8 +530,8 @@ class TestPreferenceLossPlumbing:
         model = PolicyAndReference.__new__(PolicyAndReference)
         object.__setattr__(model, "policy", TableLM(pol))
         object.__setattr__(model, "reference", TableLM(ref))
-        loss, metrics = jax.jit(lambda b: preference_loss(
-            model, b, loss_type=(loss_type,), beta=beta, label_smoothing=eps))(batch)
+        hp = DPOHyperParams(loss_type=(loss_type,), beta=beta, label_smoothing=eps)
+        loss, metrics = jax.jit(lambda b: preference_loss(model, b, hp=hp))(batch)
         np.testing.assert_allclose(loss, expected.mean(), rtol=1e-5)
         rc, rr = beta * (x["pc"] - x["rc"]), beta * (x["pr"] - x["rr"])
         np.testing.assert_allclose(metrics["dpo/rewards_chosen"], rc.mean(), rtol=1e-5)
@@ -537,8 +540,6 @@ class TestPreferenceLossPlumbing:
         np.testing.assert_allclose(metrics["dpo/accuracy"], (rc > rr).mean())
 
     def test_precomputed_equals_model_reference_and_mixture(self, setup):
-        from rlhf_jax.train.dpo import PolicyAndReference, preference_loss
-
         batch, pol, ref = setup
         x = self._np_parts(batch, pol, ref)
         model = PolicyAndReference.__new__(PolicyAndReference)
@@ -546,9 +547,9 @@ class TestPreferenceLossPlumbing:
         object.__setattr__(model, "reference", TableLM(ref))
         pre = dict(batch, ref_chosen_logps=x["rc"].astype(np.float32),
                    ref_rejected_logps=x["rr"].astype(np.float32))
-        kw = dict(loss_type=("sigmoid", "sft"), loss_weights=(0.7, 0.5), beta=0.2)
-        a = preference_loss(model, batch, **kw)[0]
-        b = preference_loss(TableLM(pol), pre, reference="precomputed", **kw)[0]
+        hp = DPOHyperParams(loss_type=("sigmoid", "sft"), loss_weights=(0.7, 0.5), beta=0.2)
+        a = preference_loss(model, batch, hp=hp)[0]
+        b = preference_loss(TableLM(pol), pre, hp=hp, reference="precomputed")[0]
         d = (x["pc"] - x["rc"]) - (x["pr"] - x["rr"])
         nll = -x["pc"].sum() / batch["chosen_loss_mask"].sum()
         expected = 0.7 * np.mean(-_np_logsig(0.2 * d)) + 0.5 * nll
@@ -556,60 +557,80 @@ class TestPreferenceLossPlumbing:
         np.testing.assert_allclose(b, expected, rtol=1e-5)
 
     def test_soft_labels_are_label_smoothing(self, setup):
-        from rlhf_jax.train.dpo import preference_loss
-
         batch, pol, ref = setup
         x = self._np_parts(batch, pol, ref)
         pre = dict(batch, ref_chosen_logps=x["rc"].astype(np.float32),
                    ref_rejected_logps=x["rr"].astype(np.float32))
-        loss = preference_loss(TableLM(pol), pre, reference="precomputed", soft_labels=True,
-                               beta=0.5)[0]
+        loss = preference_loss(TableLM(pol), pre, reference="precomputed",
+                               hp=DPOHyperParams(soft_labels=True, beta=0.5))[0]
         d = 0.5 * ((x["pc"] - x["rc"]) - (x["pr"] - x["rr"]))
         p = batch["label"].astype(np.float64)
         expected = np.mean(-p * _np_logsig(d) - (1 - p) * _np_logsig(-d))
         np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
     def test_reference_free_losses(self, setup):
-        from rlhf_jax.train.dpo import preference_loss
-
         batch, pol, _ = setup
         s = self._np_parts(batch, pol, pol)
         a = self._np_parts(batch, pol, pol, average=True)
         nll = -s["pc"].sum() / batch["chosen_loss_mask"].sum()
-        simpo = preference_loss(TableLM(pol), batch, algorithm="simpo", beta=2.0,
-                                simpo_gamma=0.5)[0]
+        simpo = preference_loss(TableLM(pol), batch,
+                                hp=SimPOHyperParams(beta=2.0, simpo_gamma=0.5))[0]
         np.testing.assert_allclose(
             simpo, np.mean(-_np_logsig(2.0 * (a["pc"] - a["pr"]) - 0.5)), rtol=1e-5)
-        orpo = preference_loss(TableLM(pol), batch, algorithm="orpo", beta=0.1)[0]
+        orpo = preference_loss(TableLM(pol), batch, hp=ORPOHyperParams(beta=0.1))[0]
         log_odds = (a["pc"] - a["pr"]) - (np.log1p(-np.exp(a["pc"])) - np.log1p(-np.exp(a["pr"])))
         np.testing.assert_allclose(orpo, nll + np.mean(-0.1 * _np_logsig(log_odds)), rtol=1e-5)
-        cpo = preference_loss(TableLM(pol), batch, algorithm="cpo", beta=0.1, cpo_alpha=1.0)[0]
+        cpo = preference_loss(TableLM(pol), batch,
+                              hp=CPOHyperParams(beta=0.1, cpo_alpha=1.0))[0]
         np.testing.assert_allclose(
             cpo, np.mean(-_np_logsig(0.1 * (s["pc"] - s["pr"]))) + nll, rtol=1e-5)
 
     def test_bad_loss_type_names_allowed_values(self, setup):
-        from rlhf_jax.train.dpo import preference_loss
-
         batch, pol, _ = setup
         with pytest.raises(ValueError, match="allowed: exactly one of"):
-            preference_loss(TableLM(pol), batch, algorithm="kto", loss_type=("sigmoid",))
+            preference_hyperparams(DPOConfig(algorithm="kto", loss_type=("sigmoid",)))
+        with pytest.raises(ValueError, match="allowed: exactly one of"):
+            preference_hyperparams(DPOConfig(algorithm="cpo", loss_type=("sigmoid", "ipo")))
         with pytest.raises(ValueError, match="one weight per loss_type"):
-            preference_loss(TableLM(pol), batch, loss_type=("sigmoid",), loss_weights=(1., 2.))
+            preference_loss(TableLM(pol), batch,
+                            hp=DPOHyperParams(loss_type=("sigmoid",), loss_weights=(1., 2.)))
+        with pytest.raises(ValueError, match="one weight per loss_type"):
+            preference_hyperparams(DPOConfig(algorithm="kto", loss_weights=(1., 2.)))
+        with pytest.raises(ValueError, match="algorithm='ppo'; allowed"):
+            preference_hyperparams(DPOConfig(algorithm="ppo"))
+
+    def test_hyperparams_read_every_field_from_the_config(self):
+        """Each family's hyper-parameters are the config fields of the same names (an empty
+        loss_type takes the family's default)."""
+        config = DPOConfig(algorithm="cpo", beta=0.3, simpo_gamma=0.7, cpo_alpha=0.2,
+                           label_smoothing=0.05, soft_labels=True)
+        hp = preference_hyperparams(config)
+        assert hp == CPOHyperParams(loss_type=("sigmoid",), beta=0.3, label_smoothing=0.05,
+                                    soft_labels=True, simpo_gamma=0.7, cpo_alpha=0.2)
+        for algorithm, cls in (("dpo", DPOHyperParams), ("simpo", SimPOHyperParams),
+                               ("orpo", ORPOHyperParams)):
+            hp = preference_hyperparams(DPOConfig(algorithm=algorithm, rpo_alpha=0.5))
+            assert type(hp) is cls and hp.algorithm == algorithm
+            config = DPOConfig(algorithm=algorithm, rpo_alpha=0.5)
+            for name in hp._fields:
+                want = getattr(config, name)
+                if name == "loss_type" and not want:
+                    want = cls._field_defaults[name]
+                assert getattr(hp, name) == want, name
 
 
 class TestRewardLossPlumbing:
     def test_bradley_terry_margin_centering_heads(self):
-        from rlhf_jax.train.rm import rm_loss
-
         rng = np.random.default_rng(2)
         batch = _pair_batch(rng, b=5, t=6)
         batch["margin"] = rng.uniform(0, 1, size=5).astype(np.float32)
         batch["label"] = rng.uniform(0.5, 1, size=5).astype(np.float32)
         batch["head_index"] = np.asarray([0, 1, -1, 1, 0], np.int32)
         values = rng.normal(size=(9, 2))
-        loss, metrics = rm_loss(TableRM(values), batch, head_names=("a", "b"), use_margin=True,
-                                margin_scale=2.0, label_smoothing=0.1,
-                                center_rewards_coefficient=0.01)
+        hp = RMHyperParams(head_names=("a", "b"), use_margin=True, margin_scale=2.0,
+                           label_smoothing=0.1, center_rewards_coefficient=0.01)
+        assert RMHyperParams.from_config(RMConfig(**hp._asdict())) == hp
+        loss, metrics = rm_loss(TableRM(values), batch, hp=hp)
 
         def last(side):
             ids, att = batch[side + "_input_ids"], batch[side + "_attention_mask"]
@@ -630,8 +651,6 @@ class TestRewardLossPlumbing:
                                    (acc[:, 1] * w[:, 1]).sum() / w[:, 1].sum(), rtol=1e-5)
 
     def test_ranking_losses(self):
-        from rlhf_jax.train.rm import rm_loss
-
         rng = np.random.default_rng(4)
         b, k, t = 3, 3, 5
         rows = _token_rows_k(rng, b, k, t)
@@ -640,7 +659,7 @@ class TestRewardLossPlumbing:
         values = rng.normal(size=(9, 1))
         ids = rows["input_ids"]
         rewards = values[ids[..., t - 1], 0]  # every row is full length
-        loss, metrics = rm_loss(TableRM(values), rows, loss="best_of_k")
+        loss, metrics = rm_loss(TableRM(values), rows, hp=RMHyperParams(loss="best_of_k"))
         expected = []
         for i in range(b):
             valid = rows["response_mask"][i] > 0
@@ -648,7 +667,7 @@ class TestRewardLossPlumbing:
             best = np.argmin(np.where(valid, rows["ranks"][i], 99))
             expected.append(-(logits[best] - np.logaddexp.reduce(logits[valid])))
         np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
-        kwise, _ = rm_loss(TableRM(values), rows, loss="kwise")
+        kwise, _ = rm_loss(TableRM(values), rows, hp=RMHyperParams(loss="kwise"))
         per = []
         for i in range(b):
             terms = [-_np_logsig(rewards[i, x] - rewards[i, y])

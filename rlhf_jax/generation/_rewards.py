@@ -1,0 +1,318 @@
+"""Reward sources: one interface that scores sampled responses, for best-of-n, rejection sampling,
+the online trainers (PPO, GRPO, RLOO) and the AI labelers.
+
+A reward source is called as ``source(responses, prompts) -> [B]`` float32 (`RewardSource`):
+
+- ``responses`` holds ``B`` sampled rows in the layout of `rlhf_jax.generation.generate`
+  (`Responses`: ``sequences``/``sequence_mask`` ``[B, P + N]``, the prompt left-padded and the
+  response right-padded and cut after the stop token, ``finished [B]`` and ``prompt_length``
+  ``P``); a `GenerationOutput` is one, and so is the trainers' ``rlhf_jax.train.rollout.Rollout``.
+- ``prompts`` is the host prompt batch (``prompt_ids``, ``prompt_mask`` and any task fields,
+  e.g. a safety flag), every field already repeated to the ``B`` rows (`repeat_rows`).
+
+The sources:
+
+- `RewardModelSource`: one head of a trained ``rlhf_jax.models.RewardModel``, jitted, on device.
+- `TokenRewardFunction`: a Python function of the token arrays, on the host (e.g. a synthetic
+  task's gold reward ``task.gold_reward_tokens``).
+- `TextRewardFunction`: a Python function of the decoded prompt and response strings (e.g. an
+  AI labeler: ``rlhf_jax.rlaif.DirectScorer.reward_source``).
+- `WeightedRewardSum`: a weighted sum of sources.
+- `SafetyGatedReward`: Llama 2's gate between a helpfulness and a safety source
+  (`safety_gated_reward`).
+
+`score_samples` is how every consumer scores: the source, checked for shape and finiteness,
+then the missing-EOS penalty. ``rlhf_jax.train.rewards`` builds sources from a run's config.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhf_jax.models import positions_from_mask
+
+
+class Responses(Protocol):
+    """Sampled rows as a reward source reads them (`GenerationOutput` and the trainers'
+    ``Rollout`` both are).
+
+    Attributes:
+      sequences: ``[B, P + N]`` int32 prompt (left-padded) then response (right-padded).
+      sequence_mask: ``[B, P + N]`` 1 on real prompt tokens and on response tokens up to and
+        including the first stop token.
+      finished: ``[B]`` bool, whether the response produced the EOS token.
+      prompt_length: ``P`` (static).
+    """
+
+    sequences: jax.Array
+    sequence_mask: jax.Array
+    finished: jax.Array
+
+    @property
+    def prompt_length(self) -> int: ...
+
+
+class RewardSource(Protocol):
+    """Scores sampled responses: ``source(responses, prompts) -> [B]`` float32.
+
+    Attributes:
+      name: the source's name, used in error messages and metrics.
+    """
+
+    name: str
+
+    def __call__(self, responses: Responses, prompts: Mapping[str, np.ndarray]) -> jax.Array: ...
+
+
+def repeat_rows(batch: Mapping[str, Any], num_samples: int) -> dict[str, np.ndarray]:
+    """Repeats every field of a prompt batch ``num_samples`` times along axis 0 (contiguously,
+    the row order of ``generate(..., num_samples=n)``)."""
+    if num_samples == 1:
+        return {k: np.asarray(v) for k, v in batch.items()}
+    return {k: np.repeat(np.asarray(v), num_samples, axis=0) for k, v in batch.items()}
+
+
+def check_scores(name: str, scores: Any, rows: int) -> jax.Array:
+    """``scores`` as a ``[rows]`` float32 array; raises naming the source ``name`` when the shape
+    is wrong or a score is not finite."""
+    scores = np.asarray(scores, np.float32)
+    if scores.shape != (rows,):
+        raise ValueError(f"reward source {name!r} returned shape {scores.shape}, expected ({rows},)")
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:
+        raise ValueError(f"reward source {name!r} returned non-finite scores at rows {bad[:10]}")
+    return jnp.asarray(scores)
+
+
+def apply_missing_eos_penalty(
+    scores: jax.Array, finished: jax.Array, *, penalty: float | None
+) -> jax.Array:
+    """``scores - penalty`` on rows that did not produce EOS (TRL ``missing_eos_penalty``)."""
+    scores = jnp.asarray(scores, jnp.float32)
+    if penalty is None:
+        return scores
+    return jnp.where(finished, scores, scores - jnp.float32(penalty))
+
+
+def score_samples(
+    source: RewardSource,
+    responses: Responses,
+    prompts: Mapping[str, Any],
+    *,
+    num_samples: int = 1,
+    missing_eos_penalty: float | None = None,
+) -> jax.Array:
+    """``[B]`` float32 scores of sampled responses: the reward source (its shape checked), then
+    the missing-EOS penalty.
+
+    Args:
+      source: a `RewardSource`.
+      responses: ``B = B_prompts * num_samples`` rows (`Responses`).
+      prompts: the host prompt batch with ``B_prompts`` rows (repeated here with `repeat_rows`).
+      num_samples: samples per prompt.
+      missing_eos_penalty: subtracted from rows without EOS (None: no penalty).
+    """
+    scores = jnp.asarray(source(responses, repeat_rows(prompts, num_samples)), jnp.float32)
+    rows = responses.sequences.shape[0]
+    if scores.shape != (rows,):
+        name = getattr(source, "name", type(source).__name__)
+        raise ValueError(f"reward source {name!r} returned shape {scores.shape}, expected ({rows},)")
+    return apply_missing_eos_penalty(scores, responses.finished, penalty=missing_eos_penalty)
+
+
+def _host_arrays(responses: Responses) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(sequences, sequence_mask, P)`` on the host."""
+    sequences, mask = jax.device_get((responses.sequences, responses.sequence_mask))
+    return np.asarray(sequences), np.asarray(mask), int(responses.prompt_length)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "head"))
+def _reward_model_scores(graphdef, state, sequences, sequence_mask, *, head):
+    model = nnx.merge(graphdef, state)
+    rewards = model(
+        sequences, attention_mask=sequence_mask, positions=positions_from_mask(sequence_mask)
+    )
+    return jnp.asarray(rewards, jnp.float32)[:, head]
+
+
+class RewardModelSource:
+    """Scores with one head of a ``rlhf_jax.models.RewardModel``, read at the last real token.
+
+    The model is split once; scoring is one jitted forward pass over ``responses.sequences``
+    with positions `rlhf_jax.models.positions_from_mask` of the mask. The reward model must
+    share the policy's tokenizer.
+
+    Args:
+      model: the reward model (its normalisation gain/bias apply).
+      head: head index or name (``model.head_names``).
+      name: name of this source.
+    """
+
+    def __init__(self, model: nnx.Module, *, head: int | str = 0, name: str = "reward_model"):
+        self.graphdef, self.state = nnx.split(model)
+        if isinstance(head, str):
+            names = tuple(getattr(model, "head_names", ()))
+            if head not in names:
+                raise ValueError(f"head={head!r} is not one of the reward model's heads {names}")
+            head = names.index(head)
+        self.head = int(head)
+        self.name = name
+
+    def __call__(self, responses: Responses, prompts: Mapping[str, np.ndarray]) -> jax.Array:
+        return _reward_model_scores(
+            self.graphdef, self.state, responses.sequences, responses.sequence_mask,
+            head=self.head,
+        )
+
+
+class TokenRewardFunction:
+    """A Python reward on token arrays, run on the host.
+
+    ``fn(prompt_ids [B, P], response_ids [B, N], response_mask [B, N]) -> [B]`` on NumPy arrays
+    (prompts left-padded, responses right-padded and cut after the stop token): the signature of
+    the synthetic tasks' ``gold_reward_tokens``, so ``TokenRewardFunction(task.gold_reward_tokens)``
+    scores with the gold reward.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, name: str = "reward_fn"):
+        self.fn = fn
+        self.name = name
+
+    def __call__(self, responses: Responses, prompts: Mapping[str, np.ndarray]) -> jax.Array:
+        sequences, mask, p = _host_arrays(responses)
+        scores = self.fn(sequences[:, :p], sequences[:, p:], mask[:, p:])
+        return check_scores(self.name, scores, sequences.shape[0])
+
+
+class TextRewardFunction:
+    """A Python reward on decoded text: ``fn(prompts: list[str], responses: list[str]) -> [B]``.
+
+    Prompts are decoded from their real tokens, responses from the tokens under the response
+    mask (including a final EOS unless ``decode`` skips special tokens).
+
+    Args:
+      fn: the reward on strings.
+      decode: token ids (list of int) -> string, e.g. ``functools.partial(tokenizer.decode,
+        skip_special_tokens=True)``.
+      name: name of this source.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Sequence[str], Sequence[str]], Sequence[float]],
+        *,
+        decode: Callable[[Sequence[int]], str],
+        name: str = "text_reward",
+    ):
+        self.fn = fn
+        self.decode = decode
+        self.name = name
+
+    def __call__(self, responses: Responses, prompts: Mapping[str, np.ndarray]) -> jax.Array:
+        seqs, mask, p = _host_arrays(responses)
+        mask = mask.astype(bool)
+        prompt_text = [self.decode(r[:p][m[:p]].tolist()) for r, m in zip(seqs, mask)]
+        response_text = [self.decode(r[p:][m[p:]].tolist()) for r, m in zip(seqs, mask)]
+        return check_scores(self.name, self.fn(prompt_text, response_text), seqs.shape[0])
+
+
+class WeightedRewardSum:
+    """``sum_i w_i * source_i(responses)``: several reward sources combined linearly."""
+
+    def __init__(
+        self, sources: Sequence[RewardSource], weights: Sequence[float], *, name: str = "weighted"
+    ):
+        if len(sources) != len(weights) or not sources:
+            raise ValueError(
+                f"WeightedRewardSum needs one weight per source; got {len(sources)} sources and "
+                f"{len(weights)} weights"
+            )
+        self.sources = tuple(sources)
+        self.weights = tuple(float(w) for w in weights)
+        self.name = name
+
+    def __call__(self, responses: Responses, prompts: Mapping[str, np.ndarray]) -> jax.Array:
+        total = 0.0
+        for source, weight in zip(self.sources, self.weights):
+            total = total + weight * jnp.asarray(source(responses, prompts), jnp.float32)
+        return total
+
+
+def safety_gated_reward(
+    helpfulness: jax.Array,
+    safety: jax.Array,
+    safety_flag: jax.Array,
+    *,
+    threshold: float = 0.15,
+) -> jax.Array:
+    r"""Llama 2's combined reward (Touvron et al., 2023, section 3.2.2).
+
+    .. math::
+        R_c = \begin{cases} R_s & \text{if the prompt is safety-flagged or } R_s < \tau \\
+                            R_h & \text{otherwise} \end{cases}
+
+    with :math:`\tau` = ``threshold`` (0.15 in the paper, on sigmoid-scale safety scores).
+
+    Args:
+      helpfulness: ``[B]`` helpfulness scores :math:`R_h`.
+      safety: ``[B]`` safety scores :math:`R_s`.
+      safety_flag: ``[B]`` bool/0-1, whether the prompt is tagged as possibly unsafe.
+      threshold: safety score below which the safety reward is used (keyword-only).
+
+    Returns:
+      ``[B]`` float32 combined scores.
+    """
+    helpfulness = jnp.asarray(helpfulness, jnp.float32)
+    safety = jnp.asarray(safety, jnp.float32)
+    if helpfulness.shape != safety.shape or helpfulness.ndim != 1:
+        raise ValueError(
+            f"helpfulness and safety must both be [B]; got {helpfulness.shape} and {safety.shape}"
+        )
+    use_safety = jnp.asarray(safety_flag).astype(bool) | (safety < threshold)
+    return jnp.where(use_safety, safety, helpfulness)
+
+
+class SafetyGatedReward:
+    """`safety_gated_reward` of a helpfulness and a safety source.
+
+    Args:
+      helpfulness: source of :math:`R_h`.
+      safety: source of :math:`R_s`.
+      threshold: the gate's :math:`\\tau`.
+      flag_key: the prompt-batch field (``[B]`` bool/0-1) marking safety prompts; when the batch
+        has no such field no prompt is flagged and only the threshold gates.
+      name: name of this source.
+    """
+
+    def __init__(
+        self,
+        helpfulness: RewardSource,
+        safety: RewardSource,
+        *,
+        threshold: float = 0.15,
+        flag_key: str = "is_safety",
+        name: str = "safety_gated",
+    ):
+        self.helpfulness = helpfulness
+        self.safety = safety
+        self.threshold = float(threshold)
+        self.flag_key = flag_key
+        self.name = name
+
+    def __call__(self, responses: Responses, prompts: Mapping[str, np.ndarray]) -> jax.Array:
+        rows = responses.sequences.shape[0]
+        flag = prompts.get(self.flag_key)
+        flag = np.zeros((rows,), bool) if flag is None else np.asarray(flag).astype(bool)
+        return safety_gated_reward(
+            self.helpfulness(responses, prompts),
+            self.safety(responses, prompts),
+            flag,
+            threshold=self.threshold,
+        )

@@ -1,0 +1,232 @@
+"""From a run's config to a runnable step: the model and tokenizer a `ModelSpec` / `DataSpec`
+names, which variables train, and `setup_training` (mesh, optimizer, sharded `TrainState`,
+jitted, donated, sharded step).
+
+`setup_training(config, model, loss_fn)` is the one call a trainer needs between building its
+model and calling `rlhf_jax.train.loop.fit`::
+
+    model = build_model(config.model, seed=config.seed)
+    setup = setup_training(config, model, my_loss)
+    result = fit(config, step_fn=setup.step_fn, state=setup.state,
+                 train_batches=loader, put_batch=setup.put_batch)
+
+(`rlhf_jax.train.run.run_training` does exactly this plus the held-out evaluator.)
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import optax
+from flax import nnx
+
+from rlhf_jax import sharding
+from rlhf_jax.data.synthetic import build_tokenizer
+from rlhf_jax.models import (
+    CausalLM,
+    LoRAParam,
+    ModelConfig,
+    RewardModel,
+    ValueModel,
+    apply_lora,
+    config_from_hf,
+    from_pretrained,
+    has_lora,
+    load_tokenizer,
+)
+from rlhf_jax.train.config import DataSpec, ModelSpec, TrainConfig
+from rlhf_jax.train.loop import jit_train_step
+from rlhf_jax.train.optimizer import make_optimizer
+from rlhf_jax.train.state import LossFn, TrainState, create_train_state, make_train_step
+
+# ---------------------------------------------------------------------------------------------
+# models and tokenizers
+# ---------------------------------------------------------------------------------------------
+
+MODEL_KINDS = ("causal_lm", "reward", "value")
+_ARCH_OVERRIDES = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                   "max_position_embeddings", "remat")
+
+
+def model_config(spec: ModelSpec) -> ModelConfig:
+    """The `ModelConfig` a `ModelSpec` describes (preset + overrides, or a local HF directory)."""
+    if spec.path is not None:
+        config_file = pathlib.Path(spec.path) / "config.json"
+        if not config_file.exists():
+            raise FileNotFoundError(f"model.path={spec.path!r}: no config.json in that directory")
+        config = config_from_hf(json.loads(config_file.read_text()), where=str(config_file))
+    else:
+        overrides = {k: getattr(spec, k) for k in _ARCH_OVERRIDES if getattr(spec, k) is not None}
+        num_heads = overrides.pop("num_heads", None)
+        config = ModelConfig.preset(spec.preset, **overrides)
+        if num_heads is not None:  # multi-head attention with the new head count
+            config = config.replace(num_heads=num_heads, num_kv_heads=num_heads)
+    return config.replace(dtype=spec.dtype, param_dtype=spec.param_dtype)
+
+
+def build_model(
+    spec: ModelSpec,
+    *,
+    kind: str = "causal_lm",
+    head_names: Sequence[str] = ("reward",),
+    seed: int = 0,
+    load_weights: bool = True,
+) -> nnx.Module:
+    """Builds the model a `ModelSpec` describes, with LoRA adapters when `spec.lora_rank > 0`.
+
+    Args:
+      spec: the model spec (preset or local HF directory, dtypes, LoRA).
+      kind: `"causal_lm"`, `"reward"` (a `RewardModel` with `head_names`) or `"value"`.
+      head_names: reward heads (kind `"reward"` only).
+      seed: initialisation seed (random init, fresh heads and LoRA adapters).
+      load_weights: read the weights of ``spec.path``; with False only its ``config.json`` is
+        read and the model is randomly initialised (a skeleton to restore a checkpoint into).
+
+    A reward/value model built from a causal-LM directory copies its backbone and gets a fresh
+    head.
+    """
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model kind {kind!r}; allowed: {MODEL_KINDS}")
+    rngs = nnx.Rngs(seed)
+    if spec.path is not None and load_weights:
+        lm = from_pretrained(spec.path, dtype=spec.dtype, param_dtype=spec.param_dtype)
+        if kind == "causal_lm":
+            model = lm
+        elif kind == "reward":
+            model = RewardModel.from_causal_lm(lm, head_names=tuple(head_names), rngs=rngs)
+        else:
+            model = ValueModel.from_causal_lm(lm, rngs=rngs)
+    else:
+        config = model_config(spec)
+        if kind == "causal_lm":
+            model = CausalLM(config, rngs=rngs)
+        elif kind == "reward":
+            model = RewardModel(config, head_names=tuple(head_names), rngs=rngs)
+        else:
+            model = ValueModel(config, rngs=rngs)
+    if spec.lora_rank > 0:
+        targets = spec.lora_targets or ("q", "v")
+        apply_lora(model, rank=spec.lora_rank, alpha=spec.lora_alpha, targets=targets,
+                   rngs=nnx.Rngs(seed + 1))
+    return model
+
+
+def trainable_filter(model: nnx.Module) -> Any:
+    """Which variables the optimizer updates: every `nnx.Param`, or with LoRA adapters only the
+    adapters plus any freshly initialised head (`score_head`, `value_head`)."""
+    if not has_lora(model):
+        return nnx.Param
+    return nnx.Any(LoRAParam, nnx.All(nnx.Param, nnx.Any(nnx.PathContains("score_head"),
+                                                         nnx.PathContains("value_head"))))
+
+
+def load_tokenizer_for(spec: DataSpec, model: ModelSpec) -> Any:
+    """The tokenizer: the synthetic tasks' character tokenizer when `data.synthetic` is set,
+    else `model.tokenizer_path` or the model directory's."""
+    if spec.synthetic is not None:
+        return build_tokenizer()
+    path = model.tokenizer_path or model.path
+    if path is None:
+        raise ValueError(
+            "data.path is set but no tokenizer is known: set model.tokenizer_path or model.path"
+        )
+    return load_tokenizer(path)
+
+
+def check_vocab(model: nnx.Module, tokenizer: Any) -> None:
+    """Raises if the tokenizer has more tokens than the model's vocabulary."""
+    vocab = model.config.vocab_size
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; "
+            "use a larger model.vocab_size"
+        )
+
+# ---------------------------------------------------------------------------------------------
+# mesh, sharded state and jitted step
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainSetup(NamedTuple):
+    """What `setup_training` returns.
+
+    Attributes:
+      graphdef: the model's static graph definition (`nnx.merge(graphdef, state.params,
+        state.frozen)` rebuilds it).
+      state: the sharded initial `TrainState`.
+      state_sharding: the `TrainState` pytree of `NamedSharding`s.
+      mesh: the device mesh.
+      tx: the optax transformation.
+      schedule: the learning-rate schedule.
+      step_fn: the jitted, sharded, state-donating `step(state, batch) -> (state, metrics)`.
+      put_batch: host batch -> device batch sharded over `("data", "fsdp")`.
+    """
+
+    graphdef: nnx.GraphDef
+    state: TrainState
+    state_sharding: Any
+    mesh: jax.sharding.Mesh
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    step_fn: Callable
+    put_batch: Callable
+
+
+def shard_train_state(state: TrainState, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
+    """`(sharded state, shardings)`: parameters and optimizer moments by their logical axis
+    names (`rlhf_jax.sharding`), everything else replicated."""
+    shardings = sharding.state_shardings(state, mesh)
+    return jax.device_put(state, shardings), shardings
+
+
+def setup_training(
+    config: TrainConfig,
+    model: nnx.Module,
+    loss_fn: LossFn,
+    *,
+    trainable: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    num_steps: int | None = None,
+    donate: bool = True,
+) -> TrainSetup:
+    """Mesh, optimizer, sharded train state and jitted step for `model` and `loss_fn`.
+
+    Args:
+      config: the run config (its `mesh`, `optimizer`, `seed` and `num_steps` are used).
+      model: the NNX model to train (split here; do not use it afterwards).
+      loss_fn: `loss_fn(model, batch, rng) -> (loss, metrics)`.
+      trainable: variable filter for the optimizer (default: `trainable_filter(model)`).
+      mesh: the device mesh (default: `sharding.make_mesh(config.mesh)`).
+      num_steps: optimizer steps the schedule spans (default: `config.num_steps`).
+      donate: donate the state to the step.
+    """
+    mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+    tx, schedule = make_optimizer(config.optimizer, num_steps or config.num_steps)
+    trainable = trainable if trainable is not None else trainable_filter(model)
+    graphdef, state = create_train_state(model, tx, seed=config.seed, trainable=trainable)
+    state, state_sharding = shard_train_state(state, mesh)
+    step = make_train_step(loss_fn, tx, graphdef=graphdef,
+                           grad_accum_steps=config.optimizer.grad_accum_steps,
+                           schedule=schedule)
+    step_fn = jit_train_step(step, state_sharding=state_sharding,
+                             batch_sharding=sharding.batch_sharding(mesh), donate=donate)
+    return TrainSetup(graphdef=graphdef, state=state, state_sharding=state_sharding, mesh=mesh,
+                      tx=tx, schedule=schedule, step_fn=step_fn,
+                      put_batch=lambda batch: sharding.shard_batch(batch, mesh))
+
+
+__all__ = [
+    "MODEL_KINDS",
+    "TrainSetup",
+    "build_model",
+    "check_vocab",
+    "load_tokenizer_for",
+    "model_config",
+    "setup_training",
+    "shard_train_state",
+    "trainable_filter",
+]

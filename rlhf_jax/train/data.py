@@ -1,0 +1,206 @@
+"""A run's examples from its `DataSpec`: the training loader and the held-out batches
+(`build_data`), from files or a synthetic task, in the trainer's record format.
+
+`build_data` reads and validates records (`rlhf_jax.data.load_examples`), tokenizes them outside
+jit, and batches them with a deterministic, resumable `rlhf_jax.data.DataLoader`; skipped
+records are counted per reason for the run summary. Knows nothing of models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+
+from rlhf_jax import data as rdata
+from rlhf_jax.data import BatchConfig, DataLoader, KTOExample, synthetic
+from rlhf_jax.train.config import DataSpec
+
+
+class DataBundle(NamedTuple):
+    """What `build_data` returns.
+
+    Attributes:
+      train: the training `rlhf_jax.data.DataLoader` (infinite, shuffled, resumable).
+      eval_batches: `eval_batches()` -> a fresh iterator over the held-out batches (one pass),
+        or None without a held-out set.
+      tokenizer: the tokenizer used.
+      pad_id: the pad token id of the batches.
+      skipped: records skipped per reason (with `data.on_error="skip"`), train and held-out.
+    """
+
+    train: Any
+    eval_batches: Callable[[], Any] | None
+    tokenizer: Any
+    pad_id: int
+    skipped: dict[str, int]
+
+
+def synthetic_records(task_name: str, format: str, *, num: int, seed: int,
+                      num_responses: int = 4) -> list[dict[str, Any]]:
+    """Records of `format` from the synthetic task `task_name` (`rlhf_jax.data.synthetic`).
+
+    `"kto"` records unpair synthetic preference pairs (chosen -> desirable, rejected ->
+    undesirable), the way TRL converts paired data for KTO.
+    """
+    task = synthetic.get_task(task_name)
+    if format == "sft":
+        return synthetic.make_sft_dataset(task, num_examples=num, seed=seed)
+    if format == "preference":
+        return synthetic.make_preference_dataset(task, num_pairs=num, seed=seed)[0]
+    if format == "ranking":
+        return synthetic.make_ranking_dataset(task, num_prompts=num,
+                                              num_responses=num_responses, seed=seed)[0]
+    if format == "kto":
+        pairs = synthetic.make_preference_dataset(task, num_pairs=(num + 1) // 2, seed=seed)[0]
+        records = []
+        for r in pairs:
+            records.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+            records.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+        return records[:num]
+    if format == "prompt":
+        return synthetic.make_prompt_dataset(task, num_prompts=num, seed=seed)
+    raise ValueError(f"synthetic data has no format {format!r}; allowed: sft, preference, "
+                     "ranking, kto, prompt")
+
+
+def unpair_preferences(examples: Sequence[Any]) -> list[Any]:
+    """KTO examples from preference pairs: each pair gives a desirable (chosen) and an
+    undesirable (rejected) completion of its prompt, as TRL's `unpair_preference_dataset`."""
+    out = []
+    for e in examples:
+        out.append(KTOExample(e.prompt, e.chosen, True, e.origin))
+        out.append(KTOExample(e.prompt, e.rejected, False, e.origin))
+    return out
+
+
+def build_data(
+    spec: DataSpec,
+    *,
+    format: str,
+    tokenizer: Any,
+    seed: int,
+    kl_pairs: bool = False,
+) -> DataBundle:
+    """Training loader and held-out batches from a `DataSpec` (synthetic task or files).
+
+    Args:
+      spec: the data spec (`spec.format` overrides `format`).
+      format: the trainer's record format (`"sft"`, `"preference"`, `"ranking"`, `"kto"`).
+        A KTO trainer given preference data (`spec.format="preference"` or `"hh"`) unpairs
+        it with `unpair_preferences`.
+      tokenizer: a transformers tokenizer.
+      seed: the run seed (shuffling; synthetic data uses `seed` for train, `seed + 1` held out).
+      kl_pairs: add KTO's mismatched `kl_` pairs.
+
+    Batches are padded to `spec.max_length` (or the smallest of `spec.buckets` that fits) with
+    `spec.batch_size / jax.process_count()` rows per host.
+    """
+    wanted = format
+    format = spec.format or format
+    # KTO on paired data: load the pairs, then unpair them (chosen desirable, rejected not).
+    unpair = wanted == "kto" and format in ("preference", "hh")
+    hosts = jax.process_count()
+    if spec.batch_size % hosts:
+        raise ValueError(f"data.batch_size={spec.batch_size} must be divisible by the "
+                         f"{hosts} hosts")
+    eval_bs = spec.eval_batch_size or spec.batch_size
+    tok_config = rdata.TokenizeConfig(max_prompt_length=spec.max_prompt_length,
+                                      max_length=spec.max_length)
+    pad_id = next((int(v) for v in (tokenizer.pad_token_id, tokenizer.eos_token_id)
+                   if v is not None), 0)
+
+    if spec.prefix_sharing and (spec.packing or unpair
+                                or format not in ("preference", "hh", "ranking")):
+        raise ValueError("data.prefix_sharing needs preference pairs (DPO family, reward "
+                         f"models) or rankings; got format {format!r} for {wanted!r} examples"
+                         f"{' with packing' if spec.packing else ''}")
+
+    def batch_config(batch_size, packing):
+        if spec.prefix_sharing:
+            branches = spec.num_responses if format == "ranking" else 2
+            return BatchConfig(batch_size=batch_size // hosts, prefix_sharing=True,
+                               num_responses=spec.num_responses if format == "ranking" else None,
+                               length_buckets=prefix_shared_lengths(
+                                   spec.max_length, spec.buckets, branches=branches))
+        if spec.buckets and not packing:
+            buckets = tuple(sorted(b for b in spec.buckets if b < spec.max_length))
+            return BatchConfig(batch_size=batch_size // hosts,
+                               length_buckets=buckets + (spec.max_length,),
+                               num_responses=spec.num_responses if format == "ranking" else None,
+                               kl_pairs=kl_pairs)
+        return BatchConfig(batch_size=batch_size // hosts, length=spec.max_length,
+                           packing=packing, kl_pairs=kl_pairs,
+                           num_responses=spec.num_responses if format == "ranking" else None)
+
+    skipped: dict[str, int] = {}
+
+    def examples(source, *, split, synthetic_seed, num):
+        if source is None:
+            if spec.synthetic is None:
+                raise ValueError("set data.path (a file or directory) or data.synthetic (a task "
+                                 "name of rlhf_jax.data.synthetic)")
+            source = synthetic_records(spec.synthetic, format, num=num, seed=synthetic_seed,
+                                       num_responses=spec.num_responses)
+            source_type = "records"
+        else:
+            source_type = spec.source_type
+        raw, report = rdata.load_examples(source, format=format, on_error=spec.on_error,
+                                          source_type=source_type, split=split)
+        if unpair:
+            raw = unpair_preferences(raw)
+        tokenized, tok_report = rdata.tokenize_examples(raw, tokenizer, config=tok_config,
+                                                        on_error=spec.on_error,
+                                                        source=report.source)
+        for reason, n in {**report.merge(tok_report).skipped}.items():
+            skipped[reason] = skipped.get(reason, 0) + int(n)
+        return tokenized
+
+    train_examples = examples(spec.path, split=spec.split, synthetic_seed=seed, num=spec.num_train)
+    train = DataLoader(train_examples, batch_config=batch_config(spec.batch_size, spec.packing),
+                       pad_id=pad_id, seed=seed, shuffle=spec.shuffle)
+
+    eval_source = spec.eval_path or (spec.path if spec.eval_split else None)
+    eval_batches = None
+    if eval_source is not None or (spec.path is None and spec.num_eval > 0):
+        eval_examples = examples(eval_source, split=spec.eval_split or "test",
+                                 synthetic_seed=seed + 1, num=spec.num_eval)
+        if len(eval_examples) < eval_bs:
+            raise ValueError(f"the held-out set has {len(eval_examples)} examples, fewer than "
+                             f"data.eval_batch_size={eval_bs}")
+        eval_loader = DataLoader(eval_examples, batch_config=batch_config(eval_bs, False),
+                                 pad_id=pad_id, seed=seed, shuffle=False, num_epochs=1)
+        start = eval_loader.get_state()
+
+        def eval_batches():
+            eval_loader.set_state(start)
+            return eval_loader
+
+    return DataBundle(train=train, eval_batches=eval_batches, tokenizer=tokenizer, pad_id=pad_id,
+                      skipped=skipped)
+
+
+def prefix_shared_lengths(max_length: int, buckets: Sequence[int] = (), *,
+                          branches: int = 2) -> tuple[int, ...]:
+    """Row lengths for prefix-shared rows (`DataSpec.prefix_sharing`) of `branches` responses:
+    multiples of `max_length / 4` from `max_length / 2` to `2 * max_length`, then of
+    `max_length / 2` up to `branches * max_length` (each rounded up to 8), plus the given
+    `buckets`. A row holds `p + r_1 + ... + r_K <= K * max_length` tokens."""
+    def round8(x):
+        return -(-x // 8) * 8
+
+    quarter, half = -(-max_length // 4), -(-max_length // 2)
+    cap = round8(max(2, branches) * max_length)
+    lengths = {round8(k * quarter) for k in range(2, 9)}
+    lengths |= {round8(k * half) for k in range(5, 2 * max(2, branches) + 1)}
+    return tuple(sorted({min(b, cap) for b in (*lengths, *buckets)} | {cap}))
+
+
+__all__ = [
+    "DataBundle",
+    "build_data",
+    "prefix_shared_lengths",
+    "synthetic_records",
+    "unpair_preferences",
+]
