@@ -50,6 +50,7 @@ from rlhf_jax.data._examples import (
 )
 from rlhf_jax.data._hh import HHParseError, HHSplit, split_hh_transcripts
 from rlhf_jax.data._loader import BatchConfig, DataLoader, make_collate_fn, make_loader
+from rlhf_jax.data._margins import RATING_SCALES, RatingMargins, normalize_rating
 from rlhf_jax.data._records import (
     FORMATS,
     REASONS,
@@ -81,6 +82,7 @@ __all__ = [
     "DEFAULT_LENGTH_BUCKETS",
     "SOURCE_TYPES",
     "FORMATS",
+    "RATING_SCALES",
     "REASONS",
     "TOKEN_KEYS",
     "BatchConfig",
@@ -92,6 +94,7 @@ __all__ = [
     "PreferenceExample",
     "PromptExample",
     "RankingExample",
+    "RatingMargins",
     "RecordError",
     "SFTExample",
     "TokenizeConfig",
@@ -113,6 +116,7 @@ __all__ = [
     "load_examples",
     "make_collate_fn",
     "make_loader",
+    "normalize_rating",
     "pack_preference",
     "pack_sft",
     "parse_record",

@@ -405,8 +405,11 @@ _PARSERS = {
 }
 
 
-def parse_record(record: Any, *, format: Format, origin: str):
+def parse_record(record: Any, *, format: Format, origin: str, rating_margins: Any = None):
     """Validates one raw record of `format` into an example.
+
+    `rating_margins` (a `rlhf_jax.data.RatingMargins`) sets a preference pair's `margin` from
+    the rater's rating in the record (Llama 2), instead of the numeric ``"margin"`` field.
 
     Raises:
       RecordError: naming `origin`, the problem and its reason key.
@@ -418,4 +421,7 @@ def parse_record(record: Any, *, format: Format, origin: str):
         raise RecordError(
             origin, "bad_type", f"a record must be a JSON object, got {type(record).__name__}"
         )
-    return _PARSERS[format](record, origin)
+    example = _PARSERS[format](record, origin)
+    if rating_margins is not None and isinstance(example, PreferenceExample):
+        example = example._replace(margin=rating_margins.margin(record, origin))
+    return example
