@@ -7,7 +7,8 @@ Formats (field names follow TRL's dataset formats where TRL has one):
 - ``"preference"``: ``{"prompt", "chosen", "rejected"}`` as strings or conversations, or with an
   implicit prompt (no ``"prompt"``: the longest common prefix of chosen and rejected, by
   characters for strings and by whole messages for conversations). Optional ``"margin"`` (Llama 2
-  preference strength; or ``"score_chosen"`` - ``"score_rejected"`` when both are given) and
+  preference strength; or ``"score_chosen"`` - ``"score_rejected"`` when both are given; or a
+  rater's rating in another field, mapped by a `RatingMargins` passed to `parse_record`) and
   ``"label"`` (probability in [0, 1] that chosen is preferred; default 1.0).
 - ``"hh"``: Anthropic HH-RLHF raw transcripts ``{"chosen", "rejected"}``, split by
   `split_hh_transcripts` into a preference example.
