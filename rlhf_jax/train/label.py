@@ -400,6 +400,11 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
         raise ValueError("input.format=prompt needs policy.source, the policy that samples the "
                          "pairs (or give pairs: input.format=preference or hh)")
     principles = _principles(config)
+    num_labelers = len(config.judge.sources) * max(len(principles), 1)
+    if config.weights and len(config.weights) != num_labelers:
+        raise ValueError(f"weights has {len(config.weights)} entries for {num_labelers} "
+                         f"labelers ({len(config.judge.sources)} judges x "
+                         f"{max(len(principles), 1)} principles)")
     paths = prepare_outputs(config.output_dir, (PREFERENCES_FILE, JUDGEMENTS_FILE),
                             overwrite=config.overwrite, config=config)
     skips = SkipLog(config.input.on_error)
@@ -425,13 +430,9 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
     judges, judge_models = make_judges(config.judge, mesh=mesh, seed=config.seed + 1,
                                        loaded=[policy] if same_load else ())
     labelers = make_labelers(judges, list(config.judge.sources), principles)
-    if config.weights and len(config.weights) != len(labelers):
-        raise ValueError(f"weights has {len(config.weights)} entries for {len(labelers)} "
-                         f"labelers ({len(judges)} judges x {max(len(principles), 1)} "
-                         "principles)")
 
     status = ["judged"] * len(pairs.prompts)
-    for lab in labelers:
+    for lab in labelers if pairs.prompts else ():
         problems = judge_overflow(lab.judge, pairs.prompts, pairs.responses_1,
                                   pairs.responses_2, principle=lab.principle)
         for i, problem in enumerate(problems):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import yaml
-from feedback_models import write_tiny_hf
+from feedback_models import TEMPLATE_ARGS, write_tiny_hf
 
 from rlhf_jax import cli
 from rlhf_jax.rlaif import default_constitution
@@ -55,7 +55,7 @@ def _base(setup, out, n=8):
             "--transcript.conversation", "{prompt}", *JUDGE_ARGS]
 
 
-def test_cai_revisions_then_sft(tmp_path, capsys, setup):
+def test_cai_revisions_then_sft_and_label(tmp_path, capsys, setup):
     out = tmp_path / "cai"
     assert cli.main([*_base(setup, out), "--num-rounds", "2", "--num-principles", "2"]) == 0
     summary = _summary(capsys)
@@ -91,6 +91,16 @@ def test_cai_revisions_then_sft(tmp_path, capsys, setup):
                      "--data.path", str(out / "sl_cai.jsonl")]) == 0
     sft = _summary(capsys)
     assert sft["step"] == 2 and sft["skipped_records"] == {}
+
+    # the SL-CAI policy (a run directory, at a step) samples pairs that a preset judge labels
+    assert cli.main(["label", "--output-dir", str(tmp_path / "labels"), "--input.synthetic",
+                     "topic", "--input.num-examples", "8", "--policy.source",
+                     f"{tmp_path / 'sft'}@2", "--sampling.max-new-tokens", "6",
+                     "--judge.sources", "preset:tiny_gpt2", "--judge.tokenizer", "synthetic",
+                     *TEMPLATE_ARGS]) == 0
+    labels = _summary(capsys)
+    assert labels["policy"]["kind"] == "run" and labels["policy"]["step"] == 2
+    assert labels["judges"][0]["kind"] == "preset" and labels["num_pairs"] == 8
 
 
 @pytest.mark.slow

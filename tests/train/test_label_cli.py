@@ -150,6 +150,14 @@ def test_too_long_pairs_are_counted_or_raise(tmp_path, capsys, models):
     assert all("judge prompt" in s for s in summary["first_skipped"][:too_long])
     statuses = [j["status"] for j in _jsonl(tmp_path / "b" / "judgements.jsonl")]
     assert statuses.count("judge_prompt_too_long") == too_long
+    # nothing fits: an empty dataset, every pair accounted for
+    base[-1] = "12"
+    assert cli.main([*base, "--output-dir", str(tmp_path / "c"), "--input.on-error",
+                     "skip"]) == 0
+    summary = _summary(capsys)
+    assert summary["num_judged"] == summary["num_records"] == 0
+    assert summary["skipped"] == {"judge_prompt_too_long": 8}
+    assert (tmp_path / "c" / "preferences.jsonl").read_text() == ""
 
 
 def test_label_config_errors(tmp_path, models):
@@ -161,6 +169,10 @@ def test_label_config_errors(tmp_path, models):
     with pytest.raises(ValueError, match="is neither a training run directory"):
         cli.main(["label", "--output-dir", str(tmp_path / "x"), "--input.synthetic", "topic",
                   "--input.format", "preference", "--judge.sources", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"weights has 1 entries for 4 labelers \(2 judges x 2"):
+        cli.main(["label", "--output-dir", str(tmp_path / "w"), "--input.synthetic", "topic",
+                  "--input.format", "preference", "--judge.sources", *models,
+                  "--principles", "p", "q", "--weights", "1"])
     with pytest.raises(ValueError, match="is a preset: set judge.tokenizer"):
         cli.main(["label", "--output-dir", str(tmp_path / "y"), "--input.synthetic", "topic",
                   "--input.format", "preference", "--judge.sources", "preset:tiny_gpt2"])
