@@ -256,7 +256,7 @@ def label_pair_set(
                          labelled.preference, hard=hard, min_confidence=min_confidence)
     report: dict[str, Any] = {
         "labelers": [lab.name for lab in labelers],
-        "fleiss_kappa": labelled.report.labeler_kappa,
+        "fleiss_kappa": _finite_or_none(labelled.report.labeler_kappa),
         "mean_confidence": labelled.report.mean_confidence,
         "position": {lab.name: position_stats(out) for lab, out in zip(labelers, outputs)},
     }
@@ -270,6 +270,11 @@ def label_pair_set(
                          for lab, out in zip(labelers, outputs)},
         }
     return LabelResult(labelled, outputs, status, report)
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    """None for a missing or NaN statistic (summary.json stays strict JSON)."""
+    return None if x is None or not np.isfinite(x) else float(x)
 
 
 def pair_status(prompts: Sequence[str], responses_1: Sequence[str], responses_2: Sequence[str],
