@@ -33,6 +33,8 @@ COMMANDS: dict[str, str] = {
         "rlhf_jax.train.rejection_sampling:RejectionSamplingConfig:train_rejection_sampling"
     ),
     "export": "rlhf_jax.train.export:ExportConfig:export_policy",
+    "label": "rlhf_jax.train.label:LabelConfig:run_label",
+    "cai": "rlhf_jax.train.cai:CAIConfig:run_cai",
 }
 """Command name -> "module:ConfigClass:run_function"."""
 

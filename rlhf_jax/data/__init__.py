@@ -51,6 +51,7 @@ from rlhf_jax.data._examples import (
 )
 from rlhf_jax.data._hh import HHParseError, HHSplit, split_hh_transcripts
 from rlhf_jax.data._loader import BatchConfig, DataLoader, make_collate_fn, make_loader
+from rlhf_jax.data._margins import RATING_SCALES, RatingMargins, normalize_rating
 from rlhf_jax.data._prompt_loader import PromptLoader
 from rlhf_jax.data._records import (
     FORMATS,
@@ -83,6 +84,7 @@ __all__ = [
     "DEFAULT_LENGTH_BUCKETS",
     "SOURCE_TYPES",
     "FORMATS",
+    "RATING_SCALES",
     "REASONS",
     "TOKEN_KEYS",
     "BatchConfig",
@@ -95,6 +97,7 @@ __all__ = [
     "PromptExample",
     "PromptLoader",
     "RankingExample",
+    "RatingMargins",
     "RecordError",
     "SFTExample",
     "TokenizeConfig",
@@ -116,6 +119,7 @@ __all__ = [
     "load_examples",
     "make_collate_fn",
     "make_loader",
+    "normalize_rating",
     "pack_preference",
     "pack_sft",
     "parse_record",

@@ -7,7 +7,8 @@ Formats (field names follow TRL's dataset formats where TRL has one):
 - ``"preference"``: ``{"prompt", "chosen", "rejected"}`` as strings or conversations, or with an
   implicit prompt (no ``"prompt"``: the longest common prefix of chosen and rejected, by
   characters for strings and by whole messages for conversations). Optional ``"margin"`` (Llama 2
-  preference strength; or ``"score_chosen"`` - ``"score_rejected"`` when both are given) and
+  preference strength; or ``"score_chosen"`` - ``"score_rejected"`` when both are given; or a
+  rater's rating in another field, mapped by a `RatingMargins` passed to `parse_record`) and
   ``"label"`` (probability in [0, 1] that chosen is preferred; default 1.0).
 - ``"hh"``: Anthropic HH-RLHF raw transcripts ``{"chosen", "rejected"}``, split by
   `split_hh_transcripts` into a preference example.
@@ -405,8 +406,11 @@ _PARSERS = {
 }
 
 
-def parse_record(record: Any, *, format: Format, origin: str):
+def parse_record(record: Any, *, format: Format, origin: str, rating_margins: Any = None):
     """Validates one raw record of `format` into an example.
+
+    `rating_margins` (a `rlhf_jax.data.RatingMargins`) sets a preference pair's `margin` from
+    the rater's rating in the record (Llama 2), instead of the numeric ``"margin"`` field.
 
     Raises:
       RecordError: naming `origin`, the problem and its reason key.
@@ -418,4 +422,7 @@ def parse_record(record: Any, *, format: Format, origin: str):
         raise RecordError(
             origin, "bad_type", f"a record must be a JSON object, got {type(record).__name__}"
         )
-    return _PARSERS[format](record, origin)
+    example = _PARSERS[format](record, origin)
+    if rating_margins is not None and isinstance(example, PreferenceExample):
+        example = example._replace(margin=rating_margins.margin(record, origin))
+    return example

@@ -199,6 +199,7 @@ def load_examples(
     split: str | None = "train",
     data_dir: str | os.PathLike | None = None,
     log: bool = True,
+    rating_margins: Any = None,
 ) -> tuple[list, LoadReport]:
     """Reads and validates every row of `source` into examples of `format`.
 
@@ -212,6 +213,8 @@ def load_examples(
       split: the split of a `datasets` dict or TFDS dataset.
       data_dir: TFDS data directory when `source` is a dataset name.
       log: log the report to the ``rlhf_jax.data`` logger.
+      rating_margins: a `RatingMargins`: preference pairs take their `margin` from the rater's
+        rating in its field (an unknown or missing rating is a bad row).
 
     Returns:
       `(examples, report)`.
@@ -224,7 +227,8 @@ def load_examples(
         try:
             if isinstance(record, RecordError):
                 raise record
-            examples.append(parse_record(record, format=format, origin=origin))
+            examples.append(parse_record(record, format=format, origin=origin,
+                                         rating_margins=rating_margins))
         except RecordError as e:
             builder.error(e)
             continue

@@ -9,7 +9,7 @@ Pure parts (host-side NumPy or jittable array functions):
 - Judge arithmetic: :func:`answer_preference`, :func:`debias_position`,
   :func:`position_bias`, :func:`score_distribution`, :func:`expected_score`.
 - Templates: :class:`PairwiseTemplate`, :class:`ScoreTemplate`, :class:`CritiqueTemplate`,
-  :class:`Exemplar`.
+  :class:`Exemplar`, :func:`load_exemplars` (few-shot exemplar files).
 - Constitutions: :class:`Principle`, :class:`Constitution`, :func:`load_constitution`,
   :func:`default_constitution`.
 - Consensus: :func:`consensus` over several judges or principles.
@@ -42,6 +42,7 @@ from rlhf_jax.rlaif._constitution import (
     rl_cai_pairs,
     sl_cai_records,
 )
+from rlhf_jax.rlaif._exemplars import load_exemplars
 from rlhf_jax.rlaif._judge import JudgeOutput, PairwiseJudge
 from rlhf_jax.rlaif._pipelines import (
     SKIP_REASONS,
@@ -121,6 +122,7 @@ __all__ = [
     "label_preferences",
     "labeler_alignment",
     "load_constitution",
+    "load_exemplars",
     "parse_constitution",
     "placeholders",
     "position_bias",

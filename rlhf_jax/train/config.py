@@ -126,6 +126,15 @@ class DataSpec:
     """Shuffle the training examples every epoch (from the run seed)."""
     on_error: Literal["raise", "skip"] = "raise"
     """Bad records raise (naming file and line) or are skipped and counted in the run summary."""
+    margin_field: str | None = None
+    """Record field holding the rater's preference-strength rating ("significantly better",
+    "better", "slightly better", "negligibly better / unsure"), mapped to each pair's `margin`
+    by `rating_scale` or `rating_margins` (Llama 2; `rlhf_jax.data.RatingMargins`) instead of
+    the numeric `margin` field. An unknown rating is a bad record. Preference data only."""
+    rating_scale: Literal["llama2_small", "llama2_large"] = "llama2_small"
+    """Rating -> margin scale of Llama 2's Table 27: small 1, 2/3, 1/3, 0; large 3, 2, 1, 0."""
+    rating_margins: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Your own rating -> margin table (replaces `rating_scale` when non-empty)."""
 
 
 @dataclasses.dataclass(frozen=True)

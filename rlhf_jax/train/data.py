@@ -134,6 +134,13 @@ def build_data(
                            packing=packing, kl_pairs=kl_pairs,
                            num_responses=spec.num_responses if format == "ranking" else None)
 
+    rating_margins = None
+    if spec.margin_field is not None:
+        if format not in ("preference", "hh"):
+            raise ValueError(f"data.margin_field={spec.margin_field!r} sets preference-pair "
+                             f"margins; it does not apply to {format!r} records")
+        rating_margins = rdata.RatingMargins.from_scale(
+            spec.margin_field, scale=spec.rating_scale, table=spec.rating_margins)
     skipped: dict[str, int] = {}
 
     def examples(source, *, split, synthetic_seed, num):
@@ -147,7 +154,8 @@ def build_data(
         else:
             source_type = spec.source_type
         raw, report = rdata.load_examples(source, format=format, on_error=spec.on_error,
-                                          source_type=source_type, split=split)
+                                          source_type=source_type, split=split,
+                                          rating_margins=rating_margins)
         if unpair:
             raw = unpair_preferences(raw)
         tokenized, tok_report = rdata.tokenize_examples(raw, tokenizer, config=tok_config,

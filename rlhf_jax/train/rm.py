@@ -87,7 +87,9 @@ class RMConfig(TrainConfig):
     train_heads: tuple[str, ...] = ()
     """Heads that receive the loss (empty: all heads)."""
     use_margin: bool = False
-    """Subtract the batch's preference-strength `margin` inside the sigmoid (Llama 2)."""
+    """Subtract the batch's preference-strength `margin` inside the sigmoid (Llama 2); the
+    margins come from the records' `margin` field or, with `data.margin_field`, from the raters'
+    ratings (`data.rating_scale`)."""
     margin_scale: float = 1.0
     """Multiplier of the batch margin."""
     soft_labels: bool = True
@@ -377,6 +379,11 @@ def train_rm(config: RMConfig) -> dict[str, Any]:
     if config.loss not in RM_LOSSES:
         raise ValueError(f"loss={config.loss!r}; allowed: {RM_LOSSES}")
     fmt = "ranking" if config.loss in RANKING_LOSSES else "preference"
+    if config.data.margin_field is not None and not (config.use_margin
+                                                     and config.loss == "bradley_terry"):
+        raise ValueError(f"data.margin_field={config.data.margin_field!r} reads rating margins, "
+                         "which only the Bradley-Terry loss with use_margin=true uses; set "
+                         "--use-margin (or unset data.margin_field)")
     tokenizer = load_tokenizer_for(config.data, config.model)
     data = build_data(config.data, format=fmt, tokenizer=tokenizer, seed=config.seed)
     model = build_model(config.model, kind="reward", head_names=config.head_names,
