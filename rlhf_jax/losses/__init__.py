@@ -46,6 +46,7 @@ from rlhf_jax.losses._dpo import (
     dpo_reward_metrics,
     mixed_dpo_loss,
 )
+from rlhf_jax.losses._fused_logprobs import UNEMBEDDING_LAYOUTS, FusedLogps, fused_token_logps
 from rlhf_jax.losses._kl import KL_ESTIMATORS, kl_estimate, kl_from_logits, kl_k1, kl_k2, kl_k3
 from rlhf_jax.losses._kl_controller import (
     KLController,
@@ -105,6 +106,7 @@ __all__ = [
     "CPO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCES",
+    "FusedLogps",
     "GAEOutput",
     "GROUP_SCALES",
     "IMPORTANCE_SAMPLING_LEVELS",
@@ -114,6 +116,7 @@ __all__ = [
     "KTO_LOSS_TYPES",
     "PenalizedRewards",
     "RewardMetrics",
+    "UNEMBEDDING_LAYOUTS",
     "adaptive_kl_controller",
     "aggregate_loss",
     "approx_kl",
@@ -130,6 +133,7 @@ __all__ = [
     "dpo_reward_metrics",
     "entropy_from_logits",
     "fixed_kl_controller",
+    "fused_token_logps",
     "gae",
     "group_advantages",
     "grpo_loss",

@@ -4,7 +4,12 @@ One decoder implementation (`Decoder`) configured by `ModelConfig` covers the GP
 Qwen2 families. On top of it:
 
 - `CausalLM(config, *, rngs)`: `model(input_ids, attention_mask=None, positions=None,
-  segment_ids=None) -> logits [B, T, V]` (float32 whatever the compute dtype).
+  segment_ids=None, branch_ids=None) -> logits [B, T, V]` (float32 whatever the compute
+  dtype); `model.token_logps(input_ids, ..., start=0, temperature=1.0, with_entropy=False)`
+  -> `rlhf_jax.losses.FusedLogps` of per-token log-probs aligned to the token they score,
+  through the fused, chunked LM head (never the `[B, T, V]` logits; chunk size
+  `ModelConfig.logits_chunk_size`); `model.hidden_states(...)`,
+  `model.token_logps_from_hidden(hidden, input_ids, ...)` and `model.unembedding()` split it.
 - `ValueModel(config, *, rngs)`: `-> values [B, T]`.
 - `RewardModel(config, *, head_names=("reward",), rngs)`: `-> rewards [B, H]` at the last real
   token; `token_scores(...) -> [B, T, H]`; `set_normalization(gain, bias)`.
@@ -61,7 +66,14 @@ from rlhf_jax.models.lora import (
     merge_lora,
     trainable_fraction,
 )
-from rlhf_jax.models.transformer import CausalLM, Decoder, KVCache, default_positions
+from rlhf_jax.models.transformer import (
+    CausalLM,
+    Decoder,
+    KVCache,
+    Unembedding,
+    default_positions,
+    scoring_states,
+)
 
 __all__ = [
     "CausalLM",
@@ -86,5 +98,7 @@ __all__ = [
     "lora_disabled",
     "merge_lora",
     "save_pretrained",
+    "scoring_states",
     "trainable_fraction",
+    "Unembedding",
 ]
