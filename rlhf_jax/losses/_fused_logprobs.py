@@ -226,7 +226,10 @@ def _fused_bwd(static: _Static, residuals, cotangents):
     g_logps, g_entropy, _ = cotangents
     w_c, bias_c = _compute_operands(h, w, bias)
     spec_h = "bcv,ev->bce" if static.layout == "ev" else "bcv,ve->bce"
-    spec_w = "bce,bcv->ev" if static.layout == "ev" else "bce,bcv->ve"
+    # dW is accumulated as [E, V] in either layout (the same contraction as for "ev"; an
+    # accumulator in [V, E] order made XLA transpose every [B, c, V] block on CPU) and
+    # transposed once at the end.
+    spec_w = "bce,bcv->ev"
     use_entropy = static.with_entropy and g_entropy is not None
 
     def body(carry, xs):
@@ -253,10 +256,13 @@ def _fused_bwd(static: _Static, residuals, cotangents):
     xs = (h, y, lse, g_logps)
     if use_entropy:
         xs = xs + (entropy, g_entropy)
-    init = (jnp.zeros(w.shape, jnp.float32),
+    e, v = w.shape if static.layout == "ev" else w.shape[::-1]
+    init = (jnp.zeros((e, v), jnp.float32),
             None if bias is None else jnp.zeros(bias.shape, jnp.float32))
     (dw, dbias), dh = jax.lax.scan(body, init, xs)
     dbias = None if bias is None else dbias.astype(bias.dtype)
+    if static.layout == "ve":
+        dw = dw.T
     return dh, dw.astype(w.dtype), dbias, None
 
 
