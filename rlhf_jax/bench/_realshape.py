@@ -451,7 +451,7 @@ def _measure_ppo(case: Case, *, steps: int, warmup: int, run: bool) -> dict[str,
                                                       out.sequences, out.sequence_mask,
                                                       out.mask))
     mb = b // case.minibatches
-    minibatch = {k: v[:mb] for k, v in experience.items()}
+    minibatch = setup.put_batch({k: v[:mb] for k, v in experience.items()})
     update_compiled = setup.step_fn.lower(setup.state, minibatch).compile()
     compile_s = time.perf_counter() - start
     row = _row_base(case, config, weights, tokens=tokens, flops=update_flops,
@@ -470,7 +470,8 @@ def _measure_ppo(case: Case, *, steps: int, warmup: int, run: bool) -> dict[str,
             t2 = time.perf_counter()
             for _ in range(case.epochs):
                 for j in range(case.minibatches):
-                    part = {k: v[j * mb:(j + 1) * mb] for k, v in experience.items()}
+                    part = setup.put_batch({k: v[j * mb:(j + 1) * mb]
+                                            for k, v in experience.items()})
                     state, metrics = update_compiled(state, part)
             jax.block_until_ready((state, metrics))
             t3 = time.perf_counter()
