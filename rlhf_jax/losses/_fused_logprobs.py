@@ -181,6 +181,7 @@ def _is_target(y, v):
 
 
 def _compute_operands(h, w, bias):
+    """``W`` and the bias in the compute dtype (``hidden.dtype``), cast once outside the scan."""
     dtype = h.dtype
     return w.astype(dtype), None if bias is None else bias.astype(dtype)
 
