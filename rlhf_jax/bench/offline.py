@@ -36,7 +36,9 @@ spinning worker threads can make 2 threads many times slower than 1).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import statistics
 import time
 from typing import Any, NamedTuple
@@ -45,6 +47,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.bench._machine import machine_description, measure_matmul_peak
+from rlhf_jax.bench._realshape import RESULT_PREFIX
 
 
 class Shape(NamedTuple):
@@ -65,6 +68,10 @@ class Shape(NamedTuple):
 SHAPES = {
     "tiny": Shape("tiny", pairs=4, prompt=32, response=32, layers=2, width=128, heads=2),
     "small": Shape("small", pairs=8, prompt=64, response=64, layers=4, width=256, heads=4),
+    # GPT-2 124M (V 50,257, 12 x 768) at 256 + 256 tokens: the real-shape DPO row of TRL that
+    # `python -m rlhf_jax.bench steps --trl` runs beside ours (each in its own process).
+    "gpt2": Shape("gpt2", pairs=4, prompt=256, response=256, layers=12, width=768, heads=12,
+                  vocab=50257),
 }
 
 
@@ -265,6 +272,27 @@ def bench_trl(shape: Shape, *, steps: int, warmup: int = 2, threads: int | None 
     return _summary(times[warmup:])
 
 
+def trl_worker(shape_json: str, *, steps: int, warmup: int) -> None:
+    """Entry point of a child process (`python -m rlhf_jax.bench offline --trl-worker JSON`):
+    times TRL at the `Shape` given as JSON and prints one result row (None without TRL) with
+    this process's RSS high-water mark, for `rlhf_jax.bench.steps --trl`."""
+    shape = Shape(**json.loads(shape_json))
+    best = None
+    for n in sorted({1, os.cpu_count() or 1}):
+        times = bench_trl(shape, steps=steps, warmup=warmup, threads=n)
+        if times is None:
+            print(RESULT_PREFIX + "null", flush=True)
+            return
+        if best is None or times[0] < best[0][0]:
+            best = (times, n)
+    (median, fastest), threads = best
+    tokens = 2 * shape.pairs * shape.seq
+    row = {"seconds": median, "best_seconds": fastest, "tokens_per_s": tokens / median,
+           "torch_threads": threads,
+           "peak_rss": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
+    print(RESULT_PREFIX + json.dumps(row), flush=True)
+
+
 def run(shapes: list[str], *, steps: int, with_trl: bool) -> tuple[list[dict[str, Any]], dict]:
     # The best of several peak measurements: the machine may be shared.
     peak = max(measure_matmul_peak(repeats=10) for _ in range(3))
@@ -330,7 +358,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.trl_worker:
+        trl_worker(args.trl_worker, steps=args.steps, warmup=args.warmup)
+        return
     rows, info = run(args.shapes, steps=args.steps, with_trl=not args.no_trl)
     table = to_markdown(rows, info)
     print(table)
@@ -344,4 +377,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["SHAPES", "Shape", "bench_rlhf_jax", "bench_trl", "bench_trl_best", "main", "run", "step_flops",
-           "to_markdown"]
+           "to_markdown", "trl_worker"]

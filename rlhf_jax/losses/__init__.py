@@ -47,6 +47,7 @@ from rlhf_jax.losses._dpo import (
     dpo_reward_metrics,
     mixed_dpo_loss,
 )
+from rlhf_jax.losses._fused_logprobs import UNEMBEDDING_LAYOUTS, FusedLogps, fused_token_logps
 from rlhf_jax.losses._hindsight import HIRLoss, hir_contrastive_loss, hir_loss, vocab_mean_logps
 from rlhf_jax.losses._kl import KL_ESTIMATORS, kl_estimate, kl_from_logits, kl_k1, kl_k2, kl_k3
 from rlhf_jax.losses._kl_controller import (
@@ -117,6 +118,7 @@ __all__ = [
     "CPO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCES",
+    "FusedLogps",
     "GAEOutput",
     "GROUP_SCALES",
     "HIRLoss",
@@ -129,6 +131,7 @@ __all__ = [
     "REST_WEIGHTINGS",
     "ReSTLoss",
     "RewardMetrics",
+    "UNEMBEDDING_LAYOUTS",
     "VMPOOutput",
     "adaptive_kl_controller",
     "aggregate_loss",
@@ -147,6 +150,7 @@ __all__ = [
     "dpo_reward_metrics",
     "entropy_from_logits",
     "fixed_kl_controller",
+    "fused_token_logps",
     "gae",
     "gold_loss",
     "group_advantages",

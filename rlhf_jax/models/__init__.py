@@ -4,7 +4,12 @@ One decoder implementation (`Decoder`) configured by `ModelConfig` covers the GP
 Qwen2 families. On top of it:
 
 - `CausalLM(config, *, rngs)`: `model(input_ids, attention_mask=None, positions=None,
-  segment_ids=None) -> logits [B, T, V]` (float32 whatever the compute dtype).
+  segment_ids=None, branch_ids=None) -> logits [B, T, V]` (float32 whatever the compute
+  dtype); `model.token_logps(input_ids, ..., start=0, temperature=1.0, with_entropy=False)`
+  -> `rlhf_jax.losses.FusedLogps` of per-token log-probs aligned to the token they score,
+  through the fused, chunked LM head (never the `[B, T, V]` logits; chunk size
+  `ModelConfig.logits_chunk_size`); `model.hidden_states(...)`,
+  `model.token_logps_from_hidden(hidden, input_ids, ...)` and `model.unembedding()` split it.
 - `ValueModel(config, *, rngs)`: `-> values [B, T]`.
 - `RewardModel(config, *, head_names=("reward",), rngs)`: `-> rewards [B, H]` at the last real
   token; `token_scores(...) -> [B, T, H]`; `set_normalization(gain, bias)`.
@@ -65,8 +70,10 @@ from rlhf_jax.models.transformer import (
     CausalLM,
     Decoder,
     KVCache,
+    Unembedding,
     default_positions,
     positions_from_mask,
+    scoring_states,
 )
 
 __all__ = [
@@ -93,5 +100,7 @@ __all__ = [
     "merge_lora",
     "positions_from_mask",
     "save_pretrained",
+    "scoring_states",
     "trainable_fraction",
+    "Unembedding",
 ]

@@ -120,6 +120,12 @@ class ModelConfig:
         layer scan stacks fewer residuals), `"dots_no_batch"`, `"nothing_saveable"`.
       scan_layers: run the stacked layers with `jax.lax.scan` (compile time independent of
         depth); `False` unrolls a Python loop at trace time (same parameters).
+      logits_chunk_size: positions per chunk of the fused LM head + log-probs
+        (`CausalLM.token_logps`, `rlhf_jax.losses.fused_token_logps`): forward and backward
+        hold one `[B, chunk, V]` block of float32 logits instead of `[B, T, V]`, at the cost of
+        recomputing the head's logits in the backward pass. `0` materialises the full logits
+        instead (plain autodiff, no recomputation: faster when `B * T * V` fits easily).
+        Never changes the values beyond float32 rounding.
       bos_token_id, eos_token_id, pad_token_id: written to `config.json` on export.
     """
 
@@ -148,6 +154,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "dots"
     scan_layers: bool = True
+    logits_chunk_size: int = 128
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -170,6 +177,10 @@ class ModelConfig:
                      "intermediate_size", "max_position_embeddings"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if isinstance(self.logits_chunk_size, bool) or not isinstance(self.logits_chunk_size, int) \
+                or self.logits_chunk_size < 0:
+            raise ValueError(f"ModelConfig.logits_chunk_size must be an int >= 0 (0: unfused), "
+                             f"got {self.logits_chunk_size!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelConfig.num_kv_heads={self.num_kv_heads} must divide "

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.losses import FusedLogps, entropy_from_logits, fused_token_logps, token_logps
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.layers import Block, Embed, Norm, Proj, attention_weights_mask
 from rlhf_jax.models.rope import rope_tables
@@ -78,6 +79,53 @@ def default_positions(
     )
     start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=seg.ndim - 1)
     return jnp.where(seg > 0, idx - start_idx, 0).astype(jnp.int32)
+
+
+def scoring_states(
+    hidden: jax.Array,
+    segment_ids: jax.Array | None = None,
+    branch_ids: jax.Array | None = None,
+    *,
+    start: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """The hidden state that predicts each token, and whether the token has any context.
+
+    For a causal LM over `input_ids [B, T]` with final hidden states `hidden [B, T, E]`, token
+    `t` is scored by `hidden[:, t - 1]`, except (prefix-shared rows) the first token of a branch
+    whose left neighbour is in another branch, scored by the prefix's last state
+    (`hidden[:, P - 1]`, `P` the prefix length), as it would be in its own row. A token has no
+    context at position 0, at the first token of a packed segment (`segment_ids` differ from the
+    left neighbour's) and at a branch start after an empty prefix.
+
+    Args:
+      hidden: `[B, T, E]`.
+      segment_ids, branch_ids: optional `[B, T]` (docs/ARCHITECTURE.md).
+      start: first token to score (static, `0 <= start < T`).
+
+    Returns:
+      `(states [B, T - start, E], has_context [B, T - start] bool)` for tokens `start .. T-1`;
+      `states` at a token without context is an arbitrary row of `hidden`.
+    """
+    b, t, _ = hidden.shape
+    if start > 0:
+        states = hidden[:, start - 1:t - 1]
+    else:
+        states = jnp.pad(hidden[:, :t - 1], ((0, 0), (1, 0), (0, 0)))
+    idx = jnp.arange(start, t)
+    prev_idx = jnp.maximum(idx - 1, 0)
+    has_context = jnp.broadcast_to(idx > 0, (b, t - start))
+    if segment_ids is not None:
+        has_context = has_context & (segment_ids[:, idx] == segment_ids[:, prev_idx])
+    if branch_ids is not None:
+        branch = branch_ids[:, idx]
+        prev = jnp.where(idx > 0, branch_ids[:, prev_idx], 0)
+        starts = (branch > 0) & (prev > 0) & (prev != branch)
+        prefix_len = jnp.argmax(branch_ids > 0, axis=-1)  # [B]; the prefix is the row's start
+        last = jnp.take_along_axis(hidden, jnp.maximum(prefix_len - 1, 0)[:, None, None],
+                                   axis=1)  # [B, 1, E]
+        states = jnp.where(starts[..., None], last, states)
+        has_context = jnp.where(starts, (prefix_len > 0)[:, None], has_context)
+    return states, has_context
 
 
 def _check_tokens(input_ids, name="input_ids"):
@@ -210,9 +258,38 @@ class Decoder(nnx.Module):
         return self.final_norm(x), cache
 
 
+class Unembedding(NamedTuple):
+    """The LM head's weight as `rlhf_jax.losses.fused_token_logps` takes it.
+
+    Attributes:
+      weight: `[E, V]` (an untied head's kernel, `layout == "ev"`) or `[V, E]` (the tied token
+        embedding, `layout == "ve"`), as stored (parameter dtype).
+      layout: `"ev"` or `"ve"`.
+    """
+
+    weight: jax.Array
+    layout: str
+
+
 class CausalLM(nnx.Module):
     """Decoder + LM head: `model(input_ids, attention_mask, positions, segment_ids,
     branch_ids)` -> logits `[B, T, V]` float32.
+
+    Scoring without the `[B, T, V]` logits (what trainers use):
+
+    - `model.token_logps(input_ids, attention_mask, positions, segment_ids, branch_ids, *,
+      start=0, temperature=1.0, with_entropy=False, with_argmax=False, chunk_size=None)` ->
+      `rlhf_jax.losses.FusedLogps` of `[B, T - start]` arrays **aligned to the token they
+      score** (docs/ARCHITECTURE.md, "Log-probs"): `logps[b, t] = log p(input_ids[b, start + t] |
+      earlier tokens)`, 0 where a token has no context (position 0, the first token of a
+      packed segment); prefix-shared rows (`branch_ids`) score a branch's first token from the
+      prefix's last state. The LM head and the log-softmax are fused and chunked over time
+      (`config.logits_chunk_size`, `losses.fused_token_logps`); `chunk_size=0` (or
+      `logits_chunk_size=0`) takes the unfused path through the full logits, same values.
+    - `hidden = model.hidden_states(...)` (`[B, T, E]`, after the final norm) and
+      `model.token_logps_from_hidden(hidden, input_ids, segment_ids, branch_ids, ...)` split
+      the two, for a caller that also needs the hidden states (a value head on the same
+      backbone); `model.unembedding()` gives the head's weight and layout.
 
     KV-cache decoding (used by `rlhf_jax.generation`):
 
@@ -238,19 +315,117 @@ class CausalLM(nnx.Module):
                                 in_names=("embed",), out_names=("vocab",), use_bias=False,
                                 config=config, rngs=rngs)
 
+    def unembedding(self) -> Unembedding:
+        """The LM head's weight: the tied embedding `[V, E]` or the head's kernel `[E, V]`.
+
+        The head has no bias and no logit scaling in any supported family (GPT-2, Llama,
+        Qwen2), and LoRA never targets it (`rlhf_jax.models.lora` adapts the projections
+        inside the layers only).
+        """
+        if self.lm_head is None:
+            return Unembedding(self.backbone.embed.embedding[...], "ve")
+        if self.lm_head.lora_scale is not None:
+            raise NotImplementedError("LoRA adapters on the LM head are not supported")
+        return Unembedding(self.lm_head.kernel[...], "ev")
+
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """`[..., E]` -> float32 logits `[..., V]`."""
-        if self.lm_head is None:
-            return self.backbone.embed.attend(hidden)
         dtype = jnp.dtype(self.config.dtype)
-        return jnp.einsum("...e,ev->...v", hidden.astype(dtype),
-                          self.lm_head.kernel[...].astype(dtype),
+        weight, layout = self.unembedding()
+        spec = "...e,ev->...v" if layout == "ev" else "...e,ve->...v"
+        return jnp.einsum(spec, hidden.astype(dtype), weight.astype(dtype),
                           preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
                  branch_ids=None):
         hidden = self.backbone(input_ids, attention_mask, positions, segment_ids, branch_ids)
         return self.logits_from_hidden(hidden)
+
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+                      branch_ids=None) -> jax.Array:
+        """Final hidden states `[B, T, E]` (compute dtype, after the final norm): the input of
+        `token_logps_from_hidden` and `logits_from_hidden`."""
+        return self.backbone(input_ids, attention_mask, positions, segment_ids, branch_ids)
+
+    def token_logps(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+                    branch_ids=None, *, start: int = 0, temperature: float = 1.0,
+                    with_entropy: bool = False, with_argmax: bool = False,
+                    chunk_size: int | None = None) -> FusedLogps:
+        """Aligned per-token log-probs (and entropies, argmax) without the `[B, T, V]` logits.
+
+        `hidden_states(...)` then `token_logps_from_hidden(...)`; see there.
+        """
+        hidden = self.hidden_states(input_ids, attention_mask, positions, segment_ids,
+                                    branch_ids)
+        return self.token_logps_from_hidden(
+            hidden, input_ids, segment_ids, branch_ids, start=start, temperature=temperature,
+            with_entropy=with_entropy, with_argmax=with_argmax, chunk_size=chunk_size)
+
+    def token_logps_from_hidden(self, hidden, input_ids, segment_ids=None, branch_ids=None, *,
+                                start: int = 0, temperature: float = 1.0,
+                                with_entropy: bool = False, with_argmax: bool = False,
+                                chunk_size: int | None = None) -> FusedLogps:
+        """Per-token log-probs of `input_ids[:, start:]` aligned to the token they score.
+
+        `out.logps[b, t] = log softmax(z / temperature)[input_ids[b, start + t]]` where `z` are
+        the logits of the state that predicts that token: `hidden[b, start + t - 1]`, or, for
+        the first token of a branch that follows another branch (`branch_ids`), the prefix's
+        last state. Tokens without context (position 0; the first token of a packed segment;
+        a branch start after an empty prefix) get log-prob 0, entropy 0 and argmax -1, and
+        receive no gradient. The same values as
+        `rlhf_jax.train.common.aligned_token_logps(model(...), ...)[:, start:]` (and, with a
+        temperature, the tempered response log-probs of the online trainers:
+        `token_logps(sequences, ..., start=P, temperature=tau).logps` is `[B, N]`).
+
+        Args:
+          hidden: `[B, T, E]` from `hidden_states` (same batch as `input_ids`).
+          input_ids: `[B, T]` token ids.
+          segment_ids: optional `[B, T]` packed-row segment ids.
+          branch_ids: optional `[B, T]` prefix-shared branch ids.
+          start: score tokens `start .. T - 1` only (static; `0 <= start < T`). The head then
+            runs on `T - start` positions: an RL scorer passes the prompt length.
+          temperature: positive float dividing the logits (static).
+          with_entropy: also return the entropy of each scoring distribution `[B, T - start]`.
+          with_argmax: also return each scoring distribution's argmax token id (int32; an
+            accuracy metric is `argmax == input_ids[:, start:]`).
+          chunk_size: positions per chunk of the fused head; None uses
+            `config.logits_chunk_size`, 0 the unfused path through the full logits.
+
+        Returns:
+          `rlhf_jax.losses.FusedLogps(logps, entropy or None, argmax or None)`, each
+          `[B, T - start]`; log-probs and entropies float32.
+        """
+        _check_tokens(input_ids)
+        b, t = input_ids.shape
+        if hidden.shape[:2] != (b, t) or hidden.ndim != 3:
+            raise ValueError(f"hidden must be [B, T, E] with [B, T] = {(b, t)}, got "
+                             f"{hidden.shape}")
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < t:
+            raise ValueError(f"start must be an int in [0, T) = [0, {t}), got {start!r}")
+        chunk_size = self.config.logits_chunk_size if chunk_size is None else chunk_size
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+            raise ValueError(f"chunk_size must be an int >= 0 (0: unfused), got {chunk_size!r}")
+        states, has_context = scoring_states(hidden, segment_ids, branch_ids, start=start)
+        states = states.astype(jnp.dtype(self.config.dtype))
+        targets = input_ids[:, start:]
+        if chunk_size == 0:
+            logits = self.logits_from_hidden(states)
+            if temperature != 1.0:
+                logits = logits / temperature
+            out = FusedLogps(token_logps(logits, targets),
+                             entropy_from_logits(logits) if with_entropy else None,
+                             jnp.argmax(logits, axis=-1).astype(jnp.int32) if with_argmax
+                             else None)
+        else:
+            weight, layout = self.unembedding()
+            out = fused_token_logps(states, weight, targets, layout=layout,
+                                    temperature=temperature, chunk_size=chunk_size,
+                                    with_entropy=with_entropy, with_argmax=with_argmax)
+        return FusedLogps(
+            jnp.where(has_context, out.logps, 0.0),
+            None if out.entropy is None else jnp.where(has_context, out.entropy, 0.0),
+            None if out.argmax is None else jnp.where(has_context, out.argmax, -1),
+        )
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         return self.backbone.init_cache(batch_size, max_length, dtype)

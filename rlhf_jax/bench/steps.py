@@ -1,0 +1,215 @@
+"""Real-shape train steps: SFT, DPO and a PPO iteration at the GPT-2 124M and Qwen2-0.5B shapes,
+with the fused LM head or the full `[B, T, V]` logits, one configuration per process.
+
+    python -m rlhf_jax.bench steps [--models gpt2 qwen2-0.5b] [--seq 512 2048]
+        [--step sft dpo ppo] [--heads fused unfused] [--chunk 128] [--batch N]
+        [--repeats 3] [--warmup 1] [--trl] [--compile-only] [--markdown FILE]
+
+Shapes (`rlhf_jax.bench._realshape.MODELS`; random weights, nothing downloaded):
+
+- `gpt2`: GPT-2 124M, V 50,257, 12 layers x 768, tied head;
+- `qwen2-0.5b`: V 151,936, 24 layers x 896, GQA 14/2, tied head;
+- `tiny-gpt2`, `tiny-qwen2`: smoke-test sizes on the same code paths.
+
+Each row is measured in its own `python -m rlhf_jax.bench steps --worker ...` process: build,
+compile (`jit(...).lower(...).compile()`, timed: "compile s"), `--warmup` untimed steps, then
+`--repeats` timed steps (median; "best" is the least disturbed step on a shared machine).
+Columns:
+
+- tokens/s: tokens of the batch (`T` x rows) per second of the median step; a PPO iteration's
+  tokens/s divides the `B x T` rollout tokens by rollout + scoring + update;
+- MFU: model FLOPs per second (`rlhf_jax.bench._realshape.forward_flops_per_token`: `2 W + 4 L
+  T (H D)` per token forward, x3 for forward + backward, plus one forward of the reference for
+  DPO; the fused head's recomputed logits are not counted) over the measured fp32 matmul peak
+  (`rlhf_jax.bench.measure_matmul_peak`, best of three); a PPO row's MFU is its update's;
+- peak RSS: the worker's resident-set high-water mark (`ru_maxrss`): model, optimizer state,
+  compiler and the step itself;
+- step GiB: XLA's buffer assignment of the compiled step (arguments + outputs + temporaries -
+  donated aliases), the memory the step needs on a device whatever the allocator; "device
+  peak" is the backend's `peak_bytes_in_use` where it reports one (GPU, TPU).
+
+With `--trl`, TRL's `DPOTrainer` (fp32, CPU; `rlhf_jax.bench.offline.bench_trl`) runs the same
+DPO shape in its own process too (needs `pip install torch==2.13.0 trl`; the row is left out
+without them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from rlhf_jax.bench._machine import machine_description, measure_matmul_peak
+from rlhf_jax.bench._realshape import (
+    MODELS,
+    RESULT_PREFIX,
+    STEPS,
+    Case,
+    gib,
+    run_isolated,
+    worker_main,
+)
+
+DEFAULT_BATCH = {"sft": 8, "dpo": 4, "ppo": 8}
+"""Rows (SFT), pairs (DPO: twice as many rows) and prompts (PPO) per step."""
+
+
+def cases(models, seqs, steps, heads, *, chunk: int, batch: int | None) -> list[Case]:
+    out = []
+    for model in models:
+        for seq in seqs:
+            for step in steps:
+                for head in heads:
+                    out.append(Case(model=model, step=step, seq=seq,
+                                    batch=batch or DEFAULT_BATCH[step],
+                                    chunk=0 if head == "unfused" else chunk))
+    return out
+
+
+def trl_row(case: Case, *, flops: float | None, repeats: int, warmup: int,
+            timeout: float | None) -> dict | None:
+    """TRL's DPOTrainer at `case`'s DPO shape in its own process, or None without TRL (its MFU
+    counts the same model `flops` per step as ours)."""
+    config = case.model_config()
+    if config.arch != "gpt2":
+        return None  # TRL drives a transformers GPT-2 here; other families are not wired
+    shape = {"name": case.model, "pairs": case.batch, "prompt": case.seq // 2,
+             "response": case.seq // 2, "layers": config.num_layers,
+             "width": config.hidden_size, "heads": config.num_heads,
+             "vocab": config.vocab_size}
+    cmd = [sys.executable, "-m", "rlhf_jax.bench", "offline", "--trl-worker", json.dumps(shape),
+           "--steps", str(repeats), "--warmup", str(warmup)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ))
+    except subprocess.TimeoutExpired:
+        return {"case": dataclasses.asdict(case), "head": "TRL", "error": "timed out"}
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            row = json.loads(line[len(RESULT_PREFIX):])
+            if row is None:
+                return None
+            row.update(case=dataclasses.asdict(case),
+                       head=f"TRL DPOTrainer (torch fp32, {row.pop('torch_threads')} threads)")
+            if flops:
+                row["flops_per_s"] = flops / row["seconds"]
+            return row
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"case": dataclasses.asdict(case), "head": "TRL", "error": tail}
+
+
+def _fmt(x, spec):
+    return "" if x is None else format(x, spec)
+
+
+def to_markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
+    peak = info["peak_flops"]
+    lines = [f"Machine: {info['machine']}; measured fp32 matmul peak "
+             f"{peak / 1e9:.1f} GFLOP/s.", ""]
+    offline = [r for r in rows if r["case"]["step"] != "ppo"]
+    online = [r for r in rows if r["case"]["step"] == "ppo"]
+    if offline:
+        lines += ["| model | step | T | rows | head | s/step (median) | s/step (best) | "
+                  "tokens/s | MFU | compile s | peak RSS GiB | step GiB | device peak GiB |",
+                  "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in offline:
+            c = r["case"]
+            rows_ = c["batch"] * (2 if c["step"] == "dpo" else 1)
+            head = f"| {c['model']} | {c['step']} | {c['seq']} | {rows_} | {r['head']} |"
+            if "error" in r:
+                lines.append(head + f" failed: {r['error']} |" + " |" * 7)
+                continue
+            mfu = r["flops_per_s"] / peak if "flops_per_s" in r else None
+            lines.append(
+                head + f" {_fmt(r.get('seconds'), '.3g')} | {_fmt(r.get('best_seconds'), '.3g')}"
+                f" | {_fmt(r.get('tokens_per_s'), '.0f')} | "
+                f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                f"{_fmt(r.get('compile_s'), '.1f')} | {gib(r.get('peak_rss'))} | "
+                f"{gib(r.get('memory', {}).get('total'))} | {gib(r.get('device_peak'))} |")
+    if online:
+        lines += ["", "| model | T (P + N) | prompts | head | rollout s | scoring s | update s | "
+                  "iteration s | tokens/s (iteration) | sampled tokens/s | update MFU | "
+                  "compile s | peak RSS GiB | update step GiB | device peak GiB |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in online:
+            c = r["case"]
+            head = f"| {c['model']} | {c['seq']} | {c['batch']} | {r['head']} |"
+            if "error" in r:
+                lines.append(head + f" failed: {r['error']} |" + " |" * 10)
+                continue
+            mfu = r["flops_per_s"] / peak if "flops_per_s" in r else None
+            lines.append(
+                head + f" {_fmt(r.get('rollout_s'), '.3g')} | {_fmt(r.get('scoring_s'), '.3g')}"
+                f" | {_fmt(r.get('update_s'), '.3g')} | {_fmt(r.get('iteration_s'), '.3g')} | "
+                f"{_fmt(r.get('iteration_tokens_per_s'), '.0f')} | "
+                f"{_fmt(r.get('sampled_tokens_per_s'), '.0f')} | "
+                f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                f"{_fmt(r.get('compile_s'), '.1f')} | {gib(r.get('peak_rss'))} | "
+                f"{gib(r.get('memory', {}).get('total'))} | {gib(r.get('device_peak'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_jax.bench steps",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["gpt2", "qwen2-0.5b"],
+                        choices=sorted(MODELS))
+    parser.add_argument("--seq", nargs="+", type=int, default=[512, 2048],
+                        help="tokens per row (prompt T/2 + response T/2 for DPO and PPO)")
+    parser.add_argument("--step", nargs="+", default=list(STEPS), choices=list(STEPS))
+    parser.add_argument("--heads", nargs="+", default=["fused", "unfused"],
+                        choices=["fused", "unfused"])
+    parser.add_argument("--chunk", type=int, default=128, help="fused head: positions per chunk")
+    parser.add_argument("--batch", type=int, default=None,
+                        help=f"rows / pairs / prompts per step (default {DEFAULT_BATCH})")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+    parser.add_argument("--trl", action="store_true",
+                        help="add TRL's DPOTrainer at each GPT-2 DPO shape (torch + trl)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile and report memory, no timed steps")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per row")
+    parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--json", help="also write the raw rows to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker_main(args.worker, steps=args.steps if args.steps is not None else args.repeats,
+                    warmup=args.warmup, run=not args.compile_only)
+        return
+    peak = max(measure_matmul_peak(repeats=10) for _ in range(3))
+    info = {"machine": machine_description(), "peak_flops": peak}
+    rows = []
+    for case in cases(args.models, args.seq, args.step, args.heads, chunk=args.chunk,
+                      batch=args.batch):
+        row = run_isolated("steps", case, steps=args.repeats, warmup=args.warmup,
+                           run=not args.compile_only, timeout=args.timeout)
+        rows.append(row)
+        print(json.dumps({k: row.get(k) for k in ("head", "seconds", "tokens_per_s",
+                                                  "compile_s", "peak_rss", "error")}
+                         | {"case": row["case"]}), flush=True)
+        if args.trl and case.step == "dpo" and case.chunk != 0 and not args.compile_only:
+            trl = trl_row(case, flops=row.get("flops"), repeats=args.repeats, warmup=args.warmup,
+                          timeout=args.timeout)
+            if trl is not None:
+                rows.append(trl)
+    table = to_markdown(rows, info)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["DEFAULT_BATCH", "cases", "main", "to_markdown", "trl_row"]

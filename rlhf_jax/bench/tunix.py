@@ -1,0 +1,214 @@
+"""DPO side by side with Tunix (`google-tunix`, an optional peer: `pip install
+google-tunix==0.1.7`) on the same Qwen2-shaped weights, each configuration in its own process.
+
+    python -m rlhf_jax.bench tunix [--model qwen2-0.5b] [--seq 512] [--pairs 4]
+        [--repeats 3] [--warmup 1] [--markdown FILE]
+
+The weights: our random `CausalLM` is written with `rlhf_jax.models.save_pretrained` (Hugging
+Face Qwen2 layout, safetensors) and Tunix loads the same files with
+`tunix.models.qwen2.params.create_model_from_safe_tensors`, twice (policy and reference); the
+row states both parameter counts, which must be equal. The batch: `pairs` pairs of a `T/2`-token
+prompt and `T/2`-token chosen / rejected responses (`tunix.sft.dpo.dpo_trainer.TrainingInput`), random tokens.
+
+The graphs differ, and the rows say how:
+
+- Tunix runs the reference forward every step, in a separate jitted call before the train step
+  (`DPOTrainer._prepare_inputs`), materialising `[2P, T, V]` logits there and in the policy's
+  loss, and builds a `[2P, T, T]` attention mask; its Qwen2 defaults to no remat
+  (`RematConfig.NONE`) and runs the layers as a Python loop (unrolled, no `scan`).
+- Ours (`rlhf_jax.bench._realshape`, `step="dpo"`, reference model in the step) runs the
+  reference inside the one jitted step, `scan`s the layers with `remat="dots"` and scores with
+  the fused head.
+- The like-for-like rows: Tunix with `RematConfig.DECODER` (each decoder layer
+  rematerialised; its `BLOCK` remats the attention only) against ours with `remat="full"`
+  (each layer rematerialised), both heads of ours.
+
+Tunix's step time is the wall time of its `train()` loop over the timed steps (it keeps up to
+two steps in flight), divided by their number, after `--warmup` untimed steps (compilation
+included there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhf_jax.bench._machine import machine_description
+from rlhf_jax.bench._realshape import RESULT_PREFIX, Case, gib, peak_rss_bytes, run_isolated
+from rlhf_jax.models import CausalLM, save_pretrained
+
+
+def tunix_worker(spec_json: str, *, steps: int, warmup: int) -> None:
+    """Child process: times Tunix's DPOTrainer on `spec` and prints one result row (None
+    without Tunix)."""
+    spec = json.loads(spec_json)
+    try:  # an optional peer, imported only where it is measured
+        import optax
+        import tunix
+        from tunix.models.qwen2 import model as tunix_qwen2
+        from tunix.models.qwen2 import params as tunix_params
+        from tunix.sft.dpo.dpo_trainer import TrainingInput
+    except ImportError:
+        print(RESULT_PREFIX + "null", flush=True)
+        return
+    case = Case(model=spec["model"], step="dpo", seq=spec["seq"], batch=spec["pairs"])
+    config = case.model_config()
+    if config.arch != "qwen2":
+        raise SystemExit(f"the Tunix comparison needs a Qwen2-family model, got {config.arch}")
+    ours = CausalLM(config, rngs=nnx.Rngs(0))
+    probe = jnp.asarray(np.random.default_rng(1).integers(3, config.vocab_size, size=(1, 16)),
+                        jnp.int32)
+    our_logits = np.asarray(ours(probe))
+    ours_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(ours, nnx.Param)))
+    remat = getattr(tunix_qwen2.RematConfig, spec["remat"].upper())
+    tunix_config = tunix_qwen2.ModelConfig(
+        num_layers=config.num_layers, vocab_size=config.vocab_size,
+        embed_dim=config.hidden_size, hidden_dim=config.intermediate_size,
+        num_heads=config.num_heads, head_dim=config.resolved_head_dim,
+        num_kv_heads=config.num_kv_heads, rope_theta=int(config.rope_theta),
+        norm_eps=config.norm_eps, use_tied_embedding=config.tie_word_embeddings,
+        remat_config=remat)
+    mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(ours, tmp)
+        del ours
+        with mesh:
+            policy = tunix_params.create_model_from_safe_tensors(tmp, tunix_config, mesh)
+            reference = tunix_params.create_model_from_safe_tensors(tmp, tunix_config, mesh)
+    tunix_count = sum(int(np.prod(x.shape))
+                      for x in jax.tree.leaves(nnx.state(policy, nnx.Param)))
+    # Same weights: Tunix's logits on a probe row equal ours (float32 rounding).
+    positions = jnp.arange(16, dtype=jnp.int32)[None]
+    causal = jnp.tril(jnp.ones((1, 16, 16), bool))
+    with mesh:
+        tunix_logits = np.asarray(policy(probe, positions, None, causal)[0])
+    logits_diff = float(np.max(np.abs(tunix_logits - our_logits)))
+    p, half = spec["pairs"], spec["seq"] // 2
+    rng = np.random.default_rng(0)
+
+    def batch():
+        ids = lambda: rng.integers(3, config.vocab_size, size=(p, half)).astype(np.int32)  # noqa: E731
+        ones = np.ones((p, half), np.int32)
+        return TrainingInput(prompt_ids=ids(), prompt_mask=ones, chosen_ids=ids(),
+                                   chosen_mask=ones, rejected_ids=ids(), rejected_mask=ones)
+
+    pulls: list[float] = []
+
+    def batches():
+        for _ in range(warmup + steps):
+            pulls.append(time.perf_counter())
+            yield batch()
+
+    trainer = tunix.DPOTrainer(
+        model=policy, ref_model=reference, optimizer=optax.adamw(1e-6),
+        training_config=tunix.DPOTrainingConfig(eval_every_n_steps=10**9,
+                                                max_steps=warmup + steps, beta=0.1,
+                                                pbar_description=None))
+    with mesh:
+        trainer.train(batches())
+        jax.block_until_ready(nnx.state(policy))
+    end = time.perf_counter()
+    seconds = (end - pulls[warmup]) / steps
+    tokens = 2 * p * spec["seq"]
+    row = {"seconds": seconds, "tokens_per_s": tokens / seconds, "params": tunix_count,
+           "our_params": ours_count, "max_logit_diff": logits_diff, "warmup_s": pulls[warmup] - pulls[0],
+           "peak_rss": peak_rss_bytes()}
+    print(RESULT_PREFIX + json.dumps(row), flush=True)
+
+
+def _tunix_row(spec: dict, *, steps: int, warmup: int, timeout: float | None) -> dict | None:
+    cmd = [sys.executable, "-m", "rlhf_jax.bench", "tunix", "--worker", json.dumps(spec),
+           "--steps", str(steps), "--warmup", str(warmup)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"exit code {proc.returncode}: {tail}"}
+
+
+def _sci(x) -> str:
+    return "" if x is None else f"{x:.1e}"
+
+
+def to_markdown(rows: list[tuple[str, dict]], info: dict) -> str:
+    lines = [f"Machine: {info['machine']}. {info['what']}", "",
+             "| implementation | graph | parameters | s/step | tokens/s | peak RSS GiB | "
+             "max logit diff to ours |", "|---|---|---:|---:|---:|---:|---:|"]
+    for label, r in rows:
+        if "error" in r:
+            lines.append(f"| {label} | | | failed: {r['error']} | | | |")
+            continue
+        lines.append(f"| {label} | {r['graph']} | {r.get('params', '')} | {r['seconds']:.3g} | "
+                     f"{r['tokens_per_s']:.0f} | {gib(r.get('peak_rss'))} | "
+                     f"{_sci(r.get('max_logit_diff'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_jax.bench tunix",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen2-0.5b", choices=["qwen2-0.5b", "tiny-qwen2"])
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=None)
+    parser.add_argument("--markdown")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        tunix_worker(args.worker, steps=args.steps, warmup=args.warmup)
+        return
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for remat in ("none", "decoder"):
+        spec = {"model": args.model, "seq": args.seq, "pairs": args.pairs, "remat": remat}
+        row = _tunix_row(spec, steps=args.repeats, warmup=args.warmup, timeout=args.timeout)
+        if row is None:
+            print("Tunix is not installed (pip install google-tunix==0.1.7); no Tunix rows.")
+            break
+        row["graph"] = (f"reference recomputed in a separate call, layers unrolled, remat "
+                        f"{remat}, full logits")
+        rows.append((f"Tunix DPOTrainer (remat {remat})", row))
+    for remat, chunk in (("dots", 128), ("full", 128), ("full", 0)):
+        case = Case(model=args.model, step="dpo", seq=args.seq, batch=args.pairs, remat=remat,
+                    chunk=chunk)
+        row = run_isolated("steps", case, steps=args.repeats, warmup=args.warmup,
+                           timeout=args.timeout)
+        row["graph"] = (f"reference in the step, layers scanned, remat {remat}, "
+                        f"{'unfused head' if chunk == 0 else f'fused head ({chunk})'}")
+        rows.append((f"rlhf_jax ({case.head}, remat {remat})", row))
+        print(json.dumps({"row": rows[-1][0], "seconds": row.get("seconds"),
+                          "error": row.get("error")}), flush=True)
+    info = {"machine": machine_description(),
+            "what": f"DPO at {args.model}, {args.pairs} pairs of {args.seq} tokens "
+                    f"({args.seq // 2} prompt + {args.seq // 2} response), float32, AdamW."}
+    table = to_markdown(rows, info)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["main", "to_markdown", "tunix_worker"]

@@ -1,0 +1,270 @@
+"""Token log-probs (and entropies) straight from hidden states and the unembedding, without the
+``[B, T, V]`` logits: the LM head fused with the log-softmax, chunked over time, with a custom
+VJP that recomputes each chunk's logits in the backward pass.
+
+The idea is the one of Liger-Kernel's fused linear cross-entropy and of MaxText's vocabulary
+tiling: only one ``[B, chunk, V]`` block of logits ever exists, in the forward pass and in the
+backward pass, and the only per-token residuals kept between the two are the log-normaliser
+(and the entropy when it is asked for). Unlike a cross-entropy loss, the output here is the
+unreduced per-token log-prob, so any loss (SFT, the DPO family, PPO/GRPO) can be built on it;
+its gradient therefore cannot be formed in the forward pass (the upstream cotangent is not yet
+known) and the backward pass pays one more ``[B, chunk, E] x [E, V]`` product per chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.losses._checks import check_choice, check_rank
+
+UNEMBEDDING_LAYOUTS = ("ev", "ve")
+
+
+class FusedLogps(NamedTuple):
+    """Per-token outputs of :func:`fused_token_logps` (fields not asked for are None).
+
+    Attributes:
+      logps: ``[B, T]`` float32 log-probabilities of the targets.
+      entropy: ``[B, T]`` float32 entropies of the (tempered) next-token distributions, or None.
+      argmax: ``[B, T]`` int32 most likely token ids (first on ties), or None; no gradient.
+    """
+
+    logps: chex.Array
+    entropy: chex.Array | None = None
+    argmax: chex.Array | None = None
+
+
+class _Static(NamedTuple):
+    layout: str
+    temperature: float
+    with_entropy: bool
+    with_argmax: bool
+
+
+def fused_token_logps(
+    hidden: chex.Array,
+    unembedding: chex.Array,
+    targets: chex.Array,
+    *,
+    layout: str = "ev",
+    bias: chex.Array | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 128,
+    with_entropy: bool = False,
+    with_argmax: bool = False,
+) -> FusedLogps:
+    r"""Log-probs of ``targets`` under ``softmax((hidden @ W + bias) / temperature)``, chunked.
+
+    With :math:`z_{b,t} = (h_{b,t} W + c) / \tau` (``W`` the unembedding, ``c`` the bias,
+    :math:`\tau` the temperature) and targets **already shifted**:
+
+    .. math::
+        \mathrm{logps}[b, t] = z_{b,t,y_{b,t}} - \log \sum_v e^{z_{b,t,v}}, \qquad
+        \mathrm{entropy}[b, t] = -\sum_v p_{b,t,v} \log p_{b,t,v}.
+
+    The same values as ``token_logps(logits / temperature, targets)`` and
+    ``entropy_from_logits(logits / temperature)`` on ``logits = hidden @ W + bias`` (the
+    temperature divides the logits as TRL's PPO/GRPO and HF ``generate`` do), but the time axis
+    is processed ``chunk_size`` positions at a time (``lax.scan``) and a custom VJP recomputes a
+    chunk's logits in the backward pass:
+
+    .. math::
+        \frac{\partial \mathrm{logps}}{\partial z_v} = [v = y] - p_v, \qquad
+        \frac{\partial \mathrm{entropy}}{\partial z_v} = -p_v (\log p_v + \mathrm{entropy}),
+
+    then :math:`dh = dz\, W^\top / \tau`, :math:`dW = \sum_{\text{chunks}} h^\top dz / \tau`
+    (accumulated in float32) and :math:`dc = \sum dz / \tau`. Forward plus backward memory is
+    therefore O(B · chunk_size · V) for the logits (per device: B is the local batch and V the
+    local vocabulary shard when the unembedding is sharded over its vocabulary axis), plus the
+    float32 ``dW`` accumulator (the size of ``W``) in the backward pass; nothing of size
+    ``B · T · V`` is kept. The batch axis is never chunked, so a batch sharded over devices stays
+    sharded, and the target logit is picked by comparing against an iota over the vocabulary (no
+    gather across a sharded vocabulary).
+
+    Precision: the products run in ``hidden.dtype`` (``W`` and ``bias`` are cast to it, as the
+    model's own head does) with float32 accumulation; softmax, log-probs and entropies are
+    float32. Gradients come back in the dtypes of ``hidden``, ``W`` and ``bias``.
+
+    Targets outside ``[0, V)`` give NaN log-probs, as :func:`token_logps` does. Positions the
+    caller masks out receive exactly zero gradient when their cotangent is zero (e.g. a
+    ``where`` or a mask multiply in the loss).
+
+    Args:
+      hidden: ``[B, T, E]`` final hidden states (after the final norm).
+      unembedding: the LM head, ``[E, V]`` (``layout="ev"``: an untied head's kernel) or
+        ``[V, E]`` (``layout="ve"``: a tied token-embedding table).
+      targets: ``[B, T]`` integer token ids, already shifted (``targets[b, t]`` is scored by
+        ``hidden[b, t]``).
+      layout: ``"ev"`` or ``"ve"`` (keyword-only; there is no guessing from the shapes).
+      bias: optional ``[V]`` output bias added to the logits.
+      temperature: positive Python float dividing the logits (static).
+      chunk_size: positions of the time axis per chunk (> 0). Chunks are balanced: ``T`` is cut
+        into ``ceil(T / chunk_size)`` chunks of at most ``chunk_size`` positions and padded by
+        less than one chunk.
+      with_entropy: also return the per-token entropy (differentiable).
+      with_argmax: also return the per-token argmax token id (int32, no gradient).
+
+    Returns:
+      :class:`FusedLogps` ``(logps [B, T], entropy [B, T] or None, argmax [B, T] or None)``.
+    """
+    check_rank("hidden", hidden, 3)
+    check_rank("unembedding", unembedding, 2)
+    check_rank("targets", targets, 2)
+    check_choice("layout", layout, UNEMBEDDING_LAYOUTS)
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise TypeError(f"targets must be integer token ids, got dtype {targets.dtype}")
+    b, t, e = hidden.shape
+    if targets.shape != (b, t):
+        raise ValueError(f"targets.shape={targets.shape} must equal hidden.shape[:2]={(b, t)}")
+    w_e, v = unembedding.shape if layout == "ev" else unembedding.shape[::-1]
+    if w_e != e:
+        raise ValueError(
+            f"unembedding of shape {unembedding.shape} (layout={layout!r}) has width {w_e}, "
+            f"but hidden has width E={e}"
+        )
+    if bias is not None:
+        check_rank("bias", bias, 1)
+        if bias.shape != (v,):
+            raise ValueError(f"bias.shape={bias.shape} must be (V,)={(v,)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) \
+            or not float(temperature) > 0:
+        raise ValueError(f"temperature must be a positive Python float, got {temperature!r}")
+    static = _Static(layout, float(temperature), bool(with_entropy), bool(with_argmax))
+
+    n_chunks = max(-(-t // chunk_size), 1)
+    chunk = max(-(-t // n_chunks), 1)
+    pad = n_chunks * chunk - t
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))) if pad else hidden
+    y = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad))) if pad else targets.astype(jnp.int32)
+    # [n, B, c, E] and [n, B, c]: the scan runs over time chunks; the batch axis stays whole.
+    h = h.reshape(b, n_chunks, chunk, e).swapaxes(0, 1)
+    y = y.reshape(b, n_chunks, chunk).swapaxes(0, 1)
+    logps, entropy, argmax = _fused(static, h, unembedding, bias, y)
+
+    def unchunk(x):
+        return None if x is None else x.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :t]
+
+    logps = unchunk(logps)
+    invalid = (targets < 0) | (targets >= v)
+    logps = jnp.where(invalid, jnp.nan, logps)
+    return FusedLogps(logps, unchunk(entropy), unchunk(argmax))
+
+
+# ---------------------------------------------------------------------------------------------
+# the custom VJP over chunked inputs: h [n, B, c, E], y [n, B, c]
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunk_logits(static: _Static, h, w, bias):
+    """float32 ``z = (h @ W + bias) / temperature`` for one chunk ``h [B, c, E]`` -> ``[B, c, V]``;
+    ``w`` and ``bias`` already in the compute dtype."""
+    spec = "bce,ev->bcv" if static.layout == "ev" else "bce,ve->bcv"
+    z = jnp.einsum(spec, h, w, preferred_element_type=jnp.float32)
+    if bias is not None:
+        z = z + bias.astype(jnp.float32)
+    if static.temperature != 1.0:
+        z = z / static.temperature
+    return z
+
+
+def _is_target(y, v):
+    """``[B, c, V]`` bool, True at each row's target id (an iota compare: no gather, so a
+    vocabulary sharded over devices stays sharded)."""
+    return jax.lax.broadcasted_iota(jnp.int32, (*y.shape, v), y.ndim) == y[..., None]
+
+
+def _compute_operands(h, w, bias):
+    """``W`` and the bias in the compute dtype (``hidden.dtype``), cast once outside the scan."""
+    dtype = h.dtype
+    return w.astype(dtype), None if bias is None else bias.astype(dtype)
+
+
+def _forward(static: _Static, h, w, bias, y):
+    """Outputs ``(logps, entropy, argmax)`` ``[n, B, c]`` and the per-token log-normaliser."""
+    w_c, bias_c = _compute_operands(h, w, bias)
+
+    def body(_, xs):
+        h_c, y_c = xs
+        z = _chunk_logits(static, h_c, w_c, bias_c)
+        lse = jax.nn.logsumexp(z, axis=-1)
+        picked = jnp.sum(jnp.where(_is_target(y_c, z.shape[-1]), z, 0.0), axis=-1)
+        out = {"logps": picked - lse, "lse": lse}
+        if static.with_entropy:
+            logp = z - lse[..., None]
+            p = jnp.exp(logp)
+            # Entries with p == 0 (z = -inf, or underflow) contribute exactly 0.
+            out["entropy"] = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+        if static.with_argmax:
+            out["argmax"] = jnp.argmax(z, axis=-1).astype(jnp.int32)
+        return None, out
+
+    _, out = jax.lax.scan(body, None, (h, y))
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(static: _Static, h, w, bias, y):
+    out = _forward(static, h, w, bias, y)
+    return out["logps"], out.get("entropy"), out.get("argmax")
+
+
+def _fused_fwd(static: _Static, h, w, bias, y):
+    out = _forward(static, h, w, bias, y)
+    entropy = out.get("entropy")
+    residuals = (h, w, bias, y, out["lse"], entropy)
+    return (out["logps"], entropy, out.get("argmax")), residuals
+
+
+def _fused_bwd(static: _Static, residuals, cotangents):
+    h, w, bias, y, lse, entropy = residuals
+    g_logps, g_entropy, _ = cotangents
+    w_c, bias_c = _compute_operands(h, w, bias)
+    spec_h = "bcv,ev->bce" if static.layout == "ev" else "bcv,ve->bce"
+    # dW is accumulated as [E, V] in either layout (the same contraction as for "ev"; an
+    # accumulator in [V, E] order made XLA transpose every [B, c, V] block on CPU) and
+    # transposed once at the end.
+    spec_w = "bce,bcv->ev"
+    use_entropy = static.with_entropy and g_entropy is not None
+
+    def body(carry, xs):
+        dw, dbias = carry
+        h_c, y_c, lse_c, g_c = xs[:4]
+        z = _chunk_logits(static, h_c, w_c, bias_c)
+        logp = z - lse_c[..., None]
+        p = jnp.exp(logp)
+        g = g_c.astype(jnp.float32)[..., None]
+        dz = jnp.where(_is_target(y_c, z.shape[-1]), g, 0.0) - p * g
+        if use_entropy:
+            ent_c, ge_c = xs[4:]
+            ge = ge_c.astype(jnp.float32)[..., None]
+            dz = dz - ge * jnp.where(p > 0, p * (logp + ent_c[..., None]), 0.0)
+        if static.temperature != 1.0:
+            dz = dz / static.temperature
+        dz_c = dz.astype(h_c.dtype)
+        dh = jnp.einsum(spec_h, dz_c, w_c, preferred_element_type=jnp.float32)
+        dw = dw + jnp.einsum(spec_w, h_c, dz_c, preferred_element_type=jnp.float32)
+        if dbias is not None:
+            dbias = dbias + jnp.sum(dz, axis=(0, 1))
+        return (dw, dbias), dh.astype(h.dtype)
+
+    xs = (h, y, lse, g_logps)
+    if use_entropy:
+        xs = xs + (entropy, g_entropy)
+    e, v = w.shape if static.layout == "ev" else w.shape[::-1]
+    init = (jnp.zeros((e, v), jnp.float32),
+            None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+    (dw, dbias), dh = jax.lax.scan(body, init, xs)
+    dbias = None if bias is None else dbias.astype(bias.dtype)
+    if static.layout == "ve":
+        dw = dw.T
+    return dh, dw.astype(w.dtype), dbias, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)

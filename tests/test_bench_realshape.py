@@ -1,0 +1,118 @@
+"""The real-shape benchmarks (`python -m rlhf_jax.bench steps` / `memory`) at smoke-test sizes:
+one configuration measured in-process (the same function each worker process runs), the
+markdown tables from result rows, and the named errors. No timing is asserted."""
+
+import dataclasses
+import json
+
+import pytest
+from flax import nnx
+
+from rlhf_jax.bench import memory, steps
+from rlhf_jax.bench._realshape import (
+    Case,
+    forward_flops_per_token,
+    matmul_weights,
+    measure,
+    run_isolated,
+)
+from rlhf_jax.models import CausalLM, ModelConfig
+
+
+@pytest.mark.parametrize("chunks", [
+    (8,), pytest.param((0, 8), marks=pytest.mark.slow)], ids=["fused", "fused_and_unfused"])
+def test_measure_a_dpo_step(chunks):
+    rows = {}
+    for chunk in chunks:
+        case = Case(model="tiny-gpt2", step="dpo", seq=16, batch=4, chunk=chunk)
+        rows[chunk] = measure(case, steps=1, warmup=0)
+    for chunk, row in rows.items():
+        assert row["head"] == ("unfused" if chunk == 0 else "fused/8")
+        assert row["tokens"] == 2 * 4 * 16  # 8 rows: one per test device
+        assert row["seconds"] > 0 and row["tokens_per_s"] > 0 and row["compile_s"] > 0
+        assert row["peak_rss"] > 0 and row["device_peak"] is None  # CPU reports no peak
+        memory_ = row["memory"]
+        assert memory_["total"] == (memory_["argument"] + memory_["output"] + memory_["temp"]
+                                    - memory_["alias"])
+    # Same model FLOPs whichever head computes them (recomputation is not model FLOPs).
+    assert len({row["flops"] for row in rows.values()}) == 1
+    json.dumps(rows)  # a worker prints its row as JSON
+
+
+@pytest.mark.slow
+def test_measure_a_ppo_iteration_and_memory_levers():
+    row = measure(Case(model="tiny-qwen2", step="ppo", seq=16, batch=8, chunk=4,
+                       epochs=2), steps=1, warmup=0)
+    for key in ("rollout_s", "scoring_s", "update_s", "iteration_s", "sampled_tokens_per_s"):
+        assert row[key] > 0
+    assert row["scoring_memory"]["total"] > 0
+    for label, case in memory.lever_cases("tiny-qwen2", "dpo", 16, 2, list(memory.LEVERS)):
+        assert dataclasses.replace(case) == case  # every lever is a valid Case
+        if "LoRA" in label:
+            assert case.reference == "lora_base" and case.lora_rank == 16
+
+
+def test_flops_count_the_tied_head_and_attention():
+    config = ModelConfig.tiny_qwen2()
+    model = CausalLM(config, rngs=nnx.Rngs(0))
+    e, v, f = config.hidden_size, config.vocab_size, config.intermediate_size
+    h, k, d = config.num_heads, config.num_kv_heads, config.resolved_head_dim
+    per_layer = e * h * d + 2 * e * k * d + h * d * e + 3 * e * f
+    assert matmul_weights(model) == config.num_layers * per_layer + v * e
+    assert forward_flops_per_token(config, 1000, 32) == 2000 + 4 * config.num_layers * 32 * h * d
+
+
+def _row(step, head="fused/128", **extra):
+    case = Case(model="gpt2", step=step, seq=512, batch=4)
+    base = {"case": dataclasses.asdict(case), "head": head, "tokens": 4096, "flops": 4e12,
+            "compile_s": 9.0, "memory": {"argument": 2**30, "output": 2**30, "temp": 2**31,
+                                         "alias": 2**30, "total": 3 * 2**30},
+            "peak_rss": 7 * 2**30, "device_peak": None, "seconds": 100.0, "best_seconds": 90.0,
+            "tokens_per_s": 40.96, "flops_per_s": 4e10}
+    base.update(extra)
+    return base
+
+
+def test_steps_markdown():
+    info = {"machine": "test machine", "peak_flops": 5e10}
+    ppo = _row("ppo", rollout_s=1.0, scoring_s=2.0, update_s=3.0, iteration_s=6.0,
+               iteration_tokens_per_s=500.0, sampled_tokens_per_s=100.0)
+    failed = {"case": _row("sft")["case"], "head": "unfused", "error": "exit code -9 (killed)"}
+    table = steps.to_markdown([_row("dpo"), failed, ppo], info)
+    assert "measured fp32 matmul peak 50.0 GFLOP/s" in table
+    assert "| gpt2 | dpo | 512 | 8 | fused/128 | 100 | 90 | 41 | 80.0% | 9.0 | 7.00 | 3.00 |" \
+        in table
+    assert "failed: exit code -9 (killed)" in table
+    assert "| gpt2 | 512 | 4 | fused/128 | 1 | 2 | 3 | 6 | 500 | 100 | 80.0% |" in table
+
+
+def test_memory_markdown_says_what_fits():
+    info = {"machine": "m", "what": "DPO."}
+    small = _row("dpo", memory={"total": 20 * 2**30})
+    big = _row("dpo", head="unfused", memory={"total": 30 * 2**30})
+    lora = _row("dpo", memory={"total": 5 * 2**30})
+    lora["case"]["lora_rank"] = 16
+    table = memory.to_markdown([("fused", small), ("baseline", big), ("lora", lora)], info,
+                               budget_gib=24)
+    assert "| fused | fused/128 | 20.00 | yes |" in table
+    assert "| baseline | unfused | 30.00 | no |" in table
+    assert "whose step fits 24 GiB: fused (20.00 GiB)." in table  # LoRA is not a full fine-tune
+
+
+def test_bad_cases_are_named():
+    with pytest.raises(ValueError, match="model="):
+        Case(model="gpt5", step="sft", seq=16, batch=1)
+    with pytest.raises(ValueError, match="step="):
+        Case(model="gpt2", step="kto", seq=16, batch=1)
+    with pytest.raises(ValueError, match="lora_base"):
+        Case(model="gpt2", step="dpo", seq=16, batch=1, reference="lora_base")
+    with pytest.raises(ValueError, match="even"):
+        Case(model="gpt2", step="dpo", seq=15, batch=1)
+
+
+def test_a_failed_worker_gives_an_error_row():
+    # A child that dies without printing a result (here: an unknown benchmark name) is
+    # reported, not lost.
+    row = run_isolated("no-such-bench", Case(model="tiny-gpt2", step="sft", seq=16, batch=1),
+                       steps=1, warmup=0)
+    assert "error" in row and "unknown benchmark" in row["error"]
