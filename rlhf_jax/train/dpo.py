@@ -70,7 +70,7 @@ from rlhf_jax.train.common import (
     shard_train_state,
     trainable_filter,
 )
-from rlhf_jax.train.config import DataSpec, ModelSpec, TrainConfig
+from rlhf_jax.train.config import DataSpec, ModelSpec, TrainConfig, check_number, require
 
 ALGORITHMS = ("dpo", "simpo", "orpo", "cpo", "kto")
 REFERENCES = ("model", "precomputed")
@@ -120,6 +120,20 @@ class DPOConfig(TrainConfig):
     model (adapters disabled) either way."""
     ref_model: ModelSpec | None = None
     """Reference model (default: the policy's initial weights)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_number(self, "beta", low=0, low_open=True)
+        check_number(self, "label_smoothing", low=0, high=0.5)
+        check_number(self, "f_alpha")
+        check_number(self, "discopop_tau", low=0, low_open=True)
+        for name in ("rpo_alpha", "simpo_gamma", "cpo_alpha"):
+            check_number(self, name, low=0)
+        for name in ("desirable_weight", "undesirable_weight"):
+            check_number(self, name, low=0, low_open=True)
+        require(all(isinstance(w, int | float) and 0 <= w < float("inf")
+                    for w in self.loss_weights), "loss_weights",
+                f"loss_weights must be finite numbers >= 0, got {list(self.loss_weights)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,7 +66,14 @@ from rlhf_jax.train.common import (
     run_summary,
     run_training,
 )
-from rlhf_jax.train.config import DataSpec, TrainConfig, config_to_dict
+from rlhf_jax.train.config import (
+    DataSpec,
+    TrainConfig,
+    check_int,
+    check_number,
+    config_to_dict,
+    require,
+)
 from rlhf_jax.train.loop import CHECKPOINT_DIR
 from rlhf_jax.train.state import TrainState
 
@@ -103,6 +110,19 @@ class RMConfig(TrainConfig):
     """Reference set for normalisation: held-out or training responses."""
     normalization_batches: int = 16
     """Number of reference batches for the normalisation statistics."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_number(self, "margin_scale", low=0)
+        check_number(self, "label_smoothing", low=0, high=0.5)
+        check_number(self, "center_rewards_coefficient", low=0)
+        check_int(self, "normalization_batches", low=1)
+        require(len(self.head_names) >= 1 and len(set(self.head_names)) == len(self.head_names),
+                "head_names", f"head_names must be one or more distinct names, got "
+                f"{list(self.head_names)}")
+        unknown = [h for h in self.train_heads if h not in self.head_names]
+        require(not unknown, "train_heads", f"train_heads={list(self.train_heads)} names "
+                f"{unknown}, not among head_names={list(self.head_names)}")
 
 
 def _head_weights(batch: Mapping[str, jax.Array], n: int, heads: jax.Array) -> jax.Array:

@@ -41,6 +41,7 @@ from flax import nnx
 
 from rlhf_jax import losses
 from rlhf_jax.generation import generate_with_state
+from rlhf_jax.train.config import check_int, check_number
 
 # ---------------------------------------------------------------------------------------------
 # Layout
@@ -210,6 +211,17 @@ class RolloutConfig:
     cache_segments: int | None = None
     """The sampler's KV cache grows in this many segments (see
     ``rlhf_jax.generation.generate``); None: one per 32 new tokens, at most 4."""
+
+    def __post_init__(self):
+        o = "rollout."
+        check_int(self, "max_new_tokens", low=1, owner=o)
+        check_number(self, "temperature", low=0, low_open=True, owner=o)
+        check_int(self, "top_k", low=1, optional=True, owner=o)
+        check_number(self, "top_p", low=0, high=1, low_open=True, optional=True, owner=o)
+        check_int(self, "stop_token_id", low=0, optional=True, owner=o)
+        check_number(self, "missing_eos_penalty", optional=True, owner=o)
+        check_int(self, "cache_segments", low=1, high=self.max_new_tokens, optional=True,
+                  owner=o)
 
 
 def rollout_from_generation(output: Any) -> Rollout:
