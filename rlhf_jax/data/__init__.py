@@ -53,6 +53,7 @@ from rlhf_jax.data._loader import BatchConfig, DataLoader, make_collate_fn, make
 from rlhf_jax.data._records import (
     FORMATS,
     REASONS,
+    TRUNCATIONS,
     LoadReport,
     RecordError,
     parse_record,
@@ -83,6 +84,7 @@ __all__ = [
     "FORMATS",
     "REASONS",
     "TOKEN_KEYS",
+    "TRUNCATIONS",
     "BatchConfig",
     "DataLoader",
     "HHParseError",

@@ -121,7 +121,7 @@ def check_value(
         raise ValueError(f"{name} must be a number, got {value!r}")
     good = ok(host.astype(np.float64))
     if not np.all(good):
-        bad = host.reshape(-1)[np.flatnonzero(~np.reshape(good, -1))[0]]
+        bad = host.reshape(-1)[np.flatnonzero(~np.reshape(good, -1))[0]].item()
         shown = value if host.ndim == 0 else f"an array holding {bad!r}"
         raise ValueError(f"{requirement}, got {shown}")
 

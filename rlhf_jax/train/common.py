@@ -23,6 +23,8 @@ own row.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -280,6 +282,8 @@ class DataBundle(NamedTuple):
       tokenizer: the tokenizer used.
       pad_id: the pad token id of the batches.
       skipped: records skipped per reason (with `data.on_error="skip"`), train and held-out.
+      reports: `{"train": LoadReport, "eval": LoadReport}` (eval only with a held-out set):
+        rows read, loaded, skipped per reason and truncated prompts / responses per split.
     """
 
     train: Any
@@ -287,6 +291,7 @@ class DataBundle(NamedTuple):
     tokenizer: Any
     pad_id: int
     skipped: dict[str, int]
+    reports: Mapping[str, Any] = {}
 
 
 def synthetic_records(task_name: str, format: str, *, num: int, seed: int,
@@ -393,7 +398,7 @@ def build_data(
                          f"{hosts} hosts")
     eval_bs = spec.eval_batch_size or spec.batch_size
     tok_config = rdata.TokenizeConfig(max_prompt_length=spec.max_prompt_length,
-                                      max_length=spec.max_length)
+                                      max_length=spec.max_length, overlong=spec.overlong)
     pad_id = next((int(v) for v in (tokenizer.pad_token_id, tokenizer.eos_token_id)
                    if v is not None), 0)
 
@@ -421,8 +426,9 @@ def build_data(
                            num_responses=spec.num_responses if format == "ranking" else None)
 
     skipped: dict[str, int] = {}
+    reports: dict[str, Any] = {}
 
-    def examples(source, *, split, synthetic_seed, num):
+    def examples(source, *, split, synthetic_seed, num, role):
         if source is None:
             if spec.synthetic is None:
                 raise ValueError("set data.path (a file or directory) or data.synthetic (a task "
@@ -439,11 +445,13 @@ def build_data(
         tokenized, tok_report = rdata.tokenize_examples(raw, tokenizer, config=tok_config,
                                                         on_error=spec.on_error,
                                                         source=report.source)
-        for reason, n in {**report.merge(tok_report).skipped}.items():
+        reports[role] = report.merge(tok_report)
+        for reason, n in reports[role].skipped.items():
             skipped[reason] = skipped.get(reason, 0) + int(n)
         return tokenized
 
-    train_examples = examples(spec.path, split=spec.split, synthetic_seed=seed, num=spec.num_train)
+    train_examples = examples(spec.path, split=spec.split, synthetic_seed=seed, num=spec.num_train,
+                              role="train")
     train = DataLoader(train_examples, batch_config=batch_config(spec.batch_size, spec.packing),
                        pad_id=pad_id, seed=seed, shuffle=spec.shuffle)
 
@@ -451,7 +459,7 @@ def build_data(
     eval_batches = None
     if eval_source is not None or (spec.path is None and spec.num_eval > 0):
         eval_examples = examples(eval_source, split=spec.eval_split or "test",
-                                 synthetic_seed=seed + 1, num=spec.num_eval)
+                                 synthetic_seed=seed + 1, num=spec.num_eval, role="eval")
         if len(eval_examples) < eval_bs:
             raise ValueError(f"the held-out set has {len(eval_examples)} examples, fewer than "
                              f"data.eval_batch_size={eval_bs}")
@@ -464,7 +472,7 @@ def build_data(
             return eval_loader
 
     return DataBundle(train=train, eval_batches=eval_batches, tokenizer=tokenizer, pad_id=pad_id,
-                      skipped=skipped)
+                      skipped=skipped, reports=reports)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,9 +557,18 @@ def run_training(
     return result, setup
 
 
+SUMMARY_FILE = "summary.json"
+
+
 def run_summary(result: Any, config: TrainConfig, data: DataBundle | None = None,
                 **extra: Any) -> dict[str, Any]:
-    """The summary dict a `train_<algo>` function returns (and the CLI prints)."""
+    """The summary dict a `train_<algo>` function returns (and the CLI prints), also written to
+    `<output_dir>/summary.json` (by process 0).
+
+    With `data`, `summary["data"]` holds one `LoadReport.to_dict()` per split (``"train"``,
+    ``"eval"``): rows read and loaded, skipped rows per reason, truncated prompts / responses /
+    conversations; `summary["skipped_records"]` sums the skips of both splits.
+    """
     summary = {
         "output_dir": config.output_dir,
         "step": result.step,
@@ -562,8 +579,34 @@ def run_summary(result: Any, config: TrainConfig, data: DataBundle | None = None
     }
     if data is not None:
         summary["skipped_records"] = dict(data.skipped)
+        summary["data"] = {role: report.to_dict() for role, report in data.reports.items()}
     summary.update(extra)
+    if jax.process_index() == 0:
+        write_summary(summary, config.output_dir)
     return summary
+
+
+def write_summary(summary: Mapping[str, Any], output_dir: str) -> None:
+    """Writes `summary` as JSON to `<output_dir>/summary.json` (values that are not JSON become
+    floats or strings), replacing the file in one rename."""
+    def plain(value):
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, bool | int | float | str) or value is None:
+            return value
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return str(value)
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, SUMMARY_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(plain(summary), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
 
 
 def prefix_shared_lengths(max_length: int, buckets: Sequence[int] = (), *,
@@ -744,6 +787,7 @@ __all__ = [
     "make_evaluator",
     "run_summary",
     "run_training",
+    "write_summary",
     "synthetic_records",
     "unpair_preferences",
     "TrainSetup",

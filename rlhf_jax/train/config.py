@@ -287,10 +287,6 @@ class DataSpec:
         check_int(self, "max_length", low=1, owner=o)
         require(all(_is_int(b) and b >= 1 for b in self.buckets), "buckets",
                 f"buckets must be positive integers, got {list(self.buckets)}", owner=o)
-        require(self.max_prompt_length is None or self.max_prompt_length <= self.max_length,
-                "max_prompt_length",
-                f"max_prompt_length={self.max_prompt_length} must be <= max_length="
-                f"{self.max_length}", owner=o)
         require(not (self.packing and self.prefix_sharing), "prefix_sharing",
                 "prefix_sharing needs preference pairs or rankings in rows of their own; it "
                 "cannot be combined with packing (choose one)", owner=o)

@@ -71,6 +71,7 @@ from rlhf_jax.train.common import (
     trainable_filter,
 )
 from rlhf_jax.train.config import DataSpec, ModelSpec, TrainConfig, check_number, require
+from rlhf_jax.train.preflight import check_run_config
 
 ALGORITHMS = ("dpo", "simpo", "orpo", "cpo", "kto")
 REFERENCES = ("model", "precomputed")
@@ -511,6 +512,7 @@ def train_dpo(config: DPOConfig) -> dict[str, Any]:
     from rlhf_jax import sharding
 
     _check_types(config.algorithm, config.loss_type, config.loss_weights)
+    check_run_config(config)
     kto = config.algorithm == "kto"
     tokenizer = load_tokenizer_for(config.data, config.model)
     data = build_data(config.data, format="kto" if kto else "preference", tokenizer=tokenizer,

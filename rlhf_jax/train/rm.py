@@ -75,6 +75,7 @@ from rlhf_jax.train.config import (
     require,
 )
 from rlhf_jax.train.loop import CHECKPOINT_DIR
+from rlhf_jax.train.preflight import check_run_config
 from rlhf_jax.train.state import TrainState
 
 RM_LOSSES = ("bradley_terry", "kwise", "plackett_luce", "best_of_k")
@@ -384,6 +385,7 @@ def train_rm(config: RMConfig) -> dict[str, Any]:
     """
     if config.loss not in RM_LOSSES:
         raise ValueError(f"loss={config.loss!r}; allowed: {RM_LOSSES}")
+    check_run_config(config)
     fmt = "ranking" if config.loss in RANKING_LOSSES else "preference"
     tokenizer = load_tokenizer_for(config.data, config.model)
     data = build_data(config.data, format=fmt, tokenizer=tokenizer, seed=config.seed)

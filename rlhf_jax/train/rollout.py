@@ -913,6 +913,9 @@ class OnlineSetup(NamedTuple):
     config: Any
     """The run's config with the model resolved (e.g. the vocabulary size taken from the
     tokenizer), as the trainer must write it so the checkpoint can be read back."""
+    data: Any = None
+    """The prompts' `rlhf_jax.train.common.DataBundle` (its load report goes into the run
+    summary)."""
 
 
 def gold_reward_metric(task: Any, name: str) -> Callable[..., dict[str, float]]:
@@ -1002,7 +1005,7 @@ def train_online(trainer_cls: type, config: Any, *, algorithm: str) -> dict[str,
         pad_token_id=setup.pad_token_id,
         metric_fns=setup.metric_fns,
     )
-    return run_summary(trainer.train(), setup.config)
+    return run_summary(trainer.train(), setup.config, setup.data)
 
 
 def setup_from_config(config: Any, *, algorithm: str) -> OnlineSetup:
@@ -1015,7 +1018,9 @@ def setup_from_config(config: Any, *, algorithm: str) -> OnlineSetup:
     ``"<algorithm>/gold_reward"`` (beside the proxy score when the reward is a reward model).
     """
     from rlhf_jax.train.common import build_data, build_model, check_vocab, load_tokenizer_for
+    from rlhf_jax.train.preflight import check_run_config
 
+    check_run_config(config)
     tokenizer = load_tokenizer_for(config.data, config.model)
     data = build_data(config.data, format="prompt", tokenizer=tokenizer, seed=config.seed)
     spec = config.model
@@ -1044,6 +1049,7 @@ def setup_from_config(config: Any, *, algorithm: str) -> OnlineSetup:
         metric_fns=metric_fns,
         tokenizer=tokenizer,
         config=dataclasses.replace(config, model=spec),
+        data=data,
     )
 
 

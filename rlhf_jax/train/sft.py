@@ -47,6 +47,7 @@ from rlhf_jax.train.common import (
     run_training,
 )
 from rlhf_jax.train.config import DataSpec, TrainConfig
+from rlhf_jax.train.preflight import check_run_config
 
 REDUCTIONS = ("token", "sequence")
 
@@ -142,6 +143,7 @@ def train_sft(config: SFTConfig) -> dict[str, Any]:
     Writes `config.yaml`, `metrics.jsonl`, TensorBoard events and `checkpoints/` under
     `config.output_dir`, and resumes from its newest checkpoint.
     """
+    check_run_config(config)
     tokenizer = load_tokenizer_for(config.data, config.model)
     data = build_data(config.data, format="sft", tokenizer=tokenizer, seed=config.seed)
     model = build_model(config.model, seed=config.seed)
