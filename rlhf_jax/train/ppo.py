@@ -163,6 +163,10 @@ class PPOConfig(TrainConfig):
         check_number(self, "lam", low=0, high=1)
         check_int(self, "kl_horizon", low=1)
         check_number(self, "value_learning_rate", low=0, low_open=True, optional=True)
+        require(self.value_learning_rate is None
+                or self.value_learning_rate >= self.optimizer.end_learning_rate,
+                "value_learning_rate", f"value_learning_rate={self.value_learning_rate} must be "
+                f">= optimizer.end_learning_rate={self.optimizer.end_learning_rate}")
 
 
 # ---------------------------------------------------------------------------------------------
