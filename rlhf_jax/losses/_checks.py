@@ -122,7 +122,7 @@ def check_value(
     good = ok(host.astype(np.float64))
     if not np.all(good):
         bad = host.reshape(-1)[np.flatnonzero(~np.reshape(good, -1))[0]].item()
-        shown = value if host.ndim == 0 else f"an array holding {bad!r}"
+        shown = host.item() if host.ndim == 0 else f"an array holding {bad!r}"
         raise ValueError(f"{requirement}, got {shown}")
 
 
