@@ -18,7 +18,10 @@ prompt once: the SFT token keys plus ``branch_ids`` `[B, T]`, and ``margin, labe
 `collate_prefix_shared`) or ``ranks, response_mask`` (rankings, see `collate_ranking`).
 
 Bad rows raise a `RecordError` naming file, line/row and problem, or with ``on_error="skip"``
-are counted per reason in a `LoadReport` that is logged to the ``rlhf_jax.data`` logger.
+are counted per reason in a `LoadReport` that is logged to the ``rlhf_jax.data`` logger. The
+report also counts the prompts, responses and conversations that tokenisation truncated
+(`LoadReport.truncated`), and pairs or rankings whose responses became identical are skipped
+under ``"identical_after_tokenization"``.
 Synthetic tasks, their tokenizer and simulated raters live in `rlhf_jax.data.synthetic`.
 """
 
@@ -56,6 +59,7 @@ from rlhf_jax.data._prompt_loader import PromptLoader
 from rlhf_jax.data._records import (
     FORMATS,
     REASONS,
+    TRUNCATIONS,
     LoadReport,
     RecordError,
     parse_record,
@@ -87,6 +91,7 @@ __all__ = [
     "RATING_SCALES",
     "REASONS",
     "TOKEN_KEYS",
+    "TRUNCATIONS",
     "BatchConfig",
     "DataLoader",
     "HHParseError",

@@ -61,7 +61,12 @@ REASONS = (
     "prompt_mismatch",
     "missing_assistant_turn",
     "overlong",
+    "identical_after_tokenization",
 )
+TRUNCATIONS = ("prompt", "response", "conversation")
+"""Keys of `LoadReport.truncated`: prompts cut to `max_prompt_length`, responses (completions,
+chosen / rejected, ranked responses) cut to `max_completion_length` or to fit `max_length`,
+and whole conversations (``messages`` SFT examples) cut to `max_length`."""
 
 
 class RecordError(ValueError):
@@ -80,6 +85,8 @@ class LoadReport:
 
     `num_read` rows were read, `num_loaded` became examples and the rest were skipped, counted
     per reason in `skipped`; `first_skipped` lists up to 10 ``"origin: problem"`` strings.
+    `truncated` counts the texts of the loaded examples that tokenisation cut, per kind
+    (`TRUNCATIONS`: a pair whose chosen and rejected responses were both cut counts 2).
     """
 
     source: str
@@ -87,28 +94,48 @@ class LoadReport:
     num_loaded: int
     skipped: Mapping[str, int]
     first_skipped: tuple[str, ...] = ()
+    truncated: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
 
+    @property
+    def num_truncated(self) -> int:
+        return sum(self.truncated.values())
+
     def __str__(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        cut = ", ".join(f"{k}={v}" for k, v in sorted(self.truncated.items()) if v) or "none"
         return (
             f"{self.source}: read {self.num_read} rows, loaded {self.num_loaded}, "
-            f"skipped {self.num_skipped} ({reasons})"
+            f"skipped {self.num_skipped} ({reasons}), truncated {cut}"
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON data (for the run summary)."""
+        return {
+            "source": self.source,
+            "read": self.num_read,
+            "loaded": self.num_loaded,
+            "skipped": dict(sorted(self.skipped.items())),
+            "truncated": {k: int(self.truncated.get(k, 0)) for k in TRUNCATIONS},
+            "first_skipped": list(self.first_skipped),
+        }
 
     def merge(self, other: LoadReport) -> LoadReport:
         """The report of both steps: rows read here, examples left after `other`."""
         skipped = Counter(self.skipped)
         skipped.update(other.skipped)
+        truncated = Counter(self.truncated)
+        truncated.update(other.truncated)
         return LoadReport(
             source=self.source,
             num_read=self.num_read,
             num_loaded=other.num_loaded,
             skipped=dict(skipped),
             first_skipped=(self.first_skipped + other.first_skipped)[:10],
+            truncated=dict(truncated),
         )
 
 
@@ -123,6 +150,7 @@ class ReportBuilder:
         self.num_read = 0
         self.num_loaded = 0
         self.skipped: Counter[str] = Counter()
+        self.truncated: Counter[str] = Counter()
         self.first: list[str] = []
 
     def error(self, err: RecordError, *, skip: bool = False) -> None:
@@ -140,6 +168,7 @@ class ReportBuilder:
             num_loaded=self.num_loaded,
             skipped=dict(self.skipped),
             first_skipped=tuple(self.first),
+            truncated=dict(self.truncated),
         )
         if log:
             log_report(report)
@@ -147,9 +176,12 @@ class ReportBuilder:
 
 
 def log_report(report: LoadReport) -> None:
-    """Logs `report` to the ``rlhf_jax.data`` logger (a warning when rows were skipped)."""
+    """Logs `report` to the ``rlhf_jax.data`` logger (a warning when rows were skipped or
+    texts truncated)."""
     if report.num_skipped:
         logger.warning("%s; first skipped: %s", report, "; ".join(report.first_skipped[:3]))
+    elif report.num_truncated:
+        logger.warning("%s", report)
     else:
         logger.info("%s", report)
 

@@ -12,12 +12,19 @@ Truncation: prompts longer than `max_prompt_length` keep their end (``"keep_end"
 default, so the text next to the response survives) or start (``"keep_start"``); completions
 longer than `max_completion_length` keep their start; a sequence longer than `max_length` loses
 completion tokens from its end. With ``overlong="error"`` or ``"skip"`` an over-long example is an
-error (naming its origin) or a counted skip instead.
+error (naming its origin) or a counted skip instead. Every cut is counted: `tokenize_examples`
+reports the truncated prompts, responses and conversations in `LoadReport.truncated`.
+
+A preference pair whose chosen and rejected responses tokenise to the same ids (for example both
+cut to the same first `max_length - P` tokens) carries no preference any more; such a pair, and a
+ranking with two responses that tokenise alike, is skipped and counted under the reason
+``"identical_after_tokenization"`` (whatever `on_error` says: the record itself is valid).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -95,12 +102,14 @@ def _encode(tokenizer, text: str, *, special: bool) -> list[int]:
 
 
 class _Tokenizer:
-    """Per-call helper binding a tokenizer and a config."""
+    """Per-call helper binding a tokenizer and a config; `cut` counts the truncations."""
 
     def __init__(self, tokenizer, config: TokenizeConfig):
         self.tok = tokenizer
         self.cfg = config
         self.eos = tokenizer.eos_token_id
+        self.cut: Counter[str] = Counter()
+        self._response_cut = False
 
     def _overlong(self, origin: str, what: str, n: int, limit: int) -> None:
         if self.cfg.overlong != "truncate":
@@ -115,6 +124,17 @@ class _Tokenizer:
         if limit is not None and len(ids) > limit:
             self._overlong(origin, "the prompt", len(ids), limit)
             ids = ids[-limit:] if self.cfg.prompt_truncation == "keep_end" else ids[:limit]
+            self.cut["prompt"] += 1
+        return ids
+
+    def response(self, prompt_ids: list[int], prompt: Text, completion: Text,
+                 origin: str) -> list[int]:
+        """Completion ids cut to `max_completion_length` and to fit `max_length` after the
+        prompt, counted once in `cut["response"]` if either cut them."""
+        self._response_cut = False
+        ids = self.fit(prompt_ids, self.completion(prompt, completion, origin), origin)
+        if self._response_cut:
+            self.cut["response"] += 1
         return ids
 
     def completion(self, prompt: Text, completion: Text, origin: str) -> list[int]:
@@ -137,6 +157,7 @@ class _Tokenizer:
         if limit is not None and len(ids) > limit:
             self._overlong(origin, "the completion", len(ids), limit)
             ids = ids[:limit]
+            self._response_cut = True
         return ids
 
     def fit(self, prompt_ids: list[int], completion_ids: list[int], origin: str) -> list[int]:
@@ -153,6 +174,7 @@ class _Tokenizer:
                 f"the prompt alone has {len(prompt_ids)} tokens, leaving no room for a "
                 f"completion within max_length={limit}",
             )
+        self._response_cut = True
         return completion_ids[:keep]
 
     def messages(self, messages, origin: str) -> TokenizedSFT:
@@ -175,40 +197,65 @@ class _Tokenizer:
         if limit is not None and len(full) > limit:
             self._overlong(origin, "the conversation", len(full), limit)
             full, loss = full[:limit], loss[:limit]
+            self.cut["conversation"] += 1
         if not loss.any():
             raise RecordError(origin, "overlong", "truncation removed every assistant token")
         return TokenizedSFT(_ids(full), loss, origin)
 
 
-def tokenize_example(example, tokenizer, *, config: TokenizeConfig = TokenizeConfig(), index: int = 0):
+def _identical(origin: str, what: str, t: _Tokenizer) -> RecordError:
+    how = (f"after truncation to max_length={t.cfg.max_length} / max_completion_length="
+           f"{t.cfg.max_completion_length}" if t.cut["response"] else "after tokenisation")
+    return RecordError(origin, "identical_after_tokenization",
+                       f"{what} are identical {how}, so the example states no preference")
+
+
+def tokenize_example(example, tokenizer, *, config: TokenizeConfig = TokenizeConfig(),
+                     index: int = 0, truncated: Counter | None = None):
     """Tokenizes one validated example into its `Tokenized*` counterpart.
 
+    `truncated`, if given, is incremented per cut text (keys ``"prompt"``, ``"response"``,
+    ``"conversation"``); a skipped example adds nothing.
+
     Raises:
-      RecordError: for over-long examples when `config.overlong` is not ``"truncate"``, and for
-        chat templates that cannot separate completion tokens.
+      RecordError: for over-long examples when `config.overlong` is not ``"truncate"``, for chat
+        templates that cannot separate completion tokens, and (reason
+        ``"identical_after_tokenization"``) for a pair or ranking whose responses tokenise alike.
     """
     t = _Tokenizer(tokenizer, config)
+    out = _tokenize(example, t, index)
+    if truncated is not None:
+        truncated.update(t.cut)
+    return out
+
+
+def _tokenize(example, t: _Tokenizer, index: int):
     o = example.origin
     if isinstance(example, SFTExample):
         if example.messages is not None:
             return t.messages(example.messages, o)
         p = t.prompt(example.prompt, o)
-        c = t.fit(p, t.completion(example.prompt, example.completion, o), o)
+        c = t.response(p, example.prompt, example.completion, o)
         ids = np.concatenate([_ids(p), _ids(c)])
         loss = np.concatenate([np.zeros(len(p), np.int32), np.ones(len(c), np.int32)])
         return TokenizedSFT(ids, loss, o)
     if isinstance(example, PreferenceExample):
         p = t.prompt(example.prompt, o)
-        c = t.fit(p, t.completion(example.prompt, example.chosen, o), o)
-        r = t.fit(p, t.completion(example.prompt, example.rejected, o), o)
+        c = t.response(p, example.prompt, example.chosen, o)
+        r = t.response(p, example.prompt, example.rejected, o)
+        if c == r:
+            raise _identical(o, "chosen and rejected", t)
         return TokenizedPreference(_ids(p), _ids(c), _ids(r), example.margin, example.label, o)
     if isinstance(example, RankingExample):
         p = t.prompt(example.prompt, o)
-        rs = tuple(_ids(t.fit(p, t.completion(example.prompt, r, o), o)) for r in example.responses)
-        return TokenizedRanking(_ids(p), rs, np.asarray(example.ranks, np.int32), o)
+        rs = [t.response(p, example.prompt, r, o) for r in example.responses]
+        if len({tuple(r) for r in rs}) < len(rs):
+            raise _identical(o, "two of the ranked responses", t)
+        return TokenizedRanking(_ids(p), tuple(_ids(r) for r in rs),
+                                np.asarray(example.ranks, np.int32), o)
     if isinstance(example, KTOExample):
         p = t.prompt(example.prompt, o)
-        c = t.fit(p, t.completion(example.prompt, example.completion, o), o)
+        c = t.response(p, example.prompt, example.completion, o)
         return TokenizedKTO(_ids(p), _ids(c), example.label, o)
     if isinstance(example, PromptExample):
         return TokenizedPrompt(_ids(t.prompt(example.prompt, o)), dict(example.fields), o, index)
@@ -224,21 +271,28 @@ def tokenize_examples(
     source: str = "examples",
     log: bool = True,
 ) -> tuple[list, LoadReport]:
-    """Tokenizes validated examples; over-long rows raise or are counted skips.
+    """Tokenizes validated examples; over-long rows are truncated, raise or are counted skips
+    (`config.overlong`).
 
-    The report (logged unless `log` is False) is named `source`.
+    The report (logged unless `log` is False) is named `source`. Pairs and rankings whose
+    responses tokenise alike are always skipped and counted (module docstring).
 
     Returns:
-      `(tokenized, report)` where `report.skipped` counts dropped examples per reason.
+      `(tokenized, report)` where `report.skipped` counts dropped examples per reason and
+      `report.truncated` the cut prompts, responses and conversations of the kept ones.
     """
     builder = ReportBuilder(source, on_error)
     out = []
     for i, ex in enumerate(examples):
         builder.num_read += 1
+        cut: Counter[str] = Counter()
         try:
-            out.append(tokenize_example(ex, tokenizer, config=config, index=i))
+            out.append(tokenize_example(ex, tokenizer, config=config, index=i, truncated=cut))
         except RecordError as e:
-            builder.error(e, skip=e.reason == "overlong" and config.overlong == "skip")
+            skip = ((e.reason == "overlong" and config.overlong == "skip")
+                    or e.reason == "identical_after_tokenization")
+            builder.error(e, skip=skip)
             continue
+        builder.truncated.update(cut)
         builder.num_loaded += 1
     return out, builder.build(log=log)

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from rlhf_jax.generation._limits import check_generation_ranges
 from rlhf_jax.generation._sampling import sample_tokens, validate_sampling_args
 from rlhf_jax.models import positions_from_mask
 from rlhf_jax.sharding import BATCH_AXES, batch_sharding
@@ -316,6 +317,11 @@ def generate_with_state(
 
     For trainers, which hold the policy's state pytree rather than a module: ``graphdef`` comes
     from ``nnx.split(model)`` once, ``state`` is the current parameters (any sharding).
+
+    Raises:
+      ValueError: for prompt ids, ``eos_token_id`` or ``pad_token_id`` outside ``[0, V)``, or a
+        prompt plus ``max_new_tokens`` longer than the model's ``max_position_embeddings``
+        (checked on the host before the jitted loop; see `rlhf_jax.generation._limits`).
     """
     _check_prompts(prompt_ids, prompt_mask)
     if not isinstance(sampling, SamplingParams):
@@ -341,6 +347,9 @@ def generate_with_state(
         raise ValueError(f"eos_token_id must be an int or None, got {eos_token_id!r}")
     if not isinstance(pad_token_id, int | np.integer):
         raise ValueError(f"pad_token_id must be an int, got {pad_token_id!r}")
+    check_generation_ranges(nnx.merge(graphdef, state), prompt_ids, prompt_mask,
+                            max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id)
     if rng is None:
         if not greedy:
             raise ValueError("rng is required unless greedy=True")
@@ -466,6 +475,12 @@ def generate(
 
     Returns:
       A :class:`GenerationOutput` with ``B * n`` rows.
+
+    Raises:
+      ValueError: for a prompt id (padding included), ``eos_token_id`` or ``pad_token_id``
+        outside ``[0, V)``, or when the longest prompt plus ``max_new_tokens`` needs more
+        positions than the model's ``max_position_embeddings`` (the embedding lookups would
+        otherwise clip them to finite, wrong values). Checked on the host, before the loop.
     """
     graphdef, state = nnx.split(model)
     return generate_with_state(

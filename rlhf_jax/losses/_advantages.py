@@ -8,7 +8,14 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses._checks import as_mask, check_choice, check_rank, check_same_shape, f32
+from rlhf_jax.losses._checks import (
+    as_mask,
+    check_choice,
+    check_rank,
+    check_same_shape,
+    check_value,
+    f32,
+)
 from rlhf_jax.losses._kl import kl_estimate
 
 GROUP_SCALES = ("group", "batch", "none")
@@ -49,14 +56,16 @@ def gae(
       rewards: ``[B, T]`` per-token rewards (e.g. :func:`kl_penalized_rewards`).
       values: ``[B, T]`` value estimates :math:`V_t`.
       mask: ``[B, T]`` 1 on response tokens (right-padded).
-      gamma: discount :math:`\gamma` (keyword-only).
-      lam: GAE :math:`\lambda`.
+      gamma: discount :math:`\gamma \in [0, 1]` (keyword-only).
+      lam: GAE :math:`\lambda \in [0, 1]`.
 
     Returns:
       :class:`GAEOutput` ``(advantages, returns)``, each ``[B, T]`` float32.
     """
     check_rank("rewards", rewards, 2)
     check_same_shape(rewards=rewards, values=values, mask=mask)
+    check_value("gamma", gamma, low=0.0, high=1.0)
+    check_value("lam", lam, low=0.0, high=1.0)
     m = as_mask(mask)
     r = jax.lax.stop_gradient(jnp.where(m > 0, f32(rewards), 0.0))
     v = jax.lax.stop_gradient(jnp.where(m > 0, f32(values), 0.0))
@@ -123,6 +132,7 @@ def group_advantages(
       ``[N]`` float32 advantages (gradient stopped).
     """
     check_choice("scale", scale, GROUP_SCALES)
+    check_value("eps", eps, low=0.0)
     g = jax.lax.stop_gradient(_grouped(rewards, group_size))
     centred = g - jnp.mean(g, axis=1, keepdims=True)
     if scale == "group":
@@ -162,6 +172,7 @@ def rloo_advantages(
     Returns:
       ``[N]`` float32 (gradient stopped).
     """
+    check_value("eps", eps, low=0.0)
     g = jax.lax.stop_gradient(_grouped(rewards, group_size))
     if group_size < 2:
         raise ValueError(f"rloo_advantages needs group_size >= 2, got {group_size}")
@@ -220,6 +231,7 @@ def kl_penalized_rewards(
     check_choice("estimator", estimator, REWARD_KL_ESTIMATORS)
     check_rank("logps", logps, 2)
     check_rank("scores", scores, 1)
+    check_value("kl_coef", kl_coef, low=0.0)
     check_same_shape(logps=logps, ref_logps=ref_logps, mask=mask)
     if scores.shape[0] != logps.shape[0]:
         raise ValueError(f"scores.shape={scores.shape} must be ({logps.shape[0]},)")

@@ -1,11 +1,28 @@
-"""Argument validation shared by the loss modules (trace-time, named errors)."""
+"""Argument validation shared by the loss modules (trace-time, named errors).
+
+Value checks (hyper-parameter ranges, mask values in {0, 1}, token ids in [0, V)) depend on
+whether the values are known where the function is called:
+
+- Python numbers, NumPy arrays and concrete (not traced) JAX arrays are checked on the host and
+  raise `ValueError` naming the argument and the allowed range. A concrete JAX array is copied
+  to the host for this (masks and ids are `[B, T]` integers, small next to `[B, T, V]` logits).
+- Under `jax.jit` (traced values) nothing is checked at run time, so the jitted code is as fast
+  as without checks; the checks are `checkify.debug_check`s instead, which
+  `jax.experimental.checkify.checkify(f, errors=checkify.user_checks)` turns into errors with
+  the same messages.
+"""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import chex
+import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
 
 
 def check_choice(name: str, value: str, allowed: Iterable[str]) -> None:
@@ -41,6 +58,131 @@ def f32(x: chex.Array) -> chex.Array:
     return jnp.asarray(x, jnp.float32)
 
 
-def as_mask(mask: chex.Array) -> chex.Array:
-    """A float32 0/1 mask from a bool or float mask."""
+def is_traced(x: Any) -> bool:
+    """True when `x` is a JAX tracer (its values are not known here)."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def static_value(value) -> float | None:
+    """``value`` as a Python float when it is known at trace time (a Python number or a concrete
+    scalar array); ``None`` for traced values, which cannot be checked."""
+    if isinstance(value, numbers.Real):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _host_values(x: Any) -> np.ndarray | None:
+    """`x` as a NumPy array, or None when its values are not available on this host (a tracer,
+    or a global array with shards on other processes)."""
+    if is_traced(x):
+        return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    return np.asarray(x)
+
+
+def _interval(low, high, low_open, high_open) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high}"
+    return "finite"
+
+
+def check_value(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    requirement: str | None = None,
+) -> None:
+    """Checks that the hyper-parameter `value` (a number or an array of them) is finite and in
+    the interval given by `low`/`high` (open ends with `low_open`/`high_open`).
+
+    Raises ValueError ``"<name> must be <interval>, got <value>"`` (or ``"<requirement>, got
+    <value>"``) when the values are known; under a trace the check is a `checkify.debug_check`
+    (see the module docstring). None passes (an unset optional argument).
+    """
+    if value is None:
+        return
+
+    def ok(x):
+        good = jnp.isfinite(x) if is_traced(x) else np.isfinite(x)
+        if low is not None:
+            good = good & ((x > low) if low_open else (x >= low))
+        if high is not None:
+            good = good & ((x < high) if high_open else (x <= high))
+        return good
+
+    requirement = requirement or f"{name} must be {_interval(low, high, low_open, high_open)}"
+    if is_traced(value):
+        checkify.debug_check(jnp.all(ok(value)), requirement)
+        return
+    host = _host_values(value)
+    if host is None:
+        return
+    if not (np.issubdtype(host.dtype, np.number) or np.issubdtype(host.dtype, np.bool_)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    good = ok(host.astype(np.float64))
+    if not np.all(good):
+        bad = host.reshape(-1)[np.flatnonzero(~np.reshape(good, -1))[0]].item()
+        shown = host.item() if host.ndim == 0 else f"an array holding {bad!r}"
+        raise ValueError(f"{requirement}, got {shown}")
+
+
+def check_mask(name: str, mask: Any) -> None:
+    """Checks that a float/int mask holds only 0 and 1 (a bool mask always does).
+
+    A value such as 2 would count its token twice in every masked sum and mean; a fractional one
+    would weight it. Raises ValueError naming ``name`` when the values are known; a
+    `checkify.debug_check` under a trace (module docstring).
+    """
+    dtype = getattr(mask, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.bool_):
+        return
+    message = (f"{name} must hold only 0 and 1 (1 on real tokens); other values would weight "
+               "tokens (a 2 counts its token twice)")
+    if is_traced(mask):
+        checkify.debug_check(jnp.all((mask == 0) | (mask == 1)), message)
+        return
+    host = _host_values(mask)
+    if host is None:
+        return
+    bad = np.flatnonzero(np.reshape((host != 0) & (host != 1), -1))
+    if bad.size:
+        index = np.unravel_index(bad[0], np.shape(host))
+        raise ValueError(f"{message}; got {host[index].item()!r} at index {tuple(map(int, index))}")
+
+
+def check_token_ids(name: str, ids: Any, vocab_size: int) -> None:
+    """Checks that integer token ids lie in ``[0, vocab_size)``.
+
+    Raises ValueError naming ``name``, the first bad id and its index when the values are known;
+    a `checkify.debug_check` under a trace (module docstring).
+    """
+    message = f"{name} must be token ids in [0, {vocab_size}) (V = {vocab_size})"
+    if is_traced(ids):
+        checkify.debug_check(jnp.all((ids >= 0) & (ids < vocab_size)), message)
+        return
+    host = _host_values(ids)
+    if host is None:
+        return
+    bad = np.flatnonzero(np.reshape((host < 0) | (host >= vocab_size), -1))
+    if bad.size:
+        index = np.unravel_index(bad[0], np.shape(host))
+        raise ValueError(f"{message}; got {int(host[index])} at index "
+                         f"{tuple(map(int, index))}")
+
+
+def as_mask(mask: chex.Array, name: str = "mask") -> chex.Array:
+    """A float32 0/1 mask from a bool or float mask, after `check_mask`."""
+    check_mask(name, mask)
     return jnp.asarray(mask, jnp.float32)

@@ -14,10 +14,11 @@ from rlhf_jax.losses._checks import (
     check_choice,
     check_rank,
     check_same_shape,
+    check_value,
     f32,
     is_static_zero,
+    static_value,
 )
-from rlhf_jax.losses._hparams import check_range, static_value
 
 CPL_BC_SEGMENTS = ("preferred", "both")
 
@@ -150,10 +151,10 @@ def cpl_loss(
       Hejna, Rafailov, Sikchi, Finn, Niekum, Knox, Sadigh 2023, "Contrastive Preference
       Learning: Learning from Human Feedback without RL" (ICLR 2024); github.com/jhejna/cpl.
     """
-    check_range("alpha", alpha, low=0.0, low_open=True)
-    check_range("conservative_bias", conservative_bias, low=0.0, high=1.0, low_open=True)
-    check_range("discount", discount, low=0.0, high=1.0, low_open=True)
-    check_range("bc_coeff", bc_coeff, low=0.0)
+    check_value("alpha", alpha, low=0.0, low_open=True)
+    check_value("conservative_bias", conservative_bias, low=0.0, high=1.0, low_open=True)
+    check_value("discount", discount, low=0.0, high=1.0, low_open=True)
+    check_value("bc_coeff", bc_coeff, low=0.0)
     check_choice("bc_segments", bc_segments, CPL_BC_SEGMENTS)
     if (ref_chosen_token_logps is None) != (ref_rejected_token_logps is None):
         raise ValueError(

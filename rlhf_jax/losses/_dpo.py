@@ -14,6 +14,7 @@ from rlhf_jax.losses._checks import (
     check_choice,
     check_rank,
     check_same_shape,
+    check_value,
     f32,
     is_static_zero,
 )
@@ -155,10 +156,11 @@ def dpo_loss(
       policy_rejected_logps: ``[B]`` policy log-probs of the rejected completions.
       ref_chosen_logps: ``[B]`` reference log-probs of the chosen completions.
       ref_rejected_logps: ``[B]`` reference log-probs of the rejected completions.
-      beta: temperature :math:`\beta` (IPO's :math:`\tau`).
+      beta: temperature :math:`\beta > 0` (IPO's :math:`\tau`).
       loss_type: one of ``DPO_LOSS_TYPES``.
-      label_smoothing: :math:`\varepsilon`, scalar or ``[B]``; used by ``sigmoid``, ``robust``,
-        ``exo_pair``, ``aot``, ``aot_unpaired`` (an error for the others).
+      label_smoothing: :math:`\varepsilon \in [0, 1]`, scalar or ``[B]``; used by ``sigmoid``,
+        ``robust`` (:math:`[0, 0.5)`), ``exo_pair`` (:math:`(0, 1)`), ``aot``,
+        ``aot_unpaired`` (an error for the others).
       chosen_lengths: ``[B]`` completion token counts (required by ``ipo``, ``sigmoid_norm``).
       rejected_lengths: ``[B]`` completion token counts (required by ``ipo``, ``sigmoid_norm``).
       f_divergence: one of ``F_DIVERGENCES`` (TRL's ``f_divergence_type``).
@@ -190,11 +192,19 @@ def dpo_loss(
             f"label_smoothing is not used by loss_type={loss_type!r}; it applies to "
             f"{', '.join(map(repr, _USES_LABEL_SMOOTHING))}"
         )
-    if isinstance(label_smoothing, int | float):
-        if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"loss_type='robust' needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-        if loss_type == "exo_pair" and not 0.0 < label_smoothing < 1.0:
-            raise ValueError(f"loss_type='exo_pair' needs 0 < label_smoothing < 1, got {label_smoothing}")
+    check_value("beta", beta, low=0.0, low_open=True)
+    if loss_type == "robust":
+        check_value("label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True,
+                    requirement="loss_type='robust' needs 0 <= label_smoothing < 0.5")
+    elif loss_type == "exo_pair":
+        check_value("label_smoothing", label_smoothing, low=0.0, high=1.0, low_open=True,
+                    high_open=True,
+                    requirement="loss_type='exo_pair' needs 0 < label_smoothing < 1")
+    else:
+        check_value("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    check_value("f_alpha", f_alpha)
+    check_value("discopop_tau", discopop_tau, low=0.0, low_open=True)
+    check_value("bco_delta", bco_delta)
     if loss_type in _LENGTH_NORMALISED and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError(
             f"loss_type={loss_type!r} is length-normalised: pass chosen_lengths and rejected_lengths"
@@ -285,6 +295,8 @@ def mixed_dpo_loss(
     """
     if not loss_weights:
         raise ValueError("loss_weights must name at least one loss_type")
+    for loss_type, weight in loss_weights.items():
+        check_value(f"loss_weights[{loss_type!r}]", weight, low=0.0)
     if "loss_type" in dpo_kwargs:
         raise ValueError("pass the loss types as the keys of loss_weights, not loss_type")
     total = 0.0
@@ -328,6 +340,7 @@ def dpo_reward_metrics(
     """
     _check_sequence_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                           ref_rejected_logps)
+    check_value("beta", beta, low=0.0, low_open=True)
     sg = jax.lax.stop_gradient
     chosen = beta * sg(f32(policy_chosen_logps) - f32(ref_chosen_logps))
     rejected = beta * sg(f32(policy_rejected_logps) - f32(ref_rejected_logps))

@@ -10,8 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.losses._checks import as_mask, check_rank, check_same_shape, f32, is_static_zero
-from rlhf_jax.losses._hparams import check_range
+from rlhf_jax.losses._checks import (
+    as_mask,
+    check_rank,
+    check_same_shape,
+    check_value,
+    f32,
+    is_static_zero,
+)
 
 
 class HIRLoss(NamedTuple):
@@ -142,7 +148,7 @@ def hir_contrastive_loss(
       Zhang, Liu, Wong, Abbeel, Gonzalez 2023, "The Wisdom of Hindsight Makes Language Models
       Better Instruction Followers" (ICML 2023); github.com/tianjunz/HIR.
     """
-    check_range("label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
+    check_value("label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
     _check_candidates(candidate_logps, positive_index, candidate_mask)
     b, k = candidate_logps.shape
     if positive_index is None:
@@ -226,9 +232,9 @@ def hir_loss(
       Zhang, Liu, Wong, Abbeel, Gonzalez 2023, "The Wisdom of Hindsight Makes Language Models
       Better Instruction Followers" (ICML 2023); github.com/tianjunz/HIR.
     """
-    check_range("contrastive_coeff", contrastive_coeff, low=0.0)
-    check_range("sft_label_smoothing", sft_label_smoothing, low=0.0, high=1.0, high_open=True)
-    check_range("entropy_coeff", entropy_coeff, low=0.0)
+    check_value("contrastive_coeff", contrastive_coeff, low=0.0)
+    check_value("sft_label_smoothing", sft_label_smoothing, low=0.0, high=1.0, high_open=True)
+    check_value("entropy_coeff", entropy_coeff, low=0.0)
     smoothing = not is_static_zero(sft_label_smoothing)
     if smoothing and vocab_mean_logps is None:
         raise ValueError("sft_label_smoothing > 0 needs vocab_mean_logps (see vocab_mean_logps())")

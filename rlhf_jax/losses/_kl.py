@@ -6,7 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses._checks import check_choice, check_rank, check_same_shape, f32
+from rlhf_jax.losses._checks import check_choice, check_rank, check_same_shape, check_value, f32
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -18,6 +18,7 @@ def _log_ratio(logps: chex.Array, ref_logps: chex.Array) -> chex.Array:
 
 
 def _clamp(x: chex.Array, clamp: float | None) -> chex.Array:
+    check_value("clamp", clamp, low=0.0, low_open=True)
     return x if clamp is None else jnp.clip(x, -clamp, clamp)
 
 

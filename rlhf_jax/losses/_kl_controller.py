@@ -8,6 +8,8 @@ from typing import NamedTuple
 import chex
 import jax.numpy as jnp
 
+from rlhf_jax.losses._checks import check_value
+
 
 class KLControllerState(NamedTuple):
     """The current KL coefficient (float32 scalar)."""
@@ -39,8 +41,9 @@ def adaptive_kl_controller(init_kl_coef: float, target: float, horizon: float) -
     Returns:
       :class:`KLController`.
     """
-    if target <= 0 or horizon <= 0:
-        raise ValueError(f"target and horizon must be > 0, got target={target}, horizon={horizon}")
+    check_value("init_kl_coef", init_kl_coef, low=0.0)
+    check_value("target", target, low=0.0, low_open=True)
+    check_value("horizon", horizon, low=0.0, low_open=True)
 
     def init() -> KLControllerState:
         return KLControllerState(kl_coef=jnp.asarray(init_kl_coef, jnp.float32))
@@ -55,6 +58,7 @@ def adaptive_kl_controller(init_kl_coef: float, target: float, horizon: float) -
 
 def fixed_kl_controller(kl_coef: float) -> KLController:
     """A controller whose coefficient never changes (``update`` returns the state unchanged)."""
+    check_value("kl_coef", kl_coef, low=0.0)
 
     def init() -> KLControllerState:
         return KLControllerState(kl_coef=jnp.asarray(kl_coef, jnp.float32))

@@ -1,4 +1,12 @@
-"""Token log-probabilities, sequence log-probabilities and entropy from logits."""
+"""Token log-probabilities, sequence log-probabilities and entropy from logits.
+
+Target ids out of ``[0, V)``: a call whose targets are known (eager, NumPy or concrete arrays)
+raises ``ValueError`` naming the argument, the id and its index. Under ``jax.jit`` the ids are
+not inspected on the host (no cost, no device-to-host copy); the log-prob at an out-of-range
+target is NaN instead (never a finite number: ``-1`` would otherwise read the last vocabulary
+entry), which a trainer's non-finite check catches, and
+``checkify.checkify(f, errors=checkify.user_checks)`` reports the ids as an error.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,13 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses._checks import as_mask, check_rank, check_same_shape, f32
+from rlhf_jax.losses._checks import (
+    as_mask,
+    check_rank,
+    check_same_shape,
+    check_token_ids,
+    f32,
+)
 
 
 def _check_logits_targets(logits: chex.Array, targets: chex.Array) -> None:
@@ -33,15 +47,31 @@ def token_logps(logits: chex.Array, targets: chex.Array) -> chex.Array:
 
     Args:
       logits: ``[B, T, V]`` (or ``[B, V]``) unnormalised scores, any float dtype.
-      targets: ``[B, T]`` (or ``[B]``) integer token ids in ``[0, V)``.
+      targets: ``[B, T]`` (or ``[B]``) integer token ids in ``[0, V)``. Known ids out of range
+        raise ``ValueError``; traced ones give NaN at their positions (module docstring).
 
     Returns:
       ``[B, T]`` (or ``[B]``) float32 log-probabilities.
     """
     _check_logits_targets(logits, targets)
+    _check_targets(targets, logits.shape[-1])
+    return _token_logps(logits, targets)
+
+
+def _check_targets(targets: chex.Array, vocab_size: int) -> None:
+    if not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+        raise ValueError(f"targets must be integer token ids, got dtype {jnp.result_type(targets)}")
+    check_token_ids("targets", targets, vocab_size)
+
+
+def _token_logps(logits: chex.Array, targets: chex.Array) -> chex.Array:
+    """`token_logps` without the argument checks; NaN where a target is out of ``[0, V)``."""
     logits = f32(logits)
-    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    vocab = logits.shape[-1]
+    targets = targets.astype(jnp.int32)
+    valid = (targets >= 0) & (targets < vocab)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, picked - jax.nn.logsumexp(logits, axis=-1), jnp.nan)
 
 
 def chunked_token_logps(
@@ -56,7 +86,7 @@ def chunked_token_logps(
 
     Args:
       logits: ``[B, T, V]`` unnormalised scores.
-      targets: ``[B, T]`` integer token ids.
+      targets: ``[B, T]`` integer token ids in ``[0, V)`` (checked as by :func:`token_logps`).
       chunk_size: positions per chunk (keyword-only, > 0). ``T`` is padded up to a multiple.
 
     Returns:
@@ -64,6 +94,7 @@ def chunked_token_logps(
     """
     check_rank("logits", logits, 3)
     _check_logits_targets(logits, targets)
+    _check_targets(targets, logits.shape[-1])
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     b, t, v = logits.shape
@@ -78,7 +109,7 @@ def chunked_token_logps(
     @jax.checkpoint
     def one_chunk(args):
         lg, tg = args
-        return token_logps(lg, tg)
+        return _token_logps(lg, tg)
 
     out = jax.lax.map(one_chunk, (logits_c, targets_c))  # [n_chunks, B, c]
     return out.swapaxes(0, 1).reshape(b, n_chunks * chunk_size)[:, :t]

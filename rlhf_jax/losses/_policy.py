@@ -11,6 +11,7 @@ from rlhf_jax.losses._checks import (
     check_choice,
     check_rank,
     check_same_shape,
+    check_value,
     f32,
     is_static_zero,
 )
@@ -33,9 +34,9 @@ def _token_advantages(advantages: chex.Array, logps: chex.Array) -> chex.Array:
 
 
 def _clip_bounds(clip_eps: float, clip_eps_high: float | None) -> tuple[float, float]:
+    check_value("clip_eps", clip_eps, low=0.0)
+    check_value("clip_eps_high", clip_eps_high, low=0.0)
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    if clip_eps < 0 or high < 0:
-        raise ValueError(f"clip_eps and clip_eps_high must be >= 0, got {clip_eps}, {high}")
     return 1.0 - clip_eps, 1.0 + high
 
 
@@ -49,11 +50,11 @@ def _clipped_surrogate(
     ratio_cap: float | None = None,
 ) -> chex.Array:
     low, high = _clip_bounds(clip_eps, clip_eps_high)
+    check_value("delta", ratio_cap, low=0.0, low_open=True)
     unclipped = ratio if ratio_cap is None else jnp.minimum(ratio, ratio_cap)
     loss = jnp.maximum(-advantages * unclipped, -advantages * jnp.clip(ratio, low, high))
+    check_value("dual_clip", dual_clip, low=1.0, low_open=True)
     if dual_clip is not None:
-        if dual_clip <= 1.0:
-            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
         loss = jnp.where(advantages < 0, jnp.minimum(loss, -dual_clip * advantages), loss)
     return loss
 
@@ -119,6 +120,7 @@ def clipped_value_loss(
     """
     check_rank("values", values, 2)
     check_same_shape(values=values, old_values=old_values, returns=returns)
+    check_value("clip", clip, low=0.0)
     v = f32(values)
     v_old = jax.lax.stop_gradient(f32(old_values))
     ret = jax.lax.stop_gradient(f32(returns))
@@ -186,6 +188,7 @@ def grpo_loss(
     check_choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
     check_rank("logps", logps, 2)
     check_same_shape(logps=logps, old_logps=old_logps, mask=mask, ref_logps=ref_logps)
+    check_value("kl_coef", kl_coef, low=0.0)
     static_zero = is_static_zero(kl_coef)
     if not static_zero and ref_logps is None:
         raise ValueError("grpo_loss: kl_coef != 0 needs ref_logps")
@@ -290,6 +293,7 @@ def cispo_loss(
     """
     check_rank("logps", logps, 2)
     check_same_shape(logps=logps, old_logps=old_logps, mask=mask)
+    check_value("max_ratio", max_ratio, low=0.0, low_open=True)
     a = _token_advantages(advantages, logps)
     m = as_mask(mask)
     lp = jnp.where(m > 0, f32(logps), 0.0)

@@ -6,7 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses._checks import check_choice, check_rank, check_same_shape, f32
+from rlhf_jax.losses._checks import check_choice, check_rank, check_same_shape, check_value, f32
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -59,6 +59,10 @@ def cpo_loss(
     """
     check_choice("loss_type", loss_type, CPO_LOSS_TYPES)
     _check_pair(policy_chosen_logps, policy_rejected_logps)
+    check_value("beta", beta, low=0.0, low_open=True)
+    check_value("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    check_value("simpo_gamma", simpo_gamma)
+    check_value("alpha", alpha)
     pc, pr = f32(policy_chosen_logps), f32(policy_rejected_logps)
     if alpha != 0.0:
         pc = (1.0 - jnp.exp(-alpha * pc)) / alpha
@@ -140,6 +144,7 @@ def orpo_loss(
       ``[B]`` float32.
     """
     _check_pair(policy_chosen_logps, policy_rejected_logps)
+    check_value("beta", beta, low=0.0)
     pc, pr = f32(policy_chosen_logps), f32(policy_rejected_logps)
     log_odds = (pc - pr) - (_log1mexp(pc) - _log1mexp(pr))
     return -beta * jax.nn.log_sigmoid(log_odds)
@@ -214,6 +219,11 @@ def kto_loss(
     check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
     check_rank("policy_logps", policy_logps, 1)
     check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps, label=label)
+    check_value("beta", beta, low=0.0, low_open=True)
+    check_value("desirable_weight", desirable_weight, low=0.0)
+    check_value("undesirable_weight", undesirable_weight, low=0.0)
+    check_value("label", label, low=0.0, high=1.0)
+    check_value("reference_kl", reference_kl)
     rho = f32(policy_logps) - f32(ref_logps)
     z0 = f32(reference_kl)
     p = f32(label)

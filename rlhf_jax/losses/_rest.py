@@ -14,9 +14,10 @@ from rlhf_jax.losses._checks import (
     check_choice,
     check_rank,
     check_same_shape,
+    check_value,
     f32,
+    static_value,
 )
-from rlhf_jax.losses._hparams import check_range, static_value
 
 REST_WEIGHTINGS = ("none", "reward", "exp")
 
@@ -95,7 +96,7 @@ def rest_bc_loss(
       Language Models" (ReST-EM); Peters & Schaal 2007 (reward-weighted regression).
     """
     check_choice("weighting", weighting, REST_WEIGHTINGS)
-    check_range("temperature", temperature, low=0.0, low_open=True)
+    check_value("temperature", temperature, low=0.0, low_open=True)
     if weighting != "exp" and static_value(temperature) != 1.0:
         raise ValueError(f"temperature is only used by weighting='exp', not {weighting!r}")
     check_rank("token_logps", token_logps, 2)
@@ -170,7 +171,7 @@ def gold_loss(
       Pang & He 2021, "Text Generation by Learning from Demonstrations" (ICLR 2021),
       github.com/yzpang/gold-off-policy-text-gen-iclr21; Gulcehre et al. 2023 (ReST).
     """
-    check_range("min_importance_weight", min_importance_weight, low=0.0, high=1.0)
+    check_value("min_importance_weight", min_importance_weight, low=0.0, high=1.0)
     check_rank("token_logps", token_logps, 2)
     check_same_shape(token_logps=token_logps, mask=mask, importance_logps=importance_logps)
     check_rank("returns", returns, {1, 2})
@@ -276,14 +277,14 @@ def vmpo_loss(
       Song et al. 2019, "V-MPO: On-Policy Maximum a Posteriori Policy Optimization for Discrete
       and Continuous Control" (ICLR 2020); rlax ``vmpo_loss``; Gulcehre et al. 2023 (ReST).
     """
-    check_range("temperature", temperature, low=0.0, low_open=True)
-    check_range("epsilon_temperature", epsilon_temperature, low=0.0, low_open=True)
-    check_range("top_fraction", top_fraction, low=0.0, high=1.0, low_open=True)
-    check_range("epsilon_kl", epsilon_kl, low=0.0, low_open=True)
+    check_value("temperature", temperature, low=0.0, low_open=True)
+    check_value("epsilon_temperature", epsilon_temperature, low=0.0, low_open=True)
+    check_value("top_fraction", top_fraction, low=0.0, high=1.0, low_open=True)
+    check_value("epsilon_kl", epsilon_kl, low=0.0, low_open=True)
     if (kl is None) != (kl_multiplier is None):
         raise ValueError("pass kl and kl_multiplier together (V-MPO's KL constraint) or neither")
     if kl_multiplier is not None:
-        check_range("kl_multiplier", kl_multiplier, low=0.0, low_open=True)
+        check_value("kl_multiplier", kl_multiplier, low=0.0, low_open=True)
         check_rank("kl_multiplier", kl_multiplier, 0)
     check_rank("temperature", temperature, 0)
     check_rank("sequence_logps", sequence_logps, 1)

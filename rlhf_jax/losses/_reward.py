@@ -8,7 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses._checks import as_mask, check_rank, check_same_shape, f32
+from rlhf_jax.losses._checks import as_mask, check_rank, check_same_shape, check_value, f32
 
 
 def _soft_target(label: chex.Array | float | None, label_smoothing: chex.Array | float) -> chex.Array:
@@ -50,6 +50,9 @@ def bradley_terry_loss(
     """
     check_rank("chosen_rewards", chosen_rewards, 1)
     check_same_shape(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    check_value("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    check_value("label", label, low=0.0, high=1.0)
+    check_value("margin", margin)
     d = f32(chosen_rewards) - f32(rejected_rewards)
     if margin is not None:
         d = d - f32(margin)
@@ -77,6 +80,7 @@ def reward_centering_loss(
     """
     check_rank("chosen_rewards", chosen_rewards, 1)
     check_same_shape(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    check_value("coefficient", coefficient, low=0.0)
     return coefficient * (f32(chosen_rewards) + f32(rejected_rewards)) ** 2
 
 

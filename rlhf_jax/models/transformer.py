@@ -373,7 +373,7 @@ class CausalLM(nnx.Module):
         last state. Tokens without context (position 0; the first token of a packed segment;
         a branch start after an empty prefix) get log-prob 0, entropy 0 and argmax -1, and
         receive no gradient. The same values as
-        `rlhf_jax.train.common.aligned_token_logps(model(...), ...)[:, start:]` (and, with a
+        `rlhf_jax.train.logprobs.aligned_token_logps(model(...), ...)[:, start:]` (and, with a
         temperature, the tempered response log-probs of the online trainers:
         `token_logps(sequences, ..., start=P, temperature=tau).logps` is `[B, N]`).
 

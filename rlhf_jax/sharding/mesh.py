@@ -29,10 +29,17 @@ class MeshConfig:
     def __post_init__(self):
         sizes = dataclasses.asdict(self)
         for name, size in sizes.items():
-            if not isinstance(size, int) or (size < 1 and size != -1):
-                raise ValueError(f"MeshConfig.{name} must be a positive int or -1, got {size!r}")
+            if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+                raise ValueError(f"mesh.{name} must be an integer >= 1 or -1 (all remaining "
+                                 f"devices), got {size!r}")
         if list(sizes.values()).count(-1) > 1:
-            raise ValueError(f"at most one MeshConfig axis may be -1, got {sizes}")
+            raise ValueError(f"at most one mesh axis may be -1 (all remaining devices), got "
+                             f"mesh.data={self.data}, mesh.fsdp={self.fsdp}, "
+                             f"mesh.tensor={self.tensor}")
+
+    def describe(self) -> str:
+        """``"mesh (data=-1, fsdp=1, tensor=1)"``, as a message names it."""
+        return f"mesh (data={self.data}, fsdp={self.fsdp}, tensor={self.tensor})"
 
     def resolve(self, num_devices: int) -> tuple[int, int, int]:
         """Axis sizes `(data, fsdp, tensor)` for `num_devices` devices."""
@@ -41,13 +48,13 @@ class MeshConfig:
         if -1 in sizes:
             if num_devices % known:
                 raise ValueError(
-                    f"MeshConfig {self} cannot fill {num_devices} devices: the fixed axes "
+                    f"{self.describe()} cannot fill {num_devices} devices: the fixed axes "
                     f"multiply to {known}, which does not divide {num_devices}"
                 )
             sizes[sizes.index(-1)] = num_devices // known
         if int(np.prod(sizes)) != num_devices:
             raise ValueError(
-                f"MeshConfig {self} needs {int(np.prod(sizes))} devices, but {num_devices} "
+                f"{self.describe()} needs {int(np.prod(sizes))} devices, but {num_devices} "
                 "are available"
             )
         return tuple(sizes)

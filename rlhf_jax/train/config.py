@@ -12,6 +12,15 @@ winning:
 as YAML (every run writes `config.yaml` into its output directory, and the file reads back to
 the same config with `config_from_yaml`).
 
+Every config dataclass checks its own fields in `__post_init__` (ranges, signs, allowed values);
+an out-of-range value raises `FieldError` naming the field and the allowed range, whether the
+config comes from YAML (the error also names the file and line), the command line (tyro prints
+it) or Python. Checks that need the devices or the model (batch vs. mesh, sequence length vs.
+the model's positions) run before any model is built, in `rlhf_jax.train.preflight`.
+
+In YAML, PyYAML reads exponent floats without a dot (`1e-4`) as strings (YAML 1.1); float
+fields accept such strings, as the command line does.
+
 YAML example for `rlhf-jax dpo --config dpo.yaml`::
 
     output_dir: runs/dpo
@@ -25,6 +34,8 @@ YAML example for `rlhf-jax dpo --config dpo.yaml`::
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 import sys
 import types
@@ -34,9 +45,126 @@ from typing import Any, Literal
 
 import yaml
 
+from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.sharding import MeshConfig
 
 DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A config file or mapping names an unknown field or holds a value of the wrong type.
+
+    `path` is the dotted field path the error is about (used to find its line in a YAML file).
+    """
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+class FieldError(ConfigError):
+    """A config field holds a value outside its allowed range (raised by `__post_init__`).
+
+    `detail` starts with the field's name (``"learning_rate must be a finite number > 0, got
+    -0.001"``); the message prefixes it with `owner`, the field's parent in the run config
+    (``"optimizer."``). `field` is the field's name inside its dataclass.
+    """
+
+    def __init__(self, detail: str, *, field: str, owner: str = "", path: str | None = None):
+        super().__init__(owner + detail, path=path or field)
+        self.detail = detail
+        self.field = field
+
+
+# ---------------------------------------------------------------------------------------------
+# field checks (used by every config's __post_init__, here and in the trainer modules)
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _interval(low, high, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high}"
+    return ""
+
+
+def check_int(obj: Any, name: str, *, low: int | None = None, high: int | None = None,
+              optional: bool = False, owner: str = "") -> None:
+    """Raises `FieldError` unless `obj.<name>` is an int in `[low, high]` (or None if
+    `optional`); the message names `owner + name` and the allowed range."""
+    value = getattr(obj, name)
+    if optional and value is None:
+        return
+    ok = _is_int(value) and (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        allowed = " ".join(filter(None, ("an integer", _interval(low, high, False, False))))
+        raise FieldError(f"{name} must be {'None or ' if optional else ''}{allowed}, "
+                         f"got {value!r}", field=name, owner=owner)
+
+
+def check_number(obj: Any, name: str, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, optional: bool = False,
+                 owner: str = "") -> None:
+    """Raises `FieldError` unless `obj.<name>` is a finite number in the interval given by
+    `low`/`high` (open ends with `low_open`/`high_open`), or None if `optional`."""
+    value = getattr(obj, name)
+    if optional and value is None:
+        return
+    ok = _is_number(value) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        allowed = " ".join(filter(None, ("a finite number",
+                                         _interval(low, high, low_open, high_open))))
+        raise FieldError(f"{name} must be {'None or ' if optional else ''}{allowed}, "
+                         f"got {value!r}", field=name, owner=owner)
+
+
+def require(ok: bool, name: str, detail: str, *, owner: str = "") -> None:
+    """Raises `FieldError(detail)` about field `name` unless `ok` (for checks that relate
+    several fields); `detail` starts with the field's name."""
+    if not ok:
+        raise FieldError(detail, field=name, owner=owner)
+
+
+@functools.cache
+def _literal_fields(cls: type) -> tuple[tuple[str, tuple[Any, ...], bool], ...]:
+    """`(name, allowed values, None allowed)` of every `Literal` field of dataclass `cls`."""
+    out = []
+    for name, tp in typing.get_type_hints(cls).items():
+        optional = False
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            optional = len(args) < len(typing.get_args(tp))
+            if len(args) != 1:
+                continue
+            tp = args[0]
+        if typing.get_origin(tp) is Literal:
+            out.append((name, typing.get_args(tp), optional))
+    return tuple(out)
+
+
+def check_literals(obj: Any, *, owner: str = "") -> None:
+    """Raises `FieldError` for a `Literal`-typed field of dataclass `obj` holding another value
+    (tyro and YAML parsing check these too; this covers configs built in Python)."""
+    for name, allowed, optional in _literal_fields(type(obj)):
+        value = getattr(obj, name)
+        if value not in allowed and not (optional and value is None):
+            raise FieldError(f"{name}={value!r} is not one of {list(allowed)}", field=name,
+                             owner=owner)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +202,20 @@ class ModelSpec:
     tokenizer_path: str | None = None
     """Local tokenizer directory (defaults to `path`); synthetic tasks need none."""
 
+    def __post_init__(self):
+        o = "model."
+        check_literals(self, owner=o)
+        if self.path is None:
+            key = self.preset.replace("-", "_").replace(".", "_").lower()
+            require(key in ModelConfig.preset_names(), "preset",
+                    f"preset={self.preset!r} is not a model preset; allowed: "
+                    f"{list(ModelConfig.preset_names())} (or set model.path)", owner=o)
+        for name in ("vocab_size", "num_layers", "hidden_size", "num_heads", "intermediate_size",
+                     "max_position_embeddings"):
+            check_int(self, name, low=1, optional=True, owner=o)
+        check_int(self, "lora_rank", low=0, owner=o)
+        check_number(self, "lora_alpha", low=0, low_open=True, owner=o)
+
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
@@ -110,6 +252,12 @@ class DataSpec:
     """Prompts are truncated (keeping their end) to this many tokens."""
     max_length: int = 128
     """Prompt + response are truncated to this many tokens; batches are padded to it."""
+    overlong: Literal["truncate", "skip", "error"] = "truncate"
+    """What happens to an example longer than `max_prompt_length` / `max_length`: `truncate`
+    it (prompts keep their end, responses their start), `skip` it, or stop with an `error`
+    naming its file and line. Truncated prompts and responses and skipped examples are counted
+    per split in the run summary and `summary.json`. `max_length` may not exceed the model's
+    `max_position_embeddings` (checked before the model is built)."""
     buckets: tuple[int, ...] = ()
     """Padded lengths to choose from per batch (fewer FLOPs on short batches, one compile per
     bucket); empty pads every batch to `max_length` (one compile)."""
@@ -135,6 +283,22 @@ class DataSpec:
     """Rating -> margin scale of Llama 2's Table 27: small 1, 2/3, 1/3, 0; large 3, 2, 1, 0."""
     rating_margins: dict[str, float] = dataclasses.field(default_factory=dict)
     """Your own rating -> margin table (replaces `rating_scale` when non-empty)."""
+
+    def __post_init__(self):
+        o = "data."
+        check_literals(self, owner=o)
+        check_int(self, "num_train", low=1, owner=o)
+        check_int(self, "num_eval", low=0, owner=o)
+        check_int(self, "num_responses", low=2, owner=o)
+        check_int(self, "batch_size", low=1, owner=o)
+        check_int(self, "eval_batch_size", low=1, optional=True, owner=o)
+        check_int(self, "max_prompt_length", low=1, optional=True, owner=o)
+        check_int(self, "max_length", low=1, owner=o)
+        require(all(_is_int(b) and b >= 1 for b in self.buckets), "buckets",
+                f"buckets must be positive integers, got {list(self.buckets)}", owner=o)
+        require(not (self.packing and self.prefix_sharing), "prefix_sharing",
+                "prefix_sharing needs preference pairs or rankings in rows of their own; it "
+                "cannot be combined with packing (choose one)", owner=o)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +327,22 @@ class OptimizerConfig:
     """Micro-batches per optimizer step: the batch is split into this many micro-batches whose
     gradients are averaged inside the jitted step (a `lax.scan`)."""
 
+    def __post_init__(self):
+        o = "optimizer."
+        check_literals(self, owner=o)
+        check_number(self, "learning_rate", low=0, low_open=True, owner=o)
+        check_number(self, "end_learning_rate", low=0, owner=o)
+        require(self.end_learning_rate <= self.learning_rate, "end_learning_rate",
+                f"end_learning_rate={self.end_learning_rate} must be <= learning_rate="
+                f"{self.learning_rate} (the decay ends there)", owner=o)
+        check_int(self, "warmup_steps", low=0, owner=o)
+        check_number(self, "weight_decay", low=0, owner=o)
+        check_number(self, "b1", low=0, high=1, high_open=True, owner=o)
+        check_number(self, "b2", low=0, high=1, high_open=True, owner=o)
+        check_number(self, "eps", low=0, low_open=True, owner=o)
+        check_number(self, "max_grad_norm", low=0, low_open=True, optional=True, owner=o)
+        check_int(self, "grad_accum_steps", low=1, owner=o)
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
@@ -176,6 +356,10 @@ class CheckpointConfig:
     """Resume from the newest checkpoint in `output_dir/checkpoints` when one exists."""
     save_on_sigterm: bool = True
     """On SIGTERM (e.g. TPU preemption) save a checkpoint at the next step boundary and exit."""
+
+    def __post_init__(self):
+        check_int(self, "every_steps", low=0, owner="checkpoint.")
+        check_int(self, "keep_last", low=1, owner="checkpoint.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +376,10 @@ class LoggingConfig:
     """Weights & Biases project name."""
     progress: Literal["tqdm", "rich", "none"] = "tqdm"
     """Console progress bar."""
+
+    def __post_init__(self):
+        check_literals(self, owner="logging.")
+        check_int(self, "every_steps", low=1, owner="logging.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,21 +407,22 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
 
+    def __post_init__(self):
+        check_literals(self)
+        check_int(self, "seed", low=0, high=2**31 - 1)
+        check_int(self, "num_steps", low=0)
+        check_int(self, "eval_every", low=0)
+        check_int(self, "eval_batches", low=1, optional=True)
+        for name, cls in (("model", ModelSpec), ("data", DataSpec),
+                          ("optimizer", OptimizerConfig), ("mesh", MeshConfig),
+                          ("checkpoint", CheckpointConfig), ("logging", LoggingConfig)):
+            require(isinstance(getattr(self, name), cls), name,
+                    f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+
 
 # ---------------------------------------------------------------------------------------------
 # dict <-> dataclass
 # ---------------------------------------------------------------------------------------------
-
-
-class ConfigError(ValueError):
-    """A config file or mapping names an unknown field or holds a value of the wrong type.
-
-    `path` is the dotted field path the error is about (used to find its line in a YAML file).
-    """
-
-    def __init__(self, message: str, path: str | None = None):
-        super().__init__(message)
-        self.path = path
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -301,6 +490,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `1e-4` (an exponent without a dot) as a string; accept it
+            # as a number, as the command line does.
+            try:
+                return float(value.strip().replace("_", ""))
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got the string {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -330,7 +526,15 @@ def config_from_dict(cls: type, data: Mapping[str, Any], *, where: str = "config
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], f"{where}.{name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except FieldError as e:  # a field out of range: name it by its path from the top
+        raise FieldError(e.detail, field=e.field, owner=f"{where}.",
+                         path=f"{where}.{e.field}") from None
+    except ConfigError:
+        raise
+    except ValueError as e:  # e.g. MeshConfig's own checks
+        raise ConfigError(f"{where}: {e}", path=where) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,15 +629,20 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DType",
+    "FieldError",
     "DataSpec",
     "LoggingConfig",
     "MeshConfig",
     "ModelSpec",
     "OptimizerConfig",
     "TrainConfig",
+    "check_int",
+    "check_literals",
+    "check_number",
     "config_from_dict",
     "config_from_yaml",
     "config_to_dict",
     "load_config",
+    "require",
     "save_config",
 ]

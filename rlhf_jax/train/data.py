@@ -8,7 +8,7 @@ records are counted per reason for the run summary. Knows nothing of models.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -28,6 +28,8 @@ class DataBundle(NamedTuple):
       tokenizer: the tokenizer used.
       pad_id: the pad token id of the batches.
       skipped: records skipped per reason (with `data.on_error="skip"`), train and held-out.
+      reports: `{"train": LoadReport, "eval": LoadReport}` (eval only with a held-out set):
+        rows read, loaded, skipped per reason and truncated prompts / responses per split.
     """
 
     train: Any
@@ -35,6 +37,7 @@ class DataBundle(NamedTuple):
     tokenizer: Any
     pad_id: int
     skipped: dict[str, int]
+    reports: Mapping[str, Any] = {}
 
 
 def synthetic_records(task_name: str, format: str, *, num: int, seed: int,
@@ -107,7 +110,7 @@ def build_data(
                          f"{hosts} hosts")
     eval_bs = spec.eval_batch_size or spec.batch_size
     tok_config = rdata.TokenizeConfig(max_prompt_length=spec.max_prompt_length,
-                                      max_length=spec.max_length)
+                                      max_length=spec.max_length, overlong=spec.overlong)
     pad_id = next((int(v) for v in (tokenizer.pad_token_id, tokenizer.eos_token_id)
                    if v is not None), 0)
 
@@ -143,7 +146,9 @@ def build_data(
             spec.margin_field, scale=spec.rating_scale, table=spec.rating_margins)
     skipped: dict[str, int] = {}
 
-    def examples(source, *, split, synthetic_seed, num):
+    reports: dict[str, Any] = {}
+
+    def examples(source, *, split, synthetic_seed, num, role):
         if source is None:
             if spec.synthetic is None:
                 raise ValueError("set data.path (a file or directory) or data.synthetic (a task "
@@ -161,11 +166,13 @@ def build_data(
         tokenized, tok_report = rdata.tokenize_examples(raw, tokenizer, config=tok_config,
                                                         on_error=spec.on_error,
                                                         source=report.source)
-        for reason, n in {**report.merge(tok_report).skipped}.items():
+        reports[role] = report.merge(tok_report)
+        for reason, n in reports[role].skipped.items():
             skipped[reason] = skipped.get(reason, 0) + int(n)
         return tokenized
 
-    train_examples = examples(spec.path, split=spec.split, synthetic_seed=seed, num=spec.num_train)
+    train_examples = examples(spec.path, split=spec.split, synthetic_seed=seed, num=spec.num_train,
+                              role="train")
     train = DataLoader(train_examples, batch_config=batch_config(spec.batch_size, spec.packing),
                        pad_id=pad_id, seed=seed, shuffle=spec.shuffle)
 
@@ -173,7 +180,7 @@ def build_data(
     eval_batches = None
     if eval_source is not None or (spec.path is None and spec.num_eval > 0):
         eval_examples = examples(eval_source, split=spec.eval_split or "test",
-                                 synthetic_seed=seed + 1, num=spec.num_eval)
+                                 synthetic_seed=seed + 1, num=spec.num_eval, role="eval")
         if len(eval_examples) < eval_bs:
             raise ValueError(f"the held-out set has {len(eval_examples)} examples, fewer than "
                              f"data.eval_batch_size={eval_bs}")
@@ -186,7 +193,7 @@ def build_data(
             return eval_loader
 
     return DataBundle(train=train, eval_batches=eval_batches, tokenizer=tokenizer, pad_id=pad_id,
-                      skipped=skipped)
+                      skipped=skipped, reports=reports)
 
 
 def prefix_shared_lengths(max_length: int, buckets: Sequence[int] = (), *,

@@ -64,10 +64,11 @@ from rlhf_jax.train.builders import (
     shard_train_state,
     trainable_filter,
 )
-from rlhf_jax.train.config import DataSpec, ModelSpec, TrainConfig
+from rlhf_jax.train.config import DataSpec, ModelSpec, TrainConfig, check_number, require
 from rlhf_jax.train.data import build_data
 from rlhf_jax.train.logprobs import model_token_logps
 from rlhf_jax.train.pairs import pair_forward_batch, pair_sequence_sums, pair_weights
+from rlhf_jax.train.preflight import check_run_config
 from rlhf_jax.train.run import run_summary, run_training
 
 ALGORITHMS = ("dpo", "simpo", "orpo", "cpo", "kto")
@@ -118,6 +119,20 @@ class DPOConfig(TrainConfig):
     model (adapters disabled) either way."""
     ref_model: ModelSpec | None = None
     """Reference model (default: the policy's initial weights)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_number(self, "beta", low=0, low_open=True)
+        check_number(self, "label_smoothing", low=0, high=0.5)
+        check_number(self, "f_alpha")
+        check_number(self, "discopop_tau", low=0, low_open=True)
+        for name in ("rpo_alpha", "simpo_gamma", "cpo_alpha"):
+            check_number(self, name, low=0)
+        for name in ("desirable_weight", "undesirable_weight"):
+            check_number(self, name, low=0, low_open=True)
+        require(all(isinstance(w, int | float) and 0 <= w < float("inf")
+                    for w in self.loss_weights), "loss_weights",
+                f"loss_weights must be finite numbers >= 0, got {list(self.loss_weights)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -659,6 +674,7 @@ def reference_tables(config: DPOConfig, ref_model: nnx.Module, data: Any, mesh
 def train_dpo(config: DPOConfig) -> dict[str, Any]:
     """Trains with the configured preference objective; returns the run summary."""
     hp = preference_hyperparams(config)
+    check_run_config(config)
     kto = hp.algorithm == "kto"
     tokenizer = load_tokenizer_for(config.data, config.model)
     data = build_data(config.data, format="kto" if kto else "preference", tokenizer=tokenizer,

@@ -46,7 +46,7 @@ from flax import nnx
 
 from rlhf_jax import losses
 from rlhf_jax.generation import RewardSource
-from rlhf_jax.train.config import DataSpec, TrainConfig
+from rlhf_jax.train.config import DataSpec, TrainConfig, check_int, check_number, require
 from rlhf_jax.train.logprobs import policy_response_logps
 from rlhf_jax.train.online import (
     ONLINE_DATA,
@@ -100,6 +100,20 @@ class GRPOConfig(TrainConfig):
     num_minibatches: int = 1
     """Minibatches per iteration pass; must divide ``data.batch_size * num_generations``."""
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_int(self, "num_generations", low=1)
+        check_number(self, "beta", low=0)
+        check_number(self, "epsilon", low=0, low_open=True)
+        check_number(self, "epsilon_high", low=0, low_open=True, optional=True)
+        check_number(self, "delta", low=1, low_open=True, optional=True)
+        check_int(self, "num_iterations", low=1)
+        check_int(self, "num_minibatches", low=1)
+        rows = self.data.batch_size * self.num_generations
+        require(rows % self.num_minibatches == 0, "num_minibatches",
+                f"num_minibatches={self.num_minibatches} must divide data.batch_size * "
+                f"num_generations = {rows}")
+
 
 @dataclasses.dataclass(frozen=True)
 class RLOOConfig(GRPOConfig):
@@ -114,6 +128,12 @@ class RLOOConfig(GRPOConfig):
     """KL coefficient in the reward: ``r = score - beta * sum_t (log pi - log pi_ref)``."""
     normalize_advantages: bool = False
     """Standardise the leave-one-out advantages over the batch."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.num_generations >= 2, "num_generations",
+                f"num_generations must be >= 2 for RLOO (the leave-one-out baseline needs "
+                f"two samples per prompt), got {self.num_generations!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from rlhf_jax.train.config import DataSpec
 from rlhf_jax.train.data import build_data
 from rlhf_jax.train.loop import fit
 from rlhf_jax.train.optimizer import cached_optimizer
+from rlhf_jax.train.preflight import check_run_config
 from rlhf_jax.train.rewards import RewardContext, build_reward_source, gold_reward_metric
 from rlhf_jax.train.rollout import Rollout, sample_rollout
 from rlhf_jax.train.run import run_summary
@@ -388,6 +389,9 @@ class OnlineSetup(NamedTuple):
     config: Any
     """The run's config with the model resolved (e.g. the vocabulary size taken from the
     tokenizer), as the trainer must write it so the checkpoint can be read back."""
+    data: Any = None
+    """The prompts' `rlhf_jax.train.data.DataBundle` (its load report goes into the run
+    summary)."""
 
 
 def setup_from_config(config: Any, *, algorithm: str) -> OnlineSetup:
@@ -400,6 +404,7 @@ def setup_from_config(config: Any, *, algorithm: str) -> OnlineSetup:
     synthetic task its gold reward of the sampled responses is logged every iteration as
     ``"<algorithm>/gold_reward"`` (beside the proxy score when the reward is a reward model).
     """
+    check_run_config(config)
     tokenizer = load_tokenizer_for(config.data, config.model)
     data = build_data(config.data, format="prompt", tokenizer=tokenizer, seed=config.seed)
     spec = config.model
@@ -426,6 +431,7 @@ def setup_from_config(config: Any, *, algorithm: str) -> OnlineSetup:
         metric_fns=metric_fns,
         tokenizer=tokenizer,
         config=dataclasses.replace(config, model=spec),
+        data=data,
     )
 
 
@@ -442,7 +448,7 @@ def train_online(trainer_cls: type, config: Any, *, algorithm: str) -> dict[str,
         pad_token_id=setup.pad_token_id,
         metric_fns=setup.metric_fns,
     )
-    return run_summary(trainer.train(), setup.config)
+    return run_summary(trainer.train(), setup.config, setup.data)
 
 
 __all__ = [

@@ -55,7 +55,7 @@ from flax import nnx
 
 from rlhf_jax import losses
 from rlhf_jax.generation import RewardSource
-from rlhf_jax.train.config import DataSpec, TrainConfig
+from rlhf_jax.train.config import DataSpec, TrainConfig, check_int, check_number, require
 from rlhf_jax.train.logprobs import policy_response_logps
 from rlhf_jax.train.online import (
     ONLINE_DATA,
@@ -138,6 +138,26 @@ class PPOConfig(TrainConfig):
     value_learning_rate: float | None = None
     """Peak learning rate of the value model (default: ``optimizer.learning_rate``); the other
     optimizer settings are shared."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int(self, "num_epochs", low=1)
+        check_int(self, "num_minibatches", low=1)
+        require(self.data.batch_size % self.num_minibatches == 0, "num_minibatches",
+                f"num_minibatches={self.num_minibatches} must divide data.batch_size="
+                f"{self.data.batch_size}")
+        for name in ("clip_range", "clip_range_value", "kl_target"):
+            check_number(self, name, low=0, low_open=True)
+        for name in ("vf_coef", "entropy_coef", "kl_coef"):
+            check_number(self, name, low=0)
+        check_number(self, "gamma", low=0, high=1)
+        check_number(self, "lam", low=0, high=1)
+        check_int(self, "kl_horizon", low=1)
+        check_number(self, "value_learning_rate", low=0, low_open=True, optional=True)
+        require(self.value_learning_rate is None
+                or self.value_learning_rate >= self.optimizer.end_learning_rate,
+                "value_learning_rate", f"value_learning_rate={self.value_learning_rate} must be "
+                f">= optimizer.end_learning_rate={self.optimizer.end_learning_rate}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from flax import nnx
 
 from rlhf_jax.generation import RewardSource, select_best_of_n
 from rlhf_jax.models import positions_from_mask
-from rlhf_jax.train.config import DataSpec, TrainConfig
+from rlhf_jax.train.config import DataSpec, TrainConfig, check_int, require
 from rlhf_jax.train.logprobs import policy_response_logps
 from rlhf_jax.train.online import (
     ONLINE_DATA,
@@ -67,6 +67,15 @@ class RejectionSamplingConfig(TrainConfig):
     """Passes over a round's kept responses."""
     sft_batch_size: int = 8
     """Rows per SFT optimizer step; must divide ``data.batch_size``."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int(self, "num_samples", low=1)
+        check_int(self, "sft_epochs", low=1)
+        check_int(self, "sft_batch_size", low=1)
+        require(self.data.batch_size % self.sft_batch_size == 0, "sft_batch_size",
+                f"sft_batch_size={self.sft_batch_size} must divide data.batch_size="
+                f"{self.data.batch_size}")
 
 
 class RejectionSamplingState(NamedTuple):

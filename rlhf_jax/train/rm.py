@@ -55,7 +55,16 @@ from flax import nnx
 from rlhf_jax import losses
 from rlhf_jax.train.builders import TrainSetup, build_model, check_vocab, load_tokenizer_for
 from rlhf_jax.train.checkpoint import Checkpointer
-from rlhf_jax.train.config import DataSpec, ModelSpec, TrainConfig, config_from_dict, config_to_dict
+from rlhf_jax.train.config import (
+    DataSpec,
+    ModelSpec,
+    TrainConfig,
+    check_int,
+    check_number,
+    config_from_dict,
+    config_to_dict,
+    require,
+)
 from rlhf_jax.train.data import build_data
 from rlhf_jax.train.export import read_checkpoint_state, read_run_config, restore_into
 from rlhf_jax.train.logprobs import model_inputs
@@ -66,6 +75,7 @@ from rlhf_jax.train.pairs import (
     pair_forward_batch,
     pair_weights,
 )
+from rlhf_jax.train.preflight import check_run_config
 from rlhf_jax.train.run import run_summary, run_training
 from rlhf_jax.train.state import TrainState
 
@@ -104,6 +114,19 @@ class RMConfig(TrainConfig):
     """Reference set for normalisation: held-out or training responses."""
     normalization_batches: int = 16
     """Number of reference batches for the normalisation statistics."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_number(self, "margin_scale", low=0)
+        check_number(self, "label_smoothing", low=0, high=0.5)
+        check_number(self, "center_rewards_coefficient", low=0)
+        check_int(self, "normalization_batches", low=1)
+        require(len(self.head_names) >= 1 and len(set(self.head_names)) == len(self.head_names),
+                "head_names", f"head_names must be one or more distinct names, got "
+                f"{list(self.head_names)}")
+        unknown = [h for h in self.train_heads if h not in self.head_names]
+        require(not unknown, "train_heads", f"train_heads={list(self.train_heads)} names "
+                f"{unknown}, not among head_names={list(self.head_names)}")
 
 
 class RMHyperParams(NamedTuple):
@@ -378,6 +401,7 @@ def train_rm(config: RMConfig) -> dict[str, Any]:
     """
     if config.loss not in RM_LOSSES:
         raise ValueError(f"loss={config.loss!r}; allowed: {RM_LOSSES}")
+    check_run_config(config)
     fmt = "ranking" if config.loss in RANKING_LOSSES else "preference"
     if config.data.margin_field is not None and not (config.use_margin
                                                      and config.loss == "bradley_terry"):

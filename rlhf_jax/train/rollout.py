@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.generation import GenerationOutput, SamplingParams, generate_with_state
+from rlhf_jax.train.config import check_int, check_number
 
 # ---------------------------------------------------------------------------------------------
 # Layout
@@ -86,6 +87,18 @@ class RolloutConfig(SamplingParams):
     missing_eos_penalty: float | None = None
     """Subtracted from the score of responses without the EOS token (TRL's
     ``missing_eos_penalty``); None: no penalty."""
+
+    def __post_init__(self):
+        o = "rollout."
+        check_int(self, "max_new_tokens", low=1, owner=o)
+        check_number(self, "temperature", low=0, low_open=True, owner=o)
+        check_int(self, "top_k", low=1, optional=True, owner=o)
+        check_number(self, "top_p", low=0, high=1, low_open=True, optional=True, owner=o)
+        check_number(self, "min_p", low=0, high=1, optional=True, owner=o)
+        check_int(self, "stop_token_id", low=0, optional=True, owner=o)
+        check_number(self, "missing_eos_penalty", optional=True, owner=o)
+        check_int(self, "cache_segments", low=1, high=self.max_new_tokens, optional=True,
+                  owner=o)
 
 
 def rollout_from_generation(output: GenerationOutput) -> Rollout:

@@ -5,7 +5,9 @@ renamed `<ns>/eval/<name>`) and `run_summary` (the dict a trainer returns and th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -91,9 +93,18 @@ def run_training(
     return result, setup
 
 
+SUMMARY_FILE = "summary.json"
+
+
 def run_summary(result: Any, config: TrainConfig, data: DataBundle | None = None,
                 **extra: Any) -> dict[str, Any]:
-    """The summary dict a `train_<algo>` function returns (and the CLI prints)."""
+    """The summary dict a `train_<algo>` function returns (and the CLI prints), also written to
+    `<output_dir>/summary.json` (by process 0).
+
+    With `data`, `summary["data"]` holds one `LoadReport.to_dict()` per split (``"train"``,
+    ``"eval"``): rows read and loaded, skipped rows per reason, truncated prompts / responses /
+    conversations; `summary["skipped_records"]` sums the skips of both splits.
+    """
     summary = {
         "output_dir": config.output_dir,
         "step": result.step,
@@ -104,8 +115,41 @@ def run_summary(result: Any, config: TrainConfig, data: DataBundle | None = None
     }
     if data is not None:
         summary["skipped_records"] = dict(data.skipped)
+        summary["data"] = {role: report.to_dict() for role, report in data.reports.items()}
     summary.update(extra)
+    if jax.process_index() == 0:
+        write_summary(summary, config.output_dir)
     return summary
 
 
-__all__ = ["eval_metric_name", "make_evaluator", "run_summary", "run_training"]
+def write_summary(summary: Mapping[str, Any], output_dir: str) -> None:
+    """Writes `summary` as JSON to `<output_dir>/summary.json` (values that are not JSON become
+    floats or strings), replacing the file in one rename."""
+    def plain(value):
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, bool | int | float | str) or value is None:
+            return value
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return str(value)
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, SUMMARY_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(plain(summary), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+__all__ = [
+    "SUMMARY_FILE",
+    "eval_metric_name",
+    "make_evaluator",
+    "run_summary",
+    "run_training",
+    "write_summary",
+]

@@ -41,6 +41,7 @@ from rlhf_jax.train.builders import build_model, check_vocab, load_tokenizer_for
 from rlhf_jax.train.config import DataSpec, TrainConfig
 from rlhf_jax.train.data import build_data
 from rlhf_jax.train.logprobs import model_token_logps
+from rlhf_jax.train.preflight import check_run_config
 from rlhf_jax.train.run import run_summary, run_training
 
 REDUCTIONS = ("token", "sequence")
@@ -137,6 +138,7 @@ def train_sft(config: SFTConfig) -> dict[str, Any]:
     Writes `config.yaml`, `metrics.jsonl`, TensorBoard events and `checkpoints/` under
     `config.output_dir`, and resumes from its newest checkpoint.
     """
+    check_run_config(config)
     tokenizer = load_tokenizer_for(config.data, config.model)
     data = build_data(config.data, format="sft", tokenizer=tokenizer, seed=config.seed)
     model = build_model(config.model, seed=config.seed)
