@@ -20,7 +20,8 @@ usage: setup.sh --name NAME --zone ZONE [options]
   --ref REF             branch, tag or commit to check out with --git (default: main)
   --jax-spec SPEC       pip requirement for JAX on TPU (default: jax[tpu])
   --extras EXTRAS       package extras to install, e.g. test (default: none)
-  --stage GCS=DIR       copy a bucket prefix to DIR (relative to the remote home) on every
+  --stage GCS=DIR       copy a bucket prefix to DIR (relative to the remote checkout, where
+                        launch.sh runs and the configs' relative paths resolve) on every
                         worker; repeatable (datasets, HF checkpoints, tokenizers)
   --name, --zone, --project, --queued, --dry-run: see tpu_scripts/lib.sh
 USAGE
@@ -47,7 +48,7 @@ for stage in "${STAGES[@]+"${STAGES[@]}"}"; do
   check_bucket --stage "${stage%%=*}"
   dest="${stage#*=}"
   [[ -n "$dest" && "$dest" != /* && "$dest" != *..* ]] \
-    || die "--stage '$stage': LOCAL_DIR must be a relative path under the remote home"
+    || die "--stage '$stage': LOCAL_DIR must be a relative path under the remote checkout"
 done
 [[ "$EXTRAS" =~ ^[a-z,]*$ ]] || die "--extras '$EXTRAS' must be comma-separated lowercase names"
 
@@ -78,5 +79,5 @@ tpu_ssh all "cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install --
 for stage in "${STAGES[@]+"${STAGES[@]}"}"; do
   src="${stage%%=*}"
   dest="${stage#*=}"
-  tpu_ssh all "mkdir -p $(shell_quote "$dest") && gcloud storage rsync --recursive $(shell_quote "$src") $(shell_quote "$dest")"
+  tpu_ssh all "cd $REMOTE_DIR && mkdir -p $(shell_quote "$dest") && gcloud storage rsync --recursive $(shell_quote "$src") $(shell_quote "$dest")"
 done

@@ -123,7 +123,7 @@ class TestSetup:
         assert ".venv/bin/pip install --quiet 'jax[tpu]'" in install
         assert ".venv/bin/pip install --quiet -e ." in install
         stage = remote_command(lines[4])
-        assert stage == ("mkdir -p data/hh-rlhf && gcloud storage rsync --recursive "
+        assert stage == ("cd rlhf_jax && mkdir -p data/hh-rlhf && gcloud storage rsync --recursive "
                          "gs://my-bucket/hh-rlhf data/hh-rlhf")
         assert len(lines) == 5
 
