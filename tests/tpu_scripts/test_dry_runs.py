@@ -243,6 +243,30 @@ class TestRunExperiment:
         assert lines[0][3] == "queued-resources"
         assert not any("delete" in line for line in lines)
 
+    def test_readme_example(self, env):
+        """The README's exact command is accepted, and stages where the config reads and launch runs."""
+        readme = (REPO / "README.md").read_text()
+        start = readme.index("tpu_scripts/run_experiment.sh")
+        args = shlex.split(readme[start:readme.index("```", start)].replace("\\\n", " "))
+        assert args[0] == "tpu_scripts/run_experiment.sh" and "--dry-run" in args
+        lines = dry_run(env, "run_experiment.sh", *[a for a in args[1:] if a != "--dry-run"])
+        remote = [remote_command(line) for line in lines
+                  if line[0] == "gcloud" and any(a.startswith("--command=") for a in line)]
+        stages = [cmd for cmd in remote if "gcloud storage rsync --recursive gs://" in cmd]
+        config = (REPO / args[args.index("--config") + 1]).read_text()
+        dests = [a.split("=", 1)[1] for a, flag in zip(args[1:], args) if flag == "--stage"]
+        assert len(stages) == len(dests) == 2
+        for cmd, dest in zip(stages, dests):
+            assert cmd.startswith("cd rlhf_jax && mkdir -p " + dest), cmd
+            assert f"path: {dest}" in config, dest
+        (launch,) = [cmd for cmd in remote if "experiments.pipeline" in cmd]
+        assert "cd rlhf_jax" in launch
+        bucket = args[args.index("--bucket") + 1]
+        run_dir = f"{bucket}/runs/gpt2_small_hh_v4-8"
+        assert f"--output-dir {run_dir} " in launch
+        (sync,) = [cmd for cmd in remote if '"$HOME/runs/' in cmd]
+        assert f'rsync --recursive "$HOME/runs/gpt2_small_hh_v4-8" {run_dir}' in sync
+
 
 @pytest.mark.parametrize("script", sorted(p.name for p in SCRIPTS.glob("*.sh") if p.name != "lib.sh"))
 def test_help_and_strict_mode(script):
