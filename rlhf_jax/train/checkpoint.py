@@ -134,6 +134,23 @@ class Checkpointer:
         return Restored(step=int(step), state=state, data_state=data.get("state"),
                         config=restored["config"])
 
+    def stored_config(self, step: int | None = None) -> dict[str, Any] | None:
+        """The resolved run config stored with checkpoint `step` (default: newest), or None."""
+        if step is None:
+            step = self.latest_step
+        if step is None:
+            return None
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )
+        return restored["config"]
+
+    def delete_all(self) -> None:
+        """Deletes every checkpoint under `directory`."""
+        for step in self.all_steps():
+            self._manager.delete(step)
+        self._manager.reload()
+
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
