@@ -6,19 +6,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import shutil
 from typing import NamedTuple
 
 import numpy as np
 import pytest
 import yaml
+from flax import nnx
 
 from rlhf_jax import cli
+from rlhf_jax.models import CausalLM, ModelConfig
 from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.config import (
     CheckpointConfig,
     OptimizerConfig,
     TrainConfig,
     config_to_dict,
+)
+from rlhf_jax.train.dpo import (
+    FINGERPRINT_KEY,
+    REFERENCE_FILE,
+    DPOConfig,
+    reference_fingerprint,
 )
 from rlhf_jax.train.loop import (
     NEUTRAL_FIELDS,
@@ -222,3 +232,37 @@ def test_loop_stops_after_consecutive_skips_and_never_saves_a_nonfinite_update()
 def test_a_save_that_does_not_happen_is_an_error():
     with pytest.raises(CheckpointSaveError, match="step 1 was not written"):
         _run_loop(set(), checkpointer=_FakeCheckpointer(written=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# precomputed reference tables carry a fingerprint
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reference_fingerprint_follows_weights_and_data():
+    config = ModelConfig.tiny_gpt2(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2,
+                                   max_position_embeddings=12)
+    a, b = CausalLM(config, rngs=nnx.Rngs(0)), CausalLM(config, rngs=nnx.Rngs(1))
+    run = DPOConfig(reference="precomputed")
+    assert reference_fingerprint(run, a) == reference_fingerprint(run, a)
+    assert reference_fingerprint(run, a) != reference_fingerprint(run, b)
+    other_data = dataclasses.replace(run, data=dataclasses.replace(run.data, max_length=64))
+    assert reference_fingerprint(other_data, a) != reference_fingerprint(run, a)
+    # Fields that do not change the reference log-probs keep the table.
+    assert reference_fingerprint(dataclasses.replace(run, beta=0.5, num_steps=7), a) == \
+        reference_fingerprint(run, a)
+
+
+@pytest.mark.slow
+def test_a_stale_reference_table_is_recomputed(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert _dpo(first, "--num-steps", "1", "--reference", "precomputed", "--seed", "0") == 0
+    second.mkdir()
+    shutil.copy(first / REFERENCE_FILE, second / REFERENCE_FILE)
+    assert _dpo(second, "--num-steps", "1", "--reference", "precomputed", "--seed", "1") == 0
+    records = [json.loads(x) for x in (second / "metrics.jsonl").read_text().splitlines()]
+    # At step 1 the policy equals the reference: the DPO loss is ln 2 exactly.
+    assert records[0]["step"] == 1
+    np.testing.assert_allclose(records[0]["dpo/loss"], math.log(2), rtol=1e-5)
+    with np.load(first / REFERENCE_FILE) as a, np.load(second / REFERENCE_FILE) as b:
+        assert str(a[FINGERPRINT_KEY]) != str(b[FINGERPRINT_KEY])
