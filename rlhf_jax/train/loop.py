@@ -6,8 +6,10 @@ Two levels:
 - `train_loop(step_fn, state, batches, ...)` runs `num_steps - state.step` steps of an already
   jitted `step_fn(state, batch) -> (state, metrics)` over an iterator of host batches, and
   handles logging, evaluation, checkpoints, the NaN policy and preemption.
-- `fit(config, step_fn=..., state=..., train_batches=...)` is what trainers call: it writes
-  `config.yaml`, opens the `MetricsLogger` and the `Checkpointer` under `config.output_dir`,
+- `fit(config, step_fn=..., state=..., train_batches=...)` is what trainers call: it checks
+  that `config.output_dir` holds this run (`check_run_identity`: a resume with a changed config
+  that alters the math is refused, a fresh start into used checkpoints needs `overwrite`), then
+  writes `config.yaml`, opens the `MetricsLogger` and the `Checkpointer` under `config.output_dir`,
   resumes from the newest checkpoint (train state onto the caller's shardings, data-loader state
   via `set_state`), installs the SIGTERM handler and runs `train_loop`.
 
@@ -22,8 +24,10 @@ interrupted-then-resumed run therefore logs bit-identical metrics to an uninterr
 
 Non-finite values: `make_train_step` skips any update whose loss or gradient norm is not finite
 (so the state is never poisoned) and reports `train/nonfinite`. With `nan_policy="skip"` the loop
-counts such steps (`train/skipped_steps`, cumulative, in every log line); with `"stop"` it raises
-`NonFiniteError` naming the step, before any later checkpoint is written.
+counts such steps (`train/skipped_steps`, cumulative, in every log line) and raises
+`NonFiniteError` after `max_consecutive_skips` in a row; with `"stop"` it raises
+`NonFiniteError` naming the step, before any later checkpoint is written. No checkpoint is
+written while the newest update was non-finite.
 
 Metrics the loop adds to each training log line: `train/skipped_steps` (cumulative count of
 skipped updates) and `train/steps_per_sec` (host wall-clock rate since the previous log line;
