@@ -319,14 +319,15 @@ def train_loop(
 def restore_latest(
     checkpointer: Checkpointer, state: TrainState, batches: Any
 ) -> tuple[TrainState, int | None, int]:
-    """Restores the newest checkpoint onto `state`'s shardings and `batches` (via `set_state`).
+    """Restores the newest intact checkpoint onto `state`'s shardings and `batches` (via
+    `set_state`); a damaged newer one is skipped with a warning (`restore_newest_intact`).
 
     Returns `(state, restored_step or None, skipped_steps)`; with no checkpoint, `state` is
     returned unchanged.
     """
     if checkpointer.latest_step is None:
         return state, None, 0
-    restored = checkpointer.restore(state)
+    restored = checkpointer.restore_newest_intact(state)
     extra = restored.data_state or {}
     loader_state = extra.get("loader")
     if loader_state is not None:

@@ -266,3 +266,38 @@ def test_a_stale_reference_table_is_recomputed(tmp_path):
     np.testing.assert_allclose(records[0]["dpo/loss"], math.log(2), rtol=1e-5)
     with np.load(first / REFERENCE_FILE) as a, np.load(second / REFERENCE_FILE) as b:
         assert str(a[FINGERPRINT_KEY]) != str(b[FINGERPRINT_KEY])
+
+
+# ---------------------------------------------------------------------------------------------
+# a damaged newest checkpoint falls back to the newest intact one
+# ---------------------------------------------------------------------------------------------
+
+
+def _two_checkpoints(root):
+    with Checkpointer(root) as ckpt:
+        for step in (1, 2):
+            assert ckpt.save(step, {"w": np.full(64, float(step))}, config={"seed": 0})
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_damaged_newest_checkpoint_falls_back(tmp_path, caplog, damage):
+    root = tmp_path / "checkpoints"
+    _two_checkpoints(root)
+    files = sorted(f for f in (root / "2" / "state").rglob("*") if f.is_file()
+                   and f.stat().st_size > 0 and "metadata" not in f.name.lower())
+    assert files
+    for f in files:
+        if damage == "delete":
+            f.unlink()
+        else:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    with Checkpointer(root) as ckpt:
+        restored = ckpt.restore_newest_intact({"w": np.zeros(64)})
+        assert restored.step == 1
+        np.testing.assert_array_equal(np.asarray(restored.state["w"]), np.full(64, 1.0))
+        assert list(ckpt.damaged) == [2]
+        assert "checkpoint" in caplog.text and "/2 is damaged" in caplog.text
+        assert max(len(line) for line in caplog.text.splitlines()) < 600
+        # The damaged step is replaced by the next save of that step.
+        assert ckpt.save(2, {"w": np.full(64, 5.0)}, config={"seed": 0})
+        assert ckpt.restore_newest_intact({"w": np.zeros(64)}).step == 2
