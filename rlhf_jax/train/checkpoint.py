@@ -11,7 +11,8 @@ A checkpoint directory `output_dir/checkpoints/<step>/` holds three orbax items:
 - `config`: the resolved run config (JSON of `config_to_dict`).
 
 `Checkpointer` wraps `ocp.CheckpointManager` (keep the newest `keep_last`; saves are synchronous
-so that a SIGTERM save has finished before the process exits).
+so that a SIGTERM save has finished before the process exits). `restore_newest_intact` skips a
+checkpoint that does not read back (recorded in `damaged`, replaced by the next save of its step).
 """
 
 from __future__ import annotations
