@@ -116,7 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rlhf_jax.sharding import initialize_distributed
 
         initialize_distributed(force=True)
-    summary = run(config)
+    # Imported here like the config above: `rlhf-jax --help` stays fast (no jax import).
+    from rlhf_jax.train.loop import CheckpointSaveError, NonFiniteError, RunIdentityError
+
+    try:
+        summary = run(config)
+    except (RunIdentityError, NonFiniteError, CheckpointSaveError) as e:
+        print(f"rlhf-jax {name}: error: {e}", file=sys.stderr)
+        return 1
     if summary is not None:
         print(json.dumps(_jsonable(summary), indent=2, sort_keys=True))
         if isinstance(summary, dict) and summary.get("preempted"):

@@ -11,11 +11,13 @@ A checkpoint directory `output_dir/checkpoints/<step>/` holds three orbax items:
 - `config`: the resolved run config (JSON of `config_to_dict`).
 
 `Checkpointer` wraps `ocp.CheckpointManager` (keep the newest `keep_last`; saves are synchronous
-so that a SIGTERM save has finished before the process exits).
+so that a SIGTERM save has finished before the process exits). `restore_newest_intact` skips a
+checkpoint that does not read back (recorded in `damaged`, replaced by the next save of its step).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -24,6 +26,18 @@ import jax
 import orbax.checkpoint as ocp
 
 from rlhf_jax.train.state import TrainState
+
+_log = logging.getLogger("rlhf_jax.train")
+
+
+class CheckpointDamagedError(RuntimeError):
+    """No checkpoint of a run could be restored."""
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message, at most `limit` characters."""
+    text = str(error).strip().splitlines()
+    return (text[0] if text else "")[:limit]
 
 
 class Restored(NamedTuple):
@@ -65,6 +79,9 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "config")
         )
+        self.damaged: dict[int, str] = {}
+        """Steps found unreadable by `restore_newest_intact` -> what was wrong; `save` replaces
+        them."""
 
     @property
     def latest_step(self) -> int | None:
@@ -88,7 +105,7 @@ class Checkpointer:
         An existing checkpoint of `step` is kept (returns False) unless `overwrite`.
         """
         if step in self._manager.all_steps():
-            if not overwrite:
+            if not overwrite and step not in self.damaged:
                 return False
             self._manager.delete(step)
         if jax.process_count() == 1:
@@ -134,6 +151,50 @@ class Checkpointer:
         return Restored(step=int(step), state=state, data_state=data.get("state"),
                         config=restored["config"])
 
+    def restore_newest_intact(self, target: TrainState) -> Restored:
+        """Restores the newest checkpoint that reads back, newest first (see `restore`).
+
+        A checkpoint that fails to restore (a missing or truncated file, a corrupt array) is
+        skipped with a one-line warning naming its step and the error, and recorded in
+        `damaged`; raises `CheckpointDamagedError` when none restores.
+        """
+        errors: list[str] = []
+        for step in reversed(self.all_steps()):
+            try:
+                return self.restore(target, step=step)
+            except Exception as e:  # orbax / TensorStore raise many types for damaged files
+                reason = f"{type(e).__name__}: {_first_line(e)}"
+                self.damaged[step] = reason
+                errors.append(f"step {step}: {reason}")
+                _log.warning("checkpoint %s/%d is damaged and was skipped (%s)", self.directory,
+                             step, reason)
+        raise CheckpointDamagedError(
+            f"no checkpoint under {self.directory} could be restored: " + "; ".join(errors)
+        )
+
+    def stored_config(self, step: int | None = None) -> dict[str, Any] | None:
+        """The resolved run config stored with checkpoint `step` (default: newest), or None."""
+        if step is None:
+            step = self.latest_step
+        if step is None:
+            return None
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+            )
+        except Exception as e:  # a damaged checkpoint: try the next older one
+            _log.warning("checkpoint %s/%d: its config is unreadable (%s: %s)", self.directory,
+                         step, type(e).__name__, _first_line(e))
+            older = [s for s in self.all_steps() if s < step]
+            return self.stored_config(older[-1]) if older else None
+        return restored["config"]
+
+    def delete_all(self) -> None:
+        """Deletes every checkpoint under `directory`."""
+        for step in self.all_steps():
+            self._manager.delete(step)
+        self._manager.reload()
+
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
@@ -145,4 +206,4 @@ class Checkpointer:
         self.close()
 
 
-__all__ = ["Checkpointer", "Restored", "abstract_like"]
+__all__ = ["CheckpointDamagedError", "Checkpointer", "Restored", "abstract_like"]

@@ -399,6 +399,13 @@ class TrainConfig:
     nan_policy: Literal["skip", "stop"] = "skip"
     """On a non-finite loss or gradient: skip that update and count it, or stop the run with an
     error (no checkpoint of a poisoned state is ever written either way)."""
+    max_consecutive_skips: int = 10
+    """Under `nan_policy="skip"`, stop the run with an error after this many consecutive skipped
+    (non-finite) updates."""
+    overwrite: bool = False
+    """Start over in a run directory that already holds checkpoints: delete them (and the old
+    config.yaml, metrics.jsonl, summary.json) first. Without it, `--checkpoint.no-resume` into
+    such a directory is refused."""
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -412,6 +419,7 @@ class TrainConfig:
         check_int(self, "seed", low=0, high=2**31 - 1)
         check_int(self, "num_steps", low=0)
         check_int(self, "eval_every", low=0)
+        check_int(self, "max_consecutive_skips", low=1)
         check_int(self, "eval_batches", low=1, optional=True)
         for name, cls in (("model", ModelSpec), ("data", DataSpec),
                           ("optimizer", OptimizerConfig), ("mesh", MeshConfig),

@@ -46,6 +46,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
+import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
@@ -64,7 +67,14 @@ from rlhf_jax.train.builders import (
     shard_train_state,
     trainable_filter,
 )
-from rlhf_jax.train.config import DataSpec, ModelSpec, TrainConfig, check_number, require
+from rlhf_jax.train.config import (
+    DataSpec,
+    ModelSpec,
+    TrainConfig,
+    check_number,
+    config_to_dict,
+    require,
+)
 from rlhf_jax.train.data import build_data
 from rlhf_jax.train.logprobs import model_token_logps
 from rlhf_jax.train.pairs import pair_forward_batch, pair_sequence_sums, pair_weights
@@ -74,6 +84,8 @@ from rlhf_jax.train.run import run_summary, run_training
 ALGORITHMS = ("dpo", "simpo", "orpo", "cpo", "kto")
 REFERENCES = ("model", "precomputed")
 REFERENCE_FILE = "reference_logps.npz"
+
+_log = logging.getLogger("rlhf_jax.train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -635,19 +647,49 @@ class WithReferenceLogps:
         self.index = int(state["index"])
 
 
+FINGERPRINT_KEY = "fingerprint"
+"""Entry of `REFERENCE_FILE` holding the `reference_fingerprint` the tables were computed for."""
+
+FINGERPRINT_FIELDS = ("seed", "algorithm", "model", "ref_model", "data")
+"""Config fields that decide the reference tables (with the reference weights themselves)."""
+
+
+def reference_fingerprint(config: DPOConfig, ref_model: nnx.Module) -> str:
+    """SHA-256 (hex) of the reference weights, the data and tokenisation config and the seed.
+
+    Hashes `FINGERPRINT_FIELDS` of the resolved config (data source, tokenizer, lengths,
+    truncation policy, order) and every parameter of `ref_model` (bytes, shape, dtype); a
+    parameter not addressable from this process (multi-host) contributes its shape and dtype.
+    """
+    resolved = config_to_dict(config)
+    fields = {k: resolved.get(k) for k in FINGERPRINT_FIELDS}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
+    for leaf in jax.tree.leaves(nnx.state(ref_model, nnx.Param)):
+        digest.update(f"{leaf.shape}{leaf.dtype}".encode())
+        if getattr(leaf, "is_fully_addressable", True):
+            digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+    return digest.hexdigest()
+
+
 def reference_tables(config: DPOConfig, ref_model: nnx.Module, data: Any, mesh
                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """`(train_table, eval_table)` of precomputed reference log-probs (see module docstring).
 
     The training table covers the `config.num_steps` batches the run draws from the start of
     `data.train`; the held-out table covers one pass of `data.eval_batches()`. Both are stored
-    in `output_dir/reference_logps.npz` and reused when the file covers the run.
+    in `output_dir/reference_logps.npz` with `reference_fingerprint` and reused when the file
+    covers the run and its fingerprint matches (otherwise recomputed, with a warning).
     """
     kto = config.algorithm == "kto"
     path = os.path.join(config.output_dir, REFERENCE_FILE)
+    fingerprint = reference_fingerprint(config, ref_model)
     if os.path.exists(path):
         with np.load(path) as f:
             stored = {k: f[k] for k in f.files}
+        if str(stored.pop(FINGERPRINT_KEY, "")) != fingerprint:
+            _log.warning("%s was computed for other reference weights, data or tokenisation; "
+                         "recomputing it", path)
+            stored = {}
         train = {k[6:]: v for k, v in stored.items() if k.startswith("train_")}
         evals = {k[5:]: v for k, v in stored.items() if k.startswith("eval_")} or None
         if train and min(len(v) for v in train.values()) >= config.num_steps \
@@ -662,6 +704,7 @@ def reference_tables(config: DPOConfig, ref_model: nnx.Module, data: Any, mesh
     os.makedirs(config.output_dir, exist_ok=True)
     arrays = {f"train_{k}": v for k, v in train.items()}
     arrays.update({f"eval_{k}": v for k, v in (evals or {}).items()})
+    arrays[FINGERPRINT_KEY] = np.asarray(fingerprint)
     np.savez(path, **arrays)
     return train, evals
 
@@ -732,6 +775,7 @@ __all__ = [
     "policy_only_filter",
     "policy_pair_logps",
     "precompute_reference_logps",
+    "reference_fingerprint",
     "preference_hyperparams",
     "preference_loss",
     "reference_pair_logps",

@@ -6,8 +6,10 @@ Two levels:
 - `train_loop(step_fn, state, batches, ...)` runs `num_steps - state.step` steps of an already
   jitted `step_fn(state, batch) -> (state, metrics)` over an iterator of host batches, and
   handles logging, evaluation, checkpoints, the NaN policy and preemption.
-- `fit(config, step_fn=..., state=..., train_batches=...)` is what trainers call: it writes
-  `config.yaml`, opens the `MetricsLogger` and the `Checkpointer` under `config.output_dir`,
+- `fit(config, step_fn=..., state=..., train_batches=...)` is what trainers call: it checks
+  that `config.output_dir` holds this run (`check_run_identity`: a resume with a changed config
+  that alters the math is refused, a fresh start into used checkpoints needs `overwrite`), then
+  writes `config.yaml`, opens the `MetricsLogger` and the `Checkpointer` under `config.output_dir`,
   resumes from the newest checkpoint (train state onto the caller's shardings, data-loader state
   via `set_state`), installs the SIGTERM handler and runs `train_loop`.
 
@@ -22,8 +24,10 @@ interrupted-then-resumed run therefore logs bit-identical metrics to an uninterr
 
 Non-finite values: `make_train_step` skips any update whose loss or gradient norm is not finite
 (so the state is never poisoned) and reports `train/nonfinite`. With `nan_policy="skip"` the loop
-counts such steps (`train/skipped_steps`, cumulative, in every log line); with `"stop"` it raises
-`NonFiniteError` naming the step, before any later checkpoint is written.
+counts such steps (`train/skipped_steps`, cumulative, in every log line) and raises
+`NonFiniteError` after `max_consecutive_skips` in a row; with `"stop"` it raises
+`NonFiniteError` naming the step, before any later checkpoint is written. No checkpoint is
+written while the newest update was non-finite.
 
 Metrics the loop adds to each training log line: `train/skipped_steps` (cumulative count of
 skipped updates) and `train/steps_per_sec` (host wall-clock rate since the previous log line;
@@ -33,6 +37,7 @@ not part of the bit-exact comparison).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -43,9 +48,10 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from etils import epath
 
 from rlhf_jax.train.checkpoint import Checkpointer
-from rlhf_jax.train.config import TrainConfig, config_to_dict, save_config
+from rlhf_jax.train.config import ConfigError, TrainConfig, config_to_dict, save_config
 from rlhf_jax.train.logging import MetricsLogger
 from rlhf_jax.train.state import TrainState
 
@@ -61,7 +67,12 @@ WALL_CLOCK_METRICS = ("train/steps_per_sec",)
 
 
 class NonFiniteError(FloatingPointError):
-    """Raised under `nan_policy="stop"` when a step's loss or gradient is not finite."""
+    """Raised under `nan_policy="stop"` when a step's loss or gradient is not finite, and under
+    `nan_policy="skip"` after `max_consecutive_skips` skipped updates in a row."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint that the loop asked for was not written."""
 
 
 class LoopResult(NamedTuple):
@@ -167,6 +178,7 @@ def train_loop(
     nan_policy: str = "skip",
     skipped_steps: int = 0,
     guard: PreemptionGuard | None = None,
+    max_consecutive_skips: int | None = None,
 ) -> LoopResult:
     """Runs steps until `state.step == num_steps` (see module docstring).
 
@@ -186,6 +198,12 @@ def train_loop(
       nan_policy: `"skip"` or `"stop"`.
       skipped_steps: skipped-update count carried over from a restored checkpoint.
       guard: a `PreemptionGuard`; when it is triggered the loop saves and returns.
+      max_consecutive_skips: under `"skip"`, raise `NonFiniteError` after this many skipped
+        updates in a row (None: never).
+
+    No checkpoint is written while the newest update was non-finite (the newest checkpoint
+    therefore always holds a finite state); a save that does not happen raises
+    `CheckpointSaveError`.
     """
     if nan_policy not in ("skip", "stop"):
         raise ValueError(f"nan_policy must be 'skip' or 'stop', got {nan_policy!r}")
@@ -200,9 +218,10 @@ def train_loop(
     preempted = False
     last_saved = step if checkpointer is not None and step in checkpointer.all_steps() else None
     clock = [time.perf_counter(), step]
+    consecutive_skips = 0
 
     def drain(keep_last: int) -> None:
-        nonlocal skipped_steps, last_metrics
+        nonlocal skipped_steps, last_metrics, consecutive_skips
         while len(pending) > keep_last:
             s, device_metrics = pending.pop(0)
             values = _host(device_metrics)
@@ -214,6 +233,16 @@ def train_loop(
                         f"checkpoint is step {last_saved}."
                     )
                 skipped_steps += 1
+                consecutive_skips += 1
+                if max_consecutive_skips is not None and consecutive_skips >= max_consecutive_skips:
+                    raise NonFiniteError(
+                        f"{consecutive_skips} consecutive non-finite steps (up to step {s}); every "
+                        f"one was skipped (nan_policy='skip', max_consecutive_skips="
+                        f"{max_consecutive_skips}) and the run stopped. The last checkpoint is "
+                        f"step {last_saved}; lower the learning rate or check the model weights."
+                    )
+            else:
+                consecutive_skips = 0
             last_metrics = values
             if logger is not None and (s % log_every == 0 or s == num_steps):
                 now = time.perf_counter()
@@ -229,12 +258,22 @@ def train_loop(
         if checkpointer is None or last_saved == s:
             return
         drain(0)
-        checkpointer.save(
+        if consecutive_skips:
+            _log.warning("no checkpoint at step %d: the newest update was non-finite "
+                         "(%d in a row); the last checkpoint is step %s", s, consecutive_skips,
+                         last_saved)
+            return
+        written = checkpointer.save(
             s,
             state,
             data_state={"loader": data_state, "skipped_steps": skipped_steps},
             config=run_config,
         )
+        if not written:
+            raise CheckpointSaveError(
+                f"the checkpoint of step {s} was not written under {checkpointer.directory} "
+                f"(a checkpoint of that step already exists: {checkpointer.all_steps()})"
+            )
         last_saved = s
 
     while step < num_steps:
@@ -280,14 +319,15 @@ def train_loop(
 def restore_latest(
     checkpointer: Checkpointer, state: TrainState, batches: Any
 ) -> tuple[TrainState, int | None, int]:
-    """Restores the newest checkpoint onto `state`'s shardings and `batches` (via `set_state`).
+    """Restores the newest intact checkpoint onto `state`'s shardings and `batches` (via
+    `set_state`); a damaged newer one is skipped with a warning (`restore_newest_intact`).
 
     Returns `(state, restored_step or None, skipped_steps)`; with no checkpoint, `state` is
     returned unchanged.
     """
     if checkpointer.latest_step is None:
         return state, None, 0
-    restored = checkpointer.restore(state)
+    restored = checkpointer.restore_newest_intact(state)
     extra = restored.data_state or {}
     loader_state = extra.get("loader")
     if loader_state is not None:
@@ -306,6 +346,116 @@ def prepare_output_dir(config: TrainConfig) -> str:
     os.makedirs(config.output_dir, exist_ok=True)
     save_config(config, os.path.join(config.output_dir, CONFIG_FILE))
     return config.output_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Run identity: one run per output directory
+# ---------------------------------------------------------------------------------------------
+
+NEUTRAL_FIELDS = (
+    "num_steps", "eval_every", "eval_batches", "output_dir", "overwrite", "nan_policy",
+    "max_consecutive_skips", "checkpoint.", "logging.", "mesh.",
+)
+"""Config fields (dotted; a trailing dot means a whole section) that a resumed run may change:
+they do not alter the math of the steps already taken. Every other field must match the
+config stored with the checkpoint."""
+
+CONFIG_HISTORY_FILE = "config_history.jsonl"
+"""One JSON line per resume that changed a neutral field: `{"step", "changed": {field: [old,
+new]}}`."""
+
+STALE_RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "summary.json", CONFIG_HISTORY_FILE)
+"""Files of a previous run that `overwrite` deletes along with its checkpoints."""
+
+
+def record_config_change(output_dir: str, step: int, changed: Mapping[str, Any]) -> None:
+    """Appends the neutral fields a resume at `step` changed to `CONFIG_HISTORY_FILE`."""
+    path = epath.Path(output_dir, CONFIG_HISTORY_FILE)
+    old = path.read_text() if path.exists() else ""
+    path.write_text(old + json.dumps({"step": int(step), "changed": dict(changed)}) + "\n")
+
+
+class RunIdentityError(ConfigError):
+    """A run directory holds another run (a changed config on resume, or a fresh start without
+    `overwrite`)."""
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _neutral(field: str) -> bool:
+    return any(field == n or (n.endswith(".") and field.startswith(n)) for n in NEUTRAL_FIELDS)
+
+
+def config_differences(
+    old: Mapping[str, Any], new: Mapping[str, Any]
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """Splits the differing fields of two config dicts into `(math, neutral)`.
+
+    Each maps a dotted field name to `(old, new)` (a field missing on one side reads
+    `"<unset>"`); `neutral` holds the fields of `NEUTRAL_FIELDS`.
+    """
+    a, b = _flatten(old), _flatten(new)
+    math: dict[str, tuple[Any, Any]] = {}
+    neutral: dict[str, tuple[Any, Any]] = {}
+    for field in sorted(set(a) | set(b)):
+        va, vb = a.get(field, "<unset>"), b.get(field, "<unset>")
+        if va != vb:
+            (neutral if _neutral(field) else math)[field] = (va, vb)
+    return math, neutral
+
+
+def check_run_identity(config: TrainConfig, checkpointer: Checkpointer) -> dict[str, Any]:
+    """Makes `config.output_dir` hold this run only; call before anything is written there.
+
+    - `config.overwrite`: deletes every checkpoint and the stale run files (`STALE_RUN_FILES`).
+    - otherwise, checkpoints present and `checkpoint.resume` off: raises `RunIdentityError`.
+    - resuming: compares `config` with the config stored in the newest checkpoint; a differing
+      field outside `NEUTRAL_FIELDS` raises `RunIdentityError` listing every such field as
+      `old -> new`.
+
+    Returns the neutral fields that changed (`{field: [old, new]}`, empty when none), which the
+    caller records.
+    """
+    if config.overwrite:
+        if checkpointer.all_steps():
+            _log.warning("overwrite: deleting checkpoints %s under %s", checkpointer.all_steps(),
+                         checkpointer.directory)
+        checkpointer.delete_all()
+        for name in STALE_RUN_FILES:
+            epath.Path(config.output_dir, name).unlink(missing_ok=True)
+        return {}
+    steps = checkpointer.all_steps()
+    if not steps:
+        return {}
+    if not config.checkpoint.resume:
+        raise RunIdentityError(
+            f"{config.output_dir} already holds the checkpoints {steps} of another run; pass "
+            f"--overwrite to delete them and start over, or pick another --output-dir",
+            path="checkpoint.resume",
+        )
+    stored = checkpointer.stored_config()
+    if not stored:
+        return {}
+    math, neutral = config_differences(stored, config_to_dict(config))
+    if math:
+        lines = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, (old, new) in math.items())
+        raise RunIdentityError(
+            f"cannot resume the run in {config.output_dir} (checkpoint step {steps[-1]}) with a "
+            f"changed config; these fields alter the training math:\n{lines}\nUse the stored "
+            f"values, or start over with --overwrite, or pick another --output-dir",
+            path=next(iter(math)),
+        )
+    if neutral:
+        _log.info("resuming with changed fields: %s", neutral)
+    return {k: [old, new] for k, (old, new) in neutral.items()}
 
 
 def fit(
@@ -330,11 +480,16 @@ def fit(
       eval_fn: held-out evaluation, `eval_fn(state) -> {name: float}`.
       guard: a preemption guard (default: one on SIGTERM when `checkpoint.save_on_sigterm`).
     """
-    prepare_output_dir(config)
-    run_config = config_to_dict(config)
     checkpointer = Checkpointer(
         os.path.join(config.output_dir, CHECKPOINT_DIR), keep_last=config.checkpoint.keep_last
     )
+    try:
+        changed = check_run_identity(config, checkpointer)
+    except BaseException:
+        checkpointer.close()
+        raise
+    prepare_output_dir(config)
+    run_config = config_to_dict(config)
     resume_step = None
     skipped = 0
     if config.checkpoint.resume:
@@ -346,6 +501,8 @@ def fit(
         run_config=run_config,
         total_steps=config.num_steps,
     )
+    if changed and resume_step is not None:
+        record_config_change(config.output_dir, resume_step, changed)
     if guard is None:
         guard = PreemptionGuard(enabled=config.checkpoint.save_on_sigterm)
     with contextlib.ExitStack() as stack:
@@ -368,12 +525,20 @@ def fit(
             nan_policy=config.nan_policy,
             skipped_steps=skipped,
             guard=guard,
+            max_consecutive_skips=(config.max_consecutive_skips
+                                   if config.nan_policy == "skip" else None),
         )
 
 
 __all__ = [
     "CHECKPOINT_DIR",
     "CONFIG_FILE",
+    "CONFIG_HISTORY_FILE",
+    "CheckpointSaveError",
+    "NEUTRAL_FIELDS",
+    "RunIdentityError",
+    "check_run_identity",
+    "config_differences",
     "EvalFn",
     "LoopResult",
     "NonFiniteError",

@@ -68,7 +68,7 @@ from rlhf_jax.train.config import (
 from rlhf_jax.train.data import build_data
 from rlhf_jax.train.export import read_checkpoint_state, read_run_config, restore_into
 from rlhf_jax.train.logprobs import model_inputs
-from rlhf_jax.train.loop import CHECKPOINT_DIR
+from rlhf_jax.train.loop import CHECKPOINT_DIR, CheckpointSaveError
 from rlhf_jax.train.pairs import (
     is_packed_pairs,
     is_prefix_shared_pairs,
@@ -426,10 +426,14 @@ def train_rm(config: RMConfig) -> dict[str, Any]:
             json.dump(stats, f, indent=2)
         ckpt = Checkpointer(os.path.join(config.output_dir, CHECKPOINT_DIR),
                             keep_last=config.checkpoint.keep_last)
-        ckpt.save(result.step, state, data_state={"loader": data.train.get_state(),
-                                                  "skipped_steps": result.skipped_steps},
-                  config=config_to_dict(config), overwrite=True)
+        written = ckpt.save(result.step, state,
+                            data_state={"loader": data.train.get_state(),
+                                        "skipped_steps": result.skipped_steps},
+                            config=config_to_dict(config), overwrite=True)
         ckpt.close()
+        if not written:
+            raise CheckpointSaveError(f"the normalised reward model of step {result.step} was "
+                                      f"not written under {ckpt.directory}")
         result = result._replace(state=state)
         extra["normalization"] = stats
     return run_summary(result, config, data, **extra)
