@@ -40,7 +40,10 @@ from rlhf_jax.models import has_lora, lora_disabled
 from rlhf_jax.train.builders import (
     build_model,
     check_vocab,
+    count_trainable,
+    freeze_filter,
     load_tokenizer_for,
+    report_trainable,
     shard_train_state,
     trainable_filter,
 )
@@ -115,15 +118,20 @@ def own_buffers(tree: Any) -> Any:
 
 
 def create_sharded_state(
-    model: nnx.Module, tx: Any, *, seed: int, mesh: Any
+    model: nnx.Module, tx: Any, *, seed: int, mesh: Any, spec: Any = None
 ) -> tuple[nnx.GraphDef, Any]:
     """Splits ``model`` into a `rlhf_jax.train.state.TrainState` placed on ``mesh`` (parameters
     and optimizer moments by their logical axis names). The trainable variables are
     `rlhf_jax.train.builders.trainable_filter`'s: every parameter, or with LoRA the adapters (and
-    a fresh value head)."""
-    graphdef, state = create_train_state(
-        model, tx, seed=seed, trainable=trainable_filter(model)
-    )
+    a fresh value head), without the embeddings when the `ModelSpec` ``spec`` freezes them
+    (`rlhf_jax.train.builders.freeze_filter`; its bottom layers are frozen by ``tx``)."""
+    trainable = trainable_filter(model)
+    if spec is not None:
+        trainable = freeze_filter(trainable, spec)
+    graphdef, state = create_train_state(model, tx, seed=seed, trainable=trainable)
+    if spec is not None:
+        report_trainable(count_trainable(state, freeze_layers=spec.freeze_layers),
+                         what="the policy")
     # Own buffers: models built with nnx.clone share arrays with their source, and the state
     # is donated to the update.
     state, _ = shard_train_state(own_buffers(state), mesh)
@@ -276,8 +284,10 @@ class OnlineTrainer:
         4. `Reference.build` (adapters off for a LoRA policy, else ``reference`` or a copy of
            the policy taken now);
         5. `trained_policy` (a subclass's hook: PPO's shared value head);
-        6. the optimizer over ``num_updates`` steps (`cached_optimizer`);
-        7. the policy's sharded `TrainState` (`create_sharded_state`);
+        6. the optimizer over ``num_updates`` steps (`cached_optimizer`; the bottom
+           ``model.freeze_layers`` layers frozen);
+        7. the policy's sharded `TrainState` (`create_sharded_state`; the embeddings frozen
+           with ``model.freeze_embeddings``), and its trainable fraction printed;
         8. `initial_state` committed to the mesh (`commit_to_mesh`).
 
         The models passed in are placed on the mesh in place and must not be used afterwards.
@@ -296,9 +306,10 @@ class OnlineTrainer:
         self.reference = Reference.build(policy, reference, lora=uses_lora(policy),
                                          mesh=self.mesh)
         policy = self.trained_policy(policy)
-        self.tx, self.schedule = cached_optimizer(config.optimizer, max(num_updates, 1))
+        self.tx, self.schedule = cached_optimizer(config.optimizer, max(num_updates, 1),
+                                                  freeze_layers=config.model.freeze_layers)
         self.policy_graphdef, policy_state = create_sharded_state(
-            policy, self.tx, seed=config.seed, mesh=self.mesh
+            policy, self.tx, seed=config.seed, mesh=self.mesh, spec=config.model
         )
         self.state = commit_to_mesh(self.initial_state(policy_state), self.mesh)
 
