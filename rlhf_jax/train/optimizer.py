@@ -16,6 +16,7 @@ its optimizer here.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -99,9 +100,19 @@ class FrozenLayersState(NamedTuple):
     inner: optax.OptState
 
 
+class FrozenLayersTransformation(NamedTuple):
+    """An optax transformation (``init``, ``update``) that freezes part of the parameters, and
+    ``trainable(tree)``: the part of a parameter-shaped tree it updates (what
+    `rlhf_jax.train.state.make_train_step` reports ``train/grad_norm`` of)."""
+
+    init: Callable[..., Any]
+    update: Callable[..., Any]
+    trainable: Callable[[Any], Any]
+
+
 def freeze_bottom_layers(
     tx: optax.GradientTransformation, *, num_layers: int
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformation | FrozenLayersTransformation:
     """`tx` on everything but the bottom `num_layers` rows of the stacked layer parameters.
 
     For a stacked parameter ``W [L, ...]`` the inner transformation sees ``W[num_layers:]`` and
@@ -117,7 +128,7 @@ def freeze_bottom_layers(
       num_layers: how many of the bottom layers to freeze (keyword-only); 0 returns `tx`.
 
     Returns:
-      A `GradientTransformation` whose state is `FrozenLayersState`.
+      A `FrozenLayersTransformation` whose state is `FrozenLayersState`.
     """
     num_layers = int(num_layers)
     if num_layers < 0:
@@ -143,7 +154,8 @@ def freeze_bottom_layers(
                                                inner_params)
         return _pad_rows(inner_updates, updates, num_layers), FrozenLayersState(inner=inner_state)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return FrozenLayersTransformation(init_fn, update_fn,
+                                      functools.partial(_rows, start=num_layers))
 
 
 def make_optimizer(
@@ -187,6 +199,7 @@ def cached_optimizer(
 __all__ = [
     "STACK_AXIS",
     "FrozenLayersState",
+    "FrozenLayersTransformation",
     "cached_optimizer",
     "freeze_bottom_layers",
     "is_stacked",

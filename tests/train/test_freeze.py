@@ -20,8 +20,9 @@ from rlhf_jax.train import DataSpec, ModelSpec, OptimizerConfig
 from rlhf_jax.train.builders import build_model, count_trainable, setup_training
 from rlhf_jax.train.config import FieldError
 from rlhf_jax.train.export import read_checkpoint_state
-from rlhf_jax.train.optimizer import freeze_bottom_layers, is_stacked
+from rlhf_jax.train.optimizer import freeze_bottom_layers, is_stacked, make_optimizer
 from rlhf_jax.train.sft import SFTConfig, train_sft
+from rlhf_jax.train.state import create_train_state, make_train_step
 
 TWO_LAYERS = ModelSpec(preset="tiny_gpt2", vocab_size=64, hidden_size=32, num_layers=2,
                        num_heads=2, intermediate_size=64, max_position_embeddings=64)
@@ -117,6 +118,21 @@ class TestFreezeBottomLayers:
                            data=DataSpec(synthetic="topic", max_length=32))
         with pytest.raises(ValueError, match="model.freeze_layers=3 exceeds the model's 2"):
             train_sft(config)
+
+    def test_grad_norm_is_the_trainable_part(self):
+        """`train/grad_norm` is the norm of the gradient the optimizer uses: with the loss
+        sum(w^2) the gradient is 2w, so the norm is 2 |w| over the trainable rows."""
+        model = build_model(TWO_LAYERS, seed=0)
+        tx, _ = make_optimizer(OptimizerConfig(), 10, freeze_layers=1)
+        graphdef, state = create_train_state(model, tx, seed=0)
+        loss = lambda m, b, r: (sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in
+                                    jax.tree.leaves(nnx.state(m, nnx.Param))), {})
+        _, metrics = jax.jit(make_train_step(loss, tx, graphdef=graphdef))(state, {})
+        is_var = lambda x: isinstance(x, nnx.Variable)
+        want = np.sqrt(sum(
+            np.sum((2.0 * np.float64(v.get_value())[1 if is_stacked(v) else 0:]) ** 2)
+            for v in jax.tree.leaves(state.params, is_leaf=is_var)))
+        np.testing.assert_allclose(metrics["train/grad_norm"], want, rtol=1e-5)
 
     def test_optimizer_state_saving_and_trainable_count(self, capsys):
         def setup(spec):
