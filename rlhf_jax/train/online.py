@@ -514,6 +514,10 @@ def train_online(trainer_cls: type, config: Any, *, algorithm: str) -> dict[str,
         raise ValueError(f"eval_every={config.eval_every} needs held-out prompts: set "
                          "data.eval_path (or data.eval_split), or data.num_eval > 0 with "
                          "data.synthetic")
+    if config.eval_every > 0:
+        check_rows_divide_mesh(config.data.eval_batch_size or config.data.batch_size,
+                               resolve_mesh(config.mesh),
+                               what="a held-out prompt batch (data.eval_batch_size)")
     trainer = trainer_cls(
         setup.config,
         policy=setup.policy,

@@ -107,9 +107,10 @@ def test_grpo_evaluate_through_the_api(tmp_path):
     assert later["grpo/eval/kl_ref"] > 0.0 and later["grpo/eval/kl_ref_k3"] > 0.0
 
 
-PPO_ARGS = ["--model.hidden-size", "32", "--model.num-layers", "2", "--model.num-heads", "2",
-            "--logging.progress", "none", "--logging.every-steps", "1", "--num-steps", "2",
-            "--num-minibatches", "1", "--rollout.max-new-tokens", "8", "--data.num-eval", "8"]
+COMMON = ["--model.hidden-size", "32", "--model.num-layers", "2", "--model.num-heads", "2",
+          "--logging.progress", "none", "--logging.every-steps", "1", "--num-steps", "2",
+          "--rollout.max-new-tokens", "8"]
+PPO_ARGS = [*COMMON, "--num-minibatches", "1", "--data.num-eval", "8"]
 
 
 @pytest.mark.slow
@@ -143,7 +144,26 @@ def test_ppo_cli_eval_every_with_k2_and_frozen_layers(tmp_path):
     assert not np.array_equal(np.asarray(trained["value"])[1], start[1])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("command, ns, extra", [
+    ("rloo", "rloo", ["--num-generations", "2"]),
+    ("rejection-sampling", "rs", ["--sft-batch-size", "8"]),
+])
+def test_cli_eval_every_other_online_trainers(tmp_path, command, ns, extra):
+    out = tmp_path / command
+    assert cli.main([command, "--output-dir", str(out), *COMMON, *extra,
+                     "--data.num-eval", "8", "--eval-every", "2", "--logging.no-tensorboard"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if f"{ns}/eval/kl_ref" in r]
+    assert [r["step"] for r in evals] == [2]
+    assert all(np.isfinite(evals[0][f"{ns}/eval/{k}"]) for k in KEYS)
+    assert any(f"{ns}/eval/samples" in r for r in rows)
+
+
 def test_eval_every_without_held_out_prompts_raises(tmp_path):
     with pytest.raises(ValueError, match="eval_every=1 needs held-out prompts"):
-        cli.main(["grpo", "--output-dir", str(tmp_path), *PPO_ARGS[:-2], "--data.num-eval", "0",
+        cli.main(["grpo", "--output-dir", str(tmp_path), *COMMON, "--data.num-eval", "0",
+                  "--eval-every", "1"])
+    with pytest.raises(ValueError, match=r"held-out prompt batch \(data.eval_batch_size\) has 4"):
+        cli.main(["grpo", "--output-dir", str(tmp_path), *COMMON, "--data.eval-batch-size", "4",
                   "--eval-every", "1"])
