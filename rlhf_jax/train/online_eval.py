@@ -11,15 +11,16 @@ policy. It reports, under ``<ns>/eval/`` (averaged over the held-out rows):
 
 - ``reward``: the run's reward source (the proxy), without the missing-EOS penalty;
 - ``gold_reward``: the synthetic task's gold reward, when the task has one;
-- ``kl_ref``: the exact sequence KL to the reference from the logits,
+- ``kl_ref_exact``: the exact sequence KL to the reference from the logits,
   ``sum_t KL(pi(. | y_<t) || pi_ref(. | y_<t))`` over the response tokens
   (`rlhf_jax.losses.kl_from_logits`);
 - ``kl_ref_k1``, ``kl_ref_k3``: the k1 and k3 estimates of the same KL from the sampled tokens
-  (Schulman 2020; ``kl_ref_k1`` is what the trainers' ``<ns>/kl_ref`` reports on rollouts);
+  (Schulman 2020; k1 is the estimator of the trainers' ``<ns>/kl_ref`` on rollouts);
 - ``response_length``: response tokens (the EOS included); ``eos_rate``: the share of responses
   that end with EOS; ``num_prompts``: how many held-out prompts were evaluated;
 - ``samples``: a `rlhf_jax.train.logging.SampleTable` of the first ``table_rows`` prompts with
-  their responses, proxy and gold rewards and KL (metrics.jsonl and TensorBoard's text tab).
+  their responses, proxy and gold rewards (None without a gold task) and exact KL
+  (metrics.jsonl and TensorBoard's text tab).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def evaluate_held_out(
         sequences, seq_mask = np.asarray(r.sequences), np.asarray(r.sequence_mask)
         row = {
             "reward": np.asarray(host["proxy"], np.float64),
-            "kl_ref": np.asarray(host["kl"].exact, np.float64),
+            "kl_ref_exact": np.asarray(host["kl"].exact, np.float64),
             "kl_ref_k1": np.asarray(host["kl"].k1, np.float64),
             "kl_ref_k3": np.asarray(host["kl"].k3, np.float64),
             "response_length": np.asarray(r.response_mask, np.float64).sum(axis=-1),
@@ -191,8 +192,8 @@ def evaluate_held_out(
                 _text(sequences[i, :p], seq_mask[i, :p], decode),
                 _text(sequences[i, p:], seq_mask[i, p:], decode),
                 float(row["reward"][i]),
-                float(row["gold_reward"][i]) if gold_task is not None else float("nan"),
-                float(row["kl_ref"][i]),
+                float(row["gold_reward"][i]) if gold_task is not None else None,
+                float(row["kl_ref_exact"][i]),
             ))
     if not columns:
         raise ValueError("the held-out prompts produced no batch")
@@ -201,7 +202,8 @@ def evaluate_held_out(
                                for name, values in columns.items()}
     metrics[prefix + "num_prompts"] = float(sum(len(v) for v in columns["reward"]))
     metrics[prefix + "samples"] = SampleTable(
-        columns=("prompt", "response", "reward", "gold_reward", "kl_ref"), rows=tuple(table))
+        columns=("prompt", "response", "reward", "gold_reward", "kl_ref_exact"),
+        rows=tuple(table))
     return metrics
 
 

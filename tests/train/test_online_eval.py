@@ -28,7 +28,7 @@ from rlhf_jax.train.rollout import Rollout, RolloutConfig
 
 TOKENIZER = build_tokenizer()
 TASK = get_task("topic")
-KEYS = ("reward", "gold_reward", "kl_ref", "kl_ref_k1", "kl_ref_k3", "response_length",
+KEYS = ("reward", "gold_reward", "kl_ref_exact", "kl_ref_k1", "kl_ref_k3", "response_length",
         "eos_rate", "num_prompts")
 
 
@@ -67,10 +67,10 @@ class TestSequenceKL:
 
 def test_grpo_evaluate_through_the_api(tmp_path):
     """At the start the policy is the reference: every KL is exactly 0; the proxy reward is the
-    gold reward here, so the two agree; evaluation is deterministic; after training the KL is
-    positive."""
+    gold reward here, so the two agree; evaluation is deterministic; a moved policy has a
+    positive KL."""
     spec = DataSpec(synthetic="topic", batch_size=8, max_length=16, max_prompt_length=16,
-                    num_train=64, num_eval=16)
+                    num_train=64, num_eval=8)
     data = build_data(spec, format="prompt", tokenizer=TOKENIZER, seed=0)
     config = GRPOConfig(output_dir=str(tmp_path), num_steps=2, data=spec, eval_every=1,
                         rollout=RolloutConfig(max_new_tokens=8, temperature=0.7),
@@ -89,9 +89,9 @@ def test_grpo_evaluate_through_the_api(tmp_path):
                                  decode=TOKENIZER.decode))
     first = trainer.evaluate()
     assert set(first) == {f"grpo/eval/{k}" for k in KEYS} | {"grpo/eval/samples"}
-    for k in ("kl_ref", "kl_ref_k1", "kl_ref_k3"):
+    for k in ("kl_ref_exact", "kl_ref_k1", "kl_ref_k3"):
         assert first[f"grpo/eval/{k}"] == 0.0, k
-    assert first["grpo/eval/num_prompts"] == 16.0
+    assert first["grpo/eval/num_prompts"] == 8.0
     assert first["grpo/eval/reward"] == pytest.approx(first["grpo/eval/gold_reward"], abs=1e-6)
     assert 1.0 <= first["grpo/eval/response_length"] <= 8.0
     assert 0.0 <= first["grpo/eval/eos_rate"] <= 1.0
@@ -101,10 +101,17 @@ def test_grpo_evaluate_through_the_api(tmp_path):
     again = trainer.evaluate()
     assert {k: v for k, v in again.items() if k != "grpo/eval/samples"} == \
         {k: v for k, v in first.items() if k != "grpo/eval/samples"}
-    trainer.iteration()
-    trainer.iteration()
+    # A moved policy (noise on its weights, no update compiled): every KL becomes positive.
+    @jax.jit
+    def move(params):
+        keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+        return jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape, x.dtype),
+                            params)
+
+    moved = move(trainer.state.policy.params)
+    trainer.state = trainer.state._replace(policy=trainer.state.policy._replace(params=moved))
     later = trainer.evaluate()
-    assert later["grpo/eval/kl_ref"] > 0.0 and later["grpo/eval/kl_ref_k3"] > 0.0
+    assert later["grpo/eval/kl_ref_exact"] > 0.0 and later["grpo/eval/kl_ref_k3"] > 0.0
 
 
 COMMON = ["--model.hidden-size", "32", "--model.num-layers", "2", "--model.num-heads", "2",
@@ -122,18 +129,18 @@ def test_ppo_cli_eval_every_with_k2_and_frozen_layers(tmp_path):
     assert cli.main(["ppo", "--output-dir", str(out), *PPO_ARGS, "--eval-every", "1",
                      "--kl-estimator", "k2", "--model.freeze-layers", "1"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "ppo/eval/kl_ref" in r]
+    evals = [r for r in rows if "ppo/eval/kl_ref_exact" in r]
     tables = [r for r in rows if "ppo/eval/samples" in r]
     assert [r["step"] for r in evals] == [1, 2] and [r["step"] for r in tables] == [1, 2]
     for r in evals:
         assert all(np.isfinite(r[f"ppo/eval/{k}"]) for k in KEYS)
-        assert r["ppo/eval/kl_ref"] >= 0.0 and r["ppo/eval/kl_ref_k3"] >= 0.0
+        assert r["ppo/eval/kl_ref_exact"] >= 0.0 and r["ppo/eval/kl_ref_k3"] >= 0.0
         assert r["ppo/eval/num_prompts"] == 8.0
     assert set(tables[0]["ppo/eval/samples"][0]) == {"prompt", "response", "reward",
-                                                      "gold_reward", "kl_ref"}
+                                                      "gold_reward", "kl_ref_exact"}
     assert any(f.name.startswith("events") for f in (out / "tensorboard").iterdir())
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["eval_metrics"]["ppo/eval/kl_ref"] == evals[-1]["ppo/eval/kl_ref"]
+    assert summary["eval_metrics"]["ppo/eval/kl_ref_exact"] == evals[-1]["ppo/eval/kl_ref_exact"]
 
     spec = ModelSpec(hidden_size=32, num_layers=2, num_heads=2, vocab_size=len(TOKENIZER))
     init = nnx.state(build_model(spec, seed=0), nnx.Param)
@@ -154,7 +161,7 @@ def test_cli_eval_every_other_online_trainers(tmp_path, command, ns, extra):
     assert cli.main([command, "--output-dir", str(out), *COMMON, *extra,
                      "--data.num-eval", "8", "--eval-every", "2", "--logging.no-tensorboard"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if f"{ns}/eval/kl_ref" in r]
+    evals = [r for r in rows if f"{ns}/eval/kl_ref_exact" in r]
     assert [r["step"] for r in evals] == [2]
     assert all(np.isfinite(evals[0][f"{ns}/eval/{k}"]) for k in KEYS)
     assert any(f"{ns}/eval/samples" in r for r in rows)
