@@ -20,6 +20,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from rlhf_jax.bench._machine import machine_description
@@ -104,8 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
+        epath.Path(args.markdown).write_text(text)
     print(text)
 
 

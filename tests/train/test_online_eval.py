@@ -17,11 +17,11 @@ from rlhf_jax.data.synthetic import build_tokenizer, get_task
 from rlhf_jax.generation import TokenRewardFunction
 from rlhf_jax.models import CausalLM
 from rlhf_jax.train.builders import build_model, model_config
-from rlhf_jax.train.config import DataSpec, ModelSpec, OptimizerConfig
+from rlhf_jax.train.config import DataSpec, LoggingConfig, ModelSpec, OptimizerConfig
 from rlhf_jax.train.data import build_data
 from rlhf_jax.train.export import read_checkpoint_state
 from rlhf_jax.train.grpo import GRPOConfig, GRPOTrainer
-from rlhf_jax.train.logging import SampleTable
+from rlhf_jax.train.logging import MetricsLogger, SampleTable, read_metrics
 from rlhf_jax.train.online import HeldOut
 from rlhf_jax.train.online_eval import sequence_kl
 from rlhf_jax.train.rollout import Rollout, RolloutConfig
@@ -63,6 +63,22 @@ class TestSequenceKL:
                                    atol=1e-6)
         assert np.all(np.asarray(out.exact)[2:] == 0) and np.all(np.asarray(out.k1)[2:] == 0)
         assert np.all(np.asarray(out.exact)[:2] > 0)
+
+
+def test_sample_table_in_jsonl_and_tensorboard(tmp_path):
+    table = SampleTable(columns=("prompt", "response", "reward"),
+                        rows=(("a|b", "line\none", 0.5), ("c", "d", None)))
+    assert table.markdown().splitlines() == [
+        "| prompt | response | reward |", "|---|---|---|",
+        "| a\\|b | line\\none | 0.5 |", "| c | d | None |"]
+    with MetricsLogger(tmp_path, LoggingConfig(progress="none")) as logger:
+        logger.log(3, {"x/eval/reward": 1.0})
+        logger.log_table(3, "x/eval/samples", table)
+    rows = read_metrics(tmp_path)
+    assert rows[1] == {"step": 3, "x/eval/samples": [
+        {"prompt": "a|b", "response": "line\none", "reward": 0.5},
+        {"prompt": "c", "response": "d", "reward": None}]}
+    assert any(f.name.startswith("events") for f in (tmp_path / "tensorboard").iterdir())
 
 
 def test_grpo_evaluate_through_the_api(tmp_path):
