@@ -143,7 +143,8 @@ def freeze_filter(trainable: Any, spec: ModelSpec) -> Any:
 
 class TrainableCount(NamedTuple):
     """Parameter counts of a train state: `trainable` scalars (frozen layer rows excluded) of
-    `total` (every `nnx.Param` in the state's ``params`` and ``frozen`` parts)."""
+    `total` (every `nnx.Param` in the state's ``params`` and ``frozen`` parts; for a DPO run
+    with the reference in the graph, the reference's too)."""
 
     trainable: int
     total: int
@@ -155,21 +156,19 @@ class TrainableCount(NamedTuple):
 
 def count_trainable(state: TrainState, *, freeze_layers: int = 0) -> TrainableCount:
     """The `TrainableCount` of `state` when the optimizer freezes the bottom `freeze_layers`
-    rows of every stacked layer parameter."""
-    def size(leaf):
-        shape = leaf.get_value().shape
-        rows = shape[0] - min(freeze_layers, shape[0]) if is_stacked(leaf) and shape else None
-        return int(np.prod(shape)) if rows is None else rows * int(np.prod(shape[1:]))
-
+    rows of every stacked layer parameter (`ModelSpec.freeze_layers`)."""
     is_var = lambda x: isinstance(x, nnx.Variable)
-    trainable = sum(size(v) for v in jax.tree.leaves(state.params, is_leaf=is_var)
-                    if isinstance(v, nnx.Param))
-    frozen = sum(int(np.prod(v.get_value().shape))
-                 for v in jax.tree.leaves(state.frozen, is_leaf=is_var)
-                 if isinstance(v, nnx.Param))
-    total = frozen + sum(int(np.prod(v.get_value().shape))
-                         for v in jax.tree.leaves(state.params, is_leaf=is_var)
-                         if isinstance(v, nnx.Param))
+
+    def sizes(tree, frozen_rows):
+        for leaf in jax.tree.leaves(tree, is_leaf=is_var):
+            if not isinstance(leaf, nnx.Param):
+                continue
+            shape = leaf.get_value().shape
+            rows = min(frozen_rows, shape[0]) if is_stacked(leaf) and shape else 0
+            yield int(np.prod(shape)) - rows * int(np.prod(shape[1:]))
+
+    trainable = sum(sizes(state.params, freeze_layers))
+    total = sum(sizes(state.params, 0)) + sum(sizes(state.frozen, 0))
     return TrainableCount(trainable=trainable, total=total)
 
 
