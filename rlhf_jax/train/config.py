@@ -202,8 +202,9 @@ class ModelSpec:
     tokenizer_path: str | None = None
     """Local tokenizer directory (defaults to `path`); synthetic tasks need none."""
     freeze_layers: int = 0
-    """Freeze the bottom N decoder layers of the trained model: no gradient step, no optimizer
-    state, no weight decay (`rlhf_jax.train.optimizer.freeze_bottom_layers`)."""
+    """Freeze the bottom N decoder layers of the trained model (the policy; PPO's separate value
+    model trains all its layers): no gradient step, no optimizer state, no weight decay
+    (`rlhf_jax.train.optimizer.freeze_bottom_layers`)."""
     freeze_embeddings: bool = False
     """Freeze the input embeddings (token and position; with tied embeddings also the LM
     head)."""
