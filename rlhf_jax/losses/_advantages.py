@@ -19,7 +19,7 @@ from rlhf_jax.losses._checks import (
 from rlhf_jax.losses._kl import kl_estimate
 
 GROUP_SCALES = ("group", "batch", "none")
-REWARD_KL_ESTIMATORS = ("k1", "k3")
+REWARD_KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 class GAEOutput(NamedTuple):
@@ -213,7 +213,8 @@ def kl_penalized_rewards(
         R_{bt} = -\beta\,\mathrm{KL}_{bt}\, m_{bt} + s_b\, 1[t = \mathrm{last}(b)]
 
     (Ziegler et al. 2019; Stiennon et al. 2020; TRL PPO's ``rewards``), with the KL estimate
-    :math:`k_1 = \log\pi - \log\pi_{\mathrm{ref}}` or :math:`k_3` (``estimator``) and
+    :math:`k_1 = \log\pi - \log\pi_{\mathrm{ref}}`, :math:`k_2 = \tfrac12 (\log\pi -
+    \log\pi_{\mathrm{ref}})^2` or :math:`k_3` (``estimator``; Schulman 2020) and
     :math:`\beta` = ``kl_coef`` (a value from :func:`adaptive_kl_controller` may be traced).
     A fully masked row receives no score (its rewards are all 0). Gradients are stopped.
 
@@ -223,7 +224,7 @@ def kl_penalized_rewards(
       ref_logps: ``[B, T]`` reference log-probs.
       mask: ``[B, T]`` right-padded response mask.
       kl_coef: :math:`\beta` (keyword-only).
-      estimator: ``"k1"`` or ``"k3"``.
+      estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
 
     Returns:
       :class:`PenalizedRewards` ``(rewards [B, T], kl [B, T])``.

@@ -10,8 +10,10 @@ Machinery (imported eagerly):
   SIGTERM save, logging and checkpoint cadence), `NonFiniteError`.
 - `checkpoint`: `Checkpointer` over orbax (state, data-loader state, config; restore onto any
   mesh).
-- `logging`: `MetricsLogger` (metrics.jsonl, TensorBoard, optional W&B, progress bar).
-- `optimizer`: the optimizer and learning-rate schedule of an `OptimizerConfig`.
+- `logging`: `MetricsLogger` (metrics.jsonl, TensorBoard, optional W&B, progress bar),
+  `SampleTable`.
+- `optimizer`: the optimizer and learning-rate schedule of an `OptimizerConfig`, and
+  `freeze_bottom_layers` (`ModelSpec.freeze_layers`).
 - `builders`: the model and tokenizer a `ModelSpec` / `DataSpec` names, the trainable
   variables, and `setup_training` (mesh, optimizer, sharded state, jitted step).
 - `data`: `build_data`, a run's training loader and held-out batches from its `DataSpec`.
@@ -27,8 +29,10 @@ Online machinery (imported by the online trainers):
 - `rewards`: the reward source of a run from its `RewardSpec`, through a registry of builders
   (the sources and their interface are `rlhf_jax.generation`'s).
 - `value`: PPO's value model or shared value head, and its diagnostics.
+- `online_eval`: `evaluate_held_out`, an online policy on held-out prompts (`--eval-every`).
 - `online`: `OnlineTrainer` (the one set-up sequence, sampling, scoring, the run through
-  `fit`), the frozen `Reference`, mesh plumbing, the CLI path `train_online`.
+  `fit`, held-out evaluation), the frozen `Reference`, mesh plumbing, the CLI path
+  `train_online`.
 
 Trainers: `sft` (`SFTConfig`, `train_sft`), `rm` (`RMConfig`, `train_rm`), `dpo` (DPO family,
 SimPO/ORPO/CPO, KTO: `DPOConfig`, `train_dpo`), `export` (`ExportConfig`, `export_policy`),
@@ -58,7 +62,7 @@ from rlhf_jax.train.config import (
 from rlhf_jax.train.data import build_data
 from rlhf_jax.train.dpo import DPOConfig, DPOHyperParams, preference_loss, train_dpo
 from rlhf_jax.train.export import ExportConfig, export_policy
-from rlhf_jax.train.logging import MetricsLogger, read_metrics
+from rlhf_jax.train.logging import MetricsLogger, SampleTable, read_metrics
 from rlhf_jax.train.logprobs import aligned_token_logps, model_inputs, model_token_logps
 from rlhf_jax.train.loop import (
     LoopResult,
@@ -70,7 +74,7 @@ from rlhf_jax.train.loop import (
     restore_latest,
     train_loop,
 )
-from rlhf_jax.train.optimizer import make_optimizer, make_schedule
+from rlhf_jax.train.optimizer import freeze_bottom_layers, make_optimizer, make_schedule
 from rlhf_jax.train.rm import RMConfig, RMHyperParams, rm_loss, train_rm
 from rlhf_jax.train.run import make_evaluator, run_training
 from rlhf_jax.train.sft import SFTConfig, sft_loss, train_sft
@@ -116,6 +120,7 @@ __all__ = [
     "OptimizerConfig",
     "PreemptionGuard",
     "Restored",
+    "SampleTable",
     "TrainConfig",
     "TrainState",
     "abstract_like",
@@ -125,6 +130,7 @@ __all__ = [
     "config_to_dict",
     "create_train_state",
     "fit",
+    "freeze_bottom_layers",
     "jit_train_step",
     "load_config",
     "loss_and_grad",

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
 
@@ -40,7 +42,7 @@ from rlhf_jax.models import (
 )
 from rlhf_jax.train.config import DataSpec, ModelSpec, TrainConfig
 from rlhf_jax.train.loop import jit_train_step
-from rlhf_jax.train.optimizer import make_optimizer
+from rlhf_jax.train.optimizer import is_stacked, make_optimizer
 from rlhf_jax.train.state import LossFn, TrainState, create_train_state, make_train_step
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +126,60 @@ def trainable_filter(model: nnx.Module) -> Any:
                                                          nnx.PathContains("value_head"))))
 
 
+EMBEDDINGS = nnx.Any(nnx.PathContains("embed"), nnx.PathContains("pos_embed"))
+"""The input embeddings (token and learned position embeddings). With tied embeddings
+(GPT-2, ``tie_word_embeddings``) the token embedding is also the LM head."""
+
+
+def freeze_filter(trainable: Any, spec: ModelSpec) -> Any:
+    """`trainable` without the embeddings when `spec.freeze_embeddings` (they join the train
+    state's ``frozen`` part: no gradient step, no optimizer state). The bottom layers
+    (`spec.freeze_layers`) are stacked with the others and frozen by the optimizer instead
+    (`rlhf_jax.train.optimizer.freeze_bottom_layers`)."""
+    if not spec.freeze_embeddings:
+        return trainable
+    return nnx.All(trainable, nnx.Not(EMBEDDINGS))
+
+
+class TrainableCount(NamedTuple):
+    """Parameter counts of a train state: `trainable` scalars (frozen layer rows excluded) of
+    `total` (every `nnx.Param` in the state's ``params`` and ``frozen`` parts; for a DPO run
+    with the reference in the graph, the reference's too)."""
+
+    trainable: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / max(self.total, 1)
+
+
+def count_trainable(state: TrainState, *, freeze_layers: int = 0) -> TrainableCount:
+    """The `TrainableCount` of `state` when the optimizer freezes the bottom `freeze_layers`
+    rows of every stacked layer parameter (`ModelSpec.freeze_layers`)."""
+    is_var = lambda x: isinstance(x, nnx.Variable)
+
+    def sizes(tree, frozen_rows):
+        for leaf in jax.tree.leaves(tree, is_leaf=is_var):
+            if not isinstance(leaf, nnx.Param):
+                continue
+            shape = leaf.get_value().shape
+            rows = min(frozen_rows, shape[0]) if is_stacked(leaf) and shape else 0
+            yield int(np.prod(shape)) - rows * int(np.prod(shape[1:]))
+
+    trainable = sum(sizes(state.params, freeze_layers))
+    total = sum(sizes(state.params, 0)) + sum(sizes(state.frozen, 0))
+    return TrainableCount(trainable=trainable, total=total)
+
+
+def report_trainable(count: TrainableCount, *, what: str = "model") -> None:
+    """Prints ``trainable parameters of <what>: T of N (F%)`` to stderr (process 0), at a run's
+    start, whatever freezes parameters (LoRA, `model.freeze_layers`, `model.freeze_embeddings`)."""
+    if jax.process_index() == 0:
+        print(f"trainable parameters of {what}: {count.trainable:,} of {count.total:,} "
+              f"({count.fraction:.2%})", file=sys.stderr)
+
+
 def load_tokenizer_for(spec: DataSpec, model: ModelSpec) -> Any:
     """The tokenizer: the synthetic tasks' character tokenizer when `data.synthetic` is set,
     else `model.tokenizer_path` or the model directory's."""
@@ -199,15 +255,22 @@ def setup_training(
       config: the run config (its `mesh`, `optimizer`, `seed` and `num_steps` are used).
       model: the NNX model to train (split here; do not use it afterwards).
       loss_fn: `loss_fn(model, batch, rng) -> (loss, metrics)`.
-      trainable: variable filter for the optimizer (default: `trainable_filter(model)`).
+      trainable: variable filter for the optimizer (default: `trainable_filter(model)`);
+        `config.model.freeze_embeddings` removes the embeddings from it, and
+        `config.model.freeze_layers` wraps the optimizer in `freeze_bottom_layers`.
       mesh: the device mesh (default: `sharding.make_mesh(config.mesh)`).
       num_steps: optimizer steps the schedule spans (default: `config.num_steps`).
       donate: donate the state to the step.
     """
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-    tx, schedule = make_optimizer(config.optimizer, num_steps or config.num_steps)
+    freeze_layers = config.model.freeze_layers
+    tx, schedule = make_optimizer(config.optimizer, num_steps or config.num_steps,
+                                  freeze_layers=freeze_layers)
     trainable = trainable if trainable is not None else trainable_filter(model)
+    trainable = freeze_filter(trainable, config.model)
     graphdef, state = create_train_state(model, tx, seed=config.seed, trainable=trainable)
+    report_trainable(count_trainable(state, freeze_layers=freeze_layers),
+                     what=type(model).__name__)
     state, state_sharding = shard_train_state(state, mesh)
     step = make_train_step(loss_fn, tx, graphdef=graphdef,
                            grad_accum_steps=config.optimizer.grad_accum_steps,
@@ -220,12 +283,17 @@ def setup_training(
 
 
 __all__ = [
+    "EMBEDDINGS",
     "MODEL_KINDS",
     "TrainSetup",
+    "TrainableCount",
     "build_model",
     "check_vocab",
+    "count_trainable",
+    "freeze_filter",
     "load_tokenizer_for",
     "model_config",
+    "report_trainable",
     "setup_training",
     "shard_train_state",
     "trainable_filter",

@@ -201,6 +201,13 @@ class ModelSpec:
     """Names of the projections that get adapters; empty means the models' default."""
     tokenizer_path: str | None = None
     """Local tokenizer directory (defaults to `path`); synthetic tasks need none."""
+    freeze_layers: int = 0
+    """Freeze the bottom N decoder layers of the trained model (the policy; PPO's separate value
+    model trains all its layers): no gradient step, no optimizer state, no weight decay
+    (`rlhf_jax.train.optimizer.freeze_bottom_layers`)."""
+    freeze_embeddings: bool = False
+    """Freeze the input embeddings (token and position; with tied embeddings also the LM
+    head)."""
 
     def __post_init__(self):
         o = "model."
@@ -214,6 +221,7 @@ class ModelSpec:
                      "max_position_embeddings"):
             check_int(self, name, low=1, optional=True, owner=o)
         check_int(self, "lora_rank", low=0, owner=o)
+        check_int(self, "freeze_layers", low=0, owner=o)
         check_number(self, "lora_alpha", low=0, low_open=True, owner=o)
 
 

@@ -6,6 +6,10 @@ TensorBoard (`output_dir/tensorboard`, via tensorboardX) and, when enabled and i
 Weights & Biases. Values are converted to Python floats with `float()`, so a value read back from
 the JSONL file is bit-identical to the float32 the step computed.
 
+`MetricsLogger.log_table(step, name, table)` writes a `SampleTable` (e.g. a held-out
+evaluation's sample responses) as one JSON line ``{"step": s, name: [{column: value, ...},
+...]}`` and as a Markdown table in TensorBoard's text tab, under the same name.
+
 On resume, `MetricsLogger(..., resume_step=s)` drops the JSONL lines of steps after `s` (those
 steps are re-run), so an interrupted-and-resumed run leaves the same file as an uninterrupted one.
 """
@@ -17,13 +21,40 @@ import math
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from rlhf_jax.train.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class SampleTable(NamedTuple):
+    """A small table of text (sample responses with their scores) for `MetricsLogger.log_table`.
+
+    Attributes:
+      columns: the column names.
+      rows: one tuple of values (str, int or float) per row, in column order.
+    """
+
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+
+    def records(self) -> list[dict[str, Any]]:
+        """The rows as ``{column: value}`` dicts."""
+        return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
+
+    def markdown(self) -> str:
+        """The table in Markdown (``|`` and newlines inside cells escaped)."""
+        def cell(v):
+            text = f"{v:.4g}" if isinstance(v, float) else str(v)
+            return text.replace("|", "\\|").replace("\n", "\\n")
+
+        lines = ["| " + " | ".join(self.columns) + " |",
+                 "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in self.rows]
+        return "\n".join(lines)
 
 
 def _to_float(value: Any) -> float:
@@ -126,6 +157,14 @@ class MetricsLogger:
             self._wandb.log(values, step=int(step))
         return values
 
+    def log_table(self, step: int, name: str, table: SampleTable) -> None:
+        """Writes `table` for `step` under `name` to metrics.jsonl and TensorBoard (text)."""
+        record = {"step": int(step), name: table.records()}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.add_text(name, table.markdown(), int(step))
+
     def progress(self, step: int, postfix: Mapping[str, float] | None = None) -> None:
         """Moves the console progress bar to `step` (showing a few metric values)."""
         if self._bar is None:
@@ -162,4 +201,4 @@ class MetricsLogger:
         self.close()
 
 
-__all__ = ["METRICS_FILE", "MetricsLogger", "read_metrics"]
+__all__ = ["METRICS_FILE", "MetricsLogger", "SampleTable", "read_metrics"]

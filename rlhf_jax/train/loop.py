@@ -52,11 +52,12 @@ from etils import epath
 
 from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.config import ConfigError, TrainConfig, config_to_dict, save_config
-from rlhf_jax.train.logging import MetricsLogger
+from rlhf_jax.train.logging import MetricsLogger, SampleTable
 from rlhf_jax.train.state import TrainState
 
 StepFn = Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
-EvalFn = Callable[[TrainState], Mapping[str, float]]
+EvalFn = Callable[[TrainState], Mapping[str, Any]]
+"""`eval_fn(state) -> {name: float or SampleTable}` (tables are logged, not returned)."""
 
 _log = logging.getLogger("rlhf_jax.train")
 
@@ -159,6 +160,18 @@ def _host(metrics: Mapping[str, Any]) -> dict[str, float]:
 def _data_state(batches: Any) -> Any:
     get_state = getattr(batches, "get_state", None)
     return get_state() if callable(get_state) else None
+
+
+def _log_eval(logger: MetricsLogger | None, step: int,
+              results: Mapping[str, Any]) -> dict[str, Any]:
+    """Logs an evaluation's scalars and its `SampleTable`s; returns the scalars."""
+    scalars = {k: v for k, v in results.items() if not isinstance(v, SampleTable)}
+    if logger is not None:
+        logger.log(step, scalars)
+        for name, table in results.items():
+            if isinstance(table, SampleTable):
+                logger.log_table(step, name, table)
+    return scalars
 
 
 def train_loop(
@@ -292,17 +305,13 @@ def train_loop(
         drain(1)
         if eval_fn is not None and eval_every > 0 and step % eval_every == 0 and step < num_steps:
             drain(0)
-            eval_metrics = dict(eval_fn(state))
-            if logger is not None:
-                logger.log(step, eval_metrics)
+            eval_metrics = _log_eval(logger, step, eval_fn(state))
         if checkpoint_every > 0 and step % checkpoint_every == 0:
             save(step)
 
     drain(0)
     if eval_fn is not None and not preempted:
-        eval_metrics = dict(eval_fn(state))
-        if logger is not None:
-            logger.log(step, eval_metrics)
+        eval_metrics = _log_eval(logger, step, eval_fn(state))
     save(step)
     if logger is not None:
         logger.progress(step)

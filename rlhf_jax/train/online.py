@@ -40,13 +40,17 @@ from rlhf_jax.models import has_lora, lora_disabled
 from rlhf_jax.train.builders import (
     build_model,
     check_vocab,
+    count_trainable,
+    freeze_filter,
     load_tokenizer_for,
+    report_trainable,
     shard_train_state,
     trainable_filter,
 )
 from rlhf_jax.train.config import DataSpec
 from rlhf_jax.train.data import build_data
 from rlhf_jax.train.loop import fit
+from rlhf_jax.train.online_eval import evaluate_held_out
 from rlhf_jax.train.optimizer import cached_optimizer
 from rlhf_jax.train.preflight import check_run_config
 from rlhf_jax.train.rewards import RewardContext, build_reward_source, gold_reward_metric
@@ -115,15 +119,20 @@ def own_buffers(tree: Any) -> Any:
 
 
 def create_sharded_state(
-    model: nnx.Module, tx: Any, *, seed: int, mesh: Any
+    model: nnx.Module, tx: Any, *, seed: int, mesh: Any, spec: Any = None
 ) -> tuple[nnx.GraphDef, Any]:
     """Splits ``model`` into a `rlhf_jax.train.state.TrainState` placed on ``mesh`` (parameters
     and optimizer moments by their logical axis names). The trainable variables are
     `rlhf_jax.train.builders.trainable_filter`'s: every parameter, or with LoRA the adapters (and
-    a fresh value head)."""
-    graphdef, state = create_train_state(
-        model, tx, seed=seed, trainable=trainable_filter(model)
-    )
+    a fresh value head), without the embeddings when the `ModelSpec` ``spec`` freezes them
+    (`rlhf_jax.train.builders.freeze_filter`; its bottom layers are frozen by ``tx``)."""
+    trainable = trainable_filter(model)
+    if spec is not None:
+        trainable = freeze_filter(trainable, spec)
+    graphdef, state = create_train_state(model, tx, seed=seed, trainable=trainable)
+    if spec is not None:
+        report_trainable(count_trainable(state, freeze_layers=spec.freeze_layers),
+                         what="the policy")
     # Own buffers: models built with nnx.clone share arrays with their source, and the state
     # is donated to the update.
     state, _ = shard_train_state(own_buffers(state), mesh)
@@ -212,6 +221,21 @@ class Reference:
 # ---------------------------------------------------------------------------------------------
 
 
+class HeldOut(NamedTuple):
+    """Held-out prompts of an online run's evaluation (`OnlineTrainer.set_held_out`).
+
+    Attributes:
+      prompt_batches: ``prompt_batches()`` -> a fresh iterator over the held-out prompt batches
+        (`rlhf_jax.train.data.DataBundle.eval_batches`).
+      gold_task: a synthetic task whose gold reward is reported (None: none).
+      decode: token ids -> text for the table of sample responses (None: the ids).
+    """
+
+    prompt_batches: Callable[[], Any]
+    gold_task: Any = None
+    decode: Callable[[list[int]], str] | None = None
+
+
 def check_online_config(config: Any) -> None:
     """Validates the fields every online trainer's config shares; errors name the field."""
     rollout = config.rollout
@@ -249,6 +273,8 @@ class OnlineTrainer:
     state: Any
     prompts: Any
     policy_graphdef: Any
+    held_out: HeldOut | None = None
+    """Held-out prompts evaluated every ``config.eval_every`` iterations (`set_held_out`)."""
 
     def setup(
         self,
@@ -276,8 +302,10 @@ class OnlineTrainer:
         4. `Reference.build` (adapters off for a LoRA policy, else ``reference`` or a copy of
            the policy taken now);
         5. `trained_policy` (a subclass's hook: PPO's shared value head);
-        6. the optimizer over ``num_updates`` steps (`cached_optimizer`);
-        7. the policy's sharded `TrainState` (`create_sharded_state`);
+        6. the optimizer over ``num_updates`` steps (`cached_optimizer`; the bottom
+           ``model.freeze_layers`` layers frozen);
+        7. the policy's sharded `TrainState` (`create_sharded_state`; the embeddings frozen
+           with ``model.freeze_embeddings``), and its trainable fraction printed;
         8. `initial_state` committed to the mesh (`commit_to_mesh`).
 
         The models passed in are placed on the mesh in place and must not be used afterwards.
@@ -296,9 +324,10 @@ class OnlineTrainer:
         self.reference = Reference.build(policy, reference, lora=uses_lora(policy),
                                          mesh=self.mesh)
         policy = self.trained_policy(policy)
-        self.tx, self.schedule = cached_optimizer(config.optimizer, max(num_updates, 1))
+        self.tx, self.schedule = cached_optimizer(config.optimizer, max(num_updates, 1),
+                                                  freeze_layers=config.model.freeze_layers)
         self.policy_graphdef, policy_state = create_sharded_state(
-            policy, self.tx, seed=config.seed, mesh=self.mesh
+            policy, self.tx, seed=config.seed, mesh=self.mesh, spec=config.model
         )
         self.state = commit_to_mesh(self.initial_state(policy_state), self.mesh)
 
@@ -356,12 +385,48 @@ class OnlineTrainer:
         self.state, metrics = self.step(self.state, prompts)
         return to_host(metrics)
 
+    def set_held_out(self, held_out: HeldOut) -> None:
+        """Evaluates the policy on ``held_out`` every ``config.eval_every`` iterations and at the
+        end of `train` (`evaluate`)."""
+        self.held_out = held_out
+
+    def evaluate(self, state: Any = None) -> dict[str, Any]:
+        """The held-out metrics of ``state`` (default: the current state), ``<algo>/eval/...``:
+        proxy and gold reward, exact and k1 / k3 KL to the reference, response length, EOS rate
+        and a table of sample responses (`rlhf_jax.train.online_eval.evaluate_held_out`, at most
+        ``config.eval_batches`` batches)."""
+        if self.held_out is None:
+            raise ValueError("no held-out prompts: call set_held_out first")
+        state = self.state if state is None else state
+        return evaluate_held_out(
+            policy_graphdef=self.policy_graphdef,
+            policy_state=state.policy,
+            reference=self.reference,
+            ref_state=self.reference.state,
+            reward=self.reward,
+            prompt_batches=self.held_out.prompt_batches(),
+            rollout_config=self.config.rollout,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            namespace=self.algorithm,
+            seed=self.config.seed,
+            max_batches=self.config.eval_batches,
+            gold_task=self.held_out.gold_task,
+            decode=self.held_out.decode,
+            mesh=self.mesh,
+        )
+
     def train(self, *, guard: Any = None) -> Any:
         """Runs ``config.num_steps`` iterations through `rlhf_jax.train.loop.fit` (config.yaml,
         metrics.jsonl / TensorBoard, checkpoints, exact resume, SIGTERM). Returns its
-        `LoopResult`. ``guard``: a `rlhf_jax.train.loop.PreemptionGuard` (default: SIGTERM)."""
+        `LoopResult`. ``guard``: a `rlhf_jax.train.loop.PreemptionGuard` (default: SIGTERM).
+        With held-out prompts (`set_held_out`) and ``config.eval_every > 0``, `evaluate` runs
+        every ``eval_every`` iterations and at the end."""
+        eval_fn = None
+        if self.held_out is not None and self.config.eval_every > 0:
+            eval_fn = self.evaluate
         result = fit(self.config, step_fn=self.step, state=self.state, train_batches=self.prompts,
-                     guard=guard)
+                     eval_fn=eval_fn, guard=guard)
         self.state = result.state
         return result
 
@@ -392,6 +457,8 @@ class OnlineSetup(NamedTuple):
     data: Any = None
     """The prompts' `rlhf_jax.train.data.DataBundle` (its load report goes into the run
     summary)."""
+    task: Any = None
+    """The synthetic task of the prompts (its gold reward), or None."""
 
 
 def setup_from_config(config: Any, *, algorithm: str) -> OnlineSetup:
@@ -432,13 +499,25 @@ def setup_from_config(config: Any, *, algorithm: str) -> OnlineSetup:
         tokenizer=tokenizer,
         config=dataclasses.replace(config, model=spec),
         data=data,
+        task=task,
     )
 
 
 def train_online(trainer_cls: type, config: Any, *, algorithm: str) -> dict[str, Any]:
     """A command-line online run: `setup_from_config`, then ``trainer_cls(...).train()``;
-    returns the run summary (output directory, iterations run, final metrics)."""
+    returns the run summary (output directory, iterations run, final metrics). With
+    ``eval_every > 0`` the policy is evaluated on the held-out prompts of ``config.data``
+    (`OnlineTrainer.evaluate`); a run without held-out prompts then stops with an error."""
     setup = setup_from_config(config, algorithm=algorithm)
+    held_out = setup.data.eval_batches if setup.data is not None else None
+    if config.eval_every > 0 and held_out is None:
+        raise ValueError(f"eval_every={config.eval_every} needs held-out prompts: set "
+                         "data.eval_path (or data.eval_split), or data.num_eval > 0 with "
+                         "data.synthetic")
+    if config.eval_every > 0:
+        check_rows_divide_mesh(config.data.eval_batch_size or config.data.batch_size,
+                               resolve_mesh(config.mesh),
+                               what="a held-out prompt batch (data.eval_batch_size)")
     trainer = trainer_cls(
         setup.config,
         policy=setup.policy,
@@ -448,11 +527,15 @@ def train_online(trainer_cls: type, config: Any, *, algorithm: str) -> dict[str,
         pad_token_id=setup.pad_token_id,
         metric_fns=setup.metric_fns,
     )
+    if config.eval_every > 0:
+        trainer.set_held_out(HeldOut(prompt_batches=held_out, gold_task=setup.task,
+                                     decode=setup.tokenizer.decode))
     return run_summary(trainer.train(), setup.config, setup.data)
 
 
 __all__ = [
     "ONLINE_DATA",
+    "HeldOut",
     "MetricFn",
     "OnlineSetup",
     "OnlineTrainer",

@@ -1,18 +1,33 @@
 """The optimizer of a run from its `OptimizerConfig`: global-norm clipping, then AdamW with a
-linear warmup and a constant / linear / cosine decay (`make_optimizer`, `make_schedule`).
+linear warmup and a constant / linear / cosine decay (`make_optimizer`, `make_schedule`), and
+the freezing of the bottom decoder layers (`freeze_bottom_layers`).
 
-Imports only optax and the config; every trainer (offline and online) builds its optimizer here.
+The decoder's layers are stacked (one ``[L, ...]`` array per parameter, run by ``nnx.scan``), so
+no variable filter can freeze the bottom ``N`` of them. `freeze_bottom_layers` wraps the whole
+optimizer instead: it hands the inner transformation only the rows ``N:`` of every stacked
+parameter (the leaves whose first logical axis is ``"layers"``), so the frozen rows have no
+moments, no weight decay and no share in the clipping norm, and their update is ``-0.0``
+(``w + (-0.0) == w`` bit for bit, signed zeros included).
+
+Imports only optax, flax's variables and the config; every trainer (offline and online) builds
+its optimizer here.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from rlhf_jax.train.config import OptimizerConfig
+
+STACK_AXIS = "layers"
+"""The logical name of the stacked-layer axis (the leading axis of every per-layer parameter)."""
 
 
 def make_schedule(config: OptimizerConfig, num_steps: int) -> optax.Schedule:
@@ -45,10 +60,109 @@ def _decay_mask(params):
     return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
 
 
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def is_stacked(leaf: Any) -> bool:
+    """Whether a parameter (an `nnx.Variable`) is stacked over the layers: its first logical
+    axis name is `STACK_AXIS`."""
+    if not _is_variable(leaf):
+        return False
+    names = leaf.get_metadata().get("out_sharding") or ()
+    return len(names) > 0 and names[0] == STACK_AXIS
+
+
+def _rows(tree: Any, start: int) -> Any:
+    """`tree` with every stacked parameter cut to its rows ``start:`` (others unchanged)."""
+    def cut(x):
+        return x.replace(x.get_value()[start:]) if is_stacked(x) else x
+
+    return jax.tree.map(cut, tree, is_leaf=_is_variable)
+
+
+def _pad_rows(updates: Any, like: Any, num_frozen: int) -> Any:
+    """Inverse of `_rows` for updates: ``-0.0`` for the first ``num_frozen`` rows of every stacked
+    parameter of `like`, then the inner updates."""
+    def pad(u, ref):
+        if not is_stacked(ref):
+            return u
+        value = u.get_value()
+        frozen = jnp.full((num_frozen,) + value.shape[1:], -0.0, value.dtype)
+        return u.replace(jnp.concatenate([frozen, value], axis=0))
+
+    return jax.tree.map(pad, updates, like, is_leaf=_is_variable)
+
+
+class FrozenLayersState(NamedTuple):
+    """The state of `freeze_bottom_layers`: the inner state over the trainable rows only."""
+
+    inner: optax.OptState
+
+
+class FrozenLayersTransformation(NamedTuple):
+    """An optax transformation (``init``, ``update``) that freezes part of the parameters, and
+    ``trainable(tree)``: the part of a parameter-shaped tree it updates (what
+    `rlhf_jax.train.state.make_train_step` reports ``train/grad_norm`` of)."""
+
+    init: Callable[..., Any]
+    update: Callable[..., Any]
+    trainable: Callable[[Any], Any]
+
+
+def freeze_bottom_layers(
+    tx: optax.GradientTransformation, *, num_layers: int
+) -> optax.GradientTransformation | FrozenLayersTransformation:
+    """`tx` on everything but the bottom `num_layers` rows of the stacked layer parameters.
+
+    For a stacked parameter ``W [L, ...]`` the inner transformation sees ``W[num_layers:]`` and
+    its gradient; the update of ``W[:num_layers]`` is ``-0.0``, so those rows stay bit-identical.
+    The inner state (e.g. Adam's two moments) holds ``L - num_layers`` rows per stacked
+    parameter, and the frozen rows take no part in weight decay or in the clipping norm (the run
+    is the run of a model whose bottom layers are constants). Parameters that are not stacked
+    (embeddings, final norm, heads) pass through; LoRA adapters are stacked like the kernels
+    they adapt, so the bottom layers' adapters are frozen too.
+
+    Args:
+      tx: the inner optax transformation (clipping, AdamW, ...).
+      num_layers: how many of the bottom layers to freeze (keyword-only); 0 returns `tx`.
+
+    Returns:
+      A `FrozenLayersTransformation` whose state is `FrozenLayersState`.
+    """
+    num_layers = int(num_layers)
+    if num_layers < 0:
+        raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+    if num_layers == 0:
+        return tx
+
+    def check(params):
+        for leaf in jax.tree.leaves(params, is_leaf=_is_variable):
+            if is_stacked(leaf) and leaf.get_value().shape[0] < num_layers:
+                raise ValueError(
+                    f"model.freeze_layers={num_layers} exceeds the model's "
+                    f"{leaf.get_value().shape[0]} layers"
+                )
+
+    def init_fn(params):
+        check(params)
+        return FrozenLayersState(inner=tx.init(_rows(params, num_layers)))
+
+    def update_fn(updates, state, params=None):
+        inner_params = None if params is None else _rows(params, num_layers)
+        inner_updates, inner_state = tx.update(_rows(updates, num_layers), state.inner,
+                                               inner_params)
+        return _pad_rows(inner_updates, updates, num_layers), FrozenLayersState(inner=inner_state)
+
+    return FrozenLayersTransformation(init_fn, update_fn,
+                                      functools.partial(_rows, start=num_layers))
+
+
 def make_optimizer(
-    config: OptimizerConfig, num_steps: int
+    config: OptimizerConfig, num_steps: int, *, freeze_layers: int = 0
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """`(tx, schedule)`: global-norm clipping then AdamW with `make_schedule`.
+    """`(tx, schedule)`: global-norm clipping then AdamW with `make_schedule`, all of it wrapped
+    by `freeze_bottom_layers` when `freeze_layers > 0` (`ModelSpec.freeze_layers`).
 
     Gradient accumulation is not part of `tx`: `make_train_step` averages `grad_accum_steps`
     micro-batch gradients inside the step, so `num_steps` counts optimizer updates.
@@ -69,17 +183,26 @@ def make_optimizer(
             mask=_decay_mask,
         )
     )
-    return optax.chain(*parts), schedule
+    return freeze_bottom_layers(optax.chain(*parts), num_layers=freeze_layers), schedule
 
 
 @functools.lru_cache(maxsize=64)
 def cached_optimizer(
-    config: OptimizerConfig, num_steps: int
+    config: OptimizerConfig, num_steps: int, *, freeze_layers: int = 0
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """`make_optimizer`, memoised on the (frozen, hashable) config so that trainers built twice
     from one config share their jitted functions' compilation cache (the online trainers key
     their jitted update on the optimizer)."""
-    return make_optimizer(config, num_steps)
+    return make_optimizer(config, num_steps, freeze_layers=freeze_layers)
 
 
-__all__ = ["cached_optimizer", "make_optimizer", "make_schedule"]
+__all__ = [
+    "STACK_AXIS",
+    "FrozenLayersState",
+    "FrozenLayersTransformation",
+    "cached_optimizer",
+    "freeze_bottom_layers",
+    "is_stacked",
+    "make_optimizer",
+    "make_schedule",
+]

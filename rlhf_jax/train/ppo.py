@@ -115,8 +115,9 @@ class PPOConfig(TrainConfig):
     """GAE lambda."""
     kl_coef: float = 0.05
     """Initial (or fixed) KL coefficient beta of the reward penalty."""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """Per-token KL estimator in the reward (k1: log-ratio, Ziegler et al.; k3: Schulman)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator in the reward (k1: log-ratio, Ziegler et al.; k2: half the squared
+    log-ratio, k3: ``r - 1 - log r``, Schulman 2020)."""
     adaptive_kl: bool = False
     """Adapt beta towards ``kl_target`` (Ziegler et al.'s proportional controller)."""
     kl_target: float = 6.0
@@ -269,7 +270,7 @@ def ppo_rewards_and_advantages(
         r_t = -\\beta\\, \\mathrm{kl}_t + [t = T_b]\\, s_b, \\qquad
         \\hat A = \\mathrm{GAE}_{\\gamma, \\lambda}(r, V), \\qquad R_t = \\hat A_t + V_t
 
-    with ``kl_t`` the k1 (``log pi - log pi_ref``) or k3 estimate and ``T_b`` the last real
+    with ``kl_t`` the k1 (``log pi - log pi_ref``), k2 or k3 estimate and ``T_b`` the last real
     response token (`rlhf_jax.losses.kl_penalized_rewards`, `rlhf_jax.losses.gae`).
     ``whiten_rewards`` whitens ``r`` keeping its mean (TRL ``whiten_rewards``); the returns use
     the raw advantages, then ``whiten_advantages`` whitens the advantages (TRL, lm-human-prefs).

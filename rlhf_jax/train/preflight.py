@@ -107,9 +107,20 @@ def check_batch_layout(config: TrainConfig, *, num_devices: int | None = None,
                          "grad_accum_steps rows)")
 
 
+def check_frozen_layers(config: TrainConfig) -> None:
+    """Raises ValueError when `model.freeze_layers` exceeds the model's number of layers."""
+    spec = config.model
+    if spec.freeze_layers:
+        layers = model_config(spec).num_layers
+        if spec.freeze_layers > layers:
+            raise ValueError(f"model.freeze_layers={spec.freeze_layers} exceeds the model's "
+                             f"{layers} decoder layers")
+
+
 def check_run_config(config: Any) -> None:
     """All the checks of this module for a trainer's config; call it first in `train_<algo>`."""
     check_sequence_lengths(config)
+    check_frozen_layers(config)
     if getattr(config, "rollout", None) is None:
         check_batch_layout(config)
     else:
@@ -119,4 +130,5 @@ def check_run_config(config: Any) -> None:
                              f"the {hosts} hosts (every host loads the same number of prompts)")
 
 
-__all__ = ["batch_shards", "check_batch_layout", "check_run_config", "check_sequence_lengths"]
+__all__ = ["batch_shards", "check_batch_layout", "check_frozen_layers", "check_run_config",
+           "check_sequence_lengths"]

@@ -17,7 +17,9 @@ and metrics inside a `lax.scan`, (2) applies the optax update, and (3) skips the
 loss or the gradient norm is not finite, keeping parameters and optimizer state unchanged and
 reporting `"train/nonfinite" = 1`. The step always adds these metrics:
 
-- `train/grad_norm`: global L2 norm of the (accumulated, unclipped) gradient.
+- `train/grad_norm`: global L2 norm of the (accumulated, unclipped) gradient; of its trainable
+  part only when the optimizer freezes some parameters and says which (a `tx` with a
+  ``trainable(tree)`` attribute, e.g. `rlhf_jax.train.optimizer.freeze_bottom_layers`).
 - `train/learning_rate`: the schedule's value at this step (when a schedule is given).
 - `train/nonfinite`: 1.0 when the update was skipped for a non-finite loss/gradient, else 0.0.
 """
@@ -184,6 +186,7 @@ def make_train_step(
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+    trainable_part = getattr(tx, "trainable", None)
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
@@ -196,7 +199,7 @@ def make_train_step(
             step_rng,
             grad_accum_steps=grad_accum_steps,
         )
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = optax.tree.norm(grads if trainable_part is None else trainable_part(grads))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)

@@ -192,7 +192,7 @@ def test_rloo_bad_input():
 
 # ------------------------------------------------------------------- kl_penalized_rewards
 @VARIANTS
-@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_penalized_rewards_matches_numpy(variant, estimator):
     rng = np.random.default_rng(4)
     lengths = np.array([5, 2, 0, 1])
@@ -204,7 +204,7 @@ def test_kl_penalized_rewards_matches_numpy(variant, estimator):
         scores, lp, ref, m
     )
     d = np.where(m > 0, np.float64(ref) - np.float64(lp), 0.0)  # log(pi_ref / pi)
-    kl = (-d if estimator == "k1" else np.expm1(d) - d) * m
+    kl = {"k1": -d, "k2": 0.5 * d**2, "k3": np.expm1(d) - d}[estimator] * m
     want = -0.1 * kl
     for b, n in enumerate(lengths):
         if n > 0:
@@ -243,8 +243,8 @@ def test_kl_penalized_rewards_traced_coef_and_no_gradient():
 def test_kl_penalized_rewards_bad_input():
     x = jnp.zeros((2, 3))
     m = jnp.ones((2, 3))
-    with pytest.raises(ValueError, match="estimator='k2'.*'k1', 'k3'"):
-        kl_penalized_rewards(jnp.zeros(2), x, x, m, kl_coef=0.1, estimator="k2")
+    with pytest.raises(ValueError, match="estimator='k4'.*'k1', 'k2', 'k3'"):
+        kl_penalized_rewards(jnp.zeros(2), x, x, m, kl_coef=0.1, estimator="k4")
     with pytest.raises(ValueError, match="scores"):
         kl_penalized_rewards(jnp.zeros(3), x, x, m, kl_coef=0.1)
     with pytest.raises(AssertionError, match="ref_logps"):
