@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rlhf_jax import sharding
 from rlhf_jax.data import TokenizedPreference, TokenizedSFT, collate_prefix_shared, pack_sft
 from rlhf_jax.losses import masked_sum
 from rlhf_jax.models import CausalLM, ModelConfig, positions_from_mask
@@ -164,3 +165,32 @@ def test_model_spec_sets_the_chunk_size():
     assert model_config(ModelSpec(preset="tiny_gpt2", logits_chunk_size=0)).logits_chunk_size == 0
     with pytest.raises(FieldError, match="logits_chunk_size"):
         ModelSpec(logits_chunk_size=-1)
+
+
+@pytest.mark.slow  # the model-level check runs by default: tests/models/test_token_logps.py
+def test_dpo_with_the_vocabulary_sharded_over_tensor_equals_one_device():
+    """data=2 x tensor=4 on the 8 host devices: the DPO loss, metrics and gradients of the
+    fused head with the tied embedding's vocabulary over `tensor` equal the single-device ones."""
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=1, tensor=4))
+    policy, _ = _models("tiny_qwen2", seed=5)
+    ref, _ = _models("tiny_qwen2", seed=6)
+    rng = np.random.default_rng(5)
+    pairs = [TokenizedPreference(_ids(rng, 4), _ids(rng, 5), _ids(rng, 3), 0.0, 1.0, "t"),
+             TokenizedPreference(_ids(rng, 2), _ids(rng, 6), _ids(rng, 6), 0.0, 1.0, "t")]
+    batch = collate_prefix_shared(pairs, pad_id=0, length=16)
+    model = PolicyAndReference(policy, ref)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def f(params, rest, batch):
+        return preference_loss(nnx.merge(graphdef, params, rest), batch,
+                               hp=DPOHyperParams(beta=0.1))
+
+    step = jax.jit(jax.value_and_grad(f, has_aux=True))
+    (loss, metrics), grads = step(params, rest, batch)
+    (loss_s, metrics_s), grads_s = step(sharding.shard_state(params, mesh),
+                                        sharding.shard_state(rest, mesh),
+                                        sharding.shard_batch(batch, mesh))
+    np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
+    _assert_close(metrics_s, metrics, atol=1e-5)
+    _assert_close(grads_s, grads, rtol=1e-4)
+    assert grads_s["policy"]["backbone"]["embed"]["embedding"][...].sharding.spec[0] == "tensor"
