@@ -24,6 +24,7 @@ from rlhf_jax.train.logprobs import (
 )
 from rlhf_jax.train.rollout import Rollout
 from rlhf_jax.train.sft import sft_loss
+from rlhf_jax.train.value import PolicyWithValueHead, shared_forward
 
 
 def _models(preset, seed=0):
@@ -194,3 +195,30 @@ def test_dpo_with_the_vocabulary_sharded_over_tensor_equals_one_device():
     _assert_close(metrics_s, metrics, atol=1e-5)
     _assert_close(grads_s, grads, rtol=1e-4)
     assert grads_s["policy"]["backbone"]["embed"]["embedding"][...].sharding.spec[0] == "tensor"
+
+
+def test_shared_value_head_forward_equals_the_full_logits_path():
+    # PPO with `value_head="shared"`: log-probs, entropy and values of one backbone pass.
+    lm, _ = _models("tiny_gpt2", seed=7)
+    model = PolicyWithValueHead(lm, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(7)
+    b, p, n = 2, 5, 4
+    sequences = rng.integers(3, 256, size=(b, p + n)).astype(np.int32)
+    mask = np.ones((b, p + n), np.int32)
+    mask[1, :2] = 0
+    sequences[mask == 0] = 0
+    rollout = Rollout(sequences, mask, sequences[:, p:], mask[:, p:], np.array([0, 1], bool))
+
+    def run(state, rollout):
+        m = nnx.merge(graphdef, state)
+        logits, values = m.logits_and_values(rollout.sequences, rollout.sequence_mask,
+                                             positions_from_mask(rollout.sequence_mask))
+        want = tempered_response_logps(logits, rollout, temperature=0.7, with_entropy=True)
+        return shared_forward(m, rollout, temperature=0.7), want, values[:, p - 1:-1]
+
+    graphdef, state = nnx.split(model)
+    (logps, entropy, values), (want_logps, want_entropy), want_values = jax.jit(run)(state,
+                                                                                   rollout)
+    np.testing.assert_allclose(logps, want_logps, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(entropy, want_entropy, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(values, want_values, rtol=1e-6, atol=1e-6)
