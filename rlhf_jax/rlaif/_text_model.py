@@ -82,10 +82,16 @@ def bucket(length: int, *, minimum: int = 16) -> int:
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _next_token_logps(graphdef, state, input_ids, attention_mask, token_ids):
-    """``log_softmax(model(...)[:, -1])[:, token_ids]`` for left-padded rows, ``[B, K]``."""
+    """``log_softmax(model(...)[:, -1])[:, token_ids]`` for left-padded rows, ``[B, K]``.
+
+    A model with ``hidden_states`` / ``logits_from_hidden`` (``rlhf_jax.models.CausalLM``) runs
+    its LM head on the last position only (``[B, V]`` logits, never ``[B, T, V]``)."""
     model = nnx.merge(graphdef, state)
-    logits = model(input_ids, attention_mask=attention_mask,
-                   positions=positions_from_mask(attention_mask))
+    kwargs = {"attention_mask": attention_mask, "positions": positions_from_mask(attention_mask)}
+    if hasattr(model, "hidden_states") and hasattr(model, "logits_from_hidden"):
+        logits = model.logits_from_hidden(model.hidden_states(input_ids, **kwargs)[:, -1:])
+    else:
+        logits = model(input_ids, **kwargs)
     last = jax.nn.log_softmax(logits[:, -1, :].astype(jnp.float32), axis=-1)
     return last[:, token_ids]
 

@@ -63,7 +63,12 @@ from rlhf_jax.train.data import build_data
 from rlhf_jax.train.dpo import DPOConfig, DPOHyperParams, preference_loss, train_dpo
 from rlhf_jax.train.export import ExportConfig, export_policy
 from rlhf_jax.train.logging import MetricsLogger, SampleTable, read_metrics
-from rlhf_jax.train.logprobs import aligned_token_logps, model_inputs, model_token_logps
+from rlhf_jax.train.logprobs import (
+    aligned_token_logps,
+    model_inputs,
+    model_scores,
+    model_token_logps,
+)
 from rlhf_jax.train.loop import (
     LoopResult,
     NonFiniteError,
@@ -139,6 +144,7 @@ __all__ = [
     "make_train_step",
     "merge_model",
     "model_inputs",
+    "model_scores",
     "model_token_logps",
     "prepare_output_dir",
     "read_metrics",

@@ -193,6 +193,10 @@ class ModelSpec:
     """Override the preset's maximum sequence length (random init only)."""
     remat: Literal["none", "full", "dots", "dots_no_batch", "nothing_saveable"] | None = None
     """Override the preset's per-layer rematerialisation policy."""
+    logits_chunk_size: int | None = None
+    """Positions per chunk of the fused LM head and log-probs (`ModelConfig.logits_chunk_size`;
+    unset keeps the model's, 128; 0 scores through the full `[B, T, V]` logits, same values).
+    Applies to presets and `path` models alike; peak memory of scoring is O(B * chunk * V)."""
     lora_rank: int = 0
     """LoRA rank; 0 trains all parameters, > 0 trains only LoRA adapters."""
     lora_alpha: float = 16.0
@@ -220,6 +224,7 @@ class ModelSpec:
         for name in ("vocab_size", "num_layers", "hidden_size", "num_heads", "intermediate_size",
                      "max_position_embeddings"):
             check_int(self, name, low=1, optional=True, owner=o)
+        check_int(self, "logits_chunk_size", low=0, optional=True, owner=o)
         check_int(self, "lora_rank", low=0, owner=o)
         check_int(self, "freeze_layers", low=0, owner=o)
         check_number(self, "lora_alpha", low=0, low_open=True, owner=o)

@@ -76,7 +76,7 @@ from rlhf_jax.train.config import (
     require,
 )
 from rlhf_jax.train.data import build_data
-from rlhf_jax.train.logprobs import model_token_logps
+from rlhf_jax.train.logprobs import model_scores
 from rlhf_jax.train.pairs import pair_forward_batch, pair_sequence_sums, pair_weights
 from rlhf_jax.train.preflight import check_run_config
 from rlhf_jax.train.run import run_summary, run_training
@@ -214,7 +214,7 @@ def policy_pair_logps(
     With ``soft_labels`` and a batch ``label`` p, the smoothing is ``1 - p`` per pair (and the
     accuracy metric uses p); otherwise ``label_smoothing``."""
     rows = pair_forward_batch(batch)
-    logps, _ = model_token_logps(policy, rows)
+    logps = model_scores(policy, rows).logps
     pc, pr, lc, lr = pair_sequence_sums(logps, rows, batch)
     label = batch["label"].astype(jnp.float32) if "label" in batch else None
     smoothing = (1.0 - label) if (soft_labels and label is not None) else label_smoothing
@@ -226,7 +226,7 @@ def policy_pair_logps(
 def reference_pair_logps(ref_model: nnx.Module, batch: Mapping[str, jax.Array]):
     """`(ref_chosen [P], ref_rejected [P])` sequence log-probs of a pairwise batch, no gradient."""
     rows = pair_forward_batch(batch)
-    logps, _ = model_token_logps(ref_model, rows)
+    logps = model_scores(ref_model, rows).logps
     rc, rr, _, _ = pair_sequence_sums(jax.lax.stop_gradient(logps), rows, batch)
     return rc, rr
 
@@ -240,7 +240,7 @@ def kto_sequence_logps(model: nnx.Module, batch: Mapping[str, jax.Array]):
     """`(logps [B], kl_logps [B])`: completion log-probs of the examples and of their `kl_`
     mismatched twins, in one fused forward."""
     rows = _kto_rows(batch)
-    logps, _ = model_token_logps(model, rows)
+    logps = model_scores(model, rows).logps
     seq = losses.masked_sum(logps, rows["loss_mask"].astype(jnp.float32), axis=-1)
     return tuple(jnp.split(seq, 2))
 

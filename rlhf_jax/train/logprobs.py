@@ -85,10 +85,59 @@ def model_inputs(batch: Mapping[str, jax.Array], prefix: str = "") -> dict[str, 
     return out
 
 
+def model_scores(
+    model: Any, batch: Mapping[str, jax.Array], prefix: str = "", *, with_argmax: bool = False
+) -> losses.FusedLogps:
+    """Aligned log-probs `[B, T]` (and argmax) of a causal LM on the batch's `<prefix>input_ids`,
+    through the fused LM head: the `[B, T, V]` logits are never materialised.
+
+    A model with `token_logps` (`rlhf_jax.models.CausalLM`, chunked per
+    `ModelConfig.logits_chunk_size`) is scored by it; any other callable
+    `model(input_ids, **kwargs) -> [B, T, V]` by `aligned_token_logps` on its logits (argmax
+    from those logits, -1 where a token has no context). Same values either way.
+
+    Returns:
+      `rlhf_jax.losses.FusedLogps(logps [B, T] float32, None, argmax [B, T] int32 or None)`.
+    """
+    input_ids = batch[prefix + "input_ids"]
+    kwargs = model_inputs(batch, prefix)
+    if hasattr(model, "token_logps"):
+        return model.token_logps(input_ids, **kwargs, with_argmax=with_argmax)
+    logits = model(input_ids, **kwargs)
+    logps = aligned_token_logps(logits, input_ids, kwargs.get("segment_ids"),
+                                kwargs.get("branch_ids"))
+    argmax = None
+    if with_argmax:
+        argmax = _aligned_argmax(logits, kwargs.get("segment_ids"), kwargs.get("branch_ids"))
+    return losses.FusedLogps(logps, None, argmax)
+
+
+def _aligned_argmax(logits: jax.Array, segment_ids: jax.Array | None,
+                    branch_ids: jax.Array | None) -> jax.Array:
+    """`[B, T]` int32 argmax of the distribution that scores each token (aligned as
+    `aligned_token_logps`), -1 where a token has no context."""
+    arg = jnp.pad(jnp.argmax(logits[:, :-1], axis=-1).astype(jnp.int32), ((0, 0), (1, 0)),
+                  constant_values=-1)
+    if segment_ids is not None:
+        same = jnp.pad(segment_ids[:, 1:] == segment_ids[:, :-1], ((0, 0), (1, 0)),
+                       constant_values=False)
+        arg = jnp.where(same, arg, -1)
+    if branch_ids is not None:
+        prev = jnp.pad(branch_ids[:, :-1], ((0, 0), (1, 0)))
+        starts = (branch_ids > 0) & (prev > 0) & (prev != branch_ids)
+        prefix_len = jnp.argmax(branch_ids > 0, axis=-1)  # [B]
+        last = jnp.take_along_axis(
+            logits, jnp.maximum(prefix_len - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, V]
+        from_prefix = jnp.where(prefix_len > 0, jnp.argmax(last, axis=-1), -1).astype(jnp.int32)
+        arg = jnp.where(starts, from_prefix[:, None], arg)
+    return arg
+
+
 def model_token_logps(
     model: Any, batch: Mapping[str, jax.Array], prefix: str = ""
 ) -> tuple[jax.Array, jax.Array]:
-    """`(logps [B, T], logits [B, T, V])` of a causal LM on the batch's `<prefix>input_ids`."""
+    """`(logps [B, T], logits [B, T, V])` of a causal LM on the batch's `<prefix>input_ids`
+    (materialises the logits; the trainers use `model_scores`)."""
     input_ids = batch[prefix + "input_ids"]
     kwargs = model_inputs(batch, prefix)
     logits = model(input_ids, **kwargs)
@@ -131,7 +180,10 @@ def policy_response_logps(
     model gives; every consumer masks them.
 
     Args:
-      model: ``model(input_ids, attention_mask=..., positions=...) -> [B, T, V]`` logits.
+      model: a causal LM; one with ``token_logps`` (``rlhf_jax.models.CausalLM``) runs the fused
+        head on the response positions only and never materialises the logits; any other
+        ``model(input_ids, attention_mask=..., positions=...) -> [B, T, V]`` is scored from its
+        logits.
       rollout: the sampled batch.
       temperature: sampling temperature ``> 0``.
       with_entropy: also return the per-token entropy of the tempered distribution.
@@ -139,11 +191,16 @@ def policy_response_logps(
     Returns:
       ``(logps [B, N] float32, entropy [B, N] float32 or None)``.
     """
-    logits = model(
-        rollout.sequences,
-        attention_mask=rollout.sequence_mask,
-        positions=positions_from_mask(rollout.sequence_mask),
-    )
+    kwargs = {"attention_mask": rollout.sequence_mask,
+              "positions": positions_from_mask(rollout.sequence_mask)}
+    if hasattr(model, "token_logps"):
+        if rollout.prompt_length < 1:
+            raise ValueError(f"prompt_length must be >= 1 (a prompt needs a token), got "
+                             f"{rollout.prompt_length}")
+        out = model.token_logps(rollout.sequences, **kwargs, start=rollout.prompt_length,
+                                temperature=temperature, with_entropy=with_entropy)
+        return out.logps, out.entropy
+    logits = model(rollout.sequences, **kwargs)
     return tempered_response_logps(logits, rollout, temperature=temperature,
                                    with_entropy=with_entropy)
 
@@ -164,6 +221,7 @@ def tempered_response_logps(
 __all__ = [
     "aligned_token_logps",
     "model_inputs",
+    "model_scores",
     "model_token_logps",
     "policy_response_logps",
     "response_logits",

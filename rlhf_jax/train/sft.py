@@ -2,7 +2,7 @@
 
 The loss is the negative log-likelihood of the tokens selected by the batch's `loss_mask`
 (completion / assistant tokens; `rlhf_jax.data` builds it), with per-token log-probs aligned to
-the token they score (`rlhf_jax.train.logprobs.model_token_logps`):
+the token they score (`rlhf_jax.train.logprobs.model_scores`):
 
     token reduction (TRL's default):  L = sum_{b,t} m[b,t] * (-logp[b,t]) / max(sum m, 1)
     sequence reduction:               L = mean over sequences s of (sum_{t in s} -m logp / n_s)
@@ -40,7 +40,7 @@ from rlhf_jax.losses import masked_mean
 from rlhf_jax.train.builders import build_model, check_vocab, load_tokenizer_for
 from rlhf_jax.train.config import DataSpec, TrainConfig
 from rlhf_jax.train.data import build_data
-from rlhf_jax.train.logprobs import model_token_logps
+from rlhf_jax.train.logprobs import model_scores
 from rlhf_jax.train.preflight import check_run_config
 from rlhf_jax.train.run import run_summary, run_training
 
@@ -101,7 +101,8 @@ def sft_loss(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}; allowed: {REDUCTIONS}")
-    logps, logits = model_token_logps(model, batch)
+    scores = model_scores(model, batch, with_argmax=True)
+    logps = scores.logps
     mask = sft_loss_mask(batch, completion_only=completion_only)
     nll = -logps
     token_mean = masked_mean(nll, mask)
@@ -114,8 +115,7 @@ def sft_loss(
             rows = jnp.arange(1, mask.shape[0] + 1, dtype=jnp.int32)[:, None]
             seq_ids = jnp.where(batch["attention_mask"] > 0, rows, 0)
         loss = _sequence_mean(nll, mask, seq_ids)
-    pred = jnp.argmax(logits[:, :-1], axis=-1)
-    correct = jnp.pad(pred == batch["input_ids"][:, 1:], ((0, 0), (1, 0)))
+    correct = scores.argmax == batch["input_ids"]  # argmax is -1 where there is no context
     metrics = {
         "sft/loss": loss,
         "sft/accuracy": masked_mean(correct.astype(jnp.float32), mask),

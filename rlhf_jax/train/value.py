@@ -20,7 +20,7 @@ from rlhf_jax import losses
 from rlhf_jax.generation import RewardModelSource
 from rlhf_jax.models import ValueModel, positions_from_mask
 from rlhf_jax.models.layers import Proj
-from rlhf_jax.train.logprobs import response_logits, tempered_response_logps
+from rlhf_jax.train.logprobs import response_logits
 from rlhf_jax.train.rollout import Rollout
 from rlhf_jax.train.state import TrainState
 
@@ -61,16 +61,15 @@ class PolicyWithValueHead(nnx.Module):
 def shared_forward(
     model: PolicyWithValueHead, rollout: Rollout, *, temperature: float, with_entropy: bool = True
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-    """``(logps, entropy, values)`` ``[B, N]`` of a `PolicyWithValueHead` in one forward pass."""
-    logits, values = model.logits_and_values(
-        rollout.sequences,
-        attention_mask=rollout.sequence_mask,
-        positions=positions_from_mask(rollout.sequence_mask),
-    )
-    logps, entropy = tempered_response_logps(
-        logits, rollout, temperature=temperature, with_entropy=with_entropy
-    )
-    return logps, entropy, response_logits(values, rollout.prompt_length)
+    """``(logps, entropy, values)`` ``[B, N]`` of a `PolicyWithValueHead` in one forward pass
+    (the log-probs through the LM's fused head on the response positions, no ``[B, T, V]``)."""
+    hidden = model.lm.backbone(rollout.sequences, rollout.sequence_mask,
+                               positions_from_mask(rollout.sequence_mask), None)
+    values = model.value_head(hidden).astype(jnp.float32)[..., 0]
+    out = model.lm.token_logps_from_hidden(
+        hidden, rollout.sequences, start=rollout.prompt_length, temperature=temperature,
+        with_entropy=with_entropy)
+    return out.logps, out.entropy, response_logits(values, rollout.prompt_length)
 
 
 def default_value_model(policy: nnx.Module, reward: Any, *, init: str, seed: int) -> nnx.Module:
