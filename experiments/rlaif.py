@@ -10,8 +10,9 @@ reward is known, so every finding is measured against the gold preference:
 1. SFT: a small policy learns the task's noisy demonstrations (the reference policy).
 2. Judges: three small LMs (1, 2 and 4 layers) are fine-tuned on judge prompts (the pairwise
    template below, both orders, half of them with one few-shot exemplar) whose answer is the
-   gold-preferred response of a pair of SFT samples. They are AI labellers, not oracles: they
-   see text only and are scored on held-out pairs.
+   gold-preferred response of a pair of SFT samples (pairs whose gold rewards differ by less
+   than ``judge_min_gap`` are left out of their training, and counted). They are AI labellers,
+   not oracles: they see text only and are scored on held-out pairs, near-ties included.
 3. (a) Labeller alignment with the gold preference (Lee et al. 2023, Table 2) by judge size and
    technique: base (the given order only), + position debiasing (both orders averaged),
    + few-shot (one exemplar). Chain of thought is not run: these judges were never trained to
@@ -78,7 +79,9 @@ class RLAIFConfig:
     seed: int = 0
     sft_steps: int = 300
     judge_layers: tuple[int, ...] = (1, 2, 4)
-    judge_steps: int = 400
+    judge_steps: int = 600
+    judge_lr: float = 2e-3
+    judge_min_gap: float = 0.05
     judge_pairs: int = 3000
     eval_pairs: int = 256
     dpo_pairs: int = 768
@@ -193,8 +196,11 @@ class Experiment:
         c = self.cfg
         self.redrawn = 0
         prompts, r1, r2 = self.pairs(c.judge_pairs)
-        gold = gold_outcomes(self.task.gold_reward(prompts, r1), self.task.gold_reward(prompts, r2))
-        keep = [i for i in range(len(prompts)) if gold[i] != 0.5]
+        g1, g2 = self.task.gold_reward(prompts, r1), self.task.gold_reward(prompts, r2)
+        gold = gold_outcomes(g1, g2)
+        # the judges learn from pairs whose gold rewards differ by at least `judge_min_gap`
+        # (near-ties teach a small model noise); they are evaluated on every pair
+        keep = [i for i in range(len(prompts)) if abs(g1[i] - g2[i]) >= self.cfg.judge_min_gap]
         records = []
         for i in keep:
             shot = ()
@@ -208,8 +214,8 @@ class Experiment:
                                 "completion": TEMPLATE.answer_tokens[0 if first else 1]})
         path = self.out / "judge_data.jsonl"
         write_jsonl(records, path)
-        self.judge_data = {"pairs": len(prompts), "gold_ties": len(prompts) - len(keep),
-                           "records": len(records)}
+        self.judge_data = {"pairs": len(prompts), "near_ties_left_out": len(prompts) - len(keep),
+                           "min_gap": self.cfg.judge_min_gap, "records": len(records)}
         # the few-shot exemplar used at evaluation: the first training pair
         i = keep[0]
         self.exemplar = Exemplar(prompts[i], r1[i], r2[i], 1 if gold[i] == 1 else 2)
@@ -220,7 +226,8 @@ class Experiment:
                   "--data.path", str(path), "--data.format", "sft", "--data.synthetic", "topic",
                   "--data.batch-size", str(c.batch_size), "--data.max-length", "160",
                   "--data.max-prompt-length", "158", "--num-steps", str(c.judge_steps),
-                  "--optimizer.learning-rate", "1e-3", "--seed", str(c.seed + layers)])
+                  "--optimizer.learning-rate", str(c.judge_lr), "--optimizer.warmup-steps",
+                  "20", "--seed", str(c.seed + layers)])
             lm = load_lm(str(self.out / name))
             self.judges[name] = (lm.model, lm.tokenizer)
         self._time("judges", t)
@@ -357,12 +364,17 @@ def compute_findings(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                  + f"; Spearman(alignment, win rate) = {rho:.2f}."),
     }
     h2h = results["evaluation"]["ai_vs_human"]
-    close = h2h["lower"] <= 0.5 <= h2h["upper"] or abs(h2h["rate"] - 0.5) <= 0.1
+    close = h2h["lower"] <= 0.5 <= h2h["upper"] or abs(h2h["rate"] - 0.5) <= 0.05
+    ai_name = h2h["ai"].removeprefix("dpo_")
+    ai_align = pol["label_alignment"].get(ai_name, float("nan"))
+    human_align = pol["label_alignment"].get("humans", float("nan"))
     findings["c"] = {
         "reproduced": bool(close),
         "text": (f"{h2h['ai']} against {h2h['human']}: win rate {h2h['rate']:.3f} "
                  f"[{h2h['lower']:.3f}, {h2h['upper']:.3f}] over {h2h['num_examples']} prompts "
-                 f"({'close to' if close else 'far from'} 50%)."),
+                 f"({'close to' if close else 'not within 0.05 of'} 50%; the labels' "
+                 f"alignment with gold: AI {ai_align:.3f}, simulated humans "
+                 f"{human_align:.3f})."),
     }
     r = results["evaluation"]["ratings"]
     findings["d"] = {

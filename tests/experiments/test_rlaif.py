@@ -63,7 +63,8 @@ def test_findings_follow_the_numbers():
     assert not f["b"]["reproduced"] and "= -1.00" in f["b"]["text"]
     # the AI policy loses clearly to the human one: (c) does not reproduce
     f = rlaif.compute_findings(_results(h2h=(0.2, 0.1, 0.3)))
-    assert not f["c"]["reproduced"] and "far from 50%" in f["c"]["text"]
+    assert not f["c"]["reproduced"] and "not within 0.05 of 50%" in f["c"]["text"]
+    assert "AI 0.800, simulated humans 0.900" in f["c"]["text"]
     # ratings anti-correlated with gold: (d) does not reproduce
     assert not rlaif.compute_findings(_results(elo=(5, 4, 3, 2, 1)))["d"]["reproduced"]
 
