@@ -378,8 +378,8 @@ def compute_findings(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     }
     r = results["evaluation"]["ratings"]
     findings["d"] = {
-        "reproduced": bool(np.isfinite(r["spearman_elo_gold"]) and r["spearman_elo_gold"] > 0
-                           and np.isfinite(r["spearman_bt_gold"]) and r["spearman_bt_gold"] > 0),
+        "reproduced": bool(np.isfinite(r["spearman_elo_gold"]) and r["spearman_elo_gold"] >= 0.5
+                           and np.isfinite(r["spearman_bt_gold"]) and r["spearman_bt_gold"] >= 0.5),
         "text": (f"Rank correlation with the mean gold reward over {len(r['elo'])} policies: "
                  f"Elo {r['spearman_elo_gold']:.2f}, Bradley-Terry {r['spearman_bt_gold']:.2f} "
                  f"({r['num_matches']} judge matches)."),
