@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Tests run in parallel over pytest-xdist workers; each worker sees 8 fake CPU devices.
 WORKERS ?= 2
 
-.PHONY: install lint test test-slow demo demo-full bench clean
+.PHONY: install lint test test-slow demo demo-full rlaif rlaif-quick bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m experiments.demo
+
+# RLAIF findings at small scale (runs/rlaif: report.md, results.json, PNGs); ~15 min on 2 cores.
+rlaif: $(STAMP)
+	$(BIN)/python -m experiments.rlaif
+
+rlaif-quick: $(STAMP)
+	$(BIN)/python -m experiments.rlaif --quick
 
 bench: $(STAMP)
 	$(BIN)/python -m rlhf_jax.bench all

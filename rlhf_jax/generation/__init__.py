@@ -27,6 +27,7 @@ from rlhf_jax.generation._rewards import (
     RewardModelSource,
     RewardSource,
     SafetyGatedReward,
+    ScoreScale,
     TextRewardFunction,
     TokenRewardFunction,
     WeightedRewardSum,
@@ -35,6 +36,7 @@ from rlhf_jax.generation._rewards import (
     repeat_rows,
     safety_gated_reward,
     score_samples,
+    whiten_linear_scores,
 )
 from rlhf_jax.generation._sampler import (
     GenerationOutput,
@@ -69,6 +71,7 @@ __all__ = [
     "RewardSource",
     "SafetyGatedReward",
     "Sampler",
+    "ScoreScale",
     "SamplingParams",
     "TextRewardFunction",
     "TokenRewardFunction",
@@ -95,4 +98,5 @@ __all__ = [
     "top_k_filter",
     "top_p_filter",
     "truncate_response",
+    "whiten_linear_scores",
 ]

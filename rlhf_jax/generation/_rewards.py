@@ -19,7 +19,8 @@ The sources:
   AI labeler: ``rlhf_jax.rlaif.DirectScorer.reward_source``).
 - `WeightedRewardSum`: a weighted sum of sources.
 - `SafetyGatedReward`: Llama 2's gate between a helpfulness and a safety source
-  (`safety_gated_reward`).
+  (`safety_gated_reward`), optionally followed by Llama 2's ``WHITEN(LOGIT(.))`` of the gated
+  score (`whiten_linear_scores`).
 
 `score_samples` is how every consumer scores: the source, checked for shape and finiteness,
 then the missing-EOS penalty. ``rlhf_jax.train.rewards`` builds sources from a run's config.
@@ -29,14 +30,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlhf_jax import losses
 from rlhf_jax.models import positions_from_mask
+
+ScoreScale = Literal["probability", "logit"]
+"""How a source's scores are expressed: ``probability`` on the sigmoid scale in ``[0, 1]`` (Llama
+2's reward models), ``logit`` on the linear scale (``rlhf_jax.models.RewardModel`` heads, whose
+sigmoid is the probability)."""
 
 
 class Responses(Protocol):
@@ -251,23 +258,27 @@ def safety_gated_reward(
     safety_flag: jax.Array,
     *,
     threshold: float = 0.15,
+    scale: ScoreScale = "probability",
 ) -> jax.Array:
     r"""Llama 2's combined reward (Touvron et al., 2023, section 3.2.2).
 
     .. math::
-        R_c = \begin{cases} R_s & \text{if the prompt is safety-flagged or } R_s < \tau \\
+        R_c = \begin{cases} R_s & \text{if the prompt is safety-flagged or } p_s < \tau \\
                             R_h & \text{otherwise} \end{cases}
 
-    with :math:`\tau` = ``threshold`` (0.15 in the paper, on sigmoid-scale safety scores).
+    with :math:`\tau` = ``threshold`` (0.15 in the paper) a probability: :math:`p_s = R_s` when
+    the scores are probabilities (``scale="probability"``), :math:`p_s = \sigma(R_s)` when they
+    are logits (``scale="logit"``, compared as :math:`R_s < \operatorname{logit}(\tau)`).
 
     Args:
       helpfulness: ``[B]`` helpfulness scores :math:`R_h`.
-      safety: ``[B]`` safety scores :math:`R_s`.
+      safety: ``[B]`` safety scores :math:`R_s`, on the same scale.
       safety_flag: ``[B]`` bool/0-1, whether the prompt is tagged as possibly unsafe.
-      threshold: safety score below which the safety reward is used (keyword-only).
+      threshold: probability in ``(0, 1)`` below which the safety reward is used (keyword-only).
+      scale: ``"probability"`` or ``"logit"``, the scale of both scores (keyword-only).
 
     Returns:
-      ``[B]`` float32 combined scores.
+      ``[B]`` float32 combined scores, on the input scale.
     """
     helpfulness = jnp.asarray(helpfulness, jnp.float32)
     safety = jnp.asarray(safety, jnp.float32)
@@ -275,19 +286,62 @@ def safety_gated_reward(
         raise ValueError(
             f"helpfulness and safety must both be [B]; got {helpfulness.shape} and {safety.shape}"
         )
-    use_safety = jnp.asarray(safety_flag).astype(bool) | (safety < threshold)
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
+    if scale == "probability":
+        unsafe = safety < threshold
+    elif scale == "logit":
+        unsafe = safety < jnp.float32(np.log(threshold) - np.log1p(-threshold))
+    else:
+        raise ValueError(f"scale={scale!r}; allowed: 'probability', 'logit'")
+    use_safety = jnp.asarray(safety_flag).astype(bool) | unsafe
     return jnp.where(use_safety, safety, helpfulness)
 
 
+def whiten_linear_scores(
+    scores: jax.Array, *, scale: ScoreScale = "probability", eps: float = 1e-6
+) -> jax.Array:
+    r"""Llama 2's ``WHITEN(LOGIT(R_c))`` (Touvron et al., 2023, section 3.2.2): the scores on
+    the linear scale, whitened over the batch.
+
+    .. math::
+        z = \operatorname{logit}(\operatorname{clip}(R, \epsilon, 1 - \epsilon))
+            \ (\text{probabilities}), \quad z = R \ (\text{logits}); \qquad
+        \tilde R = (z - \bar z) / \sqrt{\widehat{\operatorname{Var}}(z) + 10^{-8}}
+
+    (`rlhf_jax.losses.masked_whiten`: Bessel-corrected variance; one row gives 0).
+
+    Args:
+      scores: ``[B]`` scores.
+      scale: ``"probability"`` (logit taken first) or ``"logit"`` (keyword-only).
+      eps: probabilities are clipped to ``[eps, 1 - eps]`` before the logit (keyword-only).
+
+    Returns:
+      ``[B]`` float32 whitened scores.
+    """
+    scores = jnp.asarray(scores, jnp.float32)
+    if scores.ndim != 1:
+        raise ValueError(f"scores must be [B], got shape {scores.shape}")
+    if scale == "probability":
+        p = jnp.clip(scores, eps, 1.0 - eps)
+        scores = jnp.log(p) - jnp.log1p(-p)
+    elif scale != "logit":
+        raise ValueError(f"scale={scale!r}; allowed: 'probability', 'logit'")
+    return losses.masked_whiten(scores, jnp.ones_like(scores))
+
+
 class SafetyGatedReward:
-    """`safety_gated_reward` of a helpfulness and a safety source.
+    """`safety_gated_reward` of a helpfulness and a safety source, then optionally
+    `whiten_linear_scores` (Llama 2's full reward: ``WHITEN(LOGIT(R_c))``).
 
     Args:
       helpfulness: source of :math:`R_h`.
       safety: source of :math:`R_s`.
-      threshold: the gate's :math:`\\tau`.
+      threshold: the gate's :math:`\tau`, a probability.
       flag_key: the prompt-batch field (``[B]`` bool/0-1) marking safety prompts; when the batch
         has no such field no prompt is flagged and only the threshold gates.
+      scale: ``"probability"`` or ``"logit"``, the scale of both sources' scores.
+      whiten: return the gated score's whitened linear value instead of the score itself.
       name: name of this source.
     """
 
@@ -298,21 +352,34 @@ class SafetyGatedReward:
         *,
         threshold: float = 0.15,
         flag_key: str = "is_safety",
+        scale: ScoreScale = "probability",
+        whiten: bool = False,
         name: str = "safety_gated",
     ):
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
+        if scale not in ("probability", "logit"):
+            raise ValueError(f"scale={scale!r}; allowed: 'probability', 'logit'")
         self.helpfulness = helpfulness
         self.safety = safety
         self.threshold = float(threshold)
         self.flag_key = flag_key
+        self.scale = scale
+        self.whiten = bool(whiten)
         self.name = name
 
     def __call__(self, responses: Responses, prompts: Mapping[str, np.ndarray]) -> jax.Array:
         rows = responses.sequences.shape[0]
         flag = prompts.get(self.flag_key)
         flag = np.zeros((rows,), bool) if flag is None else np.asarray(flag).astype(bool)
-        return safety_gated_reward(
+        if flag.shape != (rows,):
+            raise ValueError(f"prompt field {self.flag_key!r} has shape {flag.shape}, expected "
+                             f"({rows},)")
+        gated = safety_gated_reward(
             self.helpfulness(responses, prompts),
             self.safety(responses, prompts),
             flag,
             threshold=self.threshold,
+            scale=self.scale,
         )
+        return whiten_linear_scores(gated, scale=self.scale) if self.whiten else gated

@@ -19,6 +19,7 @@ from rlhf_jax.generation import (
     generate,
     safety_gated_reward,
     score_samples,
+    whiten_linear_scores,
 )
 from rlhf_jax.models import CausalLM, ModelConfig, RewardModel, positions_from_mask
 
@@ -100,6 +101,57 @@ class TestCombinations:
         gated = SafetyGatedReward(helpful, safety, threshold=0.15, flag_key="unsafe")
         np.testing.assert_allclose(gated(_rows(), {"unsafe": np.array([0, 1])}), [0.9, 0.5])
         np.testing.assert_allclose(gated(_rows(), {}), [0.9, 0.9])
+
+    def test_logit_scale_gates_on_the_sigmoid(self):
+        """The same decisions on logits as on their sigmoids (tau = 0.15 <=> logit -1.7346)."""
+        rng = np.random.default_rng(0)
+        helpful = rng.normal(size=64).astype(np.float32)
+        safety = rng.normal(-1.5, 1.0, size=64).astype(np.float32)
+        flag = rng.random(64) < 0.2
+        p_h, p_s = 1 / (1 + np.exp(-helpful)), 1 / (1 + np.exp(-safety))
+        on_logits = np.asarray(safety_gated_reward(helpful, safety, flag, threshold=0.15,
+                                                   scale="logit"))
+        on_probs = np.asarray(safety_gated_reward(p_h, p_s, flag, threshold=0.15))
+        use_safety = flag | (p_s < 0.15)
+        assert 0 < use_safety.sum() < 64 and (p_s < 0.15).sum() > flag.sum()
+        np.testing.assert_array_equal(on_logits, np.where(use_safety, safety, helpful))
+        np.testing.assert_allclose(1 / (1 + np.exp(-on_logits)), on_probs, rtol=1e-6)
+        with pytest.raises(ValueError, match=r"threshold must be a probability in \(0, 1\)"):
+            safety_gated_reward(helpful, safety, flag, threshold=1.5)
+        with pytest.raises(ValueError, match="scale='linear'"):
+            safety_gated_reward(helpful, safety, flag, scale="linear")
+
+    @pytest.mark.parametrize("scale", ["probability", "logit"])
+    def test_whiten_linear_scores_matches_a_float64_reference(self, scale):
+        """Llama 2's WHITEN(LOGIT(R)): zero mean, unit (Bessel) variance of the linear score."""
+        rng = np.random.default_rng(1)
+        logits = rng.normal(0.3, 2.0, size=16)
+        scores = 1 / (1 + np.exp(-logits)) if scale == "probability" else logits
+        z = np.log(scores) - np.log1p(-scores) if scale == "probability" else scores
+        expected = (z - z.mean()) / np.sqrt(z.var(ddof=1) + 1e-8)
+        out = np.asarray(whiten_linear_scores(scores.astype(np.float32), scale=scale))
+        assert out.dtype == np.float32
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+    def test_whiten_extreme_and_degenerate_inputs(self):
+        # probabilities of exactly 0 and 1 are clipped before the logit, so stay finite
+        out = np.asarray(whiten_linear_scores(np.array([0.0, 1.0, 0.5], np.float32)))
+        assert np.all(np.isfinite(out)) and out[0] < out[2] < out[1]
+        # one row, or equal rows, whiten to 0
+        np.testing.assert_array_equal(whiten_linear_scores(np.array([3.0]), scale="logit"), [0.0])
+        np.testing.assert_allclose(whiten_linear_scores(np.full(4, 0.7)), 0.0, atol=1e-3)
+        with pytest.raises(ValueError, match=r"scores must be \[B\]"):
+            whiten_linear_scores(np.zeros((2, 2)))
+
+    def test_gated_source_whitens_the_gated_score(self):
+        helpful = TokenRewardFunction(lambda p, r, m: np.array([2.0, 0.5]))
+        safety = TokenRewardFunction(lambda p, r, m: np.array([1.0, -3.0]))  # sigmoid(-3) < 0.15
+        gated = SafetyGatedReward(helpful, safety, scale="logit", whiten=True)
+        chosen = np.array([2.0, -3.0])
+        expected = (chosen - chosen.mean()) / np.sqrt(chosen.var(ddof=1) + 1e-8)
+        np.testing.assert_allclose(gated(_rows(), {}), expected, rtol=1e-5)
+        with pytest.raises(ValueError, match=r"prompt field 'is_safety' has shape \(3,\)"):
+            gated(_rows(), {"is_safety": np.zeros(3)})
 
 
 class TestScoreSamples:

@@ -1,0 +1,97 @@
+"""`python -m experiments.rlaif`: the findings are computed from the measured numbers (each
+verdict both ways on made-up results), the rank correlation, and the quick preset end to end
+(slow)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import rlaif
+
+
+def _results(*, debiased=(0.6, 0.7, 0.8), base=(0.55, 0.66, 0.77), win=(0.5, 0.55, 0.6, 0.62),
+             h2h=(0.48, 0.40, 0.56), elo=(1000, 1010, 1020, 1030, 1040)):
+    judges = [f"judge_{k}l" for k in (1, 2, 4)]
+    labellers = [*judges, "humans"]
+    policies = ["sft", *(f"dpo_{n}" for n in labellers)]
+    return {
+        "preset": "quick", "config": {"seed": 0}, "seconds": 1.0,
+        "alignment": {
+            "judges": {n: {"base": b, "debiased": d, "few_shot": d, "position_bias": 0.01,
+                           "chain_of_thought": None}
+                       for n, b, d in zip(judges, base, debiased)},
+            "simulated_humans": 0.9, "num_pairs": 10, "num_gold_ties": 0,
+            "chain_of_thought": "not run"},
+        "policies": {"label_alignment": dict(zip(labellers, (0.6, 0.7, 0.8, 0.9))),
+                     "num_pairs": 10, "best_judge": "judge_4l"},
+        "evaluation": {
+            "win_rate_vs_sft": {f"dpo_{n}": {"rate": w, "lower": w - 0.1, "upper": w + 0.1,
+                                             "num_examples": 10, "confidence": 0.95}
+                                for n, w in zip(labellers, win)},
+            "ai_vs_human": {"ai": "dpo_judge_4l", "human": "dpo_humans", "rate": h2h[0],
+                            "lower": h2h[1], "upper": h2h[2], "num_examples": 10,
+                            "confidence": 0.95},
+            "ratings": {"elo": dict(zip(policies, elo)), "bradley_terry": dict(zip(policies, elo)),
+                        "mean_gold": dict(zip(policies, (0.1, 0.2, 0.3, 0.4, 0.5))),
+                        "spearman_elo_gold": rlaif.spearman(elo, (0.1, 0.2, 0.3, 0.4, 0.5)),
+                        "spearman_bt_gold": rlaif.spearman(elo, (0.1, 0.2, 0.3, 0.4, 0.5)),
+                        "num_matches": 50}},
+    }
+
+
+def test_spearman_and_gold_outcomes():
+    assert rlaif.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rlaif.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties take average ranks: x ranks (0.5, 0.5, 2), y ranks (0, 1, 2) -> r = 0.8660
+    assert rlaif.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(np.sqrt(3) / 2)
+    assert np.isnan(rlaif.spearman([1, 2], [1, 2]))
+    assert np.isnan(rlaif.spearman([1, 1, 1], [1, 2, 3]))
+    np.testing.assert_array_equal(rlaif.gold_outcomes(np.array([1.0, 0.0, 0.5]),
+                                                      np.array([0.0, 1.0, 0.5])), [1, 0, 0.5])
+
+
+def test_findings_follow_the_numbers():
+    f = rlaif.compute_findings(_results())
+    assert [f[k]["reproduced"] for k in "abcde"] == [True, True, True, True, None]
+    assert "judge_4l 0.800" in f["a"]["text"] and "+0.040" in f["a"]["text"]
+    # alignment falls with size, or debiasing hurts: (a) does not reproduce
+    assert not rlaif.compute_findings(_results(debiased=(0.8, 0.7, 0.6)))["a"]["reproduced"]
+    assert not rlaif.compute_findings(_results(base=(0.7, 0.8, 0.9)))["a"]["reproduced"]
+    # win rates fall as alignment rises: (b) does not reproduce
+    f = rlaif.compute_findings(_results(win=(0.6, 0.55, 0.5, 0.45)))
+    assert not f["b"]["reproduced"] and "= -1.00" in f["b"]["text"]
+    # the AI policy loses clearly to the human one: (c) does not reproduce
+    f = rlaif.compute_findings(_results(h2h=(0.2, 0.1, 0.3)))
+    assert not f["c"]["reproduced"] and "not within 0.05 of 50%" in f["c"]["text"]
+    assert "AI 0.800, simulated humans 0.900" in f["c"]["text"]
+    # ratings anti-correlated with gold: (d) does not reproduce
+    assert not rlaif.compute_findings(_results(elo=(5, 4, 3, 2, 1)))["d"]["reproduced"]
+
+
+def test_report_has_every_table_and_the_findings(tmp_path):
+    results = _results()
+    findings = rlaif.compute_findings(results)
+    text = rlaif.render_markdown(results, findings)
+    assert "| judge_4l | 0.770 | 0.800 | 0.800 | n/a | +0.010 |" in text
+    assert "| dpo_humans | 0.900 | 0.620 | [0.520, 0.720] |" in text
+    assert text.count("**reproduced**") == 4 and "(e) **not run**" in text
+    assert rlaif._plots(results, tmp_path) == ["alignment.png", "win_rates.png", "ratings.png"]
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("alignment.png", "ratings.png"))
+
+
+@pytest.mark.slow
+def test_quick_preset_runs_end_to_end(tmp_path):
+    results = rlaif.main(["--quick", "--output-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["preset"] == "quick" and set(saved["findings"]) == set("abcde")
+    report = (tmp_path / "report.md").read_text()
+    assert "## Findings" in report and all(f"- ({k})" in report for k in "abcde")
+    for name in results["figures"]:
+        assert (tmp_path / name).stat().st_size > 0
+    for row in results["alignment"]["judges"].values():
+        assert all(0.0 <= row[k] <= 1.0 for k in ("base", "debiased", "few_shot"))
+    for est in results["evaluation"]["win_rate_vs_sft"].values():
+        assert est["lower"] <= est["rate"] <= est["upper"]
+    ratings = results["evaluation"]["ratings"]
+    assert set(ratings["elo"]) == {"sft", "dpo_judge_1l", "dpo_judge_2l", "dpo_humans"}
