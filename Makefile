@@ -20,7 +20,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check rlhf_jax tests experiments
 
 test: lint
-	$(BIN)/pytest -n $(WORKERS) -m "not slow" -q tests
+	$(BIN)/pytest -n $(WORKERS) -m "not slow" -q --durations=20 tests
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -n $(WORKERS) -m slow -q tests

@@ -18,6 +18,15 @@ if _accelerator:
     os.environ["JAX_PLATFORMS"] = f"{_accelerator},cpu"
 else:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Persistent compilation cache in the ignored .venv: a rerun of the suite reuses every XLA compile
+# instead of redoing it. The thresholds are zeroed so CPU compiles (mostly well under a second) are
+# cached too. Any of these can be overridden from the environment.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv", "jax-cache"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
