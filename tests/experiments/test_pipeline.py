@@ -11,7 +11,9 @@ from experiments import pipeline, prepare_hh
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "experiments" / "configs").glob("*.yaml"))
-HH_CONFIGS = [p for p in CONFIGS if "_hh_" in p.stem]  # SFT -> RM -> DPO and PPO
+SWEEPS = [p for p in CONFIGS if "_sweeps" in p.stem]
+# SFT -> RM -> DPO and PPO, one run per stage
+SINGLE_RUNS = [p for p in CONFIGS if "_hh_" in p.stem and p not in SWEEPS]
 
 
 def test_every_model_and_slice_has_a_config():
@@ -31,7 +33,7 @@ def _strings(tree):
         yield tree
 
 
-@pytest.mark.parametrize("path", HH_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", SINGLE_RUNS, ids=lambda p: p.stem)
 def test_config_resolves(path):
     p = pipeline.load_pipeline(path, output_dir="out")
     stages = {s.name: s for s in p.stages}
@@ -47,6 +49,36 @@ def test_config_resolves(path):
         assert "mesh" in stages[name].config
     assert stages["ppo"].config["reward"] == {"source": "model", "path": "out/rm"}
     assert p.meta["hardware"].startswith("TPU ")
+
+
+def test_sweep_config_runs_the_three_figures_sweeps():
+    path = REPO / "experiments" / "configs" / "gpt2_small_hh_sweeps_v4-8.yaml"
+    assert path in SWEEPS
+    p = pipeline.load_pipeline(path, output_dir="out")
+    stages = {s.name: s for s in p.stages}
+    by_command = {}
+    for s in p.stages:
+        by_command.setdefault(s.command, []).append(s)
+        assert s.config["output_dir"] == f"out/{s.name}"
+        assert not any("{" in x for x in _strings(s.config)), s.name
+    # Figure 1: reward models on nested subsets of the pairs, all scored on one held-out set.
+    rm_files = [s.config["data"]["path"] for s in by_command["rm"]]
+    assert len(set(rm_files)) == len(rm_files) >= 3
+    assert {s.config["data"]["eval_path"] for s in by_command["rm"]} == {
+        "data/hh-rlhf/preference_test.jsonl"}
+    # Figure 2: DPO over several betas and PPO over several KL coefficients, on one proxy.
+    assert len({s.config["beta"] for s in by_command["dpo"]}) >= 3
+    ppo_kls = [s.config["kl_coef"] for s in by_command["ppo"]]
+    assert len(set(ppo_kls)) == len(ppo_kls) >= 4
+    assert {s.config["reward"]["path"] for s in by_command["ppo"]} == {"out/rm_16000"}
+    # Figure 3: the over-optimisation run has the smallest KL penalty and runs longest.
+    overopt = stages["ppo_overopt"].config
+    assert overopt["kl_coef"] == min(ppo_kls)
+    assert overopt["num_steps"] == max(s.config["num_steps"] for s in by_command["ppo"])
+    for s in by_command["rm"] + by_command["dpo"] + by_command["ppo"]:
+        assert s.config["model"]["path"] == "out/sft_hf"
+        assert s.config["model"]["dtype"] == "bfloat16"
+    pipeline.validate(p)
 
 
 STAGES = [(path, stage.name) for path in CONFIGS
