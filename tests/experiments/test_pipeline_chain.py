@@ -79,7 +79,8 @@ def test_gpt2_pipeline_runs_every_stage_on_a_tiny_checkpoint(tmp_path):
         if stage != "sft":
             assert written["model"]["path"] == str(out / "sft_hf"), stage
     ppo = yaml.safe_load((out / "ppo" / "config.yaml").read_text())
-    assert ppo["reward"] == {"source": "model", "path": str(out / "rm"), "head": None}
+    reward = ppo["reward"]
+    assert (reward["source"], reward["path"], reward["head"]) == ("model", str(out / "rm"), None)
     last = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").open()][-1]
     for name in ("ppo/score_mean", "ppo/kl_ref", "ppo/value_loss", "ppo/kl_coef"):
         assert np.isfinite(last[name]), name

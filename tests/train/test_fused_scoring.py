@@ -74,6 +74,7 @@ def test_sft_on_packed_rows_equals_the_full_logits_path():
                                rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_dpo_on_prefix_shared_rows_equals_the_full_logits_path():
     policy_f, policy_p = _models("tiny_qwen2", seed=1)
     ref_f, ref_p = _models("tiny_qwen2", seed=2)
