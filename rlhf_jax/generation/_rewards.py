@@ -46,6 +46,11 @@ ScoreScale = Literal["probability", "logit"]
 sigmoid is the probability)."""
 
 
+def _check_scale(scale: str) -> None:
+    if scale not in ("probability", "logit"):
+        raise ValueError(f"scale={scale!r}; allowed: 'probability', 'logit'")
+
+
 class Responses(Protocol):
     """Sampled rows as a reward source reads them (`GenerationOutput` and the trainers'
     ``Rollout`` both are).
@@ -288,12 +293,11 @@ def safety_gated_reward(
         )
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
+    _check_scale(scale)
     if scale == "probability":
         unsafe = safety < threshold
-    elif scale == "logit":
-        unsafe = safety < jnp.float32(np.log(threshold) - np.log1p(-threshold))
     else:
-        raise ValueError(f"scale={scale!r}; allowed: 'probability', 'logit'")
+        unsafe = safety < jnp.float32(np.log(threshold) - np.log1p(-threshold))
     use_safety = jnp.asarray(safety_flag).astype(bool) | unsafe
     return jnp.where(use_safety, safety, helpfulness)
 
@@ -322,11 +326,10 @@ def whiten_linear_scores(
     scores = jnp.asarray(scores, jnp.float32)
     if scores.ndim != 1:
         raise ValueError(f"scores must be [B], got shape {scores.shape}")
+    _check_scale(scale)
     if scale == "probability":
         p = jnp.clip(scores, eps, 1.0 - eps)
         scores = jnp.log(p) - jnp.log1p(-p)
-    elif scale != "logit":
-        raise ValueError(f"scale={scale!r}; allowed: 'probability', 'logit'")
     return losses.masked_whiten(scores, jnp.ones_like(scores))
 
 
@@ -358,8 +361,7 @@ class SafetyGatedReward:
     ):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
-        if scale not in ("probability", "logit"):
-            raise ValueError(f"scale={scale!r}; allowed: 'probability', 'logit'")
+        _check_scale(scale)
         self.helpfulness = helpfulness
         self.safety = safety
         self.threshold = float(threshold)

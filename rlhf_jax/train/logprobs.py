@@ -20,7 +20,7 @@ of a rollout row is token ``P + t`` of its sequence.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -57,23 +57,45 @@ def aligned_token_logps(
       `[B, T]` float32, `out[:, 0] = 0`, `out[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`
       (with `branch_ids`: given the prefix and the earlier tokens of its branch).
     """
-    lp = losses.token_logps(logits[:, :-1], input_ids[:, 1:])
-    lp = jnp.pad(lp, ((0, 0), (1, 0)))
+    def from_prefix(last):  # [B, V] -> [B, T]: each token's log-prob under the prefix's logits
+        return jnp.take_along_axis(jax.nn.log_softmax(last.astype(jnp.float32), axis=-1),
+                                   input_ids, axis=1)
+
+    return _align_to_scored(losses.token_logps(logits[:, :-1], input_ids[:, 1:]), logits,
+                            segment_ids, branch_ids, fill=0.0, from_prefix=from_prefix)
+
+
+def _align_to_scored(
+    shifted: jax.Array,
+    logits: jax.Array,
+    segment_ids: jax.Array | None,
+    branch_ids: jax.Array | None,
+    *,
+    fill: float | int,
+    from_prefix: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
+    """`[B, T]`: a per-token quantity of the distribution that scores each token, aligned as in
+    `aligned_token_logps`.
+
+    `shifted[b, t]` (`[B, T - 1]`) is the quantity of `logits[b, t]`, which scores token `t + 1`.
+    Tokens with no context (position 0, a packed segment's first token, a branch start after an
+    empty prefix) get `fill`; a branch start gets `from_prefix(last)`, with `last` `[B, V]` the
+    logits of the prefix's last token.
+    """
+    out = jnp.pad(shifted, ((0, 0), (1, 0)), constant_values=fill)
     if segment_ids is not None:
         same = segment_ids[:, 1:] == segment_ids[:, :-1]
         same = jnp.pad(same, ((0, 0), (1, 0)), constant_values=False)
-        lp = jnp.where(same, lp, 0.0)
+        out = jnp.where(same, out, fill)
     if branch_ids is not None:
         prev = jnp.pad(branch_ids[:, :-1], ((0, 0), (1, 0)))
         starts = (branch_ids > 0) & (prev > 0) & (prev != branch_ids)
         prefix_len = jnp.argmax(branch_ids > 0, axis=-1)  # [B]; the prefix is the row's start
         last = jnp.take_along_axis(
             logits, jnp.maximum(prefix_len - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, V]
-        from_prefix = jnp.take_along_axis(
-            jax.nn.log_softmax(last.astype(jnp.float32), axis=-1), input_ids, axis=1)
-        from_prefix = jnp.where((prefix_len > 0)[:, None], from_prefix, 0.0)
-        lp = jnp.where(starts, from_prefix, lp)
-    return lp
+        scored = jnp.where((prefix_len > 0)[:, None], from_prefix(last), fill)
+        out = jnp.where(starts, scored, out)
+    return out
 
 
 def model_inputs(batch: Mapping[str, jax.Array], prefix: str = "") -> dict[str, Any]:
@@ -108,29 +130,11 @@ def model_scores(
                                 kwargs.get("branch_ids"))
     argmax = None
     if with_argmax:
-        argmax = _aligned_argmax(logits, kwargs.get("segment_ids"), kwargs.get("branch_ids"))
+        argmax = _align_to_scored(
+            jnp.argmax(logits[:, :-1], axis=-1).astype(jnp.int32), logits,
+            kwargs.get("segment_ids"), kwargs.get("branch_ids"), fill=-1,
+            from_prefix=lambda last: jnp.argmax(last, axis=-1).astype(jnp.int32)[:, None])
     return losses.FusedLogps(logps, None, argmax)
-
-
-def _aligned_argmax(logits: jax.Array, segment_ids: jax.Array | None,
-                    branch_ids: jax.Array | None) -> jax.Array:
-    """`[B, T]` int32 argmax of the distribution that scores each token (aligned as
-    `aligned_token_logps`), -1 where a token has no context."""
-    arg = jnp.pad(jnp.argmax(logits[:, :-1], axis=-1).astype(jnp.int32), ((0, 0), (1, 0)),
-                  constant_values=-1)
-    if segment_ids is not None:
-        same = jnp.pad(segment_ids[:, 1:] == segment_ids[:, :-1], ((0, 0), (1, 0)),
-                       constant_values=False)
-        arg = jnp.where(same, arg, -1)
-    if branch_ids is not None:
-        prev = jnp.pad(branch_ids[:, :-1], ((0, 0), (1, 0)))
-        starts = (branch_ids > 0) & (prev > 0) & (prev != branch_ids)
-        prefix_len = jnp.argmax(branch_ids > 0, axis=-1)  # [B]
-        last = jnp.take_along_axis(
-            logits, jnp.maximum(prefix_len - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, V]
-        from_prefix = jnp.where(prefix_len > 0, jnp.argmax(last, axis=-1), -1).astype(jnp.int32)
-        arg = jnp.where(starts, from_prefix[:, None], arg)
-    return arg
 
 
 def model_token_logps(

@@ -42,9 +42,14 @@ class PolicyWithValueHead(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
         return self.lm(input_ids, attention_mask, positions, segment_ids)
 
-    def logits_and_values(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+    def hidden_and_values(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+        """``(hidden [B, T, E], values [B, T] float32)``: the LM's final hidden states and the
+        value head on them, from one backbone pass."""
         hidden = self.lm.backbone(input_ids, attention_mask, positions, segment_ids)
-        values = self.value_head(hidden).astype(jnp.float32)[..., 0]
+        return hidden, self.value_head(hidden).astype(jnp.float32)[..., 0]
+
+    def logits_and_values(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+        hidden, values = self.hidden_and_values(input_ids, attention_mask, positions, segment_ids)
         return self.lm.logits_from_hidden(hidden), values
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None):
@@ -63,9 +68,8 @@ def shared_forward(
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """``(logps, entropy, values)`` ``[B, N]`` of a `PolicyWithValueHead` in one forward pass
     (the log-probs through the LM's fused head on the response positions, no ``[B, T, V]``)."""
-    hidden = model.lm.backbone(rollout.sequences, rollout.sequence_mask,
-                               positions_from_mask(rollout.sequence_mask), None)
-    values = model.value_head(hidden).astype(jnp.float32)[..., 0]
+    hidden, values = model.hidden_and_values(rollout.sequences, rollout.sequence_mask,
+                                             positions_from_mask(rollout.sequence_mask))
     out = model.lm.token_logps_from_hidden(
         hidden, rollout.sequences, start=rollout.prompt_length, temperature=temperature,
         with_entropy=with_entropy)
