@@ -49,3 +49,6 @@ assert _cpu_devices == 8, (
     "tests expect 8 fake CPU devices; XLA_FLAGS was set too late "
     f"(device_count={jax.device_count()})"
 )
+
+# The Cloud Storage emulator's fixtures (`gcs_emulator`, `gcs_bucket`).
+from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: E402, F401
