@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# Tests run in parallel over pytest-xdist workers; each worker sees 8 fake CPU devices.
+# Tests run in parallel over pytest-xdist workers; each worker sees 8 fake CPU devices. Work
+# stealing: each worker takes a contiguous half of the tests (so a module's shared fixtures are
+# built once) and an idle worker takes over the rest of the other's queue, so the end-to-end
+# runs at the end of the collection do not leave one worker running alone.
 WORKERS ?= 2
+DIST    ?= worksteal
 
 .PHONY: install lint test test-slow demo demo-full rlaif rlaif-quick bench clean
 
@@ -20,10 +24,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check rlhf_jax tests experiments
 
 test: lint
-	$(BIN)/pytest -n $(WORKERS) -m "not slow" -q --durations=20 tests
+	$(BIN)/pytest -n $(WORKERS) --dist $(DIST) -m "not slow" -q --durations=20 tests
 
 test-slow: $(STAMP)
-	$(BIN)/pytest -n $(WORKERS) -m slow -q tests
+	$(BIN)/pytest -n $(WORKERS) --dist $(DIST) -m slow -q tests
 
 demo: $(STAMP)
 	$(BIN)/python -m experiments.demo

@@ -199,9 +199,14 @@ class TestPreferenceLosses:
         config = ModelConfig.tiny_gpt2(vocab_size=64)
         return CausalLM(config, rngs=nnx.Rngs(1)), CausalLM(config, rngs=nnx.Rngs(2))
 
+    # The default suite keeps one family per way of reading the shared rows: the reference model
+    # and the SFT term (DPO sigmoid + sft), length-normalised sums without a reference (SimPO) and
+    # the odds ratio (ORPO). The others recompile the same reads with another formula on top.
     @pytest.mark.parametrize("algorithm, loss_type", [
-        ("dpo", ("sigmoid",)), ("dpo", ("ipo",)), ("dpo", ("sigmoid", "sft")),
-        ("simpo", ()), ("orpo", ()), ("cpo", ("sigmoid",)),
+        pytest.param("dpo", ("sigmoid",), marks=pytest.mark.slow),
+        pytest.param("dpo", ("ipo",), marks=pytest.mark.slow),
+        ("dpo", ("sigmoid", "sft")), ("simpo", ()), ("orpo", ()),
+        pytest.param("cpo", ("sigmoid",), marks=pytest.mark.slow),
     ])
     def test_loss_metrics_and_grads(self, models, algorithm, loss_type):
         policy, ref = models
@@ -317,7 +322,9 @@ def test_config_errors(tmp_path, pref_files):
                    tokenizer=tokenizer, seed=0)
 
 
-@pytest.mark.parametrize("preset", ["tiny_gpt2", "tiny_llama"])
+# The tree attention of both presets is checked above; reading the last token of each branch does
+# not depend on the architecture (the ranking test below reads them on tiny_llama).
+@pytest.mark.parametrize("preset", ["tiny_gpt2", pytest.param("tiny_llama", marks=pytest.mark.slow)])
 def test_reward_model_reads_each_response_last_token(preset):
     """Pairwise rewards from prefix-shared rows equal those of the unshared rows (empty prompt
     and empty chosen response included), and so does the Bradley-Terry loss and its gradient."""
