@@ -342,8 +342,8 @@ class TestEndToEnd:
         for x, y in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
-    def test_eight_device_mesh_matches_one_device_first_iteration(self, tmp_path):
-        one = _trainer(_config(tmp_path)).iteration()
+    def test_eight_device_mesh_matches_one_device_first_iteration(self, learning_run, tmp_path):
+        one = learning_run[0]  # the same config and seed on the 1-device mesh
         eight = _trainer(_config(tmp_path), mesh=_mesh(8)).iteration()
         assert set(one) == set(eight)
         for key in one:
