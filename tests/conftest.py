@@ -33,7 +33,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+from rlhf_jax import cli  # noqa: E402
 
 settings.register_profile(
     "rlhf_jax",
@@ -52,3 +55,19 @@ assert _cpu_devices == 8, (
 
 # The Cloud Storage emulator's fixtures (`gcs_emulator`, `gcs_bucket`).
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: E402, F401
+
+# One tiny two-head reward-model run from the command line, shared by the tests that read a
+# trained reward model (loading, reward sources, `reward.source=model` runs); they only read it.
+TINY_RM_ARGS = ("--model.hidden-size", "32", "--model.num-layers", "1", "--model.num-heads", "2",
+                "--logging.progress", "none", "--logging.no-tensorboard",
+                "--logging.every-steps", "1", "--num-steps", "3",
+                "--head-names", "helpful", "harmless")
+
+
+@pytest.fixture(scope="session")
+def two_head_rm_run(tmp_path_factory):
+    """The output directory (a `pathlib.Path`) of `rlhf-jax rm` on a tiny model, 3 steps, heads
+    "helpful" and "harmless"."""
+    out = tmp_path_factory.mktemp("two_head_rm") / "rm"
+    assert cli.main(["rm", "--output-dir", str(out), *TINY_RM_ARGS]) == 0
+    return out

@@ -145,12 +145,9 @@ def _whiten64(x):
 
 
 @pytest.fixture(scope="module")
-def rm_run(tmp_path_factory):
-    """A tiny two-head reward model run (heads "helpful", "harmless")."""
-    out = tmp_path_factory.mktemp("rewards") / "rm"
-    assert cli.main(["rm", "--output-dir", str(out), *TINY, "--num-steps", "2",
-                     "--head-names", "helpful", "harmless"]) == 0
-    return str(out)
+def rm_run(two_head_rm_run):
+    """A tiny two-head reward model run (heads "helpful", "harmless"; tests/conftest.py)."""
+    return str(two_head_rm_run)
 
 
 def _heads(rm_dir, rows) -> np.ndarray:

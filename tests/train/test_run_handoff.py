@@ -23,11 +23,9 @@ def _summary(capsys) -> dict:
 
 
 @pytest.fixture(scope="module")
-def rm_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("handoff") / "rm"
-    assert cli.main(["rm", "--output-dir", str(out), *TINY, "--num-steps", "3",
-                     "--head-names", "helpful", "harmless"]) == 0
-    return out
+def rm_run(two_head_rm_run):
+    """`rlhf-jax rm` on a tiny model, heads "helpful" and "harmless" (tests/conftest.py)."""
+    return two_head_rm_run
 
 
 def test_load_reward_model_restores_weights_heads_and_normalisation(rm_run):
