@@ -76,8 +76,8 @@ def _files_under(directory: epath.Path) -> list[epath.Path]:
 
 def _step_files(step_dir: epath.Path) -> list[epath.Path]:
     """Every file under a step directory except the manifest, sorted."""
-    return sorted(p for p in _files_under(step_dir)
-                  if p.relative_to(step_dir).as_posix() != CHECKSUM_FILE)
+    own = (CHECKSUM_FILE, CHECKSUM_FILE + ".partial")
+    return sorted(p for p in _files_under(step_dir) if p.relative_to(step_dir).as_posix() not in own)
 
 
 def all_finite(tree: Any) -> bool:
@@ -206,7 +206,7 @@ class Checkpointer:
         manifest = {"algorithm": "crc32c", "finite": finite, "files": files}
         partial = step_dir / (CHECKSUM_FILE + ".partial")
         partial.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        partial.rename(step_dir / CHECKSUM_FILE)
+        partial.replace(step_dir / CHECKSUM_FILE)
 
     def manifest(self, step: int) -> dict[str, Any] | None:
         """The checksum manifest of `step`, or None when it has none (or it does not parse)."""
