@@ -26,9 +26,11 @@ next save of its step).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -53,6 +55,60 @@ _CHUNK = 16 << 20
 
 class CheckpointDamagedError(RuntimeError):
     """A checkpoint fails verification, or no checkpoint of a run could be restored."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a lost bucket, no permission)."""
+
+
+_EVENT_LOOP_CLOSED = "Event loop is closed"
+
+
+class _SaveNoise(logging.Filter):
+    """Holds back what a failing orbax save prints besides its error: the "Event loop is closed"
+    errors of writes still in flight (dozens of tracebacks, raised at garbage collection) and
+    orbax's logged tracebacks of its writer threads. The save's own error says what went wrong
+    in one line; every other unraisable error still reaches the previous hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.held = 0
+        self._previous = sys.unraisablehook
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "raised an exception" in record.getMessage():
+            self.held += 1
+            return False
+        return True
+
+    def _hook(self, unraisable) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == _EVENT_LOOP_CLOSED:
+            self.held += 1
+            return
+        self._previous(unraisable)
+
+    def __enter__(self):
+        sys.unraisablehook = self._hook
+        logging.getLogger("absl").addFilter(self)
+        return self
+
+    def __exit__(self, exc_type, *rest):
+        logging.getLogger("absl").removeFilter(self)
+        if exc_type is None:  # a failed save's stray errors arrive later: keep the hook
+            sys.unraisablehook = self._previous
+
+
+def _write_failure(error: BaseException) -> str:
+    """One line for a failed write: the OS reason first when the message carries one."""
+    text = " ".join(str(error).split())
+    code = getattr(error, "errno", None)
+    if code is None and "os_error_code='" in text:
+        code = int(text.split("os_error_code='")[1].split("'")[0])
+    reason = os.strerror(code) if code else type(error).__name__
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        reason += " (free space or pick another --output-dir)"
+    return f"{reason}: {text[:400]}"
 
 
 def file_crc32c(path: epath.Path) -> tuple[int, str]:
@@ -181,12 +237,19 @@ class Checkpointer:
             data=ocp.args.JsonSave({"state": data_state}),
             config=ocp.args.JsonSave(dict(config or {})),
         )
-        saved = self._manager.save(step, args=args, force=True)
-        self._manager.wait_until_finished()
-        if not saved:
-            return False
-        if jax.process_index() == 0:
-            self._write_manifest(step, finite=finite)
+        try:
+            with _SaveNoise():
+                saved = self._manager.save(step, args=args, force=True)
+                self._manager.wait_until_finished()
+            if not saved:
+                return False
+            if jax.process_index() == 0:
+                self._write_manifest(step, finite=finite)
+        except Exception as e:  # TensorStore / orbax / the filesystem raise many types
+            raise CheckpointWriteError(
+                f"the checkpoint of step {step} could not be written under {self.directory}: "
+                f"{_write_failure(e)}"
+            ) from e
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"rlhf_jax checksums {self.directory} {step}")
         self._verified.add(step)
@@ -362,5 +425,5 @@ class Checkpointer:
         self.close()
 
 
-__all__ = ["CHECKSUM_FILE", "CheckpointDamagedError", "Checkpointer", "Restored", "abstract_like",
+__all__ = ["CHECKSUM_FILE", "CheckpointDamagedError", "CheckpointWriteError", "Checkpointer", "Restored", "abstract_like",
            "all_finite", "file_crc32c"]
