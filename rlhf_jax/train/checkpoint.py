@@ -400,7 +400,7 @@ class Checkpointer:
                 step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
             )
         except Exception as e:  # a damaged checkpoint: try the next older one
-            _log.warning("checkpoint %s/%d: its config is unreadable (%s: %s)", self.directory,
+            _log.warning("checkpoint %s/%d is damaged; its config is not used (%s: %s)", self.directory,
                          step, type(e).__name__, _first_line(e))
             older = [s for s in self.all_steps() if s < step]
             return self.stored_config(older[-1]) if older else None
