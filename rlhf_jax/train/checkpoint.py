@@ -130,7 +130,7 @@ def _files_under(directory: epath.Path) -> list[epath.Path]:
     return files
 
 
-def _step_files(step_dir: epath.Path) -> list[epath.Path]:
+def step_files(step_dir: epath.Path) -> list[epath.Path]:
     """Every file under a step directory except the manifest, sorted."""
     own = (CHECKSUM_FILE, CHECKSUM_FILE + ".partial")
     return sorted(p for p in _files_under(step_dir) if p.relative_to(step_dir).as_posix() not in own)
@@ -263,7 +263,7 @@ class Checkpointer:
     def _write_manifest(self, step: int, *, finite: bool) -> None:
         step_dir = self.step_dir(step)
         files = {}
-        for path in _step_files(step_dir):
+        for path in step_files(step_dir):
             size, crc = file_crc32c(path)
             files[path.relative_to(step_dir).as_posix()] = {"size": size, "crc32c": crc}
         manifest = {"algorithm": "crc32c", "finite": finite, "files": files}
@@ -425,5 +425,14 @@ class Checkpointer:
         self.close()
 
 
-__all__ = ["CHECKSUM_FILE", "CheckpointDamagedError", "CheckpointWriteError", "Checkpointer", "Restored", "abstract_like",
-           "all_finite", "file_crc32c"]
+__all__ = [
+    "CHECKSUM_FILE",
+    "CheckpointDamagedError",
+    "CheckpointWriteError",
+    "Checkpointer",
+    "Restored",
+    "abstract_like",
+    "all_finite",
+    "file_crc32c",
+    "step_files",
+]

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 
+import google_crc32c
 import numpy as np
 import pytest
+from etils import epath
 
 from rlhf_jax.train.checkpoint import (
     CHECKSUM_FILE,
     CheckpointDamagedError,
     Checkpointer,
     all_finite,
+    file_crc32c,
+    step_files,
 )
 
 
@@ -94,3 +98,14 @@ def test_all_finite():
     assert all_finite({"a": np.ones(3), "b": np.arange(3), "c": np.zeros((), np.float16)})
     assert not all_finite({"a": np.ones(3), "b": np.array([1.0, np.inf])})
     assert all_finite({"i": np.array([2**31 - 1], np.int32)})
+
+
+def test_checksums_work_on_a_bucket(gcs_bucket):
+    root = epath.Path(gcs_bucket) / "step"
+    (root / "state" / "d").mkdir(parents=True)
+    (root / "state" / "d" / "a").write_bytes(b"abc" * 1000)
+    (root / "config").write_text("{}")
+    files = [p.relative_to(root).as_posix() for p in step_files(root)]
+    assert files == ["config", "state/d/a"]
+    assert file_crc32c(root / "state" / "d" / "a") == (3000, google_crc32c.value(b"abc" * 1000)
+                                                       .to_bytes(4, "big").hex())
