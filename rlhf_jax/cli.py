@@ -15,6 +15,7 @@ On a multi-host slice every host runs the same command with ``RLHF_JAX_DISTRIBUT
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -117,12 +118,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         initialize_distributed(force=True)
     # Imported here like the config above: `rlhf-jax --help` stays fast (no jax import).
+    from rlhf_jax.train.checkpoint import CheckpointDamagedError, CheckpointWriteError
     from rlhf_jax.train.loop import CheckpointSaveError, NonFiniteError, RunIdentityError
 
     try:
         summary = run(config)
-    except (RunIdentityError, NonFiniteError, CheckpointSaveError) as e:
+    except (RunIdentityError, NonFiniteError, CheckpointSaveError, CheckpointWriteError,
+            CheckpointDamagedError) as e:
         print(f"rlhf-jax {name}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"rlhf-jax {name}: error: {os.strerror(e.errno)} writing "
+              f"{e.filename or config.output_dir}; free space or pick another --output-dir",
+              file=sys.stderr)
         return 1
     if summary is not None:
         print(json.dumps(_jsonable(summary), indent=2, sort_keys=True))

@@ -10,28 +10,139 @@ A checkpoint directory `output_dir/checkpoints/<step>/` holds three orbax items:
   step was drawn, so a resumed run draws exactly the batches the uninterrupted run would have.
 - `config`: the resolved run config (JSON of `config_to_dict`).
 
-`Checkpointer` wraps `ocp.CheckpointManager` (keep the newest `keep_last`; saves are synchronous
-so that a SIGTERM save has finished before the process exits). `restore_newest_intact` skips a
-checkpoint that does not read back (recorded in `damaged`, replaced by the next save of its step).
+Beside the items, once orbax has committed the step, `checksums.json` records the size and CRC32C
+of every file of the step (and whether every floating-point leaf of the state was finite). A
+restore verifies the files against it first, so a truncated, deleted or bit-flipped file is
+found and named before orbax reads it (orbax's own metadata checks miss flipped bytes inside an
+array). A step without the manifest (a process killed between orbax's commit and the manifest's
+write, or a checkpoint written before manifests existed) restores unverified, with a warning.
+
+`Checkpointer` wraps `ocp.CheckpointManager` (saves are synchronous so that a SIGTERM save has
+finished before the process exits) and rotates itself: it keeps the newest `keep_last` intact
+steps and, always, the newest step whose state was finite. `restore_newest_intact` skips a
+checkpoint that fails verification or does not read back (recorded in `damaged`, replaced by the
+next save of its step).
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import google_crc32c
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from rlhf_jax.train.state import TrainState
 
 _log = logging.getLogger("rlhf_jax.train")
 
 
+CHECKSUM_FILE = "checksums.json"
+"""Per-step manifest: `{"algorithm": "crc32c", "finite": bool, "files": {relative path: {"size":
+int, "crc32c": hex}}}`."""
+
+_CHUNK = 16 << 20
+
+
 class CheckpointDamagedError(RuntimeError):
-    """No checkpoint of a run could be restored."""
+    """A checkpoint fails verification, or no checkpoint of a run could be restored."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a lost bucket, no permission)."""
+
+
+_EVENT_LOOP_CLOSED = "Event loop is closed"
+
+
+class _SaveNoise(logging.Filter):
+    """Holds back what a failing orbax save prints besides its error: the "Event loop is closed"
+    errors of writes still in flight (dozens of tracebacks, raised at garbage collection) and
+    orbax's logged tracebacks of its writer threads. The save's own error says what went wrong
+    in one line; every other unraisable error still reaches the previous hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.held = 0
+        self._previous = sys.unraisablehook
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "raised an exception" in record.getMessage():
+            self.held += 1
+            return False
+        return True
+
+    def _hook(self, unraisable) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == _EVENT_LOOP_CLOSED:
+            self.held += 1
+            return
+        self._previous(unraisable)
+
+    def __enter__(self):
+        sys.unraisablehook = self._hook
+        logging.getLogger("absl").addFilter(self)
+        return self
+
+    def __exit__(self, exc_type, *rest):
+        logging.getLogger("absl").removeFilter(self)
+        if exc_type is None:  # a failed save's stray errors arrive later: keep the hook
+            sys.unraisablehook = self._previous
+
+
+def _write_failure(error: BaseException) -> str:
+    """One line for a failed write: the OS reason first when the message carries one."""
+    text = " ".join(str(error).split())
+    code = getattr(error, "errno", None)
+    if code is None and "os_error_code='" in text:
+        code = int(text.split("os_error_code='")[1].split("'")[0])
+    reason = os.strerror(code) if code else type(error).__name__
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        reason += " (free space or pick another --output-dir)"
+    return f"{reason}: {text[:400]}"
+
+
+def file_crc32c(path: epath.Path) -> tuple[int, str]:
+    """`(size in bytes, CRC32C as hex)` of a file, read in 16 MiB chunks (local or gs://)."""
+    checksum = google_crc32c.Checksum()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            checksum.update(chunk)
+            size += len(chunk)
+    return size, checksum.digest().hex()
+
+
+def _files_under(directory: epath.Path) -> list[epath.Path]:
+    """Every file under `directory`, recursively (`iterdir`: gs:// paths have no `rglob`)."""
+    files: list[epath.Path] = []
+    for path in directory.iterdir():
+        files.extend(_files_under(path) if path.is_dir() else [path])
+    return files
+
+
+def step_files(step_dir: epath.Path) -> list[epath.Path]:
+    """Every file under a step directory except the manifest, sorted."""
+    own = (CHECKSUM_FILE, CHECKSUM_FILE + ".partial")
+    return sorted(p for p in _files_under(step_dir) if p.relative_to(step_dir).as_posix() not in own)
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating-point leaf of `tree` is finite (one reduction per leaf)."""
+    finite = True
+    for leaf in jax.tree.leaves(tree):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            finite = finite and bool(jnp.isfinite(leaf).all())
+    return finite
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:
@@ -71,8 +182,9 @@ class Checkpointer:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1 or None, got {keep_last}")
         self.directory = os.path.abspath(os.fspath(directory))
+        self.keep_last = keep_last
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep_last,
+            max_to_keep=None,  # rotation is `_rotate` (it keeps the newest finite step)
             create=True,
             enable_async_checkpointing=False,
         )
@@ -82,6 +194,7 @@ class Checkpointer:
         self.damaged: dict[int, str] = {}
         """Steps found unreadable by `restore_newest_intact` -> what was wrong; `save` replaces
         them."""
+        self._verified: set[int] = set()
 
     @property
     def latest_step(self) -> int | None:
@@ -99,15 +212,23 @@ class Checkpointer:
         data_state: Any = None,
         config: Mapping[str, Any] | None = None,
         overwrite: bool = False,
+        finite: bool | None = None,
     ) -> bool:
-        """Saves a checkpoint for `step` (blocking); returns whether one was written.
+        """Saves a checkpoint for `step` (blocking) with its checksum manifest, then rotates;
+        returns whether one was written.
 
-        An existing checkpoint of `step` is kept (returns False) unless `overwrite`.
+        An existing checkpoint of `step` is kept (returns False) unless `overwrite`. `finite`
+        (whether every floating-point leaf of `state` is finite; computed when None) is recorded
+        in the manifest for rotation.
         """
         if step in self._manager.all_steps():
             if not overwrite and step not in self.damaged:
                 return False
             self._manager.delete(step)
+            self.damaged.pop(step, None)
+        self._verified.discard(step)
+        if finite is None:
+            finite = all_finite(state)
         if jax.process_count() == 1:
             # One process holds every shard: write host copies (no per-shard device slicing).
             state = jax.device_get(state)
@@ -116,12 +237,106 @@ class Checkpointer:
             data=ocp.args.JsonSave({"state": data_state}),
             config=ocp.args.JsonSave(dict(config or {})),
         )
-        saved = self._manager.save(step, args=args, force=True)
-        self._manager.wait_until_finished()
-        return bool(saved)
+        try:
+            with _SaveNoise():
+                saved = self._manager.save(step, args=args, force=True)
+                self._manager.wait_until_finished()
+            if not saved:
+                return False
+            if jax.process_index() == 0:
+                self._write_manifest(step, finite=finite)
+        except Exception as e:  # TensorStore / orbax / the filesystem raise many types
+            raise CheckpointWriteError(
+                f"the checkpoint of step {step} could not be written under {self.directory}: "
+                f"{_write_failure(e)}"
+            ) from e
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"rlhf_jax checksums {self.directory} {step}")
+        self._verified.add(step)
+        self._rotate()
+        return True
+
+    def step_dir(self, step: int) -> epath.Path:
+        """The directory of checkpoint `step`."""
+        return epath.Path(self.directory) / str(step)
+
+    def _write_manifest(self, step: int, *, finite: bool) -> None:
+        step_dir = self.step_dir(step)
+        files = {}
+        for path in step_files(step_dir):
+            size, crc = file_crc32c(path)
+            files[path.relative_to(step_dir).as_posix()] = {"size": size, "crc32c": crc}
+        manifest = {"algorithm": "crc32c", "finite": finite, "files": files}
+        partial = step_dir / (CHECKSUM_FILE + ".partial")
+        partial.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        partial.replace(step_dir / CHECKSUM_FILE)
+
+    def manifest(self, step: int) -> dict[str, Any] | None:
+        """The checksum manifest of `step`, or None when it has none (or it does not parse)."""
+        path = self.step_dir(step) / CHECKSUM_FILE
+        if not path.exists():
+            return None
+        try:
+            manifest = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return manifest if isinstance(manifest, dict) and "files" in manifest else None
+
+    def verify(self, step: int) -> bool:
+        """Checks every file of `step` against its checksum manifest.
+
+        Returns True when verified, False when the step has no manifest (a warning says it is
+        restored unverified); raises `CheckpointDamagedError` naming the first file that is
+        missing, of the wrong size or of the wrong CRC32C. A verified step is not read again.
+        """
+        if step in self._verified:
+            return True
+        manifest = self.manifest(step)
+        step_dir = self.step_dir(step)
+        if manifest is None:
+            _log.warning("checkpoint %s has no readable %s (interrupted right after its commit, "
+                         "or written by an older version); it is restored unverified",
+                         step_dir, CHECKSUM_FILE)
+            return False
+        for name, expected in sorted(manifest["files"].items()):
+            path = step_dir / name
+            if not path.exists():
+                raise CheckpointDamagedError(f"{path} is missing")
+            size, crc = file_crc32c(path)
+            if size != expected["size"]:
+                raise CheckpointDamagedError(
+                    f"{path} has {size} bytes, {expected['size']} were written")
+            if crc != expected["crc32c"]:
+                raise CheckpointDamagedError(
+                    f"{path} fails its checksum (crc32c {crc}, {expected['crc32c']} was "
+                    f"written): its bytes changed after the save")
+        self._verified.add(step)
+        return True
+
+    def finite(self, step: int) -> bool:
+        """Whether the state of `step` was finite when saved (True when it has no manifest)."""
+        manifest = self.manifest(step)
+        return bool(manifest.get("finite", True)) if manifest is not None else True
+
+    def _rotate(self) -> None:
+        """Keeps the newest `keep_last` steps not known damaged, and the newest finite step."""
+        if self.keep_last is None:
+            return
+        steps = self.all_steps()
+        intact = [s for s in steps if s not in self.damaged]
+        keep = set(intact[-self.keep_last:])
+        newest_finite = next((s for s in reversed(intact) if self.finite(s)), None)
+        if newest_finite is not None:
+            keep.add(newest_finite)
+        for s in steps:
+            if s not in keep and s < max(keep):
+                self._manager.delete(s)
+                self.damaged.pop(s, None)
+                self._verified.discard(s)
 
     def restore(self, target: TrainState, *, step: int | None = None) -> Restored:
-        """Restores `step` (default: newest) onto the shapes, dtypes and shardings of `target`.
+        """Restores `step` (default: newest) onto the shapes, dtypes and shardings of `target`,
+        after checking its files against the checksum manifest (`verify`).
 
         `target` is a `TrainState` of arrays (e.g. a freshly initialised, sharded state) or of
         `jax.ShapeDtypeStruct`s with shardings.
@@ -135,6 +350,7 @@ class Checkpointer:
                 f"no checkpoint for step {step} under {self.directory}; "
                 f"available steps: {self.all_steps()}"
             )
+        self.verify(step)
         abstract = abstract_like(target)
         restored = self._manager.restore(
             step,
@@ -154,9 +370,9 @@ class Checkpointer:
     def restore_newest_intact(self, target: TrainState) -> Restored:
         """Restores the newest checkpoint that reads back, newest first (see `restore`).
 
-        A checkpoint that fails to restore (a missing or truncated file, a corrupt array) is
-        skipped with a one-line warning naming its step and the error, and recorded in
-        `damaged`; raises `CheckpointDamagedError` when none restores.
+        A checkpoint that fails verification or restore (a missing, truncated or bit-flipped
+        file, a corrupt array) is skipped with a one-line warning naming the file or the error,
+        and recorded in `damaged`; raises `CheckpointDamagedError` when none restores.
         """
         errors: list[str] = []
         for step in reversed(self.all_steps()):
@@ -179,11 +395,12 @@ class Checkpointer:
         if step is None:
             return None
         try:
+            self.verify(step)
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
             )
         except Exception as e:  # a damaged checkpoint: try the next older one
-            _log.warning("checkpoint %s/%d: its config is unreadable (%s: %s)", self.directory,
+            _log.warning("checkpoint %s/%d is damaged; its config is not used (%s: %s)", self.directory,
                          step, type(e).__name__, _first_line(e))
             older = [s for s in self.all_steps() if s < step]
             return self.stored_config(older[-1]) if older else None
@@ -194,6 +411,8 @@ class Checkpointer:
         for step in self.all_steps():
             self._manager.delete(step)
         self._manager.reload()
+        self.damaged.clear()
+        self._verified.clear()
 
     def close(self) -> None:
         self._manager.wait_until_finished()
@@ -206,4 +425,14 @@ class Checkpointer:
         self.close()
 
 
-__all__ = ["CheckpointDamagedError", "Checkpointer", "Restored", "abstract_like"]
+__all__ = [
+    "CHECKSUM_FILE",
+    "CheckpointDamagedError",
+    "CheckpointWriteError",
+    "Checkpointer",
+    "Restored",
+    "abstract_like",
+    "all_finite",
+    "file_crc32c",
+    "step_files",
+]

@@ -44,20 +44,21 @@ class ExportConfig:
 
 def read_checkpoint_state(checkpoint_dir: str, step: int | None = None) -> tuple[int, dict]:
     """`(step, state)`: a checkpoint's train state as nested dicts of NumPy arrays (host only,
-    whatever mesh wrote it)."""
+    whatever mesh wrote it), after its files pass the checksum manifest (else
+    `CheckpointDamagedError` naming the file)."""
     import orbax.checkpoint as ocp
 
     from rlhf_jax.train.checkpoint import Checkpointer
 
-    ckpt = Checkpointer(checkpoint_dir, keep_last=None)
-    steps = ckpt.all_steps()
-    ckpt.close()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint under {checkpoint_dir}")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} under {checkpoint_dir}; "
-                                f"available steps: {steps}")
+    with Checkpointer(checkpoint_dir, keep_last=None) as ckpt:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint under {checkpoint_dir}")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} under {checkpoint_dir}; "
+                                    f"available steps: {steps}")
+        ckpt.verify(step)  # a damaged file is named here, not shipped
     path = os.path.join(os.path.abspath(checkpoint_dir), str(step), "state")
     reader = ocp.PyTreeCheckpointer()
     tree = reader.metadata(path).item_metadata.tree

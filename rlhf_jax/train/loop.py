@@ -27,7 +27,9 @@ Non-finite values: `make_train_step` skips any update whose loss or gradient nor
 counts such steps (`train/skipped_steps`, cumulative, in every log line) and raises
 `NonFiniteError` after `max_consecutive_skips` in a row; with `"stop"` it raises
 `NonFiniteError` naming the step, before any later checkpoint is written. No checkpoint is
-written while the newest update was non-finite.
+written while the newest update was non-finite, nor of a state that holds a non-finite value (an
+update with a finite loss and gradient can still overflow the parameters); the run's final save
+of such a state raises `NonFiniteError`.
 
 Metrics the loop adds to each training log line: `train/skipped_steps` (cumulative count of
 skipped updates) and `train/steps_per_sec` (host wall-clock rate since the previous log line;
@@ -50,7 +52,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from rlhf_jax.train.checkpoint import Checkpointer
+from rlhf_jax.train.checkpoint import Checkpointer, all_finite
 from rlhf_jax.train.config import ConfigError, TrainConfig, config_to_dict, save_config
 from rlhf_jax.train.logging import MetricsLogger, SampleTable
 from rlhf_jax.train.state import TrainState
@@ -214,8 +216,9 @@ def train_loop(
       max_consecutive_skips: under `"skip"`, raise `NonFiniteError` after this many skipped
         updates in a row (None: never).
 
-    No checkpoint is written while the newest update was non-finite (the newest checkpoint
-    therefore always holds a finite state); a save that does not happen raises
+    No checkpoint is written while the newest update was non-finite, nor of a state holding a
+    non-finite value (the newest checkpoint therefore always holds a finite state; the final
+    save of such a state raises `NonFiniteError`); a save that does not happen raises
     `CheckpointSaveError`.
     """
     if nan_policy not in ("skip", "stop"):
@@ -266,7 +269,7 @@ def train_loop(
                 logger.log(s, logged)
                 logger.progress(s, {k: v for k, v in values.items() if k.endswith("loss")})
 
-    def save(s: int) -> None:
+    def save(s: int, *, final: bool = False) -> None:
         nonlocal last_saved
         if checkpointer is None or last_saved == s:
             return
@@ -276,11 +279,21 @@ def train_loop(
                          "(%d in a row); the last checkpoint is step %s", s, consecutive_skips,
                          last_saved)
             return
+        if not all_finite(state):
+            message = (f"the train state after step {s} holds non-finite values although its "
+                       f"update's loss and gradient were finite (e.g. a learning rate so large "
+                       f"that the parameters overflow); it was not saved. The last checkpoint "
+                       f"is step {last_saved}.")
+            if final:
+                raise NonFiniteError(message)
+            _log.warning("no checkpoint at step %d: %s", s, message)
+            return
         written = checkpointer.save(
             s,
             state,
             data_state={"loader": data_state, "skipped_steps": skipped_steps},
             config=run_config,
+            finite=True,
         )
         if not written:
             raise CheckpointSaveError(
@@ -312,7 +325,7 @@ def train_loop(
     drain(0)
     if eval_fn is not None and not preempted:
         eval_metrics = _log_eval(logger, step, eval_fn(state))
-    save(step)
+    save(step, final=True)
     if logger is not None:
         logger.progress(step)
     return LoopResult(
