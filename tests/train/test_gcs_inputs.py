@@ -1,4 +1,5 @@
-"""Model directories read from Cloud Storage (the emulated bucket) by the CLI and model sources."""
+"""Model directories and data files read from Cloud Storage (the emulated bucket) by the CLI and
+model sources."""
 
 import json
 import pathlib
@@ -27,15 +28,18 @@ def _write_sft(path: pathlib.Path, n: int = 16) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_sft_cli_reads_model_and_tokenizer_from_the_bucket(gcs_bucket, tmp_path):
+def test_sft_cli_reads_model_tokenizer_and_data_from_the_bucket(gcs_bucket, tmp_path):
     model_dir = _upload(FIXTURES / "gpt2", epath.Path(gcs_bucket) / "models" / "gpt2")
     _write_sft(tmp_path / "sft.jsonl")
-    args = ["--data.path", str(tmp_path / "sft.jsonl"), "--num-steps", "1",
-            "--data.batch-size", "8", "--data.num-eval", "0", "--data.max-length", "32",
-            "--logging.progress", "none"]
-    assert cli.main(["sft", "--model.path", model_dir, "--output-dir", str(tmp_path / "remote"),
-                     *args]) == 0
+    remote_data = epath.Path(gcs_bucket) / "data" / "train.jsonl"
+    remote_data.parent.mkdir(parents=True, exist_ok=True)
+    epath.Path(tmp_path / "sft.jsonl").copy(remote_data)
+    args = ["--num-steps", "1", "--data.batch-size", "8", "--data.num-eval", "0",
+            "--data.max-length", "32", "--logging.progress", "none"]
+    assert cli.main(["sft", "--model.path", model_dir, "--data.path", str(remote_data),
+                     "--output-dir", str(tmp_path / "remote"), *args]) == 0
     assert cli.main(["sft", "--model.path", str(FIXTURES / "gpt2"),
+                     "--data.path", str(tmp_path / "sft.jsonl"),
                      "--output-dir", str(tmp_path / "local"), *args]) == 0
     remote, local = read_metrics(tmp_path / "remote"), read_metrics(tmp_path / "local")
     assert len(remote) == 1
