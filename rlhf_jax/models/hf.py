@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from rlhf_jax.models.config import ModelConfig, RopeScaling
@@ -405,17 +405,35 @@ class _TensorFiles:
     def names(self) -> list[str]:
         return list(self.files)
 
+    def _damaged(self, file: str, error: Exception, name: str | None = None) -> CheckpointError:
+        what = f", tensor {name!r}" if name is not None else ""
+        return CheckpointError(f"{self.where / file}{what}: cannot be read, the safetensors file "
+                               f"is truncated or corrupt ({type(error).__name__}: {error})")
+
     def _handle(self, file: str):
         if file not in self._handles:
-            self._handles[file] = safe_open(os.fspath(self.local / file), framework="numpy")
+            try:
+                self._handles[file] = safe_open(os.fspath(self.local / file), framework="numpy")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise self._damaged(file, e) from e
         return self._handles[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
         stored = self.rename.get(name, name)
-        return tuple(self._handle(self.files[name]).get_slice(stored).get_shape())
+        try:
+            return tuple(self._handle(self.files[name]).get_slice(stored).get_shape())
+        except (SafetensorError, OSError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise self._damaged(self.files[name], e, name) from e
 
     def get(self, name: str) -> np.ndarray:
-        return self._handle(self.files[name]).get_tensor(self.rename.get(name, name))
+        try:
+            return self._handle(self.files[name]).get_tensor(self.rename.get(name, name))
+        except (SafetensorError, OSError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise self._damaged(self.files[name], e, name) from e
 
 
 def _normalise_names(files: _TensorFiles, arch: str) -> None:
