@@ -567,6 +567,7 @@ def save_pretrained(
     dtype: str | None = None,
     max_shard_bytes: int | None = None,
     tokenizer: Any = None,
+    overwrite: bool = False,
 ) -> epath.Path:
     """Writes `model` as a Hugging Face directory (`config.json` + safetensors), local or
     `gs://` (module docstring).
@@ -575,11 +576,26 @@ def save_pretrained(
     stored dtype; `max_shard_bytes` splits the weights into shards with an index;
     `tokenizer` (a transformers tokenizer) is saved alongside. On multi-host runs every
     process gathers the weights and process 0 writes. Returns the directory.
+
+    Only the files written here are replaced; of the files already in `path`, only the weights
+    a previous save wrote (`model.safetensors`, the shards its index names, the index) are
+    removed when this save does not rewrite them. Every other file (a user's
+    `model_backup.safetensors`, notes) is kept.
+
+    Raises:
+      FileExistsError: `path` is a non-empty directory that is not a Hugging Face model
+        directory (it has no `config.json`), unless `overwrite` is true.
     """
     from rlhf_jax.models.lora import has_lora, merge_lora
 
     if not isinstance(model, CausalLM):
         raise TypeError(f"save_pretrained needs a CausalLM, got {type(model).__name__}")
+    path = epath.Path(path)
+    if not overwrite and path.is_dir() and not (path / "config.json").exists() and \
+            any(True for _ in path.iterdir()):
+        raise FileExistsError(f"{path} is not empty and is not a Hugging Face model directory "
+                              "(no config.json); pick an empty or new directory, or pass "
+                              "overwrite=True to write into it (its other files are kept)")
     if has_lora(model):
         model = merge_lora(nnx.clone(model))
     config = model.config
@@ -604,9 +620,9 @@ def save_pretrained(
                               f"{['/'.join(p) for p in ours]}")
     tensors = {n: np.ascontiguousarray(t.astype(np_dtype)) for n, t in tensors.items()}
 
-    path = epath.Path(path)
     if jax.process_index() != 0:
         return path
+    previous = _previous_weight_files(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt"}
     with _writing(path) as out:
@@ -635,11 +651,25 @@ def save_pretrained(
         if tokenizer is not None:
             tokenizer.save_pretrained(os.fspath(out))
         written = sorted(f.name for f in out.iterdir())
-        for old in list(path.glob("model*.safetensors")) + list(path.glob(INDEX_FILE)):
-            if old.name not in written:
-                old.unlink()
         _publish(out, path, written)
+        for name in sorted(previous - set(written)):
+            (path / name).unlink(missing_ok=True)
     return path
+
+
+def _previous_weight_files(path: epath.Path) -> set[str]:
+    """The weight files an earlier save left in `path`: `model.safetensors`, the index and the
+    shards it names (an unreadable index names none)."""
+    previous = {name for name in (SINGLE_FILE, INDEX_FILE) if (path / name).exists()}
+    if INDEX_FILE in previous:
+        try:
+            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+            previous |= {f for f in weight_map.values()
+                         if isinstance(f, str) and f == epath.Path(f).name}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            logger.warning("%s: unreadable %s (%s); the shards it named are left in place",
+                           path, INDEX_FILE, e)
+    return previous
 
 
 @contextlib.contextmanager

@@ -315,3 +315,36 @@ class TestDamagedFiles:
         index_file.write_text(json.dumps(index))
         with pytest.raises(CheckpointError, match=rf"{out / wrong}, tensor '{name}'"):
             from_pretrained(out)
+
+
+class TestSaveIntoExistingDirectory:
+    def test_keeps_files_it_did_not_write(self, tmp_path):
+        model = from_pretrained(FIXTURES / "gpt2")
+        out = tmp_path / "hf"
+        save_pretrained(model, out, max_shard_bytes=20_000)
+        old_shards = {p.name for p in out.glob("model-*.safetensors")}
+        assert len(old_shards) > 1
+        backup = out / "model_original_backup.safetensors"
+        shutil.copy(FIXTURES / "gpt2" / "model.safetensors", backup)
+        (out / "NOTES.md").write_text("mine")
+        save_pretrained(model, out)  # a single file now: the old shards and index go
+        names = {p.name for p in out.iterdir()}
+        assert names == {"config.json", "model.safetensors", "model_original_backup.safetensors",
+                         "NOTES.md"}
+        assert backup.read_bytes() == (FIXTURES / "gpt2" / "model.safetensors").read_bytes()
+        for a, b in zip(_params(model), _params(from_pretrained(out))):
+            np.testing.assert_array_equal(a, b)
+
+    def test_refuses_a_non_model_directory_unless_overwrite(self, tmp_path):
+        model = from_pretrained(FIXTURES / "gpt2")
+        out = tmp_path / "run"
+        out.mkdir()
+        (out / "config.yaml").write_text("seed: 0\n")
+        with pytest.raises(FileExistsError, match=rf"{out} is not empty and is not a Hugging "
+                                                  r"Face model directory .*overwrite=True"):
+            save_pretrained(model, out)
+        assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+        save_pretrained(model, out, overwrite=True)
+        assert {p.name for p in out.iterdir()} == {"config.yaml", "config.json",
+                                                   "model.safetensors"}
+        save_pretrained(model, out)  # now a model directory: no flag needed

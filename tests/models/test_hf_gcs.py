@@ -71,3 +71,4 @@ def test_bucket_errors_name_the_remote_path(gcs_bucket):
         from_pretrained(remote)
     with pytest.raises(FileNotFoundError, match="missing"):
         load_tokenizer(epath.Path(gcs_bucket) / "missing")
+
