@@ -13,6 +13,9 @@ A checkpoint directory `output_dir/checkpoints/<step>/` holds three orbax items:
 `Checkpointer` wraps `ocp.CheckpointManager` (keep the newest `keep_last`; saves are synchronous
 so that a SIGTERM save has finished before the process exits). `restore_newest_intact` skips a
 checkpoint that does not read back (recorded in `damaged`, replaced by the next save of its step).
+
+The directory may be local or a ``gs://`` URI: orbax writes and reads buckets itself
+(tensorstore's GCS driver for the arrays, etils.epath for the rest).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import orbax.checkpoint as ocp
 
+from rlhf_jax.storage import absolute
 from rlhf_jax.train.state import TrainState
 
 _log = logging.getLogger("rlhf_jax.train")
@@ -63,14 +67,15 @@ class Checkpointer:
     """Saves and restores checkpoints under `directory` (see module docstring).
 
     Args:
-      directory: checkpoint root (created if missing), usually `output_dir/checkpoints`.
+      directory: checkpoint root (created if missing), usually `output_dir/checkpoints`; a
+        local path or a ``gs://`` URI.
       keep_last: number of newest checkpoints to keep (None keeps all).
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep_last: int | None = 3):
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1 or None, got {keep_last}")
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = absolute(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep_last,
             create=True,

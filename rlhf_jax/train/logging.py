@@ -12,6 +12,11 @@ evaluation's sample responses) as one JSON line ``{"step": s, name: [{column: va
 
 On resume, `MetricsLogger(..., resume_step=s)` drops the JSONL lines of steps after `s` (those
 steps are re-run), so an interrupted-and-resumed run leaves the same file as an uninterrupted one.
+
+`output_dir` may be a local directory or a ``gs://`` URI (`rlhf_jax.storage`). On a bucket
+`metrics.jsonl` is a `TextLog`, uploaded at most every `TextLog.sync_seconds` and on `close`;
+tensorboardX writes its event file to the bucket itself (uploaded on its flushes, every 120 s,
+and on `close`); Weights & Biases keeps its local files in its default directory.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
+from etils import epath
 
+from rlhf_jax.storage import TextLog, ensure_dir, is_remote
 from rlhf_jax.train.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -63,11 +70,10 @@ def _to_float(value: Any) -> float:
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
     """Reads a `metrics.jsonl` file (or the run directory holding it) into a list of dicts."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, METRICS_FILE)
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    path = epath.Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
 
 
 class MetricsLogger:
@@ -93,23 +99,20 @@ class MetricsLogger:
     ):
         config = config or LoggingConfig()
         self.output_dir = os.fspath(output_dir)
-        os.makedirs(self.output_dir, exist_ok=True)
-        self.path = os.path.join(self.output_dir, METRICS_FILE)
+        path = ensure_dir(self.output_dir) / METRICS_FILE
+        self.path = os.fspath(path)
         kept: list[str] = []
-        if resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                for line in f:
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-        self._file = open(self.path, "w")
-        self._file.writelines(kept)
-        self._file.flush()
+        if resume_step is not None and path.exists():
+            for line in path.read_text().split("\n"):
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                    kept.append(line + "\n")
+        self._file = TextLog(path, "".join(kept))
 
         self._tb = None
         if config.tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(self.output_dir, "tensorboard"))
+            self._tb = SummaryWriter(os.fspath(epath.Path(self.output_dir) / "tensorboard"))
 
         self._wandb = None
         if config.wandb:
@@ -122,7 +125,7 @@ class MetricsLogger:
                 ) from e
             self._wandb = wandb.init(
                 project=config.wandb_project,
-                dir=self.output_dir,
+                dir=None if is_remote(self.output_dir) else self.output_dir,
                 config=dict(run_config or {}),
                 resume="allow",
             )
