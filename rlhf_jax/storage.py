@@ -3,7 +3,7 @@
 Every file a run reads or writes (``config.yaml``, ``metrics.jsonl``, TensorBoard events,
 ``summary.json``, reference tables, checkpoints, exports) is addressed as `epath.Path(str)`: a
 local path keeps its name and behaviour, a ``gs://BUCKET/...`` URI goes to Cloud Storage (gcsfs
-under epath, tensorstore under orbax, google-cloud-storage under tensorboardX).
+under epath, tensorstore under orbax).
 
 Cloud Storage holds whole objects: there is no append and no rename, and an object written in
 one request replaces the old one atomically. Hence:
@@ -13,6 +13,8 @@ one request replaces the old one atomically. Hence:
   far, at most once every `TextLog.sync_seconds` and always on `TextLog.close` (which the
   training loop reaches on SIGTERM, on errors and at the end). A resumed run drops the lines
   after its checkpoint anyway, so a hard kill loses only lines that the resume recomputes.
+- `mirror_dir` copies a local directory to a bucket prefix: TensorBoard event files are written
+  to a local staging directory and mirrored (`rlhf_jax.train.logging.MetricsLogger`).
 - `write_text_atomic` writes a file so that a reader never sees half of it: a temporary file
   renamed over the target locally, one object upload on a bucket.
 - `ensure_dir` creates a local directory; on a bucket it does nothing (prefixes need no
@@ -137,6 +139,21 @@ class TextLog:
         else:
             self.flush(force=True)
         self._chunks = None
+
+
+def mirror_dir(local: str | os.PathLike, remote: str | os.PathLike) -> list[str]:
+    """Copies every file under the local directory `local` to the same relative path under
+    `remote` (a bucket prefix), replacing what is there; returns the relative paths copied."""
+    source = epath.Path(local)
+    target = epath.Path(remote)
+    copied = []
+    for root, _, files in os.walk(source):
+        for name in sorted(files):
+            path = epath.Path(root, name)
+            relative = os.fspath(path.relative_to(source))
+            (target / relative).write_bytes(path.read_bytes())
+            copied.append(relative)
+    return copied
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,6 +287,7 @@ __all__ = [
     "check_storage",
     "ensure_dir",
     "is_remote",
+    "mirror_dir",
     "remote_paths",
     "storage_timeout",
     "write_text_atomic",

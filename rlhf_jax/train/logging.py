@@ -15,8 +15,10 @@ steps are re-run), so an interrupted-and-resumed run leaves the same file as an 
 
 `output_dir` may be a local directory or a ``gs://`` URI (`rlhf_jax.storage`). On a bucket
 `metrics.jsonl` is a `TextLog`, uploaded at most every `TextLog.sync_seconds` and on `close`;
-tensorboardX writes its event file to the bucket itself (uploaded on its flushes, every 120 s,
-and on `close`); Weights & Biases keeps its local files in its default directory.
+TensorBoard's event files are written to a local staging directory and mirrored to
+`output_dir/tensorboard` with the same cadence (`rlhf_jax.storage.mirror_dir`; the staging
+directory is removed on `close`); Weights & Biases keeps its local files in its default
+directory.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 from etils import epath
 
-from rlhf_jax.storage import TextLog, ensure_dir, is_remote
+from rlhf_jax.storage import TextLog, ensure_dir, is_remote, mirror_dir
 from rlhf_jax.train.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -109,10 +114,17 @@ class MetricsLogger:
         self._file = TextLog(path, "".join(kept))
 
         self._tb = None
+        self._tb_remote = self._tb_staging = None
+        self._tb_synced = time.monotonic()
         if config.tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.fspath(epath.Path(self.output_dir) / "tensorboard"))
+            tb_dir = os.fspath(epath.Path(self.output_dir) / "tensorboard")
+            if is_remote(self.output_dir):
+                self._tb_remote = tb_dir
+                tb_dir = tempfile.mkdtemp(prefix="rlhf_jax-tensorboard-")
+                self._tb_staging = tb_dir
+            self._tb = SummaryWriter(tb_dir)
 
         self._wandb = None
         if config.wandb:
@@ -156,6 +168,7 @@ class MetricsLogger:
             for name, v in values.items():
                 if math.isfinite(v):
                     self._tb.add_scalar(name, v, int(step))
+            self._mirror_tensorboard()
         if self._wandb is not None:
             self._wandb.log(values, step=int(step))
         return values
@@ -167,6 +180,18 @@ class MetricsLogger:
         self._file.flush()
         if self._tb is not None:
             self._tb.add_text(name, table.markdown(), int(step))
+            self._mirror_tensorboard()
+
+    def _mirror_tensorboard(self, *, force: bool = False) -> None:
+        """Copies the staged event files to the bucket (remote runs), at most every
+        `TextLog.sync_seconds` unless `force`."""
+        if self._tb_remote is None:
+            return
+        now = time.monotonic()
+        if force or now - self._tb_synced >= self._file.sync_seconds:
+            self._tb.flush()
+            mirror_dir(self._tb_staging, self._tb_remote)
+            self._tb_synced = now
 
     def progress(self, step: int, postfix: Mapping[str, float] | None = None) -> None:
         """Moves the console progress bar to `step` (showing a few metric values)."""
@@ -190,6 +215,9 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+            if self._tb_remote is not None:
+                mirror_dir(self._tb_staging, self._tb_remote)
+                shutil.rmtree(self._tb_staging, ignore_errors=True)
             self._tb = None
         if self._wandb is not None:
             self._wandb.finish()
