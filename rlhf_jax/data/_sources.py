@@ -4,7 +4,11 @@ Every reader yields ``(origin, record)`` pairs, where `origin` names the file an
 line (JSONL) or 0-based row (parquet, `datasets`, TFDS), and `record` is a dict or, for a row that
 cannot be decoded, a `RecordError`. `load_examples` validates the rows into examples under the
 ``on_error`` policy and returns a `LoadReport`. Blank JSONL lines are not rows and are passed
-over.
+over; a source with no rows at all is an error that names it.
+
+File paths are `etils.epath.Path`s: a JSONL or parquet file, and the directory a source type is
+told from, may be local or a ``gs://`` URI. JSONL is streamed one line at a time, so memory
+holds one line, never the file.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
+
+from etils import epath
 
 from rlhf_jax.data._records import (
     Format,
@@ -30,9 +35,10 @@ Row = tuple[str, Any]
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[Row]:
-    """Rows of a JSON-lines file; undecodable lines yield a `RecordError` naming the line."""
-    path = Path(path)
-    with open(path, "rb") as f:
+    """Rows of a JSON-lines file (local or ``gs://``), read one line at a time; undecodable
+    lines yield a `RecordError` naming the line."""
+    path = epath.Path(path)
+    with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             origin = f"{path}:{lineno}"
             try:
@@ -51,15 +57,17 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[Row]:
 
 
 def read_parquet(path: str | os.PathLike, *, batch_size: int = 1024) -> Iterator[Row]:
-    """Rows of a parquet file (via pyarrow), origins ``"file.parquet:row N"``."""
+    """Rows of a parquet file (local or ``gs://``, via pyarrow), origins
+    ``"file.parquet:row N"``."""
     import pyarrow.parquet as pq
 
-    path = Path(path)
+    path = epath.Path(path)
     i = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
-        for row in batch.to_pylist():
-            yield f"{path}:row {i}", row
-            i += 1
+    with path.open("rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+            for row in batch.to_pylist():
+                yield f"{path}:row {i}", row
+                i += 1
 
 
 def _hf_rows(ds, name: str) -> Iterator[Row]:
@@ -92,7 +100,7 @@ def read_hf_files(
     import datasets
 
     files = [str(data_files)] if isinstance(data_files, str | os.PathLike) else [str(f) for f in data_files]
-    suffixes = {Path(f).suffix for f in files}
+    suffixes = {epath.Path(f).suffix for f in files}
     builders = {_HF_BUILDERS.get(s) for s in suffixes}
     if len(builders) != 1 or None in builders:
         raise ValueError(
@@ -113,7 +121,7 @@ def read_tfds(
     """
     import tensorflow_datasets as tfds
 
-    path = Path(name_or_dir)
+    path = epath.Path(name_or_dir)
     if path.is_dir():
         source = tfds.builder_from_directory(str(path)).as_data_source(split=split)
         name = path.parent.name
@@ -143,7 +151,7 @@ def detect_source_type(source: Any) -> str:
     """Guesses the source type from a path (suffix or directory contents) or a Python list."""
     if isinstance(source, Sequence) and not isinstance(source, str | bytes):
         return "records"
-    path = Path(source)
+    path = epath.Path(source)
     if path.is_dir():
         if (path / "features.json").exists():
             return "tfds"
@@ -222,7 +230,8 @@ def load_examples(
     name = "records" if not isinstance(source, str | os.PathLike) else str(source)
     builder = ReportBuilder(name, on_error)
     examples = []
-    for origin, record in read_rows(source, source_type=source_type, split=split, data_dir=data_dir):
+    kind = source_type or detect_source_type(source)
+    for origin, record in read_rows(source, source_type=kind, split=split, data_dir=data_dir):
         builder.num_read += 1
         try:
             if isinstance(record, RecordError):
@@ -233,4 +242,7 @@ def load_examples(
             builder.error(e)
             continue
         builder.num_loaded += 1
+    if builder.num_read == 0:
+        raise ValueError(f"{name}: no rows to read (the source is empty"
+                         + (", or holds only blank lines)" if kind == "jsonl" else ")"))
     return examples, builder.build(log=log)

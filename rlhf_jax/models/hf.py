@@ -18,23 +18,33 @@ counted in an INFO log message.
 `save_pretrained(model, path)` writes `config.json` and `model.safetensors` (adapters merged
 into a copy first) that `transformers.AutoModelForCausalLM.from_pretrained(path)` loads to the
 same logits; `from_pretrained(save_pretrained(m))` gives back identical parameters.
+
+Every path is an `etils.epath.Path`: a local directory or a `gs://` URI alike. safetensors and
+transformers' tokenizers read only local files, so a remote directory is staged: its weight files
+(or its tokenizer files) are copied into a temporary local directory (under `TMPDIR`), read from
+there with the same memory-mapped reader as a local directory, and the copy is removed once
+loaded. A remote save writes into a temporary local directory and copies each file up. Staging
+needs local disk for one copy of the weights, but never holds more of them in memory than a
+local load does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import pathlib
 import re
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from rlhf_jax.models.config import ModelConfig, RopeScaling
@@ -59,8 +69,34 @@ _ROPE_KEYS = {"factor", "low_freq_factor", "high_freq_factor",
               "mscale_all_dim", "attention_factor", "truncate"}
 
 
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".npz",
+                    ".gguf")
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory does not match what the architecture needs."""
+
+
+# --------------------------------------------------------------------------- paths
+def _is_local(path: epath.Path) -> bool:
+    """Whether `path` is on the local file system (not a `gs://`-style URI)."""
+    return "://" not in os.fspath(path)
+
+
+@contextlib.contextmanager
+def _staged(path: epath.Path, names: Sequence[str]) -> Iterator[epath.Path]:
+    """A local directory holding the files `names` of the directory `path`: `path` itself when
+    it is local, else a temporary copy that is removed on exit."""
+    if _is_local(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="rlhf_jax_hf_") as tmp:
+        local = epath.Path(tmp)
+        for name in names:
+            (path / name).copy(local / name)
+        yield local
 
 
 # --------------------------------------------------------------------------- config mapping
@@ -331,41 +367,73 @@ def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 # --------------------------------------------------------------------------- reading
-class _TensorFiles:
-    """Name -> tensor over one safetensors file or a sharded index (memory-light access)."""
-
-    def __init__(self, path: pathlib.Path):
-        index = path / "model.safetensors.index.json"
-        single = path / "model.safetensors"
-        if index.exists():
+def _weight_files(path: epath.Path) -> tuple[list[str], dict[str, str] | None]:
+    """`(file names, tensor -> file map)` of the weights in `path`: one `model.safetensors`
+    (map None: read from the file) or the shards a `model.safetensors.index.json` names."""
+    index = path / INDEX_FILE
+    if index.exists():
+        try:
             weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {n: path / f for n, f in weight_map.items()}
-        elif single.exists():
-            with safe_open(single, framework="numpy") as f:
-                self.files = {n: single for n in f.keys()}
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})"
+                                  ) from e
+        files = sorted(set(weight_map.values()))
+        for file in files:
+            if not (path / file).exists():
+                raise CheckpointError(f"{path}: shard {file} named by the index is missing")
+        return files, weight_map
+    if (path / SINGLE_FILE).exists():
+        return [SINGLE_FILE], None
+    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors is read)")
+
+
+class _TensorFiles:
+    """Name -> tensor over one safetensors file or a sharded index (memory-light access).
+
+    `local` is the directory read (a staged copy of a remote one); `where` is the directory the
+    user named, used in every message."""
+
+    def __init__(self, local: epath.Path, weight_map: dict[str, str] | None, where: epath.Path):
+        self.local, self.where = local, where
+        self._handles: dict[str, Any] = {}
+        if weight_map is None:
+            self.files = {n: SINGLE_FILE for n in self._handle(SINGLE_FILE).keys()}
         else:
-            raise CheckpointError(f"{path}: no model.safetensors or "
-                                  "model.safetensors.index.json (only safetensors is read)")
-        for file in set(self.files.values()):
-            if not file.exists():
-                raise CheckpointError(f"{path}: shard {file.name} named by the index is missing")
-        self._handles: dict[pathlib.Path, Any] = {}
+            self.files = dict(weight_map)
         self.rename: dict[str, str] = {}
 
     def names(self) -> list[str]:
         return list(self.files)
 
-    def _handle(self, file):
+    def _damaged(self, file: str, error: Exception, name: str | None = None) -> CheckpointError:
+        what = f", tensor {name!r}" if name is not None else ""
+        return CheckpointError(f"{self.where / file}{what}: cannot be read, the safetensors file "
+                               f"is truncated or corrupt ({type(error).__name__}: {error})")
+
+    def _handle(self, file: str):
         if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="numpy")
+            try:
+                self._handles[file] = safe_open(os.fspath(self.local / file), framework="numpy")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise self._damaged(file, e) from e
         return self._handles[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
         stored = self.rename.get(name, name)
-        return tuple(self._handle(self.files[name]).get_slice(stored).get_shape())
+        try:
+            return tuple(self._handle(self.files[name]).get_slice(stored).get_shape())
+        except (SafetensorError, OSError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise self._damaged(self.files[name], e, name) from e
 
     def get(self, name: str) -> np.ndarray:
-        return self._handle(self.files[name]).get_tensor(self.rename.get(name, name))
+        try:
+            return self._handle(self.files[name]).get_tensor(self.rename.get(name, name))
+        except (SafetensorError, OSError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise self._damaged(self.files[name], e, name) from e
 
 
 def _normalise_names(files: _TensorFiles, arch: str) -> None:
@@ -379,8 +447,8 @@ def _normalise_names(files: _TensorFiles, arch: str) -> None:
         files.rename = {(n if n.startswith("lm_head.") else prefix + n): n for n in names}
 
 
-def _load_arrays(path, config: ModelConfig, param_dtype) -> tuple[dict, int]:
-    files = _TensorFiles(path)
+def _load_arrays(files: _TensorFiles, config: ModelConfig, param_dtype) -> tuple[dict, int]:
+    path = files.where
     _normalise_names(files, config.arch)
     expected = expected_tensors(config)
     present = set(files.names())
@@ -432,16 +500,17 @@ def from_pretrained(
     mesh: jax.sharding.Mesh | None = None,
     **config_overrides,
 ) -> CausalLM:
-    """A `CausalLM` with the weights of the local Hugging Face directory `path`.
+    """A `CausalLM` with the weights of the Hugging Face directory `path`.
 
     Args:
-      path: a directory with `config.json` and safetensors weights (single or sharded).
+      path: a directory with `config.json` and safetensors weights (single or sharded): local
+        or a `gs://` URI (staged through a temporary local copy, module docstring).
       dtype, param_dtype: compute and parameter dtypes (`"float32"`, `"bfloat16"`, ...).
       mesh: when given, every parameter is placed on the mesh by its logical axis names
         (`rlhf_jax.sharding.LOGICAL_AXIS_RULES`).
       config_overrides: other `ModelConfig` fields to change (e.g. `remat="full"`).
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path}: no config.json")
@@ -449,7 +518,10 @@ def from_pretrained(
     config = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, where=str(config_file))
     if config_overrides:
         config = config.replace(**config_overrides)
-    arrays, skipped = _load_arrays(path, config, config.params_dtype)
+    names, weight_map = _weight_files(path)
+    with _staged(path, names) as local:
+        arrays, skipped = _load_arrays(_TensorFiles(local, weight_map, path), config,
+                                       config.params_dtype)
 
     abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -495,8 +567,9 @@ def save_pretrained(
     dtype: str | None = None,
     max_shard_bytes: int | None = None,
     tokenizer: Any = None,
-) -> pathlib.Path:
-    """Writes `model` as a Hugging Face directory (`config.json` + safetensors).
+) -> epath.Path:
+    """Writes `model` as a Hugging Face directory (`config.json` + safetensors), local or
+    `gs://` (module docstring).
 
     LoRA adapters are merged into a copy first. `dtype` (default: the parameter dtype) is the
     stored dtype; `max_shard_bytes` splits the weights into shards with an index;
@@ -531,47 +604,75 @@ def save_pretrained(
                               f"{['/'.join(p) for p in ours]}")
     tensors = {n: np.ascontiguousarray(t.astype(np_dtype)) for n, t in tensors.items()}
 
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if jax.process_index() != 0:
         return path
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     meta = {"format": "pt"}
-    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
-        old.unlink()
-    if max_shard_bytes is None:
-        save_file(tensors, str(path / "model.safetensors"), metadata=meta)
-    else:
-        shards: list[dict[str, np.ndarray]] = [{}]
-        size = 0
-        for name in sorted(tensors):
-            t = tensors[name]
-            if shards[-1] and size + t.nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = t
-            size += t.nbytes
-        weight_map = {}
-        for j, shard in enumerate(shards):
-            fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / fname), metadata=meta)
-            weight_map.update({n: fname for n in shard})
-        total = int(sum(t.nbytes for t in tensors.values()))
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
+    with _writing(path) as out:
+        (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        if max_shard_bytes is None:
+            save_file(tensors, os.fspath(out / SINGLE_FILE), metadata=meta)
+        else:
+            shards: list[dict[str, np.ndarray]] = [{}]
+            size = 0
+            for name in sorted(tensors):
+                t = tensors[name]
+                if shards[-1] and size + t.nbytes > max_shard_bytes:
+                    shards.append({})
+                    size = 0
+                shards[-1][name] = t
+                size += t.nbytes
+            weight_map = {}
+            for j, shard in enumerate(shards):
+                fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.fspath(out / fname), metadata=meta)
+                weight_map.update({n: fname for n in shard})
+            total = int(sum(t.nbytes for t in tensors.values()))
+            index = {"metadata": {"total_size": total},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.fspath(out))
+        written = sorted(f.name for f in out.iterdir())
+        for old in list(path.glob("model*.safetensors")) + list(path.glob(INDEX_FILE)):
+            if old.name not in written:
+                old.unlink()
+        _publish(out, path, written)
     return path
 
 
+@contextlib.contextmanager
+def _writing(path: epath.Path) -> Iterator[epath.Path]:
+    """A temporary local directory to write the files of `path` into before `_publish`: inside
+    `path` when it is local (so that publishing is an atomic rename), else under `TMPDIR`."""
+    local = _is_local(path)
+    with tempfile.TemporaryDirectory(prefix=".rlhf_jax_hf_",
+                                     dir=os.fspath(path) if local else None) as tmp:
+        yield epath.Path(tmp)
+
+
+def _publish(out: epath.Path, path: epath.Path, names: Sequence[str]) -> None:
+    """Moves (local) or copies (remote) the files `names` from `out` into `path`."""
+    for name in names:
+        if _is_local(path):
+            (out / name).replace(path / name)
+        else:
+            (out / name).copy(path / name, overwrite=True)
+
+
 def load_tokenizer(path: str | os.PathLike, **kwargs):
-    """The transformers tokenizer saved in the local directory `path` (never downloads)."""
+    """The transformers tokenizer saved in the directory `path`, local or `gs://` (never
+    downloads from a hub; a remote directory's files other than weights are staged locally)."""
     from transformers import AutoTokenizer
 
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, **kwargs)
+    names = [f.name for f in path.iterdir()
+             if f.suffix not in _WEIGHT_SUFFIXES and f.is_file()]
+    with _staged(path, names) as local:
+        return AutoTokenizer.from_pretrained(os.fspath(local), local_files_only=True, **kwargs)
 
 
 __all__: Sequence[str] = [

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import yaml
+from etils import epath
 
 from rlhf_jax.rlaif._templates import Exemplar
 
@@ -43,16 +44,17 @@ def exemplar_from_mapping(entry: Any, where: str) -> Exemplar:
 
 
 def load_exemplars(path: str | os.PathLike) -> tuple[Exemplar, ...]:
-    """Reads few-shot exemplars from a ``.jsonl``, ``.yaml``/``.yml`` or ``.json`` file.
+    """Reads few-shot exemplars from a ``.jsonl``, ``.yaml``/``.yml`` or ``.json`` file (local
+    or ``gs://``).
 
     Raises:
       ValueError: naming the file (and line, for JSON Lines) on malformed content, a missing or
         mistyped field, an unknown field, or a file with no exemplar.
     """
-    path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    ext = os.path.splitext(path)[1].lower()
+    file = epath.Path(path)
+    path = os.fspath(file)
+    text = file.read_text(encoding="utf-8")
+    ext = file.suffix.lower()
     if ext == ".jsonl":
         out = []
         for lineno, line in enumerate(text.splitlines(), start=1):

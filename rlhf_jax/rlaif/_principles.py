@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 import yaml
+from etils import epath
 
 _REQUIRED = ("critique_request", "revision_request")
 _OPTIONAL = ("name", "preference")
@@ -155,16 +156,17 @@ def parse_constitution(data: Any, *, source: str = "<constitution>") -> Constitu
 
 
 def load_constitution(path: str | os.PathLike) -> Constitution:
-    """Loads a constitution from a ``.yaml``/``.yml``, ``.json`` or ``.jsonl`` file.
+    """Loads a constitution from a ``.yaml``/``.yml``, ``.json`` or ``.jsonl`` file (local or
+    ``gs://``).
 
     Raises:
       ValueError: naming the file (and line, for JSONL) on an empty constitution, malformed
         content, a missing or empty field, or an unknown field.
     """
-    path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    ext = os.path.splitext(path)[1].lower()
+    file = epath.Path(path)
+    path = os.fspath(file)
+    text = file.read_text(encoding="utf-8")
+    ext = file.suffix.lower()
     if ext == ".jsonl":
         entries = []
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -177,7 +179,7 @@ def load_constitution(path: str | os.PathLike) -> Constitution:
             entries.append(_principle_from_mapping(entry, f"{path}:{lineno}", len(entries)))
         if not entries:
             raise ValueError(f"{path}: the constitution is empty: it needs at least one principle")
-        name = os.path.splitext(os.path.basename(path))[0]
+        name = file.stem
         return Constitution(principles=tuple(entries), name=name)
     if ext in (".yaml", ".yml", ".json"):
         try:

@@ -16,7 +16,6 @@ model and calling `rlhf_jax.train.loop.fit`::
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -24,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from rlhf_jax import sharding
@@ -55,9 +55,10 @@ _ARCH_OVERRIDES = ("vocab_size", "hidden_size", "num_layers", "num_heads", "inte
 
 
 def model_config(spec: ModelSpec) -> ModelConfig:
-    """The `ModelConfig` a `ModelSpec` describes (preset + overrides, or a local HF directory)."""
+    """The `ModelConfig` a `ModelSpec` describes (preset + overrides, or a Hugging Face
+    directory, local or ``gs://``)."""
     if spec.path is not None:
-        config_file = pathlib.Path(spec.path) / "config.json"
+        config_file = epath.Path(spec.path) / "config.json"
         if not config_file.exists():
             raise FileNotFoundError(f"model.path={spec.path!r}: no config.json in that directory")
         config = config_from_hf(json.loads(config_file.read_text()), where=str(config_file))

@@ -14,17 +14,17 @@ A model source is one of:
 - ``preset:NAME``: a randomly initialised `rlhf_jax.models.ModelConfig` preset (smoke tests),
   its vocabulary grown to the tokenizer's when smaller.
 
-A tokenizer reference (``"synthetic"``: the synthetic tasks' character tokenizer; or a local
+A tokenizer reference (``"synthetic"``: the synthetic tasks' character tokenizer; or a
 tokenizer directory) replaces the run's or directory's tokenizer and is required for a preset.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, NamedTuple
 
 import jax
+from etils import epath
 from flax import nnx
 
 from rlhf_jax import sharding
@@ -45,9 +45,9 @@ class InferenceOptions:
     """How a model is loaded and batched for inference."""
 
     tokenizer: str | None = None
-    """"synthetic" (the synthetic tasks' character tokenizer) or a local tokenizer directory;
-    default: the run's tokenizer (a run directory) or the model directory's (required for a
-    preset)."""
+    """"synthetic" (the synthetic tasks' character tokenizer) or a tokenizer directory (local or
+    gs://); default: the run's tokenizer (a run directory) or the model directory's (required
+    for a preset)."""
     dtype: DType = "float32"
     """Compute and parameter dtype of a Hugging Face directory or preset (a run keeps its own)."""
     batch_size: int = 8
@@ -104,14 +104,14 @@ def parse_source(source: str, *, field: str = "source") -> tuple[str, str, int |
         return "preset", name, None
     path, step = source, None
     head, sep, tail = source.rpartition("@")
-    if sep and tail.isdigit() and not os.path.exists(source):
+    if sep and tail.isdigit() and not epath.Path(source).exists():
         path, step = head, int(tail)
-    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    if (epath.Path(path) / CONFIG_FILE).is_file():
         return "run", path, step
     if step is not None:
         raise ValueError(f"{field}={source!r}: @{step} selects a checkpoint of a training run, "
                          f"but {path!r} has no {CONFIG_FILE}")
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if (epath.Path(path) / "config.json").is_file():
         return "hf", path, None
     raise ValueError(f"{field}={source!r} is neither a training run directory (with "
                      f"{CONFIG_FILE}), a Hugging Face model directory (with config.json) nor "
@@ -119,10 +119,11 @@ def parse_source(source: str, *, field: str = "source") -> tuple[str, str, int |
 
 
 def load_tokenizer_ref(ref: str, *, field: str = "tokenizer") -> Any:
-    """The tokenizer a reference names: ``"synthetic"`` or a local tokenizer directory."""
+    """The tokenizer a reference names: ``"synthetic"`` or a tokenizer directory (local or
+    ``gs://``)."""
     if ref == SYNTHETIC_TOKENIZER:
         return build_tokenizer()
-    if not os.path.isdir(ref):
+    if not epath.Path(ref).is_dir():
         raise ValueError(f"{field}={ref!r} is neither {SYNTHETIC_TOKENIZER!r} nor a tokenizer "
                          "directory")
     return load_tokenizer(ref)
@@ -162,7 +163,7 @@ def load_lm(
             tok = load_tokenizer_for(data, spec)
     elif kind == "hf":
         if tok is None:
-            has_tokenizer = any(os.path.exists(os.path.join(path, f))
+            has_tokenizer = any((epath.Path(path) / f).exists()
                                 for f in ("tokenizer.json", "tokenizer_config.json"))
             if not has_tokenizer:
                 raise ValueError(f"{field}={source!r} has no tokenizer files; set {tok_field}")

@@ -272,3 +272,46 @@ def test_load_tokenizer():
     assert tok.pad_token == "<pad>" and tok.eos_token_id == 2
     with pytest.raises(FileNotFoundError):
         load_tokenizer(FIXTURES / "missing")
+
+
+class TestDamagedFiles:
+    """A truncated or corrupt safetensors file is named, with the tensor when it is known."""
+
+    @pytest.fixture()
+    def gpt2_copy(self, tmp_path):
+        dst = tmp_path / "gpt2"
+        shutil.copytree(FIXTURES / "gpt2", dst)
+        return dst
+
+    def test_truncated_file(self, gpt2_copy):
+        weights = gpt2_copy / "model.safetensors"
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) - 1000])
+        with pytest.raises(CheckpointError, match=rf"{weights}: cannot be read, the "
+                                                  r"safetensors file is truncated or corrupt"):
+            from_pretrained(gpt2_copy)
+
+    @pytest.mark.parametrize("damage", ["garbage", "header"])
+    def test_corrupt_header(self, gpt2_copy, damage):
+        weights = gpt2_copy / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        if damage == "garbage":
+            data = b"\x00" * 64
+        else:
+            data[8:40] = b"#" * 32  # the JSON header no longer parses
+        weights.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match=rf"{weights}: .*truncated or corrupt"):
+            from_pretrained(gpt2_copy)
+
+    def test_shard_without_its_tensor_names_file_and_tensor(self, tmp_path):
+        out = save_pretrained(from_pretrained(FIXTURES / "llama"), tmp_path / "llama",
+                              max_shard_bytes=30_000)
+        index_file = out / "model.safetensors.index.json"
+        index = json.loads(index_file.read_text())
+        name = "model.norm.weight"
+        wrong = next(f for f in sorted(set(index["weight_map"].values()))
+                     if f != index["weight_map"][name])
+        index["weight_map"][name] = wrong
+        index_file.write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match=rf"{out / wrong}, tensor '{name}'"):
+            from_pretrained(out)
