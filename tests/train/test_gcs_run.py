@@ -151,18 +151,16 @@ def test_an_endpoint_that_does_not_answer_fails_within_the_timeout(gcs_emulator,
     assert took < 15
 
 
-def test_check_storage_names_nested_fields_and_ignores_local_paths(gcs_bucket, tmp_path):
+def test_check_storage_names_nested_fields_and_ignores_local_paths(gcs_bucket, tmp_path,
+                                                                   monkeypatch):
     config = ExportConfig(run_dir=f"{gcs_bucket}/runs/none", output_dir=str(tmp_path / "hf"))
     with pytest.raises(StorageError, match=r"^run_dir=gs://.*/runs/none: no such file"):
         check_storage(config)
     epath.Path(gcs_bucket, "runs", "none", "config.yaml").write_text("{}\n")
     check_storage(config)  # exists now; the local output_dir is not probed
-    with pytest.raises(StorageError, match="must be > 0"):
-        os.environ[STORAGE_TIMEOUT_ENV] = "0"
-        try:
-            check_storage(config)
-        finally:
-            del os.environ[STORAGE_TIMEOUT_ENV]
+    monkeypatch.setenv(STORAGE_TIMEOUT_ENV, "0")
+    with pytest.raises(StorageError, match=f"{STORAGE_TIMEOUT_ENV}='0' must be > 0"):
+        check_storage(config)
 
 
 def test_text_log_uploads_on_its_cadence_and_on_close(gcs_bucket, tmp_path):
