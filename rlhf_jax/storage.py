@@ -56,9 +56,10 @@ class StorageError(RuntimeError):
 
 
 def is_remote(path: str | os.PathLike) -> bool:
-    """Whether `path` is a URI with a scheme (``gs://``, ``s3://``, ...) rather than a local
-    path."""
-    return urllib.parse.urlsplit(os.fspath(path)).scheme not in ("", "file")
+    """Whether `path` is a URI with a scheme and a bucket or host (``gs://B/...``,
+    ``s3://B/...``) rather than a local path (or a reference such as ``preset:NAME``)."""
+    parts = urllib.parse.urlsplit(os.fspath(path))
+    return parts.scheme not in ("", "file") and bool(parts.netloc)
 
 
 def absolute(path: str | os.PathLike) -> str:

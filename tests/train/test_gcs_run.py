@@ -22,7 +22,13 @@ from flax import nnx
 
 from rlhf_jax import cli
 from rlhf_jax.models.hf import from_pretrained
-from rlhf_jax.storage import STORAGE_TIMEOUT_ENV, StorageError, TextLog, check_storage
+from rlhf_jax.storage import (
+    STORAGE_TIMEOUT_ENV,
+    StorageError,
+    TextLog,
+    check_storage,
+    is_remote,
+)
 from rlhf_jax.train.export import ExportConfig, load_policy
 from rlhf_jax.train.logging import read_metrics
 from rlhf_jax.train.loop import WALL_CLOCK_METRICS
@@ -182,3 +188,10 @@ def test_text_log_uploads_on_its_cadence_and_on_close(gcs_bucket, tmp_path):
     log.flush()
     assert local.read_text() == "a\nb\n"  # a local file is flushed on every flush
     log.close()
+
+
+@pytest.mark.parametrize("path, remote", [("gs://b/runs/x", True), ("gs://b", True),
+                                          ("runs/x", False), ("/abs/x", False),
+                                          ("preset:tiny_gpt2", False), ("synthetic", False)])
+def test_is_remote_only_for_uris_with_a_bucket(path, remote):
+    assert is_remote(path) is remote
