@@ -11,8 +11,9 @@ one request replaces the old one atomically. Hence:
 - `TextLog` is a run's append-only text file (``metrics.jsonl``): locally an open file flushed
   after every record, as always; on a bucket the object is rewritten with everything written so
   far, at most once every `TextLog.sync_seconds` and always on `TextLog.close` (which the
-  training loop reaches on SIGTERM, on errors and at the end). A resumed run drops the lines
-  after its checkpoint anyway, so a hard kill loses only lines that the resume recomputes.
+  training loop reaches on SIGTERM, on errors and at the end); the loop also uploads it before
+  every checkpoint (`MetricsLogger.sync`). A resumed run drops the lines after its checkpoint,
+  so a hard kill loses only lines that the resume recomputes.
 - `mirror_dir` copies a local directory to a bucket prefix: TensorBoard event files are written
   to a local staging directory and mirrored (`rlhf_jax.train.logging.MetricsLogger`).
 - `write_text_atomic` writes a file so that a reader never sees half of it: a temporary file

@@ -182,6 +182,13 @@ class MetricsLogger:
             self._tb.add_text(name, table.markdown(), int(step))
             self._mirror_tensorboard()
 
+    def sync(self) -> None:
+        """Writes everything logged so far to `output_dir` now (on a bucket: uploads
+        `metrics.jsonl` and the TensorBoard events); the loop calls it before each checkpoint,
+        so a resume never finds fewer lines than its checkpoint's step."""
+        self._file.flush(force=True)
+        self._mirror_tensorboard(force=True)
+
     def _mirror_tensorboard(self, *, force: bool = False) -> None:
         """Copies the staged event files to the bucket (remote runs), at most every
         `TextLog.sync_seconds` unless `force`."""

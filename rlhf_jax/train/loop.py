@@ -276,6 +276,8 @@ def train_loop(
                          "(%d in a row); the last checkpoint is step %s", s, consecutive_skips,
                          last_saved)
             return
+        if logger is not None:
+            logger.sync()  # a bucket's metrics.jsonl holds every line up to the checkpoint
         written = checkpointer.save(
             s,
             state,

@@ -29,8 +29,9 @@ from rlhf_jax.storage import (
     check_storage,
     is_remote,
 )
+from rlhf_jax.train.config import LoggingConfig
 from rlhf_jax.train.export import ExportConfig, load_policy
-from rlhf_jax.train.logging import read_metrics
+from rlhf_jax.train.logging import MetricsLogger, read_metrics
 from rlhf_jax.train.loop import WALL_CLOCK_METRICS
 
 SMALL = ["--model.vocab-size", "64", "--model.hidden-size", "32", "--model.num-layers", "1",
@@ -195,3 +196,16 @@ def test_text_log_uploads_on_its_cadence_and_on_close(gcs_bucket, tmp_path):
                                           ("preset:tiny_gpt2", False), ("synthetic", False)])
 def test_is_remote_only_for_uris_with_a_bucket(path, remote):
     assert is_remote(path) is remote
+
+
+def test_metrics_logger_sync_uploads_every_line_before_a_checkpoint(gcs_bucket):
+    run = f"{gcs_bucket}/runs/sync"
+    logger = MetricsLogger(run, LoggingConfig(progress="none", tensorboard=True))
+    logger.log(1, {"a/x": 1.0})
+    logger.log(2, {"a/x": 2.0})
+    assert read_metrics(run) == []  # within TextLog.sync_seconds of the first upload
+    logger.sync()  # what the loop calls before each checkpoint
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    assert any(p.name.startswith("events.out.tfevents")
+               for p in epath.Path(run, "tensorboard").iterdir())
+    logger.close()
