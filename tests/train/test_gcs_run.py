@@ -45,7 +45,7 @@ def _strip(records):
     return [{k: v for k, v in r.items() if k not in WALL_CLOCK_METRICS} for r in records]
 
 
-@pytest.mark.slow  # ~70 s: a CLI process, three runs checkpointing every step, an export
+@pytest.mark.slow  # 50-75 s: a CLI process, three runs checkpointing every step, an export
 def test_cli_dpo_on_a_bucket_survives_sigterm_resumes_exactly_and_exports(gcs_bucket, tmp_path):
     run = f"{gcs_bucket}/runs/x"
     fs = gcsfs.GCSFileSystem(token="anon", skip_instance_cache=True)
