@@ -9,6 +9,7 @@ Subpackages (imported on demand, so `import rlhf_jax.losses` pulls in nothing bu
 - `rlhf_jax.data`: datasets, batching and synthetic tasks.
 - `rlhf_jax.train`: trainers (SFT, RM, DPO family, PPO, GRPO/RLOO, rejection sampling).
 - `rlhf_jax.rlaif`: AI judges, constitutional data, Elo/BT ratings.
+- `rlhf_jax.storage`: local paths and `gs://` URIs for every file a run reads or writes.
 """
 
 __version__ = "0.1.0"

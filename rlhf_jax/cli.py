@@ -119,12 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         initialize_distributed(force=True)
     # Imported here like the config above: `rlhf-jax --help` stays fast (no jax import).
     from rlhf_jax.train.checkpoint import CheckpointDamagedError, CheckpointWriteError
+    from rlhf_jax.storage import StorageError
     from rlhf_jax.train.loop import CheckpointSaveError, NonFiniteError, RunIdentityError
 
     try:
         summary = run(config)
     except (RunIdentityError, NonFiniteError, CheckpointSaveError, CheckpointWriteError,
-            CheckpointDamagedError) as e:
+            CheckpointDamagedError, StorageError) as e:
         print(f"rlhf-jax {name}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

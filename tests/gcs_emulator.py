@@ -12,9 +12,14 @@ processes (the CLI under test, a multi-process launch) inherit:
   probe stalls 60 s before gcsfs falls back to the JSON API.
 - tensorstore's GCS driver, under orbax: `TENSORSTORE_GCS_HTTP_URL`, with
   `GOOGLE_AUTH_TOKEN_FOR_TESTING` standing in for credentials.
+
+The wrapper pipes the server's log (one line per request) to a pipe it never reads: once the
+pipe's buffer is full (after a hundred-odd requests) the server blocks and every client hangs.
+`_drain` reads that pipe for the server's lifetime.
 """
 
 import os
+import threading
 import uuid
 
 # gcsfs reads this flag when it is imported.
@@ -30,6 +35,12 @@ EMULATOR_ENV_FLAGS = {
 }
 
 
+def _drain(stream) -> None:
+    """Reads the server's log pipe until it closes (see module docstring)."""
+    for _ in iter(lambda: stream.read(65536), b""):
+        pass
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """The running emulator's URL (`http://127.0.0.1:PORT`); the environment points at it."""
@@ -37,6 +48,8 @@ def gcs_emulator():
     os.environ.update(EMULATOR_ENV_FLAGS)
     server = FakeGCSServer(host="127.0.0.1")
     server.start()  # sets STORAGE_EMULATOR_HOST
+    threading.Thread(target=_drain, args=(server._process.stderr,), name="fake-gcs-server log",
+                     daemon=True).start()
     os.environ["TENSORSTORE_GCS_HTTP_URL"] = server.url
     try:
         yield server.url

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from etils import epath
 
 from rlhf_jax.generation import SamplingParams
 from rlhf_jax.rlaif._agreement import Alignment, fleiss_kappa, labeler_alignment
@@ -26,6 +27,7 @@ from rlhf_jax.rlaif._consensus import consensus
 from rlhf_jax.rlaif._judge import JudgeOutput, PairwiseJudge, broadcast_principles, check_texts
 from rlhf_jax.rlaif._text_model import TextModel
 from rlhf_jax.rlaif._winrate import RateEstimate, win_rate
+from rlhf_jax.storage import is_remote
 
 SKIP_REASONS = ("identical_responses", "empty_response", "low_confidence")
 
@@ -136,12 +138,11 @@ def preference_records(
 def write_jsonl(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
     """Writes records as JSON Lines (UTF-8, one object per line); returns the path."""
     path = os.fspath(path)
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    target = epath.Path(path)
+    if not is_remote(path):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    target.write_text(text, encoding="utf-8")
     return path
 
 

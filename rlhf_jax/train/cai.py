@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 import jax
 import numpy as np
+from etils import epath
 
 from rlhf_jax import sharding
 from rlhf_jax.generation import SamplingParams
@@ -69,6 +70,7 @@ from rlhf_jax.rlaif import (
     write_jsonl,
 )
 from rlhf_jax.sharding import MeshConfig
+from rlhf_jax.storage import check_storage
 from rlhf_jax.train.feedback_io import (
     SUMMARY_FILE,
     FeedbackInput,
@@ -201,6 +203,7 @@ def _sampling(config: CAIConfig, *, greedy: bool | None = None) -> SamplingParam
 
 def run_cai(config: CAIConfig) -> dict[str, Any]:
     """Runs `rlhf-jax cai` (module docstring); returns the summary (also in summary.json)."""
+    check_storage(config)
     if config.policy.source is None:
         raise ValueError("policy.source is unset: name the model that responds, critiques and "
                          "revises (a run directory, a Hugging Face directory or preset:NAME)")
@@ -287,7 +290,7 @@ def run_cai(config: CAIConfig) -> dict[str, Any]:
     summary = {
         "command": "cai",
         "output_dir": config.output_dir,
-        "files": {**paths, SUMMARY_FILE: os.path.join(config.output_dir, SUMMARY_FILE)},
+        "files": {**paths, SUMMARY_FILE: os.fspath(epath.Path(config.output_dir, SUMMARY_FILE))},
         "constitution": {"name": constitution.name, "source": config.constitution or "default",
                          "principles": [p.name for p in constitution.principles]},
         "num_read": data.num_read,
@@ -303,7 +306,7 @@ def run_cai(config: CAIConfig) -> dict[str, Any]:
         "policy": describe(policy),
         **rl_summary,
     }
-    write_json(summary, os.path.join(config.output_dir, SUMMARY_FILE))
+    write_json(summary, os.fspath(epath.Path(config.output_dir, SUMMARY_FILE)))
     return summary
 
 

@@ -22,6 +22,9 @@ finished before the process exits) and rotates itself: it keeps the newest `keep
 steps and, always, the newest step whose state was finite. `restore_newest_intact` skips a
 checkpoint that fails verification or does not read back (recorded in `damaged`, replaced by the
 next save of its step).
+
+The directory may be local or a ``gs://`` URI: orbax writes and reads buckets itself
+(tensorstore's GCS driver for the arrays, etils.epath for the rest).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from rlhf_jax.storage import absolute
 from rlhf_jax.train.state import TrainState
 
 _log = logging.getLogger("rlhf_jax.train")
@@ -174,14 +178,15 @@ class Checkpointer:
     """Saves and restores checkpoints under `directory` (see module docstring).
 
     Args:
-      directory: checkpoint root (created if missing), usually `output_dir/checkpoints`.
+      directory: checkpoint root (created if missing), usually `output_dir/checkpoints`; a
+        local path or a ``gs://`` URI.
       keep_last: number of newest checkpoints to keep (None keeps all).
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep_last: int | None = 3):
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1 or None, got {keep_last}")
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = absolute(directory)
         self.keep_last = keep_last
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # rotation is `_rotate` (it keeps the newest finite step)

@@ -44,6 +44,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import yaml
+from etils import epath
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.sharding import MeshConfig
@@ -585,8 +586,7 @@ def config_from_yaml(cls: type, path: str | os.PathLike) -> Any:
     """Reads config dataclass `cls` from a YAML file; errors name the file, line and field."""
     path = os.fspath(path)
     try:
-        with open(path) as f:
-            text = f.read()
+        text = epath.Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path!r}: {e}") from e
     try:
@@ -606,9 +606,9 @@ def config_from_yaml(cls: type, path: str | os.PathLike) -> Any:
 
 
 def save_config(config: Any, path: str | os.PathLike) -> None:
-    """Writes the resolved config as YAML (readable back with `config_from_yaml`)."""
-    with open(os.fspath(path), "w") as f:
-        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+    """Writes the resolved config as YAML (readable back with `config_from_yaml`); `path` is
+    local or a ``gs://`` URI."""
+    epath.Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 def load_config(

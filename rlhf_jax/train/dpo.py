@@ -47,19 +47,21 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from rlhf_jax import losses, sharding
 from rlhf_jax.models import LoRAParam, lora_disabled
+from rlhf_jax.storage import ensure_dir
 from rlhf_jax.train.builders import (
     build_model,
     check_vocab,
@@ -681,10 +683,10 @@ def reference_tables(config: DPOConfig, ref_model: nnx.Module, data: Any, mesh
     covers the run and its fingerprint matches (otherwise recomputed, with a warning).
     """
     kto = config.algorithm == "kto"
-    path = os.path.join(config.output_dir, REFERENCE_FILE)
+    path = epath.Path(config.output_dir, REFERENCE_FILE)
     fingerprint = reference_fingerprint(config, ref_model)
-    if os.path.exists(path):
-        with np.load(path) as f:
+    if path.exists():
+        with np.load(io.BytesIO(path.read_bytes())) as f:
             stored = {k: f[k] for k in f.files}
         if str(stored.pop(FINGERPRINT_KEY, "")) != fingerprint:
             _log.warning("%s was computed for other reference weights, data or tokenisation; "
@@ -701,11 +703,13 @@ def reference_tables(config: DPOConfig, ref_model: nnx.Module, data: Any, mesh
     if data.eval_batches is not None:
         evals = precompute_reference_logps(ref_model, data.eval_batches(),
                                            num_batches=1 << 30, mesh=mesh, kto=kto)
-    os.makedirs(config.output_dir, exist_ok=True)
     arrays = {f"train_{k}": v for k, v in train.items()}
     arrays.update({f"eval_{k}": v for k, v in (evals or {}).items()})
     arrays[FINGERPRINT_KEY] = np.asarray(fingerprint)
-    np.savez(path, **arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    ensure_dir(config.output_dir)
+    path.write_bytes(buffer.getvalue())
     return train, evals
 
 

@@ -9,6 +9,9 @@ located (the policy's train state of an online run, the `policy` half of a DPO
 adapters are merged, and `rlhf_jax.models.save_pretrained` writes `config.json` +
 safetensors, plus the tokenizer when the run used one from a directory or a synthetic task.
 Reward- and value-model runs are not causal LMs and are refused with a clear error.
+
+`run_dir` and `output_dir` may be local or ``gs://`` URIs (checked before anything is read,
+`rlhf_jax.storage.check_storage`).
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from typing import Any
 import jax
 import numpy as np
 import yaml
+from etils import epath
 from flax import nnx
 
+from rlhf_jax.storage import absolute, check_storage
 from rlhf_jax.train.config import DataSpec, DType, ModelSpec, config_from_dict
 from rlhf_jax.train.loop import CHECKPOINT_DIR, CONFIG_FILE
 
@@ -42,7 +47,8 @@ class ExportConfig:
     """Also save the run's tokenizer into the directory."""
 
 
-def read_checkpoint_state(checkpoint_dir: str, step: int | None = None) -> tuple[int, dict]:
+def read_checkpoint_state(checkpoint_dir: str | os.PathLike, step: int | None = None
+                          ) -> tuple[int, dict]:
     """`(step, state)`: a checkpoint's train state as nested dicts of NumPy arrays (host only,
     whatever mesh wrote it), after its files pass the checksum manifest (else
     `CheckpointDamagedError` naming the file)."""
@@ -59,7 +65,7 @@ def read_checkpoint_state(checkpoint_dir: str, step: int | None = None) -> tuple
             raise FileNotFoundError(f"no checkpoint for step {step} under {checkpoint_dir}; "
                                     f"available steps: {steps}")
         ckpt.verify(step)  # a damaged file is named here, not shipped
-    path = os.path.join(os.path.abspath(checkpoint_dir), str(step), "state")
+    path = epath.Path(absolute(checkpoint_dir), str(step), "state")
     reader = ocp.PyTreeCheckpointer()
     tree = reader.metadata(path).item_metadata.tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
@@ -79,11 +85,10 @@ def _lookup(tree: dict, path: tuple) -> Any:
 
 def read_run_config(run_dir: str) -> dict:
     """The resolved config (``config.yaml``) a training run wrote, as a dict."""
-    config_path = os.path.join(run_dir, CONFIG_FILE)
-    if not os.path.exists(config_path):
+    config_path = epath.Path(run_dir, CONFIG_FILE)
+    if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: is {run_dir!r} a training run?")
-    with open(config_path) as f:
-        return yaml.safe_load(f) or {}
+    return yaml.safe_load(config_path.read_text()) or {}
 
 
 def restore_into(model_fn, params: dict, frozen: dict, *, where: str) -> nnx.Module:
@@ -121,7 +126,7 @@ def load_policy(run_dir: str, *, step: int | None = None) -> tuple[nnx.Module, i
 
     run_config = read_run_config(run_dir)
     spec = config_from_dict(ModelSpec, run_config.get("model", {}), where="config.model")
-    step, raw = read_checkpoint_state(os.path.join(run_dir, CHECKPOINT_DIR), step)
+    step, raw = read_checkpoint_state(epath.Path(run_dir, CHECKPOINT_DIR), step)
     if "params" not in raw and isinstance(raw.get("policy"), dict):
         raw = raw["policy"]  # an online trainer's state: the policy's own train state
     params, frozen = raw.get("params", {}), raw.get("frozen", {})
@@ -140,6 +145,7 @@ def export_policy(config: ExportConfig) -> dict[str, Any]:
     from rlhf_jax.models.hf import save_pretrained
     from rlhf_jax.train.builders import load_tokenizer_for
 
+    check_storage(config)
     model, step, run_config = load_policy(config.run_dir, step=config.step)
     tokenizer = None
     if config.save_tokenizer:

@@ -19,8 +19,11 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
+from etils import epath
+
 from rlhf_jax.data import PreferenceExample, PromptExample, load_examples
 from rlhf_jax.data.synthetic import SyntheticTask, get_task
+from rlhf_jax.storage import ensure_dir
 from rlhf_jax.train.config import save_config
 from rlhf_jax.train.data import synthetic_records
 from rlhf_jax.train.loop import CONFIG_FILE
@@ -179,22 +182,20 @@ def prepare_outputs(output_dir: str, files: Sequence[str], *, overwrite: bool,
     Raises:
       FileExistsError: naming the files when any of them exists and `overwrite` is false.
     """
-    paths = {name: os.path.join(output_dir, name) for name in files}
-    existing = [p for p in (*paths.values(), os.path.join(output_dir, SUMMARY_FILE))
-                if os.path.exists(p)]
+    paths = {name: os.fspath(epath.Path(output_dir, name)) for name in files}
+    existing = [p for p in (*paths.values(), os.fspath(epath.Path(output_dir, SUMMARY_FILE)))
+                if epath.Path(p).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{output_dir} already holds {existing}; choose another "
                               "output_dir or pass --overwrite")
-    os.makedirs(output_dir, exist_ok=True)
-    save_config(config, os.path.join(output_dir, CONFIG_FILE))
+    save_config(config, ensure_dir(output_dir) / CONFIG_FILE)
     return paths
 
 
 def write_json(data: Mapping[str, Any], path: str) -> str:
-    """Writes `data` as indented JSON; returns the path."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    """Writes `data` as indented JSON (local or ``gs://``); returns the path."""
+    epath.Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
+                                encoding="utf-8")
     return path
 
 

@@ -55,6 +55,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import numpy as np
+from etils import epath
 
 from rlhf_jax import sharding
 from rlhf_jax.data import PreferenceExample
@@ -73,6 +74,7 @@ from rlhf_jax.rlaif import (
     write_jsonl,
 )
 from rlhf_jax.sharding import MeshConfig
+from rlhf_jax.storage import check_storage
 from rlhf_jax.train.feedback_io import (
     SUMMARY_FILE,
     FeedbackInput,
@@ -396,6 +398,7 @@ def _judgement_lines(pairs: PairSet, status: Sequence[str], result: LabelResult 
 
 def run_label(config: LabelConfig) -> dict[str, Any]:
     """Runs `rlhf-jax label` (module docstring); returns the summary (also in summary.json)."""
+    check_storage(config)
     if not 0.5 <= config.min_confidence <= 1.0:
         raise ValueError(f"min_confidence must lie in [0.5, 1], got {config.min_confidence}")
     if not config.judge.sources:
@@ -467,7 +470,7 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
     summary = {
         "command": "label",
         "output_dir": config.output_dir,
-        "files": {**paths, SUMMARY_FILE: os.path.join(config.output_dir, SUMMARY_FILE)},
+        "files": {**paths, SUMMARY_FILE: os.fspath(epath.Path(config.output_dir, SUMMARY_FILE))},
         "num_read": data.num_read,
         "num_examples": len(data.examples),
         "num_pairs": len(pairs.prompts),
@@ -483,7 +486,7 @@ def run_label(config: LabelConfig) -> dict[str, Any]:
         "mean_label": float(np.mean([r["label"] for r in records])) if records else None,
         **report,
     }
-    write_json(summary, os.path.join(config.output_dir, SUMMARY_FILE))
+    write_json(summary, os.fspath(epath.Path(config.output_dir, SUMMARY_FILE)))
     return summary
 
 

@@ -12,6 +12,13 @@ evaluation's sample responses) as one JSON line ``{"step": s, name: [{column: va
 
 On resume, `MetricsLogger(..., resume_step=s)` drops the JSONL lines of steps after `s` (those
 steps are re-run), so an interrupted-and-resumed run leaves the same file as an uninterrupted one.
+
+`output_dir` may be a local directory or a ``gs://`` URI (`rlhf_jax.storage`). On a bucket
+`metrics.jsonl` is a `TextLog`, uploaded at most every `TextLog.sync_seconds` and on `close`;
+TensorBoard's event files are written to a local staging directory and mirrored to
+`output_dir/tensorboard` with the same cadence (`rlhf_jax.storage.mirror_dir`; the staging
+directory is removed on `close`); Weights & Biases keeps its local files in its default
+directory.
 """
 
 from __future__ import annotations
@@ -19,12 +26,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
+from etils import epath
 
+from rlhf_jax.storage import TextLog, ensure_dir, is_remote, mirror_dir
 from rlhf_jax.train.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -63,11 +75,10 @@ def _to_float(value: Any) -> float:
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
     """Reads a `metrics.jsonl` file (or the run directory holding it) into a list of dicts."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, METRICS_FILE)
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    path = epath.Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
 
 
 class MetricsLogger:
@@ -93,23 +104,27 @@ class MetricsLogger:
     ):
         config = config or LoggingConfig()
         self.output_dir = os.fspath(output_dir)
-        os.makedirs(self.output_dir, exist_ok=True)
-        self.path = os.path.join(self.output_dir, METRICS_FILE)
+        path = ensure_dir(self.output_dir) / METRICS_FILE
+        self.path = os.fspath(path)
         kept: list[str] = []
-        if resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                for line in f:
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-        self._file = open(self.path, "w")
-        self._file.writelines(kept)
-        self._file.flush()
+        if resume_step is not None and path.exists():
+            for line in path.read_text().split("\n"):
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                    kept.append(line + "\n")
+        self._file = TextLog(path, "".join(kept))
 
         self._tb = None
+        self._tb_remote = self._tb_staging = None
+        self._tb_synced = time.monotonic()
         if config.tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(self.output_dir, "tensorboard"))
+            tb_dir = os.fspath(epath.Path(self.output_dir) / "tensorboard")
+            if is_remote(self.output_dir):
+                self._tb_remote = tb_dir
+                tb_dir = tempfile.mkdtemp(prefix="rlhf_jax-tensorboard-")
+                self._tb_staging = tb_dir
+            self._tb = SummaryWriter(tb_dir)
 
         self._wandb = None
         if config.wandb:
@@ -122,7 +137,7 @@ class MetricsLogger:
                 ) from e
             self._wandb = wandb.init(
                 project=config.wandb_project,
-                dir=self.output_dir,
+                dir=None if is_remote(self.output_dir) else self.output_dir,
                 config=dict(run_config or {}),
                 resume="allow",
             )
@@ -153,6 +168,7 @@ class MetricsLogger:
             for name, v in values.items():
                 if math.isfinite(v):
                     self._tb.add_scalar(name, v, int(step))
+            self._mirror_tensorboard()
         if self._wandb is not None:
             self._wandb.log(values, step=int(step))
         return values
@@ -164,6 +180,25 @@ class MetricsLogger:
         self._file.flush()
         if self._tb is not None:
             self._tb.add_text(name, table.markdown(), int(step))
+            self._mirror_tensorboard()
+
+    def sync(self) -> None:
+        """Writes everything logged so far to `output_dir` now (on a bucket: uploads
+        `metrics.jsonl` and the TensorBoard events); the loop calls it before each checkpoint,
+        so a resume never finds fewer lines than its checkpoint's step."""
+        self._file.flush(force=True)
+        self._mirror_tensorboard(force=True)
+
+    def _mirror_tensorboard(self, *, force: bool = False) -> None:
+        """Copies the staged event files to the bucket (remote runs), at most every
+        `TextLog.sync_seconds` unless `force`."""
+        if self._tb_remote is None:
+            return
+        now = time.monotonic()
+        if force or now - self._tb_synced >= self._file.sync_seconds:
+            self._tb.flush()
+            mirror_dir(self._tb_staging, self._tb_remote)
+            self._tb_synced = now
 
     def progress(self, step: int, postfix: Mapping[str, float] | None = None) -> None:
         """Moves the console progress bar to `step` (showing a few metric values)."""
@@ -187,6 +222,9 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+            if self._tb_remote is not None:
+                mirror_dir(self._tb_staging, self._tb_remote)
+                shutil.rmtree(self._tb_staging, ignore_errors=True)
             self._tb = None
         if self._wandb is not None:
             self._wandb.finish()

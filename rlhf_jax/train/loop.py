@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -52,6 +51,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from rlhf_jax.storage import ensure_dir
 from rlhf_jax.train.checkpoint import Checkpointer, all_finite
 from rlhf_jax.train.config import ConfigError, TrainConfig, config_to_dict, save_config
 from rlhf_jax.train.logging import MetricsLogger, SampleTable
@@ -288,6 +288,8 @@ def train_loop(
                 raise NonFiniteError(message)
             _log.warning("no checkpoint at step %d: %s", s, message)
             return
+        if logger is not None:
+            logger.sync()  # a bucket's metrics.jsonl holds every line up to the checkpoint
         written = checkpointer.save(
             s,
             state,
@@ -364,9 +366,9 @@ def restore_latest(
 
 
 def prepare_output_dir(config: TrainConfig) -> str:
-    """Creates `config.output_dir` and writes the resolved `config.yaml` into it."""
-    os.makedirs(config.output_dir, exist_ok=True)
-    save_config(config, os.path.join(config.output_dir, CONFIG_FILE))
+    """Creates `config.output_dir` (local or ``gs://``) and writes the resolved `config.yaml`
+    into it."""
+    save_config(config, ensure_dir(config.output_dir) / CONFIG_FILE)
     return config.output_dir
 
 
@@ -503,7 +505,7 @@ def fit(
       guard: a preemption guard (default: one on SIGTERM when `checkpoint.save_on_sigterm`).
     """
     checkpointer = Checkpointer(
-        os.path.join(config.output_dir, CHECKPOINT_DIR), keep_last=config.checkpoint.keep_last
+        epath.Path(config.output_dir, CHECKPOINT_DIR), keep_last=config.checkpoint.keep_last
     )
     try:
         changed = check_run_identity(config, checkpointer)

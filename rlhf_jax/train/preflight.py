@@ -1,5 +1,9 @@
 """Checks of a run's config against the devices and the model, before any model is built.
 
+Remote paths come first: every ``gs://`` URI of the config (output directory, model, data) is
+probed (`rlhf_jax.storage.check_storage`): a missing bucket, missing credentials or an endpoint
+that does not answer fail here with one line naming the field, not after training.
+
 A config dataclass checks each field on its own (`__post_init__`, `rlhf_jax.train.config`).
 What it cannot know there is checked here, at the start of every `train_<algo>` function, so a
 wrong setting fails in a second with a message that names the fields, not after minutes of
@@ -26,6 +30,7 @@ from typing import Any
 import jax
 
 from rlhf_jax.sharding import BATCH_AXES, MESH_AXES
+from rlhf_jax.storage import check_storage
 from rlhf_jax.train.builders import model_config
 from rlhf_jax.train.config import ModelSpec, TrainConfig
 
@@ -118,7 +123,12 @@ def check_frozen_layers(config: TrainConfig) -> None:
 
 
 def check_run_config(config: Any) -> None:
-    """All the checks of this module for a trainer's config; call it first in `train_<algo>`."""
+    """All the checks of this module for a trainer's config; call it first in `train_<algo>`.
+
+    The remote paths of the config (``gs://`` output, model, data) are probed first
+    (`rlhf_jax.storage.check_storage`), so an unreachable bucket fails before anything is read.
+    """
+    check_storage(config)
     check_sequence_lengths(config)
     check_frozen_layers(config)
     if getattr(config, "rollout", None) is None:

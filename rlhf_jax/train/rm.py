@@ -43,13 +43,13 @@ import copy
 import dataclasses
 import functools
 import json
-import os
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from rlhf_jax import losses
@@ -422,9 +422,8 @@ def train_rm(config: RMConfig) -> dict[str, Any]:
             batches = _reference_batches(data.train)
         state, stats = normalize_rewards(setup, result.state, batches,
                                          max_batches=config.normalization_batches)
-        with open(os.path.join(config.output_dir, NORMALIZATION_FILE), "w") as f:
-            json.dump(stats, f, indent=2)
-        ckpt = Checkpointer(os.path.join(config.output_dir, CHECKPOINT_DIR),
+        epath.Path(config.output_dir, NORMALIZATION_FILE).write_text(json.dumps(stats, indent=2))
+        ckpt = Checkpointer(epath.Path(config.output_dir, CHECKPOINT_DIR),
                             keep_last=config.checkpoint.keep_last)
         written = ckpt.save(result.step, state,
                             data_state={"loader": data.train.get_state(),
@@ -455,7 +454,7 @@ def load_reward_model(run_dir: str, *, step: int | None = None) -> nnx.Module:
     run_config = read_run_config(run_dir)
     spec = config_from_dict(ModelSpec, run_config.get("model", {}), where="config.model")
     head_names = tuple(run_config.get("head_names") or ("reward",))
-    step, raw = read_checkpoint_state(os.path.join(run_dir, CHECKPOINT_DIR), step)
+    step, raw = read_checkpoint_state(epath.Path(run_dir, CHECKPOINT_DIR), step)
     params, frozen = raw.get("params", {}), raw.get("frozen", {})
     if "score_head" not in params and "score_head" not in frozen:
         raise ValueError(f"{run_dir} did not train a reward model (its checkpoint has no "

@@ -6,7 +6,6 @@ renamed `<ns>/eval/<name>`) and `run_summary` (the dict a trainer returns and th
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,6 +13,7 @@ import jax
 from flax import nnx
 
 from rlhf_jax import sharding
+from rlhf_jax.storage import ensure_dir, write_text_atomic
 from rlhf_jax.train.builders import TrainSetup, setup_training
 from rlhf_jax.train.config import TrainConfig
 from rlhf_jax.train.data import DataBundle
@@ -124,7 +124,7 @@ def run_summary(result: Any, config: TrainConfig, data: DataBundle | None = None
 
 def write_summary(summary: Mapping[str, Any], output_dir: str) -> None:
     """Writes `summary` as JSON to `<output_dir>/summary.json` (values that are not JSON become
-    floats or strings), replacing the file in one rename."""
+    floats or strings), replacing the file at once (`write_text_atomic`; local or ``gs://``)."""
     def plain(value):
         if isinstance(value, Mapping):
             return {str(k): plain(v) for k, v in value.items()}
@@ -137,12 +137,8 @@ def write_summary(summary: Mapping[str, Any], output_dir: str) -> None:
         except (TypeError, ValueError):
             return str(value)
 
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, SUMMARY_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(plain(summary), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    text = json.dumps(plain(summary), indent=2, sort_keys=True) + "\n"
+    write_text_atomic(ensure_dir(output_dir) / SUMMARY_FILE, text)
 
 
 __all__ = [
