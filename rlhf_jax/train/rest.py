@@ -77,6 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from rlhf_jax import losses
 from rlhf_jax.generation import RewardSource
@@ -427,6 +428,13 @@ def _jit_improve_step(policy_graphdef, tx, schedule, hp):
     return jax.jit(step, donate_argnums=(0,))
 
 
+def _host_array(x: jax.Array) -> np.ndarray:
+    """The whole of ``x`` on the host (gathered from every process of a multi-host run)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 class _Grown(NamedTuple):
     """What per-step metric functions receive on a Grow step: the samples and their scores."""
 
@@ -496,6 +504,14 @@ class ReSTTrainer(OnlineTrainer):
         metrics["rest/grow"] = work.position.grow + 1
         return state, metrics
 
+    def train(self, *, guard: Any = None) -> Any:
+        """`OnlineTrainer.train`; with ``config.overwrite`` the old Grow sets are deleted with
+        the old checkpoints."""
+        grow_dir = epath.Path(self.config.output_dir) / GROW_DIR
+        if self.config.overwrite and jax.process_index() == 0 and grow_dir.exists():
+            grow_dir.rmtree()
+        return super().train(guard=guard)
+
     # -- Grow --------------------------------------------------------------------------------
 
     def grow(self, state: ReSTState, position: Position, prompts: Mapping[str, np.ndarray]
@@ -516,8 +532,8 @@ class ReSTTrainer(OnlineTrainer):
         }
         metrics.update(self.extra_metrics(_Grown(rollout=rollout, scores=scores), prompts))
         rows = best_of_n_sft_batch(rollout, jnp.arange(rollout.sequences.shape[0]))
-        arrays = {k: np.asarray(v) for k, v in jax.device_get(rows).items()}
-        rewards = np.asarray(jax.device_get(scores), np.float32)
+        arrays = {k: _host_array(v) for k, v in rows.items()}
+        rewards = _host_array(scores).astype(np.float32)
         groups = rewards.reshape(-1, self.samples_per_prompt)
         arrays["rewards"] = rewards
         arrays["advantages"] = (groups - groups.mean(axis=1, keepdims=True)).reshape(-1)

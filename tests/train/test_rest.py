@@ -380,13 +380,15 @@ def test_cli_bad_value_names_the_field(tmp_path, capsys):
     assert "thresholds must be strictly increasing" in capsys.readouterr().err
 
 
-def test_cli_runs_a_yaml_config_on_eight_devices_and_exports(tmp_path, capsys):
+def test_cli_runs_a_yaml_config_on_eight_devices_evaluates_and_exports(tmp_path, capsys):
     yaml_path = tmp_path / "rest.yaml"
     out = tmp_path / "run"
     yaml_path.write_text(
         f"output_dir: {out}\n"
         "model: {preset: tiny_gpt2, hidden_size: 32, num_layers: 1, num_heads: 2}\n"
-        "data: {synthetic: topic, batch_size: 8, max_length: 16, max_prompt_length: 16}\n"
+        "data: {synthetic: topic, batch_size: 8, max_length: 16, max_prompt_length: 16,\n"
+        "       num_eval: 8}\n"
+        "eval_every: 3\neval_batches: 1\n"
         "rollout: {max_new_tokens: 8}\n"
         "num_grow: 1\nnum_samples: 2\nthresholds: [25, 50]\nsteps_per_improve: 1\n"
         "improve_batch_size: 8\n"
@@ -401,6 +403,8 @@ def test_cli_runs_a_yaml_config_on_eight_devices_and_exports(tmp_path, capsys):
     rows = _lines(out)
     assert "rest/gold_reward" in rows[0] and "rest/kept_fraction" in rows[1]
     assert rows[2]["rest/threshold"] > rows[1]["rest/threshold"]
+    evals = [r for r in rows if "rest/eval/gold_reward" in r]  # held-out prompts, at the end
+    assert len(evals) == 1 and evals[0]["step"] == 3 and "rest/eval/kl_ref_exact" in evals[0]
     assert cli.main(["export", "--run-dir", str(out), "--output-dir", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").exists()
     model, step, _ = load_policy(str(out))
