@@ -313,7 +313,7 @@ def write_grow_batch(path: epath.Path, arrays: Mapping[str, np.ndarray]) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / (path.name + ".tmp")
     tmp.write_bytes(buffer.getvalue())
-    tmp.rename(path)
+    tmp.replace(path)  # a resumed run rewrites the batches grown after its checkpoint
 
 
 def read_grow_set(output_dir: str, grow: int, num_batches: int) -> dict[str, np.ndarray]:

@@ -106,6 +106,8 @@ def test_grow_set_round_trips(tmp_path, request, where):
     parts = [_grow_arrays(seed=k) for k in range(2)]
     for k, arrays in enumerate(parts):
         write_grow_batch(grow_batch_path(root, 3, k), arrays)
+    write_grow_batch(grow_batch_path(root, 3, 1), _grow_arrays(seed=9))
+    write_grow_batch(grow_batch_path(root, 3, 1), parts[1])  # rewritten in place
     data = read_grow_set(root, 3, 2)
     for name in GROW_FIELDS:
         np.testing.assert_array_equal(data[name], np.concatenate([p[name] for p in parts]))
