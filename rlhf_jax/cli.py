@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "rejection-sampling": (
         "rlhf_jax.train.rejection_sampling:RejectionSamplingConfig:train_rejection_sampling"
     ),
+    "rest": "rlhf_jax.train.rest:ReSTConfig:train_rest",
     "export": "rlhf_jax.train.export:ExportConfig:export_policy",
     "label": "rlhf_jax.train.label:LabelConfig:run_label",
     "cai": "rlhf_jax.train.cai:CAIConfig:run_cai",
