@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "rejection-sampling": (
         "rlhf_jax.train.rejection_sampling:RejectionSamplingConfig:train_rejection_sampling"
     ),
+    "hir": "rlhf_jax.train.hir:HirConfig:train_hir",
     "export": "rlhf_jax.train.export:ExportConfig:export_policy",
     "label": "rlhf_jax.train.label:LabelConfig:run_label",
     "cai": "rlhf_jax.train.cai:CAIConfig:run_cai",
