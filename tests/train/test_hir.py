@@ -266,16 +266,17 @@ def _sft_policy(tmp_path, steps):
 
 @pytest.mark.slow
 def test_hir_raises_the_gold_reward_over_the_sft_policy(tmp_path):
-    """40 rounds of HIR from an SFT policy, the gold reward as the outcome: on held-out prompts
-    the policy conditioned on the best label beats the SFT policy on the plain prompts (measured
-    0.438 -> 0.571)."""
+    """30 rounds of HIR from an SFT policy, the gold reward as the outcome: on 128 held-out
+    prompts the policy conditioned on the best label beats the SFT policy on the plain prompts.
+    Measured 0.477 -> 0.561 at seed 0; at seed 1 the gain was smaller, 0.535 -> 0.558 (the
+    held-out gold of one policy moves by ~0.05 between sampling seeds)."""
     policy = _sft_policy(tmp_path, 200)
     data = DataSpec(synthetic="topic", batch_size=8, max_length=16, max_prompt_length=16,
-                    num_train=256, num_eval=32)
+                    num_train=256, num_eval=128)
     bundle = build_data(data, format="prompt", tokenizer=TOKENIZER, seed=0)
-    config = HirConfig(output_dir=str(tmp_path / "hir"), num_steps=40, data=data,
+    config = HirConfig(output_dir=str(tmp_path / "hir"), num_steps=30, data=data,
                        rollout=RolloutConfig(max_new_tokens=16), num_samples=4,
-                       sft_batch_size=16,
+                       sft_batch_size=16, sft_epochs=2, contrastive_coeff=5.0,
                        optimizer=OptimizerConfig(learning_rate=3e-3, schedule="constant"))
     trainer = HirTrainer(
         config, policy=policy, reward=TokenRewardFunction(TASK.gold_reward_tokens, name="gold"),
