@@ -200,6 +200,18 @@ class RewardBucketRelabeller:
                               pad_id=self.pad_id, suffix=self.suffix)
 
 
+def check_labels(labels: Any, *, rows: int, num_labels: int) -> np.ndarray:
+    """``labels`` as ``[rows]`` int64, or a ValueError naming what a `Relabeller` got wrong."""
+    out = np.asarray(labels)
+    if out.shape != (rows,) or not np.issubdtype(out.dtype, np.integer):
+        raise ValueError(f"Relabeller.labels must return {rows} integer labels (one per sample), "
+                         f"got shape {out.shape} dtype {out.dtype}")
+    if rows and (out.min() < 0 or out.max() >= num_labels):
+        raise ValueError(f"Relabeller.labels must lie in [0, {num_labels}) (num_labels), got "
+                         f"values in [{out.min()}, {out.max()}]")
+    return out.astype(np.int64)
+
+
 def relabeller_from_config(config: HirConfig, tokenizer: Any, *, pad_id: int
                            ) -> RewardBucketRelabeller:
     """`RewardBucketRelabeller` of ``config.label_texts`` tokenized without special tokens, at
@@ -414,8 +426,9 @@ class HirTrainer(OnlineTrainer):
         plain = jax.device_put(plain, self.batch_sharding)
         scores = self.scores(plain, prompts)
         host_scores = np.asarray(jax.device_get(scores))
-        labels = np.asarray(self.relabeller.labels(host_scores), np.int64)
         k = self.relabeller.num_labels
+        labels = check_labels(self.relabeller.labels(host_scores), rows=len(host_scores),
+                              num_labels=k)
         per_label = [self.relabeller.instruct(orig_ids, orig_mask, np.full(len(labels), j))
                      for j in range(k)]
         batch = hir_batch(np.stack([x[0] for x in per_label], axis=1),
@@ -477,6 +490,7 @@ __all__ = [
     "hir_train_loss",
     "prefix_prompts",
     "quantile_buckets",
+    "check_labels",
     "relabeller_from_config",
     "train_hir",
 ]

@@ -28,6 +28,7 @@ from rlhf_jax.train.hir import (
     HirHyperParams,
     HirTrainer,
     RewardBucketRelabeller,
+    check_labels,
     hir_batch,
     hir_train_loss,
     prefix_prompts,
@@ -50,6 +51,16 @@ def test_quantile_buckets_rank_the_round():
     scores = np.asarray([0.3, -1.0, 2.0, 0.3, 5.0, 0.0])
     np.testing.assert_array_equal(quantile_buckets(scores, 2), [0, 0, 1, 0, 1, 0])
     np.testing.assert_array_equal(quantile_buckets(scores, 3), [1, 0, 2, 1, 2, 0])
+
+
+def test_relabeller_output_is_checked():
+    np.testing.assert_array_equal(check_labels([0, 2, 1], rows=3, num_labels=3), [0, 2, 1])
+    with pytest.raises(ValueError, match=r"must lie in \[0, 2\) \(num_labels\), got values in"):
+        check_labels(np.asarray([0, 2]), rows=2, num_labels=2)
+    with pytest.raises(ValueError, match="must return 3 integer labels"):
+        check_labels(np.asarray([0.0, 1.0, 1.0]), rows=3, num_labels=2)
+    with pytest.raises(ValueError, match="must return 3 integer labels"):
+        check_labels(np.asarray([0, 1]), rows=3, num_labels=2)
 
 
 def test_prefix_prompts_stay_left_padded():
