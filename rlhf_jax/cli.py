@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
         "rlhf_jax.train.rejection_sampling:RejectionSamplingConfig:train_rejection_sampling"
     ),
     "rest": "rlhf_jax.train.rest:ReSTConfig:train_rest",
+    "hir": "rlhf_jax.train.hir:HirConfig:train_hir",
     "export": "rlhf_jax.train.export:ExportConfig:export_policy",
     "label": "rlhf_jax.train.label:LabelConfig:run_label",
     "cai": "rlhf_jax.train.cai:CAIConfig:run_cai",
@@ -119,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         initialize_distributed(force=True)
     # Imported here like the config above: `rlhf-jax --help` stays fast (no jax import).
-    from rlhf_jax.train.checkpoint import CheckpointDamagedError, CheckpointWriteError
     from rlhf_jax.storage import StorageError
+    from rlhf_jax.train.checkpoint import CheckpointDamagedError, CheckpointWriteError
     from rlhf_jax.train.loop import CheckpointSaveError, NonFiniteError, RunIdentityError
 
     try:

@@ -35,9 +35,9 @@ Online machinery (imported by the online trainers):
   `train_online`.
 
 Trainers: `sft` (`SFTConfig`, `train_sft`), `rm` (`RMConfig`, `train_rm`), `dpo` (DPO family,
-SimPO/ORPO/CPO, KTO: `DPOConfig`, `train_dpo`), `export` (`ExportConfig`, `export_policy`),
-re-exported here; the online trainers `ppo`, `grpo` (GRPO, RLOO), `rejection_sampling` and
-`rest` (ReST) are imported from their modules. Each trainer exposes `<Algo>Config` and
+SimPO/ORPO/CPO/CPL, KTO: `DPOConfig`, `train_dpo`), `export` (`ExportConfig`, `export_policy`),
+re-exported here; the online trainers `ppo`, `grpo` (GRPO, RLOO), `rejection_sampling`,
+`rest` (ReST) and `hir` (`HirConfig`, `train_hir`) are imported from their modules. Each trainer exposes `<Algo>Config` and
 `train_<algo>(config) -> summary dict`, plus the lower-level pieces (loss function builders,
 `setup_training`, `fit`) that experiments call directly without the CLI.
 """

@@ -1,6 +1,6 @@
 """Direct preference optimisation and its family: DPO (every `loss_type` of
 `rlhf_jax.losses.dpo_loss`, weighted mixtures such as MPO, label smoothing / soft labels, RPO's
-NLL term), reference-free SimPO, ORPO and CPO, and unpaired KTO.
+NLL term), reference-free SimPO, ORPO, CPO and CPL, and unpaired KTO.
 
 One forward pass per model and step: the chosen and rejected sequences of a pairwise batch are
 concatenated along the batch axis (`rlhf_jax.train.pairs.pair_forward_batch`; packed rows are
@@ -22,22 +22,32 @@ The reference policy (`reference`):
 - `"lora_base"` (automatic when `model.lora_rank > 0` and `reference="model"`): the policy with
   its LoRA adapters zeroed (`rlhf_jax.models.lora.lora_disabled`), i.e. the base model, with no
   second copy of the weights.
-- SimPO, ORPO and CPO use no reference.
+- SimPO, ORPO, CPO and CPL use no reference (no reference model is built and no table is
+  computed).
+
+CPL (Hejna et al. 2023, `rlhf_jax.losses.cpl_loss`) is the one per-token objective: its
+discount γ (`cpl_discount`) weighs each completion token by `γ^k`, `k` its index in the
+completion, so it reads the token log-probs of each segment (`pair_token_segments`) rather than
+their sums. Its temperature α is `beta`, its conservative bias λ `cpl_conservative_bias` and its
+behaviour-cloning regulariser `cpl_bc_coeff` times the NLL of `cpl_bc_segments`.
 
 KTO batches are unpaired (`rlhf_jax.data.collate_kto`, with the mismatched `kl_` pairs of TRL's
 KL reference point): the completion and its `kl_` twin run in one fused forward.
 
-Metrics (`<algo>` is `dpo`, `simpo`, `orpo`, `cpo` or `kto`; held-out as `<algo>/eval/<name>`):
+Metrics (`<algo>` is `dpo`, `simpo`, `orpo`, `cpo`, `cpl` or `kto`; held-out as `<algo>/eval/<name>`):
 
 - `<algo>/loss`: the objective.
 - `<algo>/rewards_chosen`, `<algo>/rewards_rejected`: mean implicit rewards. DPO:
   `β (log π - log π_ref)` (as TRL); SimPO / CPO / ORPO: `β log π` (length-averaged where the
-  loss is); KTO: over desirable / undesirable completions.
+  loss is); CPL: the segment advantages `A± = α Σ_k γ^k log π`; KTO: over desirable /
+  undesirable completions.
 - `<algo>/accuracy`: fraction of pairs with `rewards_chosen > rewards_rejected` (expected
   agreement with soft labels); `<algo>/reward_margin`: mean `rewards_chosen - rewards_rejected`.
 - `<algo>/logps_chosen`, `<algo>/logps_rejected`: mean policy sequence log-probs.
 - `<algo>/nll_loss`: the chosen completions' token-mean NLL (ORPO, CPO, `sft` in a DPO mixture,
   or `rpo_alpha > 0`).
+- `cpl/cpl_loss`, `cpl/bc_loss`: CPL's contrastive term and its BC term (logged whatever
+  `cpl_bc_coeff` is).
 - `kto/kl`: KTO's reference point `z_0`.
 """
 
@@ -79,11 +89,16 @@ from rlhf_jax.train.config import (
 )
 from rlhf_jax.train.data import build_data
 from rlhf_jax.train.logprobs import model_scores
-from rlhf_jax.train.pairs import pair_forward_batch, pair_sequence_sums, pair_weights
+from rlhf_jax.train.pairs import (
+    pair_forward_batch,
+    pair_sequence_sums,
+    pair_token_segments,
+    pair_weights,
+)
 from rlhf_jax.train.preflight import check_run_config
 from rlhf_jax.train.run import run_summary, run_training
 
-ALGORITHMS = ("dpo", "simpo", "orpo", "cpo", "kto")
+ALGORITHMS = ("dpo", "simpo", "orpo", "cpo", "cpl", "kto")
 REFERENCES = ("model", "precomputed")
 REFERENCE_FILE = "reference_logps.npz"
 
@@ -92,11 +107,11 @@ _log = logging.getLogger("rlhf_jax.train")
 
 @dataclasses.dataclass(frozen=True)
 class DPOConfig(TrainConfig):
-    """Preference optimisation: DPO family, SimPO, ORPO, CPO, KTO."""
+    """Preference optimisation: DPO family, SimPO, ORPO, CPO, CPL, KTO."""
 
     output_dir: str = "runs/dpo"
     data: DataSpec = DataSpec(synthetic="topic")
-    algorithm: Literal["dpo", "simpo", "orpo", "cpo", "kto"] = "dpo"
+    algorithm: Literal["dpo", "simpo", "orpo", "cpo", "cpl", "kto"] = "dpo"
     """Objective family."""
     loss_type: tuple[str, ...] = ()
     """Empty: the algorithm's default ("sigmoid" for dpo and cpo, "kto" for kto). dpo: one or more of `rlhf_jax.losses.DPO_LOSS_TYPES` plus "sft" (several = a weighted
@@ -105,7 +120,7 @@ class DPOConfig(TrainConfig):
     loss_weights: tuple[float, ...] = ()
     """Weights of the `loss_type` mixture (empty: all 1.0), as TRL's `loss_weights`."""
     beta: float = 0.1
-    """Temperature β (SimPO: reward scale, ORPO: odds-ratio weight λ)."""
+    """Temperature β (SimPO: reward scale, ORPO: odds-ratio weight λ, CPL: temperature α)."""
     label_smoothing: float = 0.0
     """Label smoothing ε (cDPO / robust / EXO / AOT; SimPO and CPO sigmoid)."""
     soft_labels: bool = False
@@ -123,6 +138,16 @@ class DPOConfig(TrainConfig):
     """SimPO (and CPO simpo) target reward margin γ."""
     cpo_alpha: float = 1.0
     """Weight of the NLL term of CPO."""
+    cpl_conservative_bias: float = 0.5
+    """CPL's conservative bias λ in (0, 1] on the negative segment (1: the unbiased CPL
+    objective; 0.5: the reference code's `cpl` configs)."""
+    cpl_discount: float = 1.0
+    """CPL's discount γ in (0, 1] over completion token positions (1: plain sums)."""
+    cpl_bc_coeff: float = 0.0
+    """Weight of CPL's behaviour-cloning regulariser (the reference code's `cpl_bc` configs
+    use 1.0 with cpl_conservative_bias 1.0)."""
+    cpl_bc_segments: Literal["preferred", "both"] = "preferred"
+    """CPL's BC term on the preferred completion's NLL, or the token mean over both."""
     desirable_weight: float = 1.0
     """KTO λ_D."""
     undesirable_weight: float = 1.0
@@ -144,6 +169,9 @@ class DPOConfig(TrainConfig):
             check_number(self, name, low=0)
         for name in ("desirable_weight", "undesirable_weight"):
             check_number(self, name, low=0, low_open=True)
+        for name in ("cpl_conservative_bias", "cpl_discount"):
+            check_number(self, name, low=0, high=1, low_open=True)
+        check_number(self, "cpl_bc_coeff", low=0)
         require(all(isinstance(w, int | float) and 0 <= w < float("inf")
                     for w in self.loss_weights), "loss_weights",
                 f"loss_weights must be finite numbers >= 0, got {list(self.loss_weights)}")
@@ -455,6 +483,56 @@ class CPOHyperParams(NamedTuple):
         return loss, metrics
 
 
+class CPLHyperParams(NamedTuple):
+    """CPL (Hejna et al. 2023, `rlhf_jax.losses.cpl_loss`): the contrastive loss of the
+    segments' discounted, α-scaled log-probs (α = ``beta``, γ = ``cpl_discount``) with the
+    conservative bias λ (``cpl_conservative_bias``) on the negative segment, plus
+    ``cpl_bc_coeff`` times its BC term; soft labels are CPL's preference probabilities.
+    Reference-free (the paper's CPL; ``cpl_loss``'s CPL-KL variant is not offered here)."""
+
+    beta: float = 0.1
+    cpl_conservative_bias: float = 0.5
+    cpl_discount: float = 1.0
+    cpl_bc_coeff: float = 0.0
+    cpl_bc_segments: str = "preferred"
+    soft_labels: bool = False
+
+    algorithm = "cpl"
+    uses_reference = False
+
+    @classmethod
+    def from_config(cls, config: DPOConfig) -> CPLHyperParams:
+        return _from_config(cls, config)
+
+    def validate(self) -> None:
+        if self.cpl_bc_segments not in losses.CPL_BC_SEGMENTS:
+            raise ValueError(f"cpl_bc_segments={self.cpl_bc_segments!r}; allowed: "
+                             f"{losses.CPL_BC_SEGMENTS}")
+
+    def loss(self, policy, reference, batch):
+        rows = pair_forward_batch(batch)
+        logps = model_scores(policy, rows).logps
+        pc, pr, lc, lr = pair_sequence_sums(logps, rows, batch)
+        label = batch["label"].astype(jnp.float32) if "label" in batch else None
+        pairs = PairLogps(chosen=pc, rejected=pr, chosen_lengths=lc, rejected_lengths=lr,
+                          weights=pair_weights(batch), smoothing=0.0,
+                          metric_label=label if self.soft_labels else None)
+        c, r, c_mask, r_mask = pair_token_segments(logps, rows, batch)
+        out = losses.cpl_loss(c, r, c_mask, r_mask, alpha=self.beta,
+                              conservative_bias=self.cpl_conservative_bias,
+                              discount=self.cpl_discount,
+                              label=label if self.soft_labels else None,
+                              bc_coeff=self.cpl_bc_coeff, bc_segments=self.cpl_bc_segments)
+        w = pairs.weights
+        loss = _wmean(out.loss, w)
+        sg = jax.lax.stop_gradient
+        metrics = {"cpl/cpl_loss": _wmean(out.cpl, w), "cpl/bc_loss": _wmean(out.bc, w)}
+        metrics.update(_reward_metrics("cpl", sg(out.chosen_advantage),
+                                       sg(out.rejected_advantage), pairs))
+        metrics["cpl/loss"] = loss
+        return loss, metrics
+
+
 class KTOHyperParams(NamedTuple):
     """KTO (Ethayarajh et al. 2024) on unpaired examples: one `rlhf_jax.losses.KTO_LOSS_TYPES`
     loss against the batch's KL reference point ``z_0`` (TRL's mismatched ``kl_`` pairs), with
@@ -503,11 +581,12 @@ class KTOHyperParams(NamedTuple):
 
 
 PreferenceHyperParams = (DPOHyperParams | SimPOHyperParams | ORPOHyperParams | CPOHyperParams
-                         | KTOHyperParams)
+                         | CPLHyperParams | KTOHyperParams)
 """The hyper-parameters of one preference objective; its type selects the family."""
 
 FAMILIES: dict[str, type] = {hp.algorithm: hp for hp in (
-    DPOHyperParams, SimPOHyperParams, ORPOHyperParams, CPOHyperParams, KTOHyperParams)}
+    DPOHyperParams, SimPOHyperParams, ORPOHyperParams, CPOHyperParams, CPLHyperParams,
+    KTOHyperParams)}
 """``DPOConfig.algorithm`` -> its hyper-parameter class."""
 
 
@@ -544,7 +623,8 @@ def preference_loss(
         precomputed).
       rng: unused.
       hp: the family and its hyper-parameters (`DPOHyperParams`, `SimPOHyperParams`,
-        `ORPOHyperParams`, `CPOHyperParams`, `KTOHyperParams`; default: `DPOHyperParams()`).
+        `ORPOHyperParams`, `CPOHyperParams`, `CPLHyperParams`, `KTOHyperParams`; default:
+        `DPOHyperParams()`).
       reference: where the reference log-probs of DPO / KTO come from: `"model"` (the
         `PolicyAndReference`'s frozen half), `"precomputed"` (the batch), `"lora_base"` (the
         policy with its adapters zeroed); ignored by reference-free families.
@@ -761,6 +841,7 @@ def train_dpo(config: DPOConfig) -> dict[str, Any]:
 
 __all__ = [
     "ALGORITHMS",
+    "CPLHyperParams",
     "CPOHyperParams",
     "DPOConfig",
     "DPOHyperParams",

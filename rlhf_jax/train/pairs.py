@@ -88,6 +88,36 @@ def pair_sequence_sums(
     return c_sum, r_sum, c_len, r_len
 
 
+def pair_token_segments(
+    values: jax.Array, rows: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`(chosen [P, N], rejected [P, N], chosen_mask [P, N], rejected_mask [P, N])`: per-token
+    `values [R, T]` (aligned log-probs) of each pair's chosen and rejected completion, in token
+    order, for a per-token loss (`rlhf_jax.losses.cpl_loss`) on either layout of
+    `pair_forward_batch` (`rows` is its output). The masks are 1 on the `loss_mask` tokens.
+
+    Padded: rows `:P` and `P:` (`N = T`). Prefix-shared: each pair's row twice, masked to its
+    `branch_ids` 1 / 2 (`N = T`). Packed: the flattened rows (`N = R*T`), masked to the pair's
+    `chosen_index` / `rejected_index` sequence; a sequence is contiguous in its row, so token
+    order is kept.
+    """
+    mask = rows["loss_mask"].astype(jnp.float32)
+    if is_prefix_shared_pairs(batch):
+        branch = rows["branch_ids"]
+        return values, values, mask * (branch == 1), mask * (branch == 2)
+    if is_packed_pairs(batch):
+        ids = rows["sequence_ids"].reshape(1, -1)
+        flat_mask = mask.reshape(1, -1)
+        flat = jnp.broadcast_to(values.reshape(1, -1), (batch["chosen_index"].shape[0],
+                                                         ids.shape[1]))
+        c_mask = flat_mask * (ids == batch["chosen_index"][:, None])
+        r_mask = flat_mask * (ids == batch["rejected_index"][:, None])
+        return flat, flat, c_mask, r_mask
+    c, r = jnp.split(values, 2)
+    c_mask, r_mask = jnp.split(mask, 2)
+    return c, r, c_mask, r_mask
+
+
 def pair_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
     """`[P]` float weights of the pairs: `pair_mask` of a packed batch, else ones."""
     if is_packed_pairs(batch):
@@ -102,5 +132,6 @@ __all__ = [
     "is_prefix_shared_pairs",
     "pair_forward_batch",
     "pair_sequence_sums",
+    "pair_token_segments",
     "pair_weights",
 ]
