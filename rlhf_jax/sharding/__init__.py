@@ -14,7 +14,13 @@ Typical use::
     logits = step(state, shard_batch(batch, mesh))
 """
 
-from rlhf_jax.sharding.mesh import MESH_AXES, MeshConfig, initialize_distributed, make_mesh
+from rlhf_jax.sharding.mesh import (
+    MESH_AXES,
+    MeshConfig,
+    initialize_distributed,
+    make_mesh,
+    sync_processes,
+)
 from rlhf_jax.sharding.partition import (
     BATCH_AXES,
     batch_sharding,
@@ -45,6 +51,7 @@ __all__ = [
     "shard_batch",
     "shard_model",
     "shard_state",
+    "sync_processes",
     "state_shardings",
     "variable_sharding",
 ]

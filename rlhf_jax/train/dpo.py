@@ -17,8 +17,10 @@ The reference policy (`reference`):
   forward in the same jitted step, without gradients.
 - `"precomputed"`: a pass before training runs the reference over exactly the batches training
   will draw (the loader is deterministic) and stores their sequence log-probs
-  (`output_dir/reference_logps.npz`, reused on resume); the reference model is then dropped, so
-  training holds only the policy and runs one forward per step.
+  (`output_dir/reference_logps.npz`, reused on resume; in a multi-process run each process
+  stores the table of its own share of the data, `reference_logps.<i>-of-<n>.npz`); the
+  reference model is then dropped, so training holds only the policy and runs one forward per
+  step.
 - `"lora_base"` (automatic when `model.lora_rank > 0` and `reference="model"`): the policy with
   its LoRA adapters zeroed (`rlhf_jax.models.lora.lora_disabled`), i.e. the base model, with no
   second copy of the weights.
@@ -682,6 +684,8 @@ def reference_tables(config: DPOConfig, ref_model: nnx.Module, data: Any, mesh
     """
     kto = config.algorithm == "kto"
     path = os.path.join(config.output_dir, REFERENCE_FILE)
+    if jax.process_count() > 1:  # each process's table covers its own share of the batches
+        path = path.removesuffix(".npz") + f".{jax.process_index()}-of-{jax.process_count()}.npz"
     fingerprint = reference_fingerprint(config, ref_model)
     if os.path.exists(path):
         with np.load(path) as f:

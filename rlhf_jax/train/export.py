@@ -9,6 +9,11 @@ located (the policy's train state of an online run, the `policy` half of a DPO
 adapters are merged, and `rlhf_jax.models.save_pretrained` writes `config.json` +
 safetensors, plus the tokenizer when the run used one from a directory or a synthetic task.
 Reward- and value-model runs are not causal LMs and are refused with a clear error.
+
+In a multi-process run every process reads the checkpoint, process 0 writes the directory and
+all wait for it at a barrier, so each host can read the export as soon as the command returns.
+On a multi-host slice the output directory must therefore be one the hosts share (a gs://
+bucket): a local path would exist on host 0 only.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
+from rlhf_jax.sharding import sync_processes
 from rlhf_jax.train.config import DataSpec, DType, ModelSpec, config_from_dict
 from rlhf_jax.train.loop import CHECKPOINT_DIR, CONFIG_FILE
 
@@ -149,6 +155,9 @@ def export_policy(config: ExportConfig) -> dict[str, Any]:
         except (ValueError, FileNotFoundError):
             tokenizer = None
     path = save_pretrained(model, config.output_dir, dtype=config.dtype, tokenizer=tokenizer)
+    # Process 0 writes the directory; every host reads it in the next stage, so none goes on
+    # before it is complete (on a multi-host slice the directory must be shared: gs://).
+    sync_processes(f"export {config.output_dir}")
     return {"output_dir": str(path), "step": step, "run_dir": config.run_dir,
             "tokenizer": tokenizer is not None}
 

@@ -12,6 +12,10 @@ evaluation's sample responses) as one JSON line ``{"step": s, name: [{column: va
 
 On resume, `MetricsLogger(..., resume_step=s)` drops the JSONL lines of steps after `s` (those
 steps are re-run), so an interrupted-and-resumed run leaves the same file as an uninterrupted one.
+
+In a multi-process run every process computes the same metrics and only process 0 writes them
+(`write=None`, the default): hosts that share an output directory (a bucket) must not append to
+one file.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from rlhf_jax.train.config import LoggingConfig
@@ -80,6 +85,9 @@ class MetricsLogger:
         are dropped; None starts a fresh file.
       run_config: the resolved run config (dict), passed to Weights & Biases.
       total_steps: length of the progress bar.
+      write: whether this process writes to the sinks (None: only process 0 of a multi-process
+        run, `jax.process_index() == 0`); a logger that does not write accepts every call and
+        writes nothing.
     """
 
     def __init__(
@@ -90,11 +98,19 @@ class MetricsLogger:
         resume_step: int | None = None,
         run_config: Mapping[str, Any] | None = None,
         total_steps: int | None = None,
+        write: bool | None = None,
     ):
         config = config or LoggingConfig()
         self.output_dir = os.fspath(output_dir)
-        os.makedirs(self.output_dir, exist_ok=True)
         self.path = os.path.join(self.output_dir, METRICS_FILE)
+        self.writes = jax.process_index() == 0 if write is None else bool(write)
+        self._file = None
+        self._tb = None
+        self._wandb = None
+        self._bar = None
+        if not self.writes:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
         kept: list[str] = []
         if resume_step is not None and os.path.exists(self.path):
             with open(self.path) as f:
@@ -105,13 +121,11 @@ class MetricsLogger:
         self._file.writelines(kept)
         self._file.flush()
 
-        self._tb = None
         if config.tensorboard:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(self.output_dir, "tensorboard"))
 
-        self._wandb = None
         if config.wandb:
             try:
                 import wandb
@@ -127,7 +141,6 @@ class MetricsLogger:
                 resume="allow",
             )
 
-        self._bar = None
         self._bar_kind = config.progress
         if config.progress != "none" and total_steps:
             initial = resume_step or 0
@@ -147,6 +160,8 @@ class MetricsLogger:
         """Writes `metrics` (namespaced name -> scalar) for `step`; returns them as floats."""
         values = {name: _to_float(v) for name, v in metrics.items()}
         record = {"step": int(step), **values}
+        if self._file is None:
+            return values
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -160,6 +175,8 @@ class MetricsLogger:
     def log_table(self, step: int, name: str, table: SampleTable) -> None:
         """Writes `table` for `step` under `name` to metrics.jsonl and TensorBoard (text)."""
         record = {"step": int(step), name: table.records()}
+        if self._file is None:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -191,7 +208,7 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
 
     def __enter__(self):

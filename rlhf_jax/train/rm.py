@@ -422,8 +422,9 @@ def train_rm(config: RMConfig) -> dict[str, Any]:
             batches = _reference_batches(data.train)
         state, stats = normalize_rewards(setup, result.state, batches,
                                          max_batches=config.normalization_batches)
-        with open(os.path.join(config.output_dir, NORMALIZATION_FILE), "w") as f:
-            json.dump(stats, f, indent=2)
+        if jax.process_index() == 0:  # the same statistics on every process
+            with open(os.path.join(config.output_dir, NORMALIZATION_FILE), "w") as f:
+                json.dump(stats, f, indent=2)
         ckpt = Checkpointer(os.path.join(config.output_dir, CHECKPOINT_DIR),
                             keep_last=config.checkpoint.keep_last)
         written = ckpt.save(result.step, state,
