@@ -30,10 +30,10 @@ import threading
 import time
 from collections.abc import Sequence
 
-from rlhf_jax.cli import DISTRIBUTED_ENV
-from rlhf_jax.sharding.mesh import (
+from rlhf_jax.distributed_env import (
     COORDINATOR_ENV,
     CPU_COLLECTIVES_ENV,
+    DISTRIBUTED_ENV,
     HEARTBEAT_TIMEOUT_ENV,
     NUM_PROCESSES_ENV,
     PROCESS_ID_ENV,

@@ -10,6 +10,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from rlhf_jax.distributed_env import (
+    COORDINATOR_ENV,
+    CPU_COLLECTIVES_ENV,
+    HEARTBEAT_TIMEOUT_ENV,
+    NUM_PROCESSES_ENV,
+    PROCESS_ID_ENV,
+)
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -77,18 +85,6 @@ def make_mesh(config: MeshConfig | None = None, devices=None) -> jax.sharding.Me
 def _multihost_tpu_environment() -> bool:
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return len([h for h in hosts.split(",") if h.strip()]) > 1
-
-
-COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
-"""`host:port` of process 0's coordinator (JAX reads the same variable itself)."""
-NUM_PROCESSES_ENV = "RLHF_JAX_NUM_PROCESSES"
-"""Number of processes of a run started outside a detected cluster (`python -m rlhf_jax.launch`)."""
-PROCESS_ID_ENV = "RLHF_JAX_PROCESS_ID"
-"""This process's index in `[0, RLHF_JAX_NUM_PROCESSES)`."""
-CPU_COLLECTIVES_ENV = "RLHF_JAX_CPU_COLLECTIVES"
-"""Cross-process collectives of CPU devices (`gloo`); set by the local launcher."""
-HEARTBEAT_TIMEOUT_ENV = "RLHF_JAX_HEARTBEAT_TIMEOUT"
-"""Seconds after which the coordinator declares a silent process dead (JAX's default: 100)."""
 
 
 def _env_int(name: str) -> int | None:
