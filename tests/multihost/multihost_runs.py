@@ -25,7 +25,8 @@ def write_config(path: pathlib.Path, config: dict) -> pathlib.Path:
     return path
 
 
-def _env(devices: int) -> dict[str, str]:
+def cpu_env(devices: int) -> dict[str, str]:
+    """This environment with `devices` CPU devices per process."""
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
@@ -48,7 +49,7 @@ def run(command: Sequence[str], *, processes: int, devices: int, timeout: float 
         cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
     """Runs `command` on `processes` x `devices` CPU devices; stdout and stderr together."""
     return subprocess.run(launch_command(command, processes=processes, devices=devices),
-                          env=_env(devices), cwd=cwd, stdout=subprocess.PIPE,
+                          env=cpu_env(devices), cwd=cwd, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
