@@ -60,13 +60,23 @@ def _launched(command: str, config: pathlib.Path, out: pathlib.Path, *extra: str
 
 # (a) -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["sft", "rm", "dpo", "ppo"])
+@pytest.mark.parametrize("command", ["sft", "rm", "dpo"])
 def test_trainer_on_2x4_logs_the_metrics_of_1x8(tmp_path, command):
     config = _config(tmp_path, command)
     one, two = tmp_path / "one", tmp_path / "two"
     assert rlhf_cli.main([command, "--config", str(config), "--output-dir", str(one)]) == 0
     _launched(command, config, two)
     assert_same_metrics(read_metrics(one), read_jsonl(two / "metrics.jsonl"))
+
+
+def test_online_trainer_on_2_processes_stops_at_once_with_the_reason(tmp_path):
+    out = tmp_path / "ppo"
+    result = run(cli("ppo", "--config", str(_config(tmp_path, "ppo")), "--output-dir", str(out)),
+                 processes=2, devices=4)
+    assert result.returncode == 1, result.stdout[-4000:]
+    assert "ppo: the online trainers (ppo, grpo, rloo, rejection-sampling) run in one process " \
+           "only" in result.stdout
+    assert not out.exists()
 
 
 # (b) -----------------------------------------------------------------------------------------
@@ -151,9 +161,9 @@ def test_killed_process_stops_the_run_and_a_restart_resumes_bit_exactly(tmp_path
 # (e) -----------------------------------------------------------------------------------------
 
 def test_pipeline_chain_on_2_processes_with_one_output_dir(tmp_path):
-    """experiments/configs/gpt2_small_hh_v4-8.yaml shrunk to the tiny GPT-2 (SFT -> export ->
-    RM -> DPO, PPO), run on 2 processes by tpu_scripts/launch_local.sh: every stage finds the
-    previous stage's outputs in the one output directory, each metrics file written once."""
+    """experiments/configs/gpt2_small_hh_v4-8.yaml shrunk to the tiny GPT-2: SFT -> export ->
+    RM -> DPO on 2 processes by tpu_scripts/launch_local.sh, then PPO on one: every stage finds
+    the previous stage's outputs in the one output directory, each metrics file written once."""
     sys.path.insert(0, str(REPO / "tests" / "experiments"))
     try:
         from test_pipeline_chain import CONFIG, _hh_rows, _shrink
@@ -174,13 +184,17 @@ def test_pipeline_chain_on_2_processes_with_one_output_dir(tmp_path):
     result = subprocess.run(
         ["bash", str(REPO / "tpu_scripts" / "launch_local.sh"), "--run-name", "chain", "--",
          sys.executable, "-m", "experiments.pipeline", "--config", str(path),
-         "--output-dir", str(out)],
+         "--output-dir", str(out), "--stages", "sft,sft_hf,rm,dpo"],
         env=cpu_env(4), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         timeout=1200)
     assert result.returncode == 0, result.stdout[-6000:]
-    for stage in ("sft", "sft_hf", "rm", "dpo", "ppo"):
+    for stage in ("sft", "sft_hf", "rm", "dpo"):
         for process in ("0", "1"):
             assert f"[{process}] === stage {stage} finished with status 0" in result.stdout
+    # PPO (an online trainer: one process only) continues from the same directory
+    ppo = run([sys.executable, "-m", "experiments.pipeline", "--config", str(path),
+               "--output-dir", str(out), "--stages", "ppo"], processes=1, devices=8, cwd=REPO)
+    assert ppo.returncode == 0, ppo.stdout[-4000:]
     assert (out / "sft_hf" / "config.json").is_file()
     for stage in ("sft", "rm", "dpo", "ppo"):
         rows = read_jsonl(out / stage / "metrics.jsonl")
