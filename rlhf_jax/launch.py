@@ -96,9 +96,13 @@ class Launch:
             env = process_env(dict(os.environ), process_id=i, num_processes=num_processes,
                               port=port, devices_per_process=devices_per_process,
                               heartbeat_timeout=heartbeat_timeout)
-            proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, text=True, errors="replace")
+            try:
+                proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True, text=True, errors="replace")
+            except OSError:
+                self.signal_all(signal.SIGKILL)  # the processes already started
+                raise
             self.procs.append(proc)
             reader = threading.Thread(target=self._echo, args=(i, proc), daemon=True)
             reader.start()

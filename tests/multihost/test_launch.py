@@ -2,11 +2,13 @@
 collectives), the launcher's contract, and a DPO run on 2 processes x 4 devices that logs the
 metrics of 1 process x 8 devices."""
 
+import inspect
 import json
 import signal
 import subprocess
 import sys
 
+import jax
 import orbax.checkpoint as ocp
 import pytest
 from multihost_runs import (
@@ -20,7 +22,7 @@ from multihost_runs import (
 )
 
 from rlhf_jax import cli as rlhf_cli
-from rlhf_jax import launch
+from rlhf_jax import launch, sharding
 from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.logging import read_metrics
 
@@ -47,6 +49,29 @@ class TestProcessEnv:
                 launch.main(argv)
             assert e.value.code == 2
         assert "--devices-per-process must be >= 1" in capsys.readouterr().err
+
+
+def test_initialize_distributed_reads_the_launcher_environment(monkeypatch):
+    calls, collectives = [], []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.config, "update", lambda *a: collectives.append(a))
+    env = launch.process_env({}, process_id=1, num_processes=2, port=4321,
+                             devices_per_process=4, heartbeat_timeout=9)
+    for name in ("JAX_COORDINATOR_ADDRESS", "RLHF_JAX_NUM_PROCESSES", "RLHF_JAX_PROCESS_ID",
+                 "RLHF_JAX_CPU_COLLECTIVES", "RLHF_JAX_HEARTBEAT_TIMEOUT"):
+        monkeypatch.setenv(name, env[name])
+    assert sharding.initialize_distributed(force=True) is True
+    assert collectives == [("jax_cpu_collectives_implementation", "gloo")]
+    (call,) = calls
+    assert (call["coordinator_address"], call["num_processes"], call["process_id"]) == (
+        "localhost:4321", 2, 1)
+    accepted = inspect.signature(jax.distributed.initialize).parameters
+    for name in ("heartbeat_timeout_seconds", "shutdown_timeout_seconds"):
+        assert call.get(name) == (9 if name in accepted else None)
+    monkeypatch.setenv("RLHF_JAX_PROCESS_ID", "one")
+    with pytest.raises(ValueError, match="RLHF_JAX_PROCESS_ID='one' must be an integer"):
+        sharding.initialize_distributed()
 
 
 class TestSupervision:
