@@ -24,6 +24,7 @@ from rlhf_jax.sharding.mesh import (
 from rlhf_jax.sharding.partition import (
     BATCH_AXES,
     batch_sharding,
+    host_rows,
     optimizer_state_shardings,
     shard_batch,
     shard_model,
@@ -43,6 +44,7 @@ __all__ = [
     "MESH_AXES",
     "MeshConfig",
     "batch_sharding",
+    "host_rows",
     "initialize_distributed",
     "logical_to_mesh_sharding",
     "logical_to_mesh_spec",

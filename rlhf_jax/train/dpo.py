@@ -603,7 +603,8 @@ def precompute_reference_logps(
             return kto_sequence_logps(model, batch)
         return reference_pair_logps(model, batch)
 
-    jitted = jax.jit(fn, in_shardings=(state_sharding, sharding.batch_sharding(mesh)))
+    jitted = jax.jit(fn, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                     out_shardings=sharding.batch_sharding(mesh))
     names = ("ref_logps", "ref_kl_logps") if kto else ("ref_chosen_logps", "ref_rejected_logps")
     out: dict[str, list] = {n: [] for n in names}
     for _ in range(num_batches):
@@ -611,7 +612,8 @@ def precompute_reference_logps(
             batch = next(loader)
         except StopIteration:
             break
-        values = jax.device_get(jitted(state, sharding.shard_batch(batch, mesh)))
+        # this process's rows: its table covers its own share of each batch
+        values = sharding.host_rows(jitted(state, sharding.shard_batch(batch, mesh)), mesh)
         for n, v in zip(names, values):
             out[n].append(np.asarray(v, np.float32))
     return {n: np.stack(v) for n, v in out.items()}

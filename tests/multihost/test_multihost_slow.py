@@ -60,9 +60,13 @@ def _launched(command: str, config: pathlib.Path, out: pathlib.Path, *extra: str
 
 # (a) -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["sft", "rm", "dpo"])
-def test_trainer_on_2x4_logs_the_metrics_of_1x8(tmp_path, command):
-    config = _config(tmp_path, command)
+@pytest.mark.parametrize("command,extra", [("sft", {}), ("rm", {}), ("dpo", {}),
+                                           ("dpo", {"reference": "precomputed"})],
+                         ids=["sft", "rm", "dpo", "dpo-precomputed"])
+def test_trainer_on_2x4_logs_the_metrics_of_1x8(tmp_path, command, extra):
+    """With `reference: precomputed` each process stores the reference table of its own
+    share."""
+    config = _config(tmp_path, command, **extra)
     one, two = tmp_path / "one", tmp_path / "two"
     assert rlhf_cli.main([command, "--config", str(config), "--output-dir", str(one)]) == 0
     _launched(command, config, two)
@@ -78,6 +82,9 @@ def test_trainer_on_2x4_logs_the_metrics_of_1x8(tmp_path, command):
                     offsets = [b.pop(n) - a.pop(n) for n in names]
                     assert abs(offsets[0] - offsets[1]) < 1e-5 and abs(offsets[0]) < 1e-3
     assert_same_metrics(expected, got)
+    if extra.get("reference") == "precomputed":
+        assert sorted(p.name for p in two.glob("reference_logps*.npz")) == [
+            "reference_logps.0-of-2.npz", "reference_logps.1-of-2.npz"]
 
 
 def test_online_trainer_on_2_processes_stops_at_once_with_the_reason(tmp_path):
