@@ -19,8 +19,10 @@ the file's `defaults` deep-merged with the stage's `config` (the stage wins), wi
 
 Every resolved stage config is written to `<output dir>/pipeline/<stage>.yaml` before it runs,
 so a stage can be re-run by hand with `rlhf-jax <command> --config` that file. On a multi-host
-TPU slice (`RLHF_JAX_DISTRIBUTED=1`, set by `tpu_scripts/launch.sh`) JAX's multi-process runtime
-is initialised once, before the first stage.
+TPU slice (`RLHF_JAX_DISTRIBUTED=1`, set by `tpu_scripts/launch.sh`, or on one machine by
+`python -m rlhf_jax.launch`) JAX's multi-process runtime is initialised once, before the first
+stage, and every process waits for the others at the end of each stage. The output directory
+must be shared by the hosts (a gs:// bucket on a real slice).
 """
 
 from __future__ import annotations
@@ -183,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         initialize_distributed(force=True)
     from rlhf_jax import cli
+    from rlhf_jax.sharding import sync_processes
 
     config_dir = pathlib.Path(pipeline.output_dir) / "pipeline"
     if not pipeline.output_dir.startswith("gs://"):
@@ -192,7 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_dir.mkdir(parents=True, exist_ok=True)
     for stage in stages:
         stage_file = config_dir / f"{stage.name}.yaml"
-        stage_file.write_text(yaml.safe_dump(stage.config, sort_keys=False))
+        # Every process writes the same file (hosts with a local config_dir need their own
+        # copy): into a private name, then renamed, so no process reads a half-written one.
+        private = config_dir / f".{stage.name}.yaml.{os.getpid()}"
+        private.write_text(yaml.safe_dump(stage.config, sort_keys=False))
+        os.replace(private, stage_file)
         print(f"=== stage {stage.name}: rlhf-jax {stage.command} --config {stage_file}",
               flush=True)
         t0 = time.perf_counter()
@@ -201,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         if status != 0:
             return status
+        # No host starts a stage before every host has finished the previous one (whose outputs,
+        # written by process 0 or collectively, it reads).
+        sync_processes(f"pipeline stage {stage.name}")
     return 0
 
 

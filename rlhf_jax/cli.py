@@ -23,6 +23,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from rlhf_jax.distributed_env import DISTRIBUTED_ENV
+
 COMMANDS: dict[str, str] = {
     "sft": "rlhf_jax.train.sft:SFTConfig:train_sft",
     "rm": "rlhf_jax.train.rm:RMConfig:train_rm",
@@ -40,10 +42,6 @@ COMMANDS: dict[str, str] = {
     "cai": "rlhf_jax.train.cai:CAIConfig:run_cai",
 }
 """Command name -> "module:ConfigClass:run_function"."""
-
-DISTRIBUTED_ENV = "RLHF_JAX_DISTRIBUTED"
-"""With this environment variable set to ``1`` a command first calls
-`rlhf_jax.sharding.initialize_distributed(force=True)` (multi-host TPU slices, SLURM)."""
 
 EXIT_PREEMPTED = 143
 """Exit status after a SIGTERM-triggered save (128 + SIGTERM), so schedulers see the preemption."""

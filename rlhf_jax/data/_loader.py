@@ -243,6 +243,15 @@ class DataLoader:
         """Elements of this host's stream consumed so far."""
         return self._position
 
+    def read_indices(self) -> np.ndarray:
+        """`[position]` int64: the index into `examples` of each element this host has read so
+        far, in reading order (the same shuffle, repeat and stride as the stream, over indices)."""
+        ds = grain.MapDataset.range(self.num_examples)
+        if self.shuffle:
+            ds = ds.shuffle(seed=self.seed)
+        ds = ds.repeat(self.num_epochs)[self.shard_index :: self.shard_count]
+        return np.fromiter((ds[i] for i in range(self._position)), np.int64, self._position)
+
     @property
     def epoch(self) -> float:
         """Passes over the dataset so far (on this host's share of the stream)."""

@@ -14,10 +14,17 @@ Typical use::
     logits = step(state, shard_batch(batch, mesh))
 """
 
-from rlhf_jax.sharding.mesh import MESH_AXES, MeshConfig, initialize_distributed, make_mesh
+from rlhf_jax.sharding.mesh import (
+    MESH_AXES,
+    MeshConfig,
+    initialize_distributed,
+    make_mesh,
+    sync_processes,
+)
 from rlhf_jax.sharding.partition import (
     BATCH_AXES,
     batch_sharding,
+    host_rows,
     optimizer_state_shardings,
     shard_batch,
     shard_model,
@@ -37,6 +44,7 @@ __all__ = [
     "MESH_AXES",
     "MeshConfig",
     "batch_sharding",
+    "host_rows",
     "initialize_distributed",
     "logical_to_mesh_sharding",
     "logical_to_mesh_spec",
@@ -45,6 +53,7 @@ __all__ = [
     "shard_batch",
     "shard_model",
     "shard_state",
+    "sync_processes",
     "state_shardings",
     "variable_sharding",
 ]

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+
+from rlhf_jax.distributed_env import (
+    COORDINATOR_ENV,
+    CPU_COLLECTIVES_ENV,
+    HEARTBEAT_TIMEOUT_ENV,
+    NUM_PROCESSES_ENV,
+    PROCESS_ID_ENV,
+)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -77,6 +87,16 @@ def _multihost_tpu_environment() -> bool:
     return len([h for h in hosts.split(",") if h.strip()]) > 1
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
 def initialize_distributed(
     *,
     coordinator_address: str | None = None,
@@ -90,11 +110,40 @@ def initialize_distributed(
     cluster, where JAX finds the coordinator itself), or on a multi-host TPU slice (detected by
     more than one host in `TPU_WORKER_HOSTNAMES`). Otherwise (a single process) it does nothing.
     Call it once, before any other JAX call. Returns True when JAX runs multi-process.
+
+    Arguments left None are read from the environment where set: `JAX_COORDINATOR_ADDRESS`,
+    `RLHF_JAX_NUM_PROCESSES`, `RLHF_JAX_PROCESS_ID` (what `python -m rlhf_jax.launch` sets for
+    each process it starts; on a TPU VM none of them is set and JAX reads the VM's metadata),
+    `RLHF_JAX_CPU_COLLECTIVES` (`gloo`: CPU devices of different processes run collectives
+    through gloo) and `RLHF_JAX_HEARTBEAT_TIMEOUT` (seconds without a heartbeat after which the
+    coordinator declares a process dead and the others stop, also used as the shutdown
+    time-out).
     """
     if jax.distributed.is_initialized():
         return True
+    coordinator_address = coordinator_address or os.environ.get(COORDINATOR_ENV) or None
+    if num_processes is None:
+        num_processes = _env_int(NUM_PROCESSES_ENV)
+    if process_id is None:
+        process_id = _env_int(PROCESS_ID_ENV)
     if coordinator_address is None and not force and not _multihost_tpu_environment():
         return False
+    collectives = os.environ.get(CPU_COLLECTIVES_ENV, "").strip()
+    if collectives:
+        jax.config.update("jax_cpu_collectives_implementation", collectives)
+    kwargs = {}
+    heartbeat = _env_int(HEARTBEAT_TIMEOUT_ENV)
+    if heartbeat is not None:
+        accepted = inspect.signature(jax.distributed.initialize).parameters
+        kwargs = {name: heartbeat for name in ("heartbeat_timeout_seconds",
+                                               "shutdown_timeout_seconds") if name in accepted}
     jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+                               num_processes=num_processes, process_id=process_id, **kwargs)
     return True
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process of a multi-process run reaches the barrier `name` (a no-op in
+    a single process): e.g. after process 0 wrote files that the others read next."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

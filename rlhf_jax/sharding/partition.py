@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax.sharding.rules import LOGICAL_AXIS_RULES, logical_to_mesh_sharding
@@ -107,3 +108,17 @@ def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def host_rows(batch: Any, mesh: jax.sharding.Mesh) -> Any:
+    """The inverse of `shard_batch`: this process's rows of arrays split over `("data",
+    "fsdp")` on their leading axis (`batch_sharding`), as NumPy arrays `[B_local, ...]`; in a
+    single process, the whole arrays."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(batch))
+
+    def get(x):
+        spec = PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1)))
+        return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))
+
+    return jax.tree.map(get, batch)

@@ -8,6 +8,12 @@ A checkpoint directory `output_dir/checkpoints/<step>/` holds three orbax items:
   device.
 - `data`: the data loader's `get_state()` (JSON), taken after the batch of the last completed
   step was drawn, so a resumed run draws exactly the batches the uninterrupted run would have.
+  Each process of a multi-process run reads its own share of the data, so the states of all
+  processes are gathered and stored (`{"per_process": [state_0, ...]}`), and each process
+  restores its own. A checkpoint of `M` processes restores on `N != M` processes when the
+  loaders' shards are at one stream position `p` (padded batches: every host reads the same
+  number of examples): the `M * p` examples read so far are `N * p'` on the new hosts
+  (`reshard_data_state`); otherwise the restore raises.
 - `config`: the resolved run config (JSON of `config_to_dict`).
 
 Beside the items, once orbax has committed the step, `checksums.json` records the size and CRC32C
@@ -40,6 +46,7 @@ from typing import Any, NamedTuple
 import google_crc32c
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -149,6 +156,10 @@ def all_finite(tree: Any) -> bool:
     return finite
 
 
+class DataStateError(ValueError):
+    """A checkpoint's data-loader states cannot continue on this number of processes."""
+
+
 def _first_line(error: BaseException, limit: int = 300) -> str:
     """The first line of an error's message, at most `limit` characters."""
     text = str(error).strip().splitlines()
@@ -172,6 +183,68 @@ def abstract_like(tree: Any) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     return jax.tree.map(leaf, tree)
+
+
+SHARD_KEYS = ("shard_index", "shard_count", "position")
+"""Keys of a data loader's state that locate its host's share of the stream
+(`rlhf_jax.data.DataLoader.get_state`)."""
+
+
+def gather_host_states(state: Any) -> list[Any]:
+    """The JSON-serialisable `state` of every process, in process order (a collective: every
+    process calls it); `[state]` in a single-process run."""
+    if jax.process_count() == 1:
+        return [state]
+    blob = np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([blob.size], np.int32)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: blob.size] = blob
+    blobs = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(blobs[i, : int(sizes[i, 0])].tobytes().decode())
+            for i in range(jax.process_count())]
+
+
+def reshard_data_state(states: list[Any], process_index: int, process_count: int) -> Any:
+    """Process `process_index`'s data state on `process_count` processes, from the states of
+    the `len(states)` processes that wrote a checkpoint (see the module docstring).
+
+    Loader states (dicts with `SHARD_KEYS`) at one position `p` become position
+    `len(states) * p / process_count` of shard `process_index`; every other value must be the
+    same in all states.
+
+    Raises:
+      DataStateError: the shards are at different positions, the examples read so far do not divide
+        between `process_count` hosts, or another value differs between the stored processes.
+    """
+    if len(states) == process_count:
+        return states[process_index]
+
+    def merge(values: list[Any], where: str) -> Any:
+        first = values[0]
+        if isinstance(first, dict) and all(k in first for k in SHARD_KEYS):
+            positions = {int(v["position"]) for v in values}
+            read = int(first["position"]) * int(first["shard_count"])
+            if len(positions) != 1 or read % process_count:
+                raise DataStateError(
+                    f"cannot resume the data order of a {len(values)}-process checkpoint on "
+                    f"{process_count} processes: the loader shards at {where or 'the top'} are "
+                    f"at positions {sorted(positions)} (packed batches?), not one position "
+                    f"whose {read} examples read so far divide between {process_count} hosts"
+                )
+            return {**first, "shard_index": process_index, "shard_count": process_count,
+                    "position": read // process_count}
+        if isinstance(first, dict) and all(isinstance(v, dict) and v.keys() == first.keys()
+                                           for v in values):
+            return {k: merge([v[k] for v in values], f"{where}.{k}".lstrip(".")) for k in first}
+        if any(v != first for v in values):
+            raise DataStateError(
+                f"cannot resume a {len(values)}-process checkpoint on {process_count} "
+                f"processes: its data state {where or 'value'} differs between processes "
+                f"({values})"
+            )
+        return first
+
+    return merge(list(states), "")
 
 
 class Checkpointer:
@@ -237,9 +310,11 @@ class Checkpointer:
         if jax.process_count() == 1:
             # One process holds every shard: write host copies (no per-shard device slicing).
             state = jax.device_get(state)
+        # Every process's own data state (orbax writes JSON items from process 0 only).
+        data = {"per_process": gather_host_states(data_state)}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave({"state": data_state}),
+            data=ocp.args.JsonSave(data),
             config=ocp.args.JsonSave(dict(config or {})),
         )
         try:
@@ -369,7 +444,9 @@ class Checkpointer:
         if not isinstance(state, TrainState):
             state = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(state))
         data = restored["data"] or {}
-        return Restored(step=int(step), state=state, data_state=data.get("state"),
+        states = data["per_process"] if "per_process" in data else [data.get("state")]
+        data_state = reshard_data_state(states, jax.process_index(), jax.process_count())
+        return Restored(step=int(step), state=state, data_state=data_state,
                         config=restored["config"])
 
     def restore_newest_intact(self, target: TrainState) -> Restored:
@@ -383,6 +460,8 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             try:
                 return self.restore(target, step=step)
+            except DataStateError:  # the checkpoint is intact; this run cannot continue it
+                raise
             except Exception as e:  # orbax / TensorStore raise many types for damaged files
                 reason = f"{type(e).__name__}: {_first_line(e)}"
                 self.damaged[step] = reason
@@ -435,9 +514,12 @@ __all__ = [
     "CheckpointDamagedError",
     "CheckpointWriteError",
     "Checkpointer",
+    "DataStateError",
     "Restored",
     "abstract_like",
     "all_finite",
     "file_crc32c",
+    "gather_host_states",
+    "reshard_data_state",
     "step_files",
 ]

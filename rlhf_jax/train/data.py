@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from rlhf_jax import data as rdata
 from rlhf_jax.data import BatchConfig, DataLoader, KTOExample, synthetic
@@ -212,9 +214,41 @@ def prefix_shared_lengths(max_length: int, buckets: Sequence[int] = (), *,
     return tuple(sorted({min(b, cap) for b in (*lengths, *buckets)} | {cap}))
 
 
+def data_shares(loader: Any) -> dict[str, Any] | None:
+    """How the processes' shares of a training loader were read, counted by example index.
+
+    A collective: every process calls it (it gathers one `[num_examples]` count vector per
+    process). Returns None for a loader without `read_indices` (an in-memory prompt set), else
+    ``{"num_examples", "per_process": [{"process", "shard", "examples_read",
+    "distinct_examples"}], "distinct_examples", "read_by_several_processes"}``: with disjoint
+    shares `read_by_several_processes` is 0, and after one epoch `distinct_examples` is
+    `num_examples`.
+    """
+    loader = getattr(loader, "loader", loader)  # a wrapper over the loader (DPO precomputed)
+    if not hasattr(loader, "read_indices"):
+        return None
+    counts = np.bincount(loader.read_indices(), minlength=loader.num_examples).astype(np.int32)
+    if jax.process_count() > 1:
+        counts = np.asarray(multihost_utils.process_allgather(counts))
+    else:
+        counts = counts[None]
+    read = counts > 0
+    return {
+        "num_examples": int(loader.num_examples),
+        "per_process": [
+            {"process": i, "shard": f"{i}/{len(counts)}", "examples_read": int(counts[i].sum()),
+             "distinct_examples": int(read[i].sum())}
+            for i in range(len(counts))
+        ],
+        "distinct_examples": int(read.any(axis=0).sum()),
+        "read_by_several_processes": int((read.sum(axis=0) > 1).sum()),
+    }
+
+
 __all__ = [
     "DataBundle",
     "build_data",
+    "data_shares",
     "prefix_shared_lengths",
     "synthetic_records",
     "unpair_preferences",

@@ -17,8 +17,10 @@ The reference policy (`reference`):
   forward in the same jitted step, without gradients.
 - `"precomputed"`: a pass before training runs the reference over exactly the batches training
   will draw (the loader is deterministic) and stores their sequence log-probs
-  (`output_dir/reference_logps.npz`, reused on resume); the reference model is then dropped, so
-  training holds only the policy and runs one forward per step.
+  (`output_dir/reference_logps.npz`, reused on resume; in a multi-process run each process
+  stores the table of its own share of the data, `reference_logps.<i>-of-<n>.npz`); the
+  reference model is then dropped, so training holds only the policy and runs one forward per
+  step.
 - `"lora_base"` (automatic when `model.lora_rank > 0` and `reference="model"`): the policy with
   its LoRA adapters zeroed (`rlhf_jax.models.lora.lora_disabled`), i.e. the base model, with no
   second copy of the weights.
@@ -683,7 +685,8 @@ def precompute_reference_logps(
             return kto_sequence_logps(model, batch)
         return reference_pair_logps(model, batch)
 
-    jitted = jax.jit(fn, in_shardings=(state_sharding, sharding.batch_sharding(mesh)))
+    jitted = jax.jit(fn, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                     out_shardings=sharding.batch_sharding(mesh))
     names = ("ref_logps", "ref_kl_logps") if kto else ("ref_chosen_logps", "ref_rejected_logps")
     out: dict[str, list] = {n: [] for n in names}
     for _ in range(num_batches):
@@ -691,7 +694,8 @@ def precompute_reference_logps(
             batch = next(loader)
         except StopIteration:
             break
-        values = jax.device_get(jitted(state, sharding.shard_batch(batch, mesh)))
+        # this process's rows: its table covers its own share of each batch
+        values = sharding.host_rows(jitted(state, sharding.shard_batch(batch, mesh)), mesh)
         for n, v in zip(names, values):
             out[n].append(np.asarray(v, np.float32))
     return {n: np.stack(v) for n, v in out.items()}
@@ -764,6 +768,9 @@ def reference_tables(config: DPOConfig, ref_model: nnx.Module, data: Any, mesh
     """
     kto = config.algorithm == "kto"
     path = epath.Path(config.output_dir, REFERENCE_FILE)
+    if jax.process_count() > 1:  # each process's table covers its own share of the batches
+        path = path.with_name(path.name.removesuffix(".npz")
+                              + f".{jax.process_index()}-of-{jax.process_count()}.npz")
     fingerprint = reference_fingerprint(config, ref_model)
     if path.exists():
         with np.load(io.BytesIO(path.read_bytes())) as f:

@@ -12,6 +12,11 @@ Reward- and value-model runs are not causal LMs and are refused with a clear err
 
 `run_dir` and `output_dir` may be local or ``gs://`` URIs (checked before anything is read,
 `rlhf_jax.storage.check_storage`).
+
+In a multi-process run every process reads the checkpoint, process 0 writes the directory and
+all wait for it at a barrier, so each host can read the export as soon as the command returns.
+On a multi-host slice the output directory must therefore be one the hosts share (a gs://
+bucket): a local path would exist on host 0 only.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import yaml
 from etils import epath
 from flax import nnx
 
+from rlhf_jax.sharding import sync_processes
 from rlhf_jax.storage import absolute, check_storage
 from rlhf_jax.train.config import DataSpec, DType, ModelSpec, config_from_dict
 from rlhf_jax.train.loop import CHECKPOINT_DIR, CONFIG_FILE
@@ -156,6 +162,9 @@ def export_policy(config: ExportConfig) -> dict[str, Any]:
         except (ValueError, FileNotFoundError):
             tokenizer = None
     path = save_pretrained(model, config.output_dir, dtype=config.dtype, tokenizer=tokenizer)
+    # Process 0 writes the directory; every host reads it in the next stage, so none goes on
+    # before it is complete (on a multi-host slice the directory must be shared: gs://).
+    sync_processes(f"export {config.output_dir}")
     return {"output_dir": str(path), "step": step, "run_dir": config.run_dir,
             "tokenizer": tokenizer is not None}
 

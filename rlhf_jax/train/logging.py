@@ -19,6 +19,10 @@ TensorBoard's event files are written to a local staging directory and mirrored 
 `output_dir/tensorboard` with the same cadence (`rlhf_jax.storage.mirror_dir`; the staging
 directory is removed on `close`); Weights & Biases keeps its local files in its default
 directory.
+
+In a multi-process run every process computes the same metrics and only process 0 writes them
+(`write=None`, the default): hosts that share an output directory (a bucket) must not append to
+one file.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 from etils import epath
 
@@ -91,6 +96,9 @@ class MetricsLogger:
         are dropped; None starts a fresh file.
       run_config: the resolved run config (dict), passed to Weights & Biases.
       total_steps: length of the progress bar.
+      write: whether this process writes to the sinks (None: only process 0 of a multi-process
+        run, `jax.process_index() == 0`); a logger that does not write accepts every call and
+        writes nothing.
     """
 
     def __init__(
@@ -101,11 +109,21 @@ class MetricsLogger:
         resume_step: int | None = None,
         run_config: Mapping[str, Any] | None = None,
         total_steps: int | None = None,
+        write: bool | None = None,
     ):
         config = config or LoggingConfig()
         self.output_dir = os.fspath(output_dir)
+        self.path = os.fspath(epath.Path(self.output_dir) / METRICS_FILE)
+        self.writes = jax.process_index() == 0 if write is None else bool(write)
+        self._file = None
+        self._tb = None
+        self._tb_remote = self._tb_staging = None
+        self._tb_synced = time.monotonic()
+        self._wandb = None
+        self._bar = None
+        if not self.writes:
+            return
         path = ensure_dir(self.output_dir) / METRICS_FILE
-        self.path = os.fspath(path)
         kept: list[str] = []
         if resume_step is not None and path.exists():
             for line in path.read_text().split("\n"):
@@ -113,9 +131,6 @@ class MetricsLogger:
                     kept.append(line + "\n")
         self._file = TextLog(path, "".join(kept))
 
-        self._tb = None
-        self._tb_remote = self._tb_staging = None
-        self._tb_synced = time.monotonic()
         if config.tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -126,7 +141,6 @@ class MetricsLogger:
                 self._tb_staging = tb_dir
             self._tb = SummaryWriter(tb_dir)
 
-        self._wandb = None
         if config.wandb:
             try:
                 import wandb
@@ -142,7 +156,6 @@ class MetricsLogger:
                 resume="allow",
             )
 
-        self._bar = None
         self._bar_kind = config.progress
         if config.progress != "none" and total_steps:
             initial = resume_step or 0
@@ -162,6 +175,8 @@ class MetricsLogger:
         """Writes `metrics` (namespaced name -> scalar) for `step`; returns them as floats."""
         values = {name: _to_float(v) for name, v in metrics.items()}
         record = {"step": int(step), **values}
+        if self._file is None:
+            return values
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -176,6 +191,8 @@ class MetricsLogger:
     def log_table(self, step: int, name: str, table: SampleTable) -> None:
         """Writes `table` for `step` under `name` to metrics.jsonl and TensorBoard (text)."""
         record = {"step": int(step), name: table.records()}
+        if self._file is None:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -186,6 +203,8 @@ class MetricsLogger:
         """Writes everything logged so far to `output_dir` now (on a bucket: uploads
         `metrics.jsonl` and the TensorBoard events); the loop calls it before each checkpoint,
         so a resume never finds fewer lines than its checkpoint's step."""
+        if self._file is None:  # a process that does not write the run files
+            return
         self._file.flush(force=True)
         self._mirror_tensorboard(force=True)
 
@@ -229,7 +248,7 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
 
     def __enter__(self):

@@ -367,8 +367,11 @@ def restore_latest(
 
 def prepare_output_dir(config: TrainConfig) -> str:
     """Creates `config.output_dir` (local or ``gs://``) and writes the resolved `config.yaml`
-    into it."""
-    save_config(config, ensure_dir(config.output_dir) / CONFIG_FILE)
+    into it (process 0 of a multi-process run writes the run files; the others only create the
+    directory)."""
+    directory = ensure_dir(config.output_dir)
+    if jax.process_index() == 0:
+        save_config(config, directory / CONFIG_FILE)
     return config.output_dir
 
 
@@ -393,7 +396,10 @@ STALE_RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "summary.json", CONFIG_HISTORY_
 
 
 def record_config_change(output_dir: str, step: int, changed: Mapping[str, Any]) -> None:
-    """Appends the neutral fields a resume at `step` changed to `CONFIG_HISTORY_FILE`."""
+    """Appends the neutral fields a resume at `step` changed to `CONFIG_HISTORY_FILE` (on
+    process 0 only)."""
+    if jax.process_index() != 0:
+        return
     path = epath.Path(output_dir, CONFIG_HISTORY_FILE)
     old = path.read_text() if path.exists() else ""
     path.write_text(old + json.dumps({"step": int(step), "changed": dict(changed)}) + "\n")
@@ -453,8 +459,9 @@ def check_run_identity(config: TrainConfig, checkpointer: Checkpointer) -> dict[
             _log.warning("overwrite: deleting checkpoints %s under %s", checkpointer.all_steps(),
                          checkpointer.directory)
         checkpointer.delete_all()
-        for name in STALE_RUN_FILES:
-            epath.Path(config.output_dir, name).unlink(missing_ok=True)
+        if jax.process_index() == 0:  # the run files are process 0's (`MetricsLogger`)
+            for name in STALE_RUN_FILES:
+                epath.Path(config.output_dir, name).unlink(missing_ok=True)
         return {}
     steps = checkpointer.all_steps()
     if not steps:

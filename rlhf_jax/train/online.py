@@ -503,11 +503,26 @@ def setup_from_config(config: Any, *, algorithm: str) -> OnlineSetup:
     )
 
 
+MULTI_PROCESS_LIMITATION = (
+    "the online trainers (ppo, grpo, rloo, rejection-sampling) run in one process only: their "
+    "rollouts are scored on the host (reward sources, the gold-reward metric, held-out samples) "
+    "from the whole batch, which a multi-host slice spreads over its hosts; run them on one host "
+    "(e.g. a v4-8 or v5e-8)"
+)
+"""Why `train_online` refuses a multi-process run."""
+
+
 def train_online(trainer_cls: type, config: Any, *, algorithm: str) -> dict[str, Any]:
     """A command-line online run: `setup_from_config`, then ``trainer_cls(...).train()``;
     returns the run summary (output directory, iterations run, final metrics). With
     ``eval_every > 0`` the policy is evaluated on the held-out prompts of ``config.data``
-    (`OnlineTrainer.evaluate`); a run without held-out prompts then stops with an error."""
+    (`OnlineTrainer.evaluate`); a run without held-out prompts then stops with an error.
+
+    Runs in one process only (`MULTI_PROCESS_LIMITATION`): a multi-process run stops with an
+    error before anything is built."""
+    if jax.process_count() > 1:
+        raise NotImplementedError(f"{algorithm}: {MULTI_PROCESS_LIMITATION} (this run has "
+                                  f"{jax.process_count()} processes)")
     setup = setup_from_config(config, algorithm=algorithm)
     held_out = setup.data.eval_batches if setup.data is not None else None
     if config.eval_every > 0 and held_out is None:

@@ -422,7 +422,9 @@ def train_rm(config: RMConfig) -> dict[str, Any]:
             batches = _reference_batches(data.train)
         state, stats = normalize_rewards(setup, result.state, batches,
                                          max_batches=config.normalization_batches)
-        epath.Path(config.output_dir, NORMALIZATION_FILE).write_text(json.dumps(stats, indent=2))
+        if jax.process_index() == 0:  # the same statistics on every process
+            epath.Path(config.output_dir, NORMALIZATION_FILE).write_text(
+                json.dumps(stats, indent=2))
         ckpt = Checkpointer(epath.Path(config.output_dir, CHECKPOINT_DIR),
                             keep_last=config.checkpoint.keep_last)
         written = ckpt.save(result.step, state,

@@ -16,7 +16,7 @@ from rlhf_jax import sharding
 from rlhf_jax.storage import ensure_dir, write_text_atomic
 from rlhf_jax.train.builders import TrainSetup, setup_training
 from rlhf_jax.train.config import TrainConfig
-from rlhf_jax.train.data import DataBundle
+from rlhf_jax.train.data import DataBundle, data_shares
 from rlhf_jax.train.loop import fit
 from rlhf_jax.train.state import LossFn, TrainState
 
@@ -103,7 +103,9 @@ def run_summary(result: Any, config: TrainConfig, data: DataBundle | None = None
 
     With `data`, `summary["data"]` holds one `LoadReport.to_dict()` per split (``"train"``,
     ``"eval"``): rows read and loaded, skipped rows per reason, truncated prompts / responses /
-    conversations; `summary["skipped_records"]` sums the skips of both splits.
+    conversations; `summary["skipped_records"]` sums the skips of both splits, and
+    `summary["data_shares"]["train"]` counts the examples each process read (`data_shares`; a
+    collective, so every process calls `run_summary`).
     """
     summary = {
         "output_dir": config.output_dir,
@@ -116,6 +118,9 @@ def run_summary(result: Any, config: TrainConfig, data: DataBundle | None = None
     if data is not None:
         summary["skipped_records"] = dict(data.skipped)
         summary["data"] = {role: report.to_dict() for role, report in data.reports.items()}
+        shares = data_shares(data.train)
+        if shares is not None:
+            summary["data_shares"] = {"train": shares}
     summary.update(extra)
     if jax.process_index() == 0:
         write_summary(summary, config.output_dir)

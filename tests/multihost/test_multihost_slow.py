@@ -1,0 +1,223 @@
+"""Real multi-process runs on one machine (`python -m rlhf_jax.launch`, 2 processes x 4 CPU
+devices, gloo collectives) against one process with 8 devices: every trainer's metrics, the data
+shares of the hosts, checkpoints across process counts, a killed process, and the experiment
+pipeline with one shared output directory."""
+
+import gzip
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+import yaml
+from multihost_runs import (
+    QUIET,
+    TINY_MODEL,
+    assert_same_metrics,
+    cli,
+    cpu_env,
+    launch_command,
+    read_jsonl,
+    run,
+    write_config,
+)
+
+from rlhf_jax import cli as rlhf_cli
+from rlhf_jax.train.logging import read_metrics
+
+pytestmark = pytest.mark.slow
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CONSTANT_LR = {"learning_rate": 1e-3, "schedule": "constant", "warmup_steps": 0}
+OFFLINE_DATA = {"batch_size": 8, "max_length": 24, "max_prompt_length": 12, "num_train": 64,
+                "num_eval": 16}
+CONFIGS = {
+    "sft": {"data": {"synthetic": "topic", **OFFLINE_DATA}},
+    "rm": {"data": {"synthetic": "topic", **OFFLINE_DATA}},
+    "dpo": {"data": {"synthetic": "topic", **OFFLINE_DATA}},
+    "ppo": {"data": {"synthetic": "topic", "batch_size": 8, "max_length": 16,
+                     "max_prompt_length": 16},
+            "num_minibatches": 1, "rollout": {"max_new_tokens": 6}},
+}
+
+
+def _config(tmp_path, command: str, **overrides) -> pathlib.Path:
+    config = {"num_steps": 3, "model": TINY_MODEL, "logging": QUIET, **CONFIGS[command],
+              **overrides}
+    return write_config(tmp_path / f"{command}.yaml", config)
+
+
+def _launched(command: str, config: pathlib.Path, out: pathlib.Path, *extra: str):
+    result = run(cli(command, "--config", str(config), "--output-dir", str(out), *extra),
+                 processes=2, devices=4)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return result
+
+
+# (a) -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command,extra", [("sft", {}), ("rm", {}), ("dpo", {}),
+                                           ("dpo", {"reference": "precomputed"})],
+                         ids=["sft", "rm", "dpo", "dpo-precomputed"])
+def test_trainer_on_2x4_logs_the_metrics_of_1x8(tmp_path, command, extra):
+    """With `reference: precomputed` each process stores the reference table of its own
+    share."""
+    config = _config(tmp_path, command, **extra)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert rlhf_cli.main([command, "--config", str(config), "--output-dir", str(one)]) == 0
+    _launched(command, config, two)
+    expected, got = read_metrics(one), read_jsonl(two / "metrics.jsonl")
+    if command == "rm":
+        # The Bradley-Terry loss sees reward differences only: the head's bias has a zero
+        # gradient up to rounding, which Adam scales to a step of up to ~lr, so the absolute
+        # rewards of the two runs may differ by one offset shared by chosen and rejected.
+        for a, b in zip(expected, got, strict=True):
+            for split in ("rm/", "rm/eval/"):
+                names = [f"{split}chosen_reward", f"{split}rejected_reward"]
+                if names[0] in a:
+                    offsets = [b.pop(n) - a.pop(n) for n in names]
+                    assert abs(offsets[0] - offsets[1]) < 1e-5 and abs(offsets[0]) < 1e-3
+    assert_same_metrics(expected, got)
+    if extra.get("reference") == "precomputed":
+        assert sorted(p.name for p in two.glob("reference_logps*.npz")) == [
+            "reference_logps.0-of-2.npz", "reference_logps.1-of-2.npz"]
+
+
+def test_online_trainer_on_2_processes_stops_at_once_with_the_reason(tmp_path):
+    out = tmp_path / "ppo"
+    result = run(cli("ppo", "--config", str(_config(tmp_path, "ppo")), "--output-dir", str(out)),
+                 processes=2, devices=4)
+    assert result.returncode == 1, result.stdout[-4000:]
+    assert "ppo: the online trainers (ppo, grpo, rloo, rejection-sampling) run in one process " \
+           "only" in result.stdout
+    assert not out.exists()
+
+
+# (b) -----------------------------------------------------------------------------------------
+
+def test_hosts_read_disjoint_shares_that_cover_the_data(tmp_path):
+    """One epoch of 64 pairs in 8 steps of 8 pairs: process 0 reads 32 pairs and process 1 the
+    other 32 (counted by example index in the run summary)."""
+    config = _config(tmp_path, "dpo", num_steps=8)
+    out = tmp_path / "two"
+    _launched("dpo", config, out)
+    shares = json.loads((out / "summary.json").read_text())["data_shares"]["train"]
+    assert shares["num_examples"] == 64
+    assert [p["examples_read"] for p in shares["per_process"]] == [32, 32]
+    assert [p["distinct_examples"] for p in shares["per_process"]] == [32, 32]
+    assert shares["distinct_examples"] == 64
+    assert shares["read_by_several_processes"] == 0
+
+
+# (c) -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_checkpoint_restores_on_another_process_count(tmp_path, first, then):
+    """2 steps on `first` processes, resumed to 4 steps on `then`: the metrics of 4 steps on one
+    process, the data order continued across the change."""
+    config = _config(tmp_path, "dpo", num_steps=4, optimizer=CONSTANT_LR,
+                     checkpoint={"every_steps": 2},
+                     data={"synthetic": "topic", **OFFLINE_DATA, "num_eval": 0})
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    assert rlhf_cli.main(["dpo", "--config", str(config), "--output-dir", str(reference)]) == 0
+
+    def part(processes: int, steps: int):
+        if processes == 1:
+            assert rlhf_cli.main(["dpo", "--config", str(config), "--output-dir", str(resumed),
+                                  "--num-steps", str(steps)]) == 0
+        else:
+            _launched("dpo", config, resumed, "--num-steps", str(steps))
+
+    part(first, 2)
+    part(then, 4)
+    assert [r["step"] for r in read_jsonl(resumed / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert_same_metrics(read_metrics(reference), read_jsonl(resumed / "metrics.jsonl"))
+
+
+# (d) -----------------------------------------------------------------------------------------
+
+def _child_with_id(launcher: subprocess.Popen, process_id: str) -> psutil.Process:
+    for child in psutil.Process(launcher.pid).children():
+        if child.environ().get("RLHF_JAX_PROCESS_ID") == process_id:
+            return child
+    raise AssertionError(f"no child process {process_id}")
+
+
+def test_killed_process_stops_the_run_and_a_restart_resumes_bit_exactly(tmp_path):
+    config = _config(tmp_path, "dpo", optimizer=CONSTANT_LR, checkpoint={"every_steps": 2})
+    out, reference = tmp_path / "killed", tmp_path / "reference"
+    args = cli("dpo", "--config", str(config), "--output-dir", str(out))
+    launcher = subprocess.Popen(
+        launch_command([*args, "--num-steps", "100000"], processes=2, devices=4,
+                       grace_seconds=5),
+        env=cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    _child_with_id(launcher, "1").kill()
+    killed = time.monotonic()
+    output, _ = launcher.communicate(timeout=120)
+    stopped_after = time.monotonic() - killed
+    assert launcher.returncode != 0
+    assert "process 1 exited with status 137; stopping the other processes" in output
+    assert stopped_after < 30, output[-3000:]
+
+    # restart both processes: the run resumes from its last checkpoint and ends at step 8 with
+    # the metrics of an uninterrupted 2-process run, bit for bit
+    restarted = run([*args, "--num-steps", "8"], processes=2, devices=4)
+    assert restarted.returncode == 0, restarted.stdout[-4000:]
+    _launched("dpo", config, reference, "--num-steps", "8")
+    assert_same_metrics(read_jsonl(reference / "metrics.jsonl"), read_jsonl(metrics), tol=0.0)
+
+
+# (e) -----------------------------------------------------------------------------------------
+
+def test_pipeline_chain_on_2_processes_with_one_output_dir(tmp_path):
+    """experiments/configs/gpt2_small_hh_v4-8.yaml shrunk to the tiny GPT-2: SFT -> export ->
+    RM -> DPO on 2 processes by tpu_scripts/launch_local.sh, then PPO on one: every stage finds
+    the previous stage's outputs in the one output directory, each metrics file written once."""
+    sys.path.insert(0, str(REPO / "tests" / "experiments"))
+    try:
+        from test_pipeline_chain import CONFIG, _hh_rows, _shrink
+    finally:
+        sys.path.pop(0)
+    from experiments import prepare_hh
+
+    src = tmp_path / "train.jsonl.gz"
+    with gzip.open(src, "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in _hh_rows(48, seed=0)) + "\n")
+    data_dir = tmp_path / "data"
+    for split in ("train", "test"):
+        prepare_hh.convert([src], data_dir, split=split)
+    config = _shrink(yaml.safe_load(CONFIG.read_text()), data_dir)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    result = subprocess.run(
+        ["bash", str(REPO / "tpu_scripts" / "launch_local.sh"), "--run-name", "chain", "--",
+         sys.executable, "-m", "experiments.pipeline", "--config", str(path),
+         "--output-dir", str(out), "--stages", "sft,sft_hf,rm,dpo"],
+        env=cpu_env(4), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=1200)
+    assert result.returncode == 0, result.stdout[-6000:]
+    for stage in ("sft", "sft_hf", "rm", "dpo"):
+        for process in ("0", "1"):
+            assert f"[{process}] === stage {stage} finished with status 0" in result.stdout
+    # PPO (an online trainer: one process only) continues from the same directory
+    ppo = run([sys.executable, "-m", "experiments.pipeline", "--config", str(path),
+               "--output-dir", str(out), "--stages", "ppo"], processes=1, devices=8, cwd=REPO)
+    assert ppo.returncode == 0, ppo.stdout[-4000:]
+    assert (out / "sft_hf" / "config.json").is_file()
+    for stage in ("sft", "rm", "dpo", "ppo"):
+        rows = read_jsonl(out / stage / "metrics.jsonl")
+        assert [r["step"] for r in rows if "step" in r][-1] == 2, stage
+        assert len({json.dumps(r, sort_keys=True) for r in rows}) == len(rows), stage
+    last = read_jsonl(out / "ppo" / "metrics.jsonl")[-1]
+    assert np.isfinite(last["ppo/score_mean"]) and last["ppo/score_std"] > 0
