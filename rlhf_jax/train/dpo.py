@@ -79,7 +79,14 @@ from rlhf_jax.train.data import build_data
 from rlhf_jax.train.logprobs import model_scores
 from rlhf_jax.train.pairs import pair_forward_batch, pair_sequence_sums, pair_weights
 from rlhf_jax.train.preflight import check_run_config
-from rlhf_jax.train.run import ModelEvalFn, TrainedRun, run_summary, run_training, trained_model
+from rlhf_jax.train.run import (
+    ModelEvalFn,
+    TrainedRun,
+    own_arrays,
+    run_summary,
+    run_training,
+    trained_model,
+)
 
 ALGORITHMS = ("dpo", "simpo", "orpo", "cpo", "kto")
 REFERENCES = ("model", "precomputed")
@@ -734,7 +741,7 @@ def run_dpo(
         given it should describe that model's architecture).
       model: the initial policy, a causal LM (default: `build_model(config.model)`); without
         `config.ref_model` the reference is a copy of it taken now. It is split into the train
-        state and must not be used afterwards.
+        state (its arrays copied first: it may share them with another model).
       records: preference (or KTO) records instead of `config.data.path` /
         `config.data.synthetic` (`rlhf_jax.train.data.build_data`).
       eval_records: held-out records (with `records`).
@@ -748,7 +755,7 @@ def run_dpo(
     data = build_data(config.data, format="kto" if kto else "preference", tokenizer=tokenizer,
                       seed=config.seed, kl_pairs=kto, records=records, eval_records=eval_records)
     given = model is not None
-    policy = model if given else build_model(config.model, seed=config.seed)
+    policy = own_arrays(model) if given else build_model(config.model, seed=config.seed)
     check_vocab(policy, tokenizer)
     lora = config.model.lora_rank > 0
     needs_ref = hp.uses_reference

@@ -76,7 +76,14 @@ from rlhf_jax.train.pairs import (
     pair_weights,
 )
 from rlhf_jax.train.preflight import check_run_config
-from rlhf_jax.train.run import ModelEvalFn, TrainedRun, run_summary, run_training, trained_model
+from rlhf_jax.train.run import (
+    ModelEvalFn,
+    TrainedRun,
+    own_arrays,
+    run_summary,
+    run_training,
+    trained_model,
+)
 from rlhf_jax.train.state import TrainState
 
 RM_LOSSES = ("bradley_terry", "kwise", "plackett_luce", "best_of_k")
@@ -418,7 +425,7 @@ def run_rm(
         given it should describe that model's architecture).
       model: the initial `RewardModel` with `config.head_names` (default: built from
         `config.model`; e.g. `RewardModel.from_causal_lm(sft_policy)`); it is split into the
-        train state and must not be used afterwards.
+        train state (its arrays copied first: it may share them with another model).
       records: preference (or ranking) records instead of `config.data.path` /
         `config.data.synthetic` (`rlhf_jax.train.data.build_data`).
       eval_records: held-out records (with `records`).
@@ -440,6 +447,8 @@ def run_rm(
     if model is None:
         model = build_model(config.model, kind="reward", head_names=config.head_names,
                             seed=config.seed)
+    else:
+        own_arrays(model)
     check_vocab(model, tokenizer)
     result, setup = run_training(config, model, make_rm_loss(config), data, eval_fn=eval_fn)
     extra: dict[str, Any] = {}

@@ -91,6 +91,15 @@ class TrainedRun(NamedTuple):
     model: nnx.Module
 
 
+def own_arrays(model: nnx.Module) -> nnx.Module:
+    """`model` with every array copied into a buffer of its own (in place; returned): a model
+    that shares arrays with another (`nnx.clone`, `RewardModel.from_causal_lm`) can then be
+    trained with a donated state without deleting the other's arrays."""
+    nnx.update(model, jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x,
+                                   nnx.state(model)))
+    return model
+
+
 def trained_model(setup: TrainSetup, state: TrainState) -> nnx.Module:
     """The NNX model of a train state of `setup` (e.g. `run_training`'s final state)."""
     return nnx.merge(setup.graphdef, state.params, state.frozen)
@@ -207,6 +216,7 @@ __all__ = [
     "TrainedRun",
     "eval_metric_name",
     "make_evaluator",
+    "own_arrays",
     "run_summary",
     "run_training",
     "trained_model",

@@ -45,7 +45,14 @@ from rlhf_jax.train.config import DataSpec, TrainConfig
 from rlhf_jax.train.data import build_data
 from rlhf_jax.train.logprobs import model_scores
 from rlhf_jax.train.preflight import check_run_config
-from rlhf_jax.train.run import ModelEvalFn, TrainedRun, run_summary, run_training, trained_model
+from rlhf_jax.train.run import (
+    ModelEvalFn,
+    TrainedRun,
+    own_arrays,
+    run_summary,
+    run_training,
+    trained_model,
+)
 
 REDUCTIONS = ("token", "sequence")
 
@@ -158,7 +165,7 @@ def run_sft(
       config: the run config (its `model` spec is what `config.yaml` records; with `model`
         given it should describe that model).
       model: the initial causal LM (default: `build_model(config.model)`); it is split into the
-        train state and must not be used afterwards.
+        train state (its arrays copied first: it may share them with another model).
       records: SFT records (`{"prompt", "completion"}` or `{"messages"}` dicts) instead of
         `config.data.path` / `config.data.synthetic` (`rlhf_jax.train.data.build_data`).
       eval_records: held-out records (with `records`).
@@ -169,7 +176,7 @@ def run_sft(
     tokenizer = load_tokenizer_for(config.data, config.model)
     data = build_data(config.data, format="sft", tokenizer=tokenizer, seed=config.seed,
                       records=records, eval_records=eval_records)
-    model = build_model(config.model, seed=config.seed) if model is None else model
+    model = build_model(config.model, seed=config.seed) if model is None else own_arrays(model)
     check_vocab(model, tokenizer)
     loss_fn = make_sft_loss(completion_only=config.completion_only, reduction=config.reduction)
     result, setup = run_training(config, model, loss_fn, data, eval_fn=eval_fn)
