@@ -3,8 +3,11 @@
     python -m experiments.demo [--quick] [--output-dir DIR] [--seed S] [--set FIELD=VALUE ...]
 
 Every stage trains with the library's own trainers, on models and records held in memory
-(each run also writes its `config.yaml`, `metrics.jsonl`, `summary.json` and final checkpoint
-under `<output dir>/runs/<stage>`). Stages (each prints a header and a progress bar):
+(the SFT, reward-model and DPO runs also write their `config.yaml`, `metrics.jsonl`,
+`summary.json` and final checkpoint under `<output dir>/runs/<run>`). Compiled programs are kept
+in `runs/.jax_cache` (JAX's persistent compilation cache; `JAX_COMPILATION_CACHE_DIR` overrides
+it), so the runs of a sweep, and later demo runs, reuse them. Stages (each prints a header and a
+progress bar):
 
 1. SFT (`rlhf_jax.train.run_sft`): a small Llama-style policy learns the task's noisy
    demonstrations; it is the reference policy pi_ref of everything below.
@@ -604,11 +607,15 @@ def environment() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+COMPILATION_CACHE = pathlib.Path("runs") / ".jax_cache"
+"""Where the demo keeps compiled XLA programs (unless `JAX_COMPILATION_CACHE_DIR` is set)."""
+
+
 def use_compilation_cache(directory: pathlib.Path) -> None:
     """Keeps every compiled XLA program in `directory` (JAX's persistent compilation cache),
     unless `JAX_COMPILATION_CACHE_DIR` names another: the runs of a sweep build their jitted
-    steps afresh, and a step whose program was compiled before (same shapes and constants)
-    is read back instead of compiled again."""
+    steps afresh, and a step whose program was compiled before (same shapes and constants, in
+    this run or an earlier one) is read back instead of compiled again."""
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -620,7 +627,7 @@ def run_demo(cfg: DemoConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    use_compilation_cache(out / "jax_cache")
+    use_compilation_cache(COMPILATION_CACHE)
     ctx = Context(cfg, out)
     console.print(f"[bold]rlhf_jax demo[/bold] (preset {cfg.preset}, seed {cfg.seed}) -> {out}")
     console.print(f"task: {cfg.task}; jax {jax.__version__} on {jax.default_backend()}")
