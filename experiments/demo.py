@@ -2,17 +2,25 @@
 
     python -m experiments.demo [--quick] [--output-dir DIR] [--seed S] [--set FIELD=VALUE ...]
 
-Stages (each prints a header and a progress bar):
+Every stage trains with the library's own trainers, on models and records held in memory
+(the SFT, reward-model and DPO runs also write their `config.yaml`, `metrics.jsonl`,
+`summary.json` and final checkpoint under `<output dir>/runs/<run>`). Compiled programs are kept
+in `runs/.jax_cache` (JAX's persistent compilation cache; `JAX_COMPILATION_CACHE_DIR` overrides
+it), so the runs of a sweep, and later demo runs, reuse them. Stages (each prints a header and a
+progress bar):
 
-1. SFT: a small Llama-style policy learns the task's noisy demonstrations; it is the reference
-   policy pi_ref of everything below.
+1. SFT (`rlhf_jax.train.run_sft`): a small Llama-style policy learns the task's noisy
+   demonstrations; it is the reference policy pi_ref of everything below.
 2. Preferences: pairs of responses sampled from pi_ref, each labelled by one simulated rater
    (Bradley-Terry on the gold reward with a per-rater temperature and lapses).
-3. Reward models (Stiennon et al. 2020, Fig. 6): one per training-set size, initialised from
-   the SFT policy, validated on held-out rater labels; the ceiling is the accuracy of an oracle
-   that knows every rater's preference probability. The largest is the proxy reward.
-4. Reward-vs-KL frontier (Rafailov et al. 2023, Fig. 2): PPO at several KL coefficients, DPO at
-   several betas, best-of-n at several n; every point is gold reward against KL to pi_ref.
+3. Reward models (`rlhf_jax.train.run_rm`; Stiennon et al. 2020, Fig. 6): one per training-set
+   size, initialised from the SFT policy, validated on held-out rater labels; the ceiling is
+   the accuracy of an oracle that knows every rater's preference probability. The largest is
+   the proxy reward.
+4. Reward-vs-KL frontier (Rafailov et al. 2023, Fig. 2): PPO (`rlhf_jax.train.ppo.PPOTrainer`)
+   at several KL coefficients, DPO (`rlhf_jax.train.run_dpo`) at several betas, best-of-n
+   (`rlhf_jax.generation.best_of_n`) at several n; every point is gold reward against KL to
+   pi_ref.
 5. Over-optimisation (Stiennon et al. 2020, Fig. 5): one PPO run with a small KL penalty,
    tracking the proxy score and the gold reward against KL.
 6. Report: `report.md`, `results.json` and PNG figures in the output directory.
@@ -25,10 +33,10 @@ the policy's log-probability has the closed form `log pi_bon(y|x) = log pi_ref(y
 per prompt from an independent pool of reference samples), so its log-ratio is
 `log n + (n - 1) log F_x(r(y))`, averaged over the selected samples in the same way.
 
-The training steps are built from `rlhf_jax.losses` (Bradley-Terry, DPO, PPO clip, clipped
-value loss, GAE, KL-penalised rewards) with `rlhf_jax.train.make_train_step`; hyper-parameters
-that vary between runs (beta, KL coefficient) are traced arguments, so every sweep reuses one
-compiled step.
+Prompts are encoded as the trainers encode them (`rlhf_jax.data`: the task's character
+tokenizer, left-padded to the prompt width). The DPO runs evaluate the policy through the
+trainer's evaluation callback (`eval_fn`); the PPO runs are driven one iteration at a time and
+log the gold reward of every rollout through a metric function (`metric_fns`).
 """
 
 from __future__ import annotations
@@ -41,208 +49,54 @@ import pathlib
 import platform
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from rich.console import Console
 from tqdm.auto import tqdm
 
 from experiments import report as report_lib
 from experiments.demo_config import DemoConfig, parse_overrides
-from rlhf_jax import losses
+from rlhf_jax import data as rdata
 from rlhf_jax.bench import cpu_model_name
 from rlhf_jax.data import synthetic
-from rlhf_jax.generation import SamplingParams, generate_with_state
-from rlhf_jax.models import CausalLM, ModelConfig, RewardModel, ValueModel, positions_from_mask
-from rlhf_jax.train import create_train_state, make_train_step
+from rlhf_jax.generation import (
+    GenerationOutput,
+    RewardModelSource,
+    Sampler,
+    SamplingParams,
+    best_of_n,
+    select_best_of_n,
+)
+from rlhf_jax.models import CausalLM, RewardModel
+from rlhf_jax.train import (
+    CheckpointConfig,
+    DataSpec,
+    DPOConfig,
+    LoggingConfig,
+    ModelSpec,
+    OptimizerConfig,
+    RMConfig,
+    SFTConfig,
+    run_dpo,
+    run_rm,
+    run_sft,
+)
 from rlhf_jax.train.logprobs import policy_response_logps
-from rlhf_jax.train.rollout import Rollout
-from rlhf_jax.train.value import response_values
+from rlhf_jax.train.ppo import PPOConfig, PPOTrainer
+from rlhf_jax.train.rewards import gold_reward_metric
+from rlhf_jax.train.rollout import Rollout, RolloutConfig
 
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 console = Console(highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenization (prompt left-padded to P, response right-padded to N: one [B, P + N] layout)
+# Prompts, samples and scores (fixed-size row chunks: one compile per jitted function)
 # ---------------------------------------------------------------------------------------------
-
-
-class Encoded(NamedTuple):
-    """A batch in the rollout layout (numpy)."""
-
-    sequences: np.ndarray  # [B, P + N] int32
-    sequence_mask: np.ndarray  # [B, P + N] int32
-    response_ids: np.ndarray  # [B, N] int32
-    response_mask: np.ndarray  # [B, N] int32
-
-    def rollout(self) -> Rollout:
-        finished = (self.response_ids == EOS_ID).any(axis=1)
-        return Rollout(jnp.asarray(self.sequences), jnp.asarray(self.sequence_mask),
-                       jnp.asarray(self.response_ids), jnp.asarray(self.response_mask),
-                       jnp.asarray(finished))
-
-
-class Codec:
-    """Character-level encoding of prompts and responses for one task."""
-
-    def __init__(self, task: synthetic.SyntheticTask, *, prompt_width: int, response_width: int):
-        self.tok = task.tokenizer()
-        self.p = prompt_width
-        self.n = response_width
-        ids = synthetic.VOCAB
-        assert (ids[PAD_ID], ids[BOS_ID], ids[EOS_ID]) == ("<pad>", "<bos>", "<eos>")
-
-    def prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """`([B, P], [B, P])` left-padded `BOS + prompt`."""
-        ids = np.full((len(prompts), self.p), PAD_ID, np.int32)
-        mask = np.zeros((len(prompts), self.p), np.int32)
-        for i, toks in enumerate(self.tok(list(prompts), add_special_tokens=False)["input_ids"]):
-            toks = [BOS_ID, *toks]
-            if len(toks) > self.p:
-                raise ValueError(f"prompt {prompts[i]!r} is longer than the prompt width {self.p}")
-            ids[i, self.p - len(toks):] = toks
-            mask[i, self.p - len(toks):] = 1
-        return ids, mask
-
-    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> Encoded:
-        """Prompt + `response + EOS` (responses longer than N - 1 are truncated, EOS kept)."""
-        p_ids, p_mask = self.prompts(prompts)
-        r_ids = np.full((len(responses), self.n), PAD_ID, np.int32)
-        r_mask = np.zeros((len(responses), self.n), np.int32)
-        for i, toks in enumerate(self.tok(list(responses), add_special_tokens=False)["input_ids"]):
-            toks = [*toks[: self.n - 1], EOS_ID]
-            r_ids[i, : len(toks)] = toks
-            r_mask[i, : len(toks)] = 1
-        return Encoded(np.concatenate([p_ids, r_ids], 1), np.concatenate([p_mask, r_mask], 1),
-                       r_ids, r_mask)
-
-    def decode(self, response_ids: np.ndarray, response_mask: np.ndarray) -> list[str]:
-        out = []
-        for ids, m in zip(np.asarray(response_ids), np.asarray(response_mask)):
-            toks = [int(t) for t, k in zip(ids, m) if k and t != EOS_ID]
-            out.append(self.tok.decode(toks))
-        return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Models and jitted functions
-# ---------------------------------------------------------------------------------------------
-
-
-def model_config(cfg: DemoConfig, codec: Codec) -> ModelConfig:
-    return ModelConfig(
-        arch="llama", vocab_size=len(synthetic.VOCAB), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads, num_kv_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=codec.p + codec.n, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-    )
-
-
-def _rollout(batch: Mapping[str, jax.Array], prefix: str = "") -> Rollout:
-    return Rollout(batch[prefix + "sequences"], batch[prefix + "sequence_mask"],
-                   batch[prefix + "response_ids"], batch[prefix + "response_mask"],
-                   jnp.zeros(batch[prefix + "sequences"].shape[0], bool))
-
-
-def _seq_logps(model, batch, prefix=""):
-    ro = _rollout(batch, prefix)
-    logps, _ = policy_response_logps(model, ro)
-    return losses.sequence_logps(logps, ro.response_mask)
-
-
-def sft_loss(model, batch, rng):
-    ro = _rollout(batch)
-    logps, _ = policy_response_logps(model, ro)
-    loss = -losses.masked_mean(logps, ro.response_mask)
-    return loss, {"sft/loss": loss}
-
-
-def rm_loss(model, batch, rng):
-    seq = jnp.concatenate([batch["chosen_sequences"], batch["rejected_sequences"]])
-    mask = jnp.concatenate([batch["chosen_sequence_mask"], batch["rejected_sequence_mask"]])
-    r = model(seq, attention_mask=mask, positions=positions_from_mask(mask))[:, 0]
-    chosen, rejected = jnp.split(r, 2)
-    loss = jnp.mean(losses.bradley_terry_loss(chosen, rejected))
-    acc = jnp.mean((chosen > rejected).astype(jnp.float32))
-    return loss, {"rm/loss": loss, "rm/accuracy": acc}
-
-
-def dpo_loss(model, batch, rng):
-    pc = _seq_logps(model, batch, "chosen_")
-    pr = _seq_logps(model, batch, "rejected_")
-    per_pair = losses.dpo_loss(pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"],
-                               beta=batch["beta"])
-    loss = jnp.mean(per_pair)
-    margin = batch["beta"] * ((pc - batch["ref_chosen_logps"]) - (pr - batch["ref_rejected_logps"]))
-    return loss, {"dpo/loss": loss, "dpo/accuracy": jnp.mean((margin > 0).astype(jnp.float32))}
-
-
-def ppo_policy_loss(model, batch, rng):
-    ro = _rollout(batch)
-    logps, _ = policy_response_logps(model, ro)
-    mask = ro.response_mask
-    pg = losses.ppo_clip_loss(logps, batch["old_logps"], batch["advantages"], clip_eps=0.2)
-    loss = losses.masked_mean(pg, mask)
-    approx = losses.masked_mean(0.5 * (logps - batch["old_logps"]) ** 2, mask)
-    return loss, {"ppo/policy_loss": loss, "ppo/approx_kl": approx}
-
-
-def ppo_value_loss(model, batch, rng):
-    values = response_values(model, _rollout(batch))
-    vf = losses.clipped_value_loss(values, batch["old_values"], batch["returns"], clip=0.2)
-    loss = losses.masked_mean(vf, batch["response_mask"])
-    return loss, {"ppo/value_loss": loss}
-
-
-class Trainer:
-    """A model, its optimizer state and one jitted step.
-
-    `reset(model, seed)` starts a new run from `model` (same structure) and keeps the compiled
-    step, so sweeps over traced hyper-parameters compile once.
-    """
-
-    def __init__(self, model, loss_fn, *, learning_rate: float, seed: int):
-        self.tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
-        self.graphdef, self.state = create_train_state(model, self.tx, seed=seed)
-        self.step_fn = jax.jit(make_train_step(loss_fn, self.tx, graphdef=self.graphdef))
-
-    def reset(self, model, seed: int) -> None:
-        _, self.state = create_train_state(model, self.tx, seed=seed)
-
-    def step(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
-        self.state, metrics = self.step_fn(self.state, batch)
-        return metrics
-
-    def model(self):
-        return nnx.merge(self.graphdef, self.state.params, self.state.frozen)
-
-
-@jax.jit
-def _forward_logps(graphdef, state, sequences, sequence_mask, response_ids, response_mask):
-    model = nnx.merge(graphdef, state)
-    ro = Rollout(sequences, sequence_mask, response_ids, response_mask,
-                 jnp.zeros(sequences.shape[0], bool))
-    logps, _ = policy_response_logps(model, ro)
-    return logps * response_mask
-
-
-@jax.jit
-def _rm_scores(graphdef, state, sequences, sequence_mask):
-    model = nnx.merge(graphdef, state)
-    return model(sequences, attention_mask=sequence_mask,
-                 positions=positions_from_mask(sequence_mask))[:, 0]
-
-
-def _split(model):
-    return nnx.split(model)
-
 
 # Every jitted evaluation function sees batches of exactly this many rows (one compile each).
 CHUNK_ROWS = 64
@@ -262,41 +116,69 @@ def in_chunks(fn: Callable[..., Any], *arrays: np.ndarray, chunk: int = CHUNK_RO
     return jax.tree.map(lambda *xs: np.concatenate(xs), *out)
 
 
-def token_logps(model, enc: Encoded) -> np.ndarray:
-    """`[B, N]` per-token log-probs (0 on padding) of `enc`'s responses under `model`."""
-    g, s = _split(model)
-    return in_chunks(lambda i, *a: _forward_logps(g, s, *a), enc.sequences, enc.sequence_mask,
-                     enc.response_ids, enc.response_mask)
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, width: int) -> dict[str, np.ndarray]:
+    """`{"prompt_ids", "prompt_mask"}` `[B, width]`: the prompts as the trainers encode them
+    (`rlhf_jax.data` prompt records, tokenized and left-padded); a prompt longer than `width`
+    tokens is an error naming it."""
+    raw, _ = rdata.load_examples([{"prompt": p} for p in prompts], format="prompt",
+                                 source_type="records", log=False)
+    config = rdata.TokenizeConfig(max_prompt_length=width, max_length=width, overlong="error")
+    tokenized, _ = rdata.tokenize_examples(raw, tokenizer, config=config, log=False)
+    batch = rdata.collate_prompts(tokenized, pad_id=tokenizer.pad_token_id, length=width)
+    return {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"]}
 
 
-def rm_scores(model, enc: Encoded) -> np.ndarray:
-    g, s = _split(model)
-    return in_chunks(lambda i, *a: _rm_scores(g, s, *a), enc.sequences, enc.sequence_mask)
+def to_rollout(samples: GenerationOutput) -> Rollout:
+    return Rollout(samples.sequences, samples.sequence_mask, samples.tokens, samples.mask,
+                   samples.finished)
 
 
-class Samples(NamedTuple):
-    enc: Encoded
-    logps: np.ndarray  # [B, N] model log-probs of the sampled tokens (0 on padding)
+def take(samples: GenerationOutput, rows: np.ndarray) -> GenerationOutput:
+    """Rows `rows` of host samples."""
+    return samples._replace(**{k: np.asarray(getattr(samples, k))[rows]
+                               for k in GenerationOutput._fields if k != "prompt_length"})
 
 
-def sample(model, prompt_ids, prompt_mask, *, rng, max_new_tokens, num_samples=1) -> Samples:
-    """`num_samples` responses per prompt (rows `b * n .. b * n + n - 1` for prompt `b`),
-    generated in chunks of `CHUNK_ROWS` rows (chunk `i` uses `fold_in(rng, i)`)."""
-    g, s = _split(model)
+def sample(model: nnx.Module, prompts: Mapping[str, np.ndarray], *, rng: jax.Array,
+           max_new_tokens: int, eos_token_id: int, pad_token_id: int,
+           num_samples: int = 1) -> GenerationOutput:
+    """`num_samples` responses per prompt from `model` at temperature 1 (rows `b * n .. b * n +
+    n - 1` for prompt `b`; `rlhf_jax.generation.Sampler`), in chunks of `CHUNK_ROWS` rows
+    (chunk `i` uses `fold_in(rng, i)`); host arrays."""
+    sampler = Sampler(model)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0)
 
-    def gen(i, p_ids, p_mask):
-        out = generate_with_state(g, s, jnp.asarray(p_ids), jnp.asarray(p_mask), sampling,
-                                  rng=jax.random.fold_in(rng, i), eos_token_id=EOS_ID,
-                                  pad_token_id=PAD_ID)
-        return (out.sequences, out.sequence_mask, out.tokens, out.mask,
-                out.model_logps * out.mask)
+    def gen(i, ids, mask):
+        out = sampler.generate(jnp.asarray(ids), jnp.asarray(mask), sampling,
+                               rng=jax.random.fold_in(rng, i), eos_token_id=eos_token_id,
+                               pad_token_id=pad_token_id)
+        return tuple(out)[:-1]
 
-    seq, seq_mask, ids, mask, logps = in_chunks(
-        gen, np.repeat(prompt_ids, num_samples, 0), np.repeat(prompt_mask, num_samples, 0))
-    enc = Encoded(seq.astype(np.int32), seq_mask.astype(np.int32), ids.astype(np.int32),
-                  mask.astype(np.int32))
-    return Samples(enc, logps)
+    ids = np.repeat(prompts["prompt_ids"], num_samples, 0)
+    arrays = in_chunks(gen, ids, np.repeat(prompts["prompt_mask"], num_samples, 0))
+    return GenerationOutput(*arrays, prompt_length=ids.shape[1])
+
+
+@jax.jit
+def _response_logps(graphdef, state, sequences, sequence_mask, response_ids, response_mask):
+    model = nnx.merge(graphdef, state)
+    ro = Rollout(sequences, sequence_mask, response_ids, response_mask,
+                 jnp.zeros(sequences.shape[0], bool))
+    logps, _ = policy_response_logps(model, ro)
+    return logps * response_mask
+
+
+def token_logps(model: nnx.Module, samples: GenerationOutput) -> np.ndarray:
+    """`[B, N]` per-token log-probs (0 on padding) of the sampled responses under `model`."""
+    g, s = nnx.split(model)
+    return in_chunks(lambda i, *a: _response_logps(g, s, *a), samples.sequences,
+                     samples.sequence_mask, samples.tokens, samples.mask)
+
+
+def rm_scores(source: RewardModelSource, samples: GenerationOutput) -> np.ndarray:
+    """`[B]` scores of the sampled responses by a reward-model source."""
+    return in_chunks(lambda i, *a: source(Rollout(*a), {}), samples.sequences,
+                     samples.sequence_mask, samples.tokens, samples.mask, samples.finished)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,36 +187,74 @@ def sample(model, prompt_ids, prompt_mask, *, rng, max_new_tokens, num_samples=1
 
 
 class Context:
-    """Shared state of one demo run."""
+    """Shared state of one demo run: the task, its tokenizer, the model and run settings every
+    trainer gets, the seeds and the evaluation prompts."""
 
     def __init__(self, cfg: DemoConfig, out_dir: pathlib.Path):
         self.cfg = cfg
         self.out = out_dir
         self.task = synthetic.get_task(cfg.task)
-        prompt_width = 2 + max(getattr(self.task, "max_prompt_length", 14), 14)
-        self.codec = Codec(self.task, prompt_width=prompt_width, response_width=cfg.max_new_tokens)
-        self.model_config = model_config(cfg, self.codec)
+        self.tokenizer = synthetic.build_tokenizer()
+        self.eos_id = int(self.tokenizer.eos_token_id)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.prompt_width = 2 + max(getattr(self.task, "max_prompt_length", 14), 14)
+        self.model_spec = ModelSpec(
+            preset="tiny_llama", vocab_size=len(self.tokenizer), hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+            intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=self.prompt_width + cfg.max_new_tokens)
         self.seeds = {
             "data": cfg.seed, "raters": cfg.seed + 1, "init": cfg.seed + 2,
             "sampling": cfg.seed + 3, "eval": cfg.seed + 4,
         }
-        self.np_rng = np.random.default_rng(self.seeds["data"])
-        self.key = jax.random.key(self.seeds["sampling"])
         self.stage_times: dict[str, float] = {}
         prompts = self.task.sample_prompts(np.random.default_rng(self.seeds["eval"]),
                                            cfg.eval_prompts)
-        self.eval_prompts = self.codec.prompts(prompts)
+        self.eval_prompts = self.prompts(prompts)
         self.eval_key = jax.random.key(self.seeds["eval"])
         self.num_evals = 0
 
-    def next_key(self):
-        self.key, k = jax.random.split(self.key)
-        return k
+    def prompts(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        return encode_prompts(self.tokenizer, prompts, width=self.prompt_width)
 
-    def gold(self, enc: Encoded) -> np.ndarray:
-        p = self.codec.p
-        return self.task.gold_reward_tokens(enc.sequences[:, :p], enc.response_ids,
-                                            enc.response_mask)
+    def sample(self, model, prompts, *, rng, num_samples: int = 1) -> GenerationOutput:
+        return sample(model, prompts, rng=rng, max_new_tokens=self.cfg.max_new_tokens,
+                      eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                      num_samples=num_samples)
+
+    def gold(self, samples: GenerationOutput) -> np.ndarray:
+        p = samples.prompt_length
+        return self.task.gold_reward_tokens(np.asarray(samples.sequences)[:, :p],
+                                            np.asarray(samples.tokens), np.asarray(samples.mask))
+
+    def decode(self, samples: GenerationOutput) -> list[str]:
+        out = []
+        for ids, m in zip(np.asarray(samples.tokens), np.asarray(samples.mask)):
+            out.append(self.tokenizer.decode([int(t) for t, k in zip(ids, m)
+                                              if k and t != self.eos_id]))
+        return out
+
+    def data(self, batch_size: int, **kw: Any) -> DataSpec:
+        """The data spec of a run: the task's tokenizer, prompt + response widths. Records the
+        trainers reject (a pair with an empty response: the policy stopped at once) are
+        skipped and counted in the run's summary."""
+        return DataSpec(synthetic=self.cfg.task, batch_size=batch_size, num_eval=0,
+                        max_prompt_length=self.prompt_width,
+                        max_length=self.prompt_width + self.cfg.max_new_tokens,
+                        on_error="skip", **kw)
+
+    def run(self, name: str, *, steps: int, learning_rate: float, seed: int) -> dict[str, Any]:
+        """The fields every trainer config of the demo shares: `<out>/runs/<name>`, the model
+        spec, Adam at a constant learning rate with gradients clipped to norm 1, no
+        TensorBoard, a final checkpoint only."""
+        return dict(
+            output_dir=str(self.out / "runs" / name), seed=seed, num_steps=steps,
+            overwrite=True, model=self.model_spec,
+            optimizer=OptimizerConfig(learning_rate=learning_rate, schedule="constant",
+                                      max_grad_norm=1.0),
+            logging=LoggingConfig(every_steps=10, tensorboard=False, progress="tqdm"),
+            checkpoint=CheckpointConfig(keep_last=1, save_on_sigterm=False),
+        )
 
 
 def stage(ctx: Context, name: str, title: str):
@@ -357,47 +277,34 @@ def bar(total: int, desc: str):
                 file=sys.stdout)
 
 
-def train_sft(ctx: Context) -> CausalLM:
+def train_policy(ctx: Context) -> CausalLM:
+    """SFT on the task's demonstrations (`make_sft_dataset`, through `run_sft`)."""
     cfg = ctx.cfg
+    config = SFTConfig(**ctx.run("sft", steps=cfg.sft_steps, learning_rate=cfg.sft_learning_rate,
+                                 seed=ctx.seeds["init"]),
+                       data=ctx.data(cfg.sft_batch_size, num_train=cfg.sft_examples))
     records = synthetic.make_sft_dataset(ctx.task, num_examples=cfg.sft_examples, seed=cfg.seed)
-    enc = ctx.codec.encode([r["prompt"] for r in records], [r["completion"] for r in records])
-    model = CausalLM(ctx.model_config, rngs=nnx.Rngs(ctx.seeds["init"]))
-    trainer = Trainer(model, sft_loss, learning_rate=cfg.sft_learning_rate, seed=cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    with bar(cfg.sft_steps, "SFT") as pbar:
-        for step in range(cfg.sft_steps):
-            idx = rng.integers(0, len(records), cfg.sft_batch_size)
-            m = trainer.step(_batch(enc, idx))
-            if step % 20 == 0 or step == cfg.sft_steps - 1:
-                pbar.set_postfix(loss=f"{float(m['sft/loss']):.3f}")
-            pbar.update()
-    console.print(f"SFT loss (last batch): {float(m['sft/loss']):.3f} nats/token")
-    return trainer.model()
-
-
-def _batch(enc: Encoded, idx, prefix: str = "") -> dict[str, np.ndarray]:
-    return {prefix + k: getattr(enc, k)[idx] for k in Encoded._fields}
-
-
-def _pair_batch(chosen: Encoded, rejected: Encoded, idx) -> dict[str, np.ndarray]:
-    return {**_batch(chosen, idx, "chosen_"), **_batch(rejected, idx, "rejected_")}
+    run = run_sft(config, records=records)
+    console.print(f"SFT loss (last logged batch): {run.summary['metrics']['sft/loss']:.3f} "
+                  "nats/token")
+    return run.model
 
 
 class Preferences(NamedTuple):
-    prompts: list[str]
-    chosen: Encoded
-    rejected: Encoded
+    records: list[dict[str, str]]  # {"prompt", "chosen", "rejected"}: what the trainers read
+    chosen: GenerationOutput
+    rejected: GenerationOutput
     gold_chosen: np.ndarray
     gold_rejected: np.ndarray
     chosen_probability: np.ndarray  # [N] q: probability that a random rater picks `chosen`
     rater_gold_agreement: float  # fraction of labels that pick the gold-better response
 
     def split(self, start: int, stop: int | None = None) -> Preferences:
-        cut = lambda x: x[start:stop]
-        return Preferences(self.prompts[start:stop],
-                           Encoded(*map(cut, self.chosen)), Encoded(*map(cut, self.rejected)),
-                           cut(self.gold_chosen), cut(self.gold_rejected),
-                           cut(self.chosen_probability), self.rater_gold_agreement)
+        rows = np.arange(len(self.records))[start:stop]
+        return Preferences(self.records[start:stop], take(self.chosen, rows),
+                           take(self.rejected, rows), self.gold_chosen[rows],
+                           self.gold_rejected[rows], self.chosen_probability[rows],
+                           self.rater_gold_agreement)
 
     @property
     def oracle_accuracy(self) -> float:
@@ -417,10 +324,8 @@ def collect_preferences(ctx: Context, policy: CausalLM, num_pairs: int, seed: in
     cfg = ctx.cfg
     rng = np.random.default_rng(seed)
     prompts = ctx.task.sample_prompts(rng, num_pairs)
-    p_ids, p_mask = ctx.codec.prompts(prompts)
-    out = sample(policy, p_ids, p_mask, rng=jax.random.key(seed),
-                 max_new_tokens=cfg.max_new_tokens, num_samples=2)
-    texts = ctx.codec.decode(out.enc.response_ids, out.enc.response_mask)
+    out = ctx.sample(policy, ctx.prompts(prompts), rng=jax.random.key(seed), num_samples=2)
+    texts = ctx.decode(out)
     a, b = texts[0::2], texts[1::2]
     rater_cfg = synthetic.RaterConfig(
         num_raters=cfg.num_raters, raters_per_item=1, temperature=cfg.rater_temperature,
@@ -436,44 +341,33 @@ def collect_preferences(ctx: Context, policy: CausalLM, num_pairs: int, seed: in
     everyone = np.broadcast_to(np.arange(cfg.num_raters), (num_pairs, cfg.num_raters))
     q = synthetic.preference_probability(pool, everyone, gold_a=gold_c, gold_b=gold_r,
                                          length_a=len_c, length_b=len_r).mean(axis=1)
-    chosen = ctx.codec.encode(prompts, [r["chosen"] for r in records])
-    rejected = ctx.codec.encode(prompts, [r["rejected"] for r in records])
-    return Preferences(prompts, chosen, rejected, gold_c, gold_r, q,
+    first_chosen = np.asarray([r["chosen"] == x for r, x in zip(records, a)])
+    rows = 2 * np.arange(num_pairs)
+    chosen = take(out, np.where(first_chosen, rows, rows + 1))
+    rejected = take(out, np.where(first_chosen, rows + 1, rows))
+    pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+             for r in records]
+    return Preferences(pairs, chosen, rejected, gold_c, gold_r, q,
                        rater_gold_agreement=float(stats.gold_agreement))
-
-
-def _take(p: Preferences, n: int) -> tuple[Encoded, Encoded]:
-    first = p.split(0, n)
-    return first.chosen, first.rejected
 
 
 def train_reward_model(ctx: Context, policy: CausalLM, prefs: Preferences, n: int,
                        seed: int) -> RewardModel:
+    """A Bradley-Terry reward model on the first `n` pairs, initialised from `policy`
+    (`run_rm`); at least `rm_min_steps` steps, else `rm_epochs` passes."""
     cfg = ctx.cfg
-    chosen, rejected = _take(prefs, n)
-    rm = RewardModel.from_causal_lm(policy, rngs=nnx.Rngs(seed))
-    trainer = ctx.rm_trainer_cache.get("rm")
-    if trainer is None:
-        trainer = Trainer(rm, rm_loss, learning_rate=cfg.rm_learning_rate, seed=seed)
-        ctx.rm_trainer_cache["rm"] = trainer
-    else:  # same structure: reuse the compiled step with fresh parameters
-        trainer.reset(rm, seed)
     steps = max(cfg.rm_min_steps, math.ceil(cfg.rm_epochs * n / cfg.rm_batch_size))
-    rng = np.random.default_rng(seed)
-    order = np.concatenate([rng.permutation(n) for _ in range(
-        math.ceil(steps * cfg.rm_batch_size / n) + 1)])
-    with bar(steps, f"RM on {n} pairs") as pbar:
-        for step in range(steps):
-            idx = order[step * cfg.rm_batch_size:(step + 1) * cfg.rm_batch_size]
-            m = trainer.step(_pair_batch(chosen, rejected, idx))
-            pbar.update()
-            if step % 10 == 0:
-                pbar.set_postfix(loss=f"{float(m['rm/loss']):.3f}")
-    return trainer.model()
-
-
-def rm_accuracy(rm: RewardModel, chosen: Encoded, rejected: Encoded) -> float:
-    return float(np.mean(rm_scores(rm, chosen) > rm_scores(rm, rejected)))
+    # With fewer pairs than a batch, every step sees all of them (the same mean gradient).
+    config = RMConfig(**ctx.run(f"rm_{n}", steps=steps, learning_rate=cfg.rm_learning_rate,
+                                seed=seed),
+                      data=ctx.data(min(cfg.rm_batch_size, n)), normalize=False)
+    rm = RewardModel.from_causal_lm(policy, rngs=nnx.Rngs(seed))
+    run = run_rm(config, model=rm, records=prefs.records[:n])
+    skipped = sum(run.summary["skipped_records"].values())
+    if skipped:
+        console.print(f"RM on {n} pairs: {skipped} pairs skipped "
+                      f"({run.summary['skipped_records']})")
+    return run.model
 
 
 class Evaluation(NamedTuple):
@@ -482,25 +376,27 @@ class Evaluation(NamedTuple):
     gold_reward_se: float
     proxy_reward: float
 
+    def metrics(self) -> dict[str, float]:
+        return {"demo/kl": self.kl, "demo/gold_reward": self.gold_reward,
+                "demo/proxy_reward": self.proxy_reward}
 
-def evaluate(ctx: Context, policy, ref: CausalLM, proxy: RewardModel) -> Evaluation:
+
+def evaluate(ctx: Context, policy, ref: CausalLM, proxy: RewardModelSource) -> Evaluation:
     """Fresh samples on the evaluation prompts: KL to `ref`, gold and proxy reward."""
     ctx.num_evals += 1
     key = jax.random.fold_in(ctx.eval_key, ctx.num_evals)
-    s = sample(policy, *ctx.eval_prompts, rng=key, max_new_tokens=ctx.cfg.max_new_tokens)
-    ref_logps = token_logps(ref, s.enc)
-    kl = (s.logps - ref_logps).sum(axis=1)
-    gold = ctx.gold(s.enc)
-    proxy_scores = rm_scores(proxy, s.enc)
+    s = ctx.sample(policy, ctx.eval_prompts, rng=key)
+    kl = (np.asarray(s.model_logps) - token_logps(ref, s)).sum(axis=1)
+    gold = ctx.gold(s)
+    proxy_scores = rm_scores(proxy, s)
     return Evaluation(float(kl.mean()), float(gold.mean()),
                       float(gold.std(ddof=1) / math.sqrt(len(gold))), float(proxy_scores.mean()))
 
 
 def normalize_reward_model(ctx: Context, rm: RewardModel, ref: CausalLM) -> tuple[float, float]:
     """Sets the RM's normalisation so that scores of reference samples have mean 0, std 1."""
-    s = sample(ref, *ctx.eval_prompts, rng=jax.random.fold_in(ctx.eval_key, 10**6),
-               max_new_tokens=ctx.cfg.max_new_tokens)
-    raw = rm_scores(rm, s.enc)
+    s = ctx.sample(ref, ctx.eval_prompts, rng=jax.random.fold_in(ctx.eval_key, 10**6))
+    raw = rm_scores(RewardModelSource(rm), s)
     mean, std = float(raw.mean()), float(raw.std() + 1e-6)
     rm.set_normalization(1.0 / std, -mean / std)
     return mean, std
@@ -509,72 +405,34 @@ def normalize_reward_model(ctx: Context, rm: RewardModel, ref: CausalLM) -> tupl
 # ------------------------------------------------------------------------------------- PPO
 
 
-@jax.jit
-def _ppo_prepare(pg, ps, vg, vs, rg, rs, refg, refs, sequences, sequence_mask, response_ids,
-                 response_mask, kl_coef):
-    ro = Rollout(sequences, sequence_mask, response_ids, response_mask,
-                 jnp.zeros(sequences.shape[0], bool))
-    logps, _ = policy_response_logps(nnx.merge(pg, ps), ro)
-    ref_logps, _ = policy_response_logps(nnx.merge(refg, refs), ro)
-    values = response_values(nnx.merge(vg, vs), ro)
-    rm = nnx.merge(rg, rs)
-    scores = rm(sequences, attention_mask=sequence_mask,
-                positions=positions_from_mask(sequence_mask))[:, 0]
-    mask = response_mask
-    pen = losses.kl_penalized_rewards(scores, logps, ref_logps, mask, kl_coef=kl_coef)
-    adv = losses.gae(pen.rewards, values * mask, mask, gamma=1.0, lam=0.95)
-    advantages = losses.masked_whiten(adv.advantages, mask)
-    return {
-        "old_logps": logps * mask, "old_values": values * mask, "returns": adv.returns,
-        "advantages": advantages * mask,
-    }, {"score": scores.mean(), "kl": losses.masked_sum(pen.kl, mask, axis=-1).mean()}
+def fresh_prompts(ctx: Context, *, seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """An endless stream of `ppo_rollout_batch` fresh task prompts per batch."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield ctx.prompts(ctx.task.sample_prompts(rng, ctx.cfg.ppo_rollout_batch))
 
 
-class PPORun:
-    """PPO (Ziegler et al. 2019 / Stiennon et al. 2020) against the proxy reward model."""
-
-    def __init__(self, ctx: Context, sft: CausalLM, proxy: RewardModel, *, seed: int):
-        cfg = ctx.cfg
-        self.ctx = ctx
-        cache = ctx.ppo_cache
-        policy = nnx.clone(sft)
-        value = ValueModel.from_reward_model(proxy)
-        if not cache:
-            cache["policy"] = Trainer(policy, ppo_policy_loss,
-                                      learning_rate=cfg.ppo_learning_rate, seed=seed)
-            cache["value"] = Trainer(value, ppo_value_loss,
-                                     learning_rate=cfg.ppo_learning_rate, seed=seed + 1)
-        else:
-            for name, model in (("policy", policy), ("value", value)):
-                cache[name].reset(model, seed)
-        self.policy, self.value = cache["policy"], cache["value"]
-        self.ref = _split(sft)
-        self.rm = _split(proxy)
-        self.rng = np.random.default_rng(seed)
-        self.key = jax.random.key(seed)
-
-    def iteration(self, kl_coef: float) -> dict[str, float]:
-        cfg = self.ctx.cfg
-        prompts = self.ctx.task.sample_prompts(self.rng, cfg.ppo_rollout_batch)
-        p_ids, p_mask = self.ctx.codec.prompts(prompts)
-        self.key, k = jax.random.split(self.key)
-        s = sample(self.policy.model(), p_ids, p_mask, rng=k, max_new_tokens=cfg.max_new_tokens)
-        e = s.enc
-        pg, ps = _split(self.policy.model())
-        vg, vs = _split(self.value.model())
-        extra, stats = _ppo_prepare(pg, ps, vg, vs, *self.rm, *self.ref, e.sequences,
-                                    e.sequence_mask, e.response_ids, e.response_mask,
-                                    jnp.float32(kl_coef))
-        batch = {**{k: jnp.asarray(getattr(e, k)) for k in Encoded._fields}, **extra}
-        size = cfg.ppo_rollout_batch // cfg.ppo_minibatches
-        for _ in range(cfg.ppo_epochs):
-            perm = self.rng.permutation(cfg.ppo_rollout_batch)
-            for j in range(cfg.ppo_minibatches):
-                idx = perm[j * size:(j + 1) * size]
-                mb = {k: v[idx] for k, v in batch.items()}
-                self.policy.step(mb)
-                self.value.step(mb)
-        return {k: float(v) for k, v in stats.items()}
+def ppo_trainer(ctx: Context, sft: CausalLM, proxy: RewardModelSource, *, kl_coef: float,
+                seed: int, name: str) -> PPOTrainer:
+    """PPO (Ziegler et al. 2019 / Stiennon et al. 2020) from the SFT policy against the proxy:
+    a fixed KL coefficient, GAE (gamma 1, lambda 0.95) with whitened advantages, clipped policy
+    and value losses, the value model initialised from the proxy with its own Adam, the gold
+    reward of every rollout logged as `ppo/gold_reward`."""
+    cfg = ctx.cfg
+    # Every PPO run of the demo gets the same schedule length (the learning rate is constant,
+    # so it changes nothing), so all of them share one compiled update.
+    longest = max(cfg.ppo_iterations, cfg.overopt_iterations)
+    config = PPOConfig(
+        **ctx.run(name, steps=longest, learning_rate=cfg.ppo_learning_rate, seed=seed),
+        data=DataSpec(synthetic=cfg.task, batch_size=cfg.ppo_rollout_batch,
+                      max_prompt_length=ctx.prompt_width, max_length=ctx.prompt_width),
+        rollout=RolloutConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0),
+        kl_coef=kl_coef, num_epochs=cfg.ppo_epochs, num_minibatches=cfg.ppo_minibatches,
+        vf_coef=1.0, gamma=1.0, lam=0.95, clip_range=0.2, clip_range_value=0.2)
+    return PPOTrainer(config, policy=nnx.clone(sft), reward=proxy,
+                      prompts=fresh_prompts(ctx, seed=seed), eos_token_id=ctx.eos_id,
+                      pad_token_id=ctx.pad_id,
+                      metric_fns=(gold_reward_metric(ctx.task, "ppo/gold_reward"),))
 
 
 def eval_schedule(total: int, evals: int, *, power: float = 1.0) -> list[int]:
@@ -583,42 +441,56 @@ def eval_schedule(total: int, evals: int, *, power: float = 1.0) -> list[int]:
     return sorted({max(1, round(total * ((i + 1) / evals) ** power)) for i in range(evals)})
 
 
+def run_ppo(ctx: Context, trainer: PPOTrainer, *, iterations: int, at: Sequence[int],
+            desc: str, on_eval: Callable[[int, PPOTrainer], None]) -> None:
+    """`iterations` PPO iterations, `on_eval(iteration, trainer)` after each of `at`."""
+    with bar(iterations, desc) as pbar:
+        for it in range(1, iterations + 1):
+            m = trainer.iteration()
+            pbar.set_postfix(score=f"{m['ppo/score_mean']:.2f}", kl=f"{m['ppo/kl_ref']:.2f}",
+                             gold=f"{m['ppo/gold_reward']:.2f}")
+            pbar.update()
+            if it in at:
+                on_eval(it, trainer)
+
+
 def run_ppo_sweep(ctx, sft, proxy) -> list[dict[str, Any]]:
     cfg = ctx.cfg
     points = []
     for kl_coef in cfg.ppo_kl_coefs:
-        run = PPORun(ctx, sft, proxy, seed=ctx.seeds["init"] + 100)
-        at = eval_schedule(cfg.ppo_iterations, cfg.ppo_evals_per_run)
-        with bar(cfg.ppo_iterations, f"PPO kl_coef={kl_coef:g}") as pbar:
-            for it in range(1, cfg.ppo_iterations + 1):
-                st = run.iteration(kl_coef)
-                pbar.set_postfix(score=f"{st['score']:.2f}", kl=f"{st['kl']:.2f}")
-                pbar.update()
-                if it in at:
-                    ev = evaluate(ctx, run.policy.model(), sft, proxy)
-                    points.append({"method": "ppo", "param_name": "kl_coef", "param": kl_coef,
-                                   "step": it, **ev._asdict()})
-        console.print(f"PPO kl_coef={kl_coef:g}: KL {ev.kl:.2f}, gold {ev.gold_reward:.3f}, "
-                      f"proxy {ev.proxy_reward:.2f}")
+        trainer = ppo_trainer(ctx, sft, proxy, kl_coef=kl_coef, seed=ctx.seeds["init"] + 100,
+                              name=f"ppo_kl{kl_coef:g}")
+
+        def on_eval(it, trainer, kl_coef=kl_coef):
+            ev = evaluate(ctx, trainer.policy_model(), sft, proxy)
+            points.append({"method": "ppo", "param_name": "kl_coef", "param": kl_coef,
+                           "step": it, **ev._asdict()})
+
+        run_ppo(ctx, trainer, iterations=cfg.ppo_iterations,
+                at=eval_schedule(cfg.ppo_iterations, cfg.ppo_evals_per_run),
+                desc=f"PPO kl_coef={kl_coef:g}", on_eval=on_eval)
+        ev = points[-1]
+        console.print(f"PPO kl_coef={kl_coef:g}: KL {ev['kl']:.2f}, gold "
+                      f"{ev['gold_reward']:.3f}, proxy {ev['proxy_reward']:.2f}")
     return points
 
 
 def run_overoptimization(ctx, sft, proxy) -> dict[str, Any]:
     cfg = ctx.cfg
-    run = PPORun(ctx, sft, proxy, seed=ctx.seeds["init"] + 200)
-    at = eval_schedule(cfg.overopt_iterations, cfg.overopt_evals, power=3.0)
+    trainer = ppo_trainer(ctx, sft, proxy, kl_coef=cfg.overopt_kl_coef,
+                          seed=ctx.seeds["init"] + 200, name="ppo_overoptimization")
     ev = evaluate(ctx, sft, sft, proxy)
     points = [{"step": 0, **ev._asdict()}]
-    with bar(cfg.overopt_iterations, f"PPO kl_coef={cfg.overopt_kl_coef:g}") as pbar:
-        for it in range(1, cfg.overopt_iterations + 1):
-            st = run.iteration(cfg.overopt_kl_coef)
-            pbar.set_postfix(score=f"{st['score']:.2f}", kl=f"{st['kl']:.2f}")
-            pbar.update()
-            if it in at:
-                ev = evaluate(ctx, run.policy.model(), sft, proxy)
-                points.append({"step": it, **ev._asdict()})
-                console.print(f"  step {it}: KL {ev.kl:.2f}, proxy {ev.proxy_reward:.2f}, "
-                              f"gold {ev.gold_reward:.3f}")
+
+    def on_eval(it, trainer):
+        ev = evaluate(ctx, trainer.policy_model(), sft, proxy)
+        points.append({"step": it, **ev._asdict()})
+        console.print(f"  step {it}: KL {ev.kl:.2f}, proxy {ev.proxy_reward:.2f}, "
+                      f"gold {ev.gold_reward:.3f}")
+
+    run_ppo(ctx, trainer, iterations=cfg.overopt_iterations,
+            at=eval_schedule(cfg.overopt_iterations, cfg.overopt_evals, power=3.0),
+            desc=f"PPO kl_coef={cfg.overopt_kl_coef:g}", on_eval=on_eval)
     return {"kl_coef": cfg.overopt_kl_coef, "points": points}
 
 
@@ -626,36 +498,31 @@ def run_overoptimization(ctx, sft, proxy) -> dict[str, Any]:
 
 
 def run_dpo_sweep(ctx, sft, proxy, prefs: Preferences) -> list[dict[str, Any]]:
+    """DPO (sigmoid loss, the SFT policy as reference) on the largest preference set, one run
+    per beta (`run_dpo`), evaluated through the trainer's `eval_fn` every `dpo_steps /
+    dpo_evals_per_run` steps and at the end."""
     cfg = ctx.cfg
-    chosen, rejected = _take(prefs, cfg.rm_pairs[-1])
-    n = chosen.sequences.shape[0]
-    ref_c = token_logps(sft, chosen).sum(axis=1)
-    ref_r = token_logps(sft, rejected).sum(axis=1)
     points = []
-    trainer = None
     for beta in cfg.dpo_betas:
-        seed = ctx.seeds["init"] + 300
-        if trainer is None:
-            trainer = Trainer(nnx.clone(sft), dpo_loss, learning_rate=cfg.dpo_learning_rate,
-                              seed=seed)
-        else:
-            trainer.reset(nnx.clone(sft), seed)
-        rng = np.random.default_rng(seed)
-        at = eval_schedule(cfg.dpo_steps, cfg.dpo_evals_per_run)
-        with bar(cfg.dpo_steps, f"DPO beta={beta:g}") as pbar:
-            for step in range(1, cfg.dpo_steps + 1):
-                idx = rng.choice(n, cfg.dpo_batch_size, replace=False)
-                batch = {**_pair_batch(chosen, rejected, idx), "ref_chosen_logps": ref_c[idx],
-                         "ref_rejected_logps": ref_r[idx], "beta": np.float32(beta)}
-                m = trainer.step(batch)
-                pbar.set_postfix(loss=f"{float(m['dpo/loss']):.3f}")
-                pbar.update()
-                if step in at:
-                    ev = evaluate(ctx, trainer.model(), sft, proxy)
-                    points.append({"method": "dpo", "param_name": "beta", "param": beta,
-                                   "step": step, **ev._asdict()})
-        console.print(f"DPO beta={beta:g}: KL {ev.kl:.2f}, gold {ev.gold_reward:.3f}, "
-                      f"proxy {ev.proxy_reward:.2f}")
+        config = DPOConfig(
+            **ctx.run(f"dpo_beta{beta:g}", steps=cfg.dpo_steps,
+                      learning_rate=cfg.dpo_learning_rate, seed=ctx.seeds["init"] + 300),
+            data=ctx.data(cfg.dpo_batch_size),
+            eval_every=max(1, cfg.dpo_steps // cfg.dpo_evals_per_run), beta=beta)
+
+        def on_eval(model, step, beta=beta):
+            ev = evaluate(ctx, model, sft, proxy)
+            points.append({"method": "dpo", "param_name": "beta", "param": beta,
+                           "step": step, **ev._asdict()})
+            return ev.metrics()
+
+        print(f"DPO beta={beta:g}", flush=True)
+        run = run_dpo(config, model=nnx.clone(sft), records=prefs.records[:cfg.rm_pairs[-1]],
+                      eval_fn=on_eval)
+        ev = points[-1]
+        console.print(f"DPO beta={beta:g}: KL {ev['kl']:.2f}, gold {ev['gold_reward']:.3f}, "
+                      f"proxy {ev['proxy_reward']:.2f} (loss "
+                      f"{run.summary['metrics']['dpo/loss']:.3f})")
     return points
 
 
@@ -678,28 +545,44 @@ def bon_log_ratio(selected: np.ndarray, reference_scores: np.ndarray, n: int) ->
     return math.log(n) + (n - 1) * np.log(cdf)
 
 
+
+def bon_pool(ctx: Context, policy: CausalLM, proxy: RewardModelSource,
+             prompts: Mapping[str, np.ndarray], *, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """`([E, g] proxy scores, [E, g] gold rewards)` of `g = bon_pool` samples per prompt from
+    `policy`, drawn and scored by `rlhf_jax.generation.best_of_n` (`CHUNK_ROWS` rows a call)."""
+    g = ctx.cfg.bon_pool
+    sampler = Sampler(policy)
+    sampling = SamplingParams(max_new_tokens=ctx.cfg.max_new_tokens, temperature=1.0)
+
+    def draw(i, ids, mask):
+        out = best_of_n(sampler, jnp.asarray(ids), jnp.asarray(mask), sampling, num_samples=g,
+                        reward=proxy, rng=jax.random.fold_in(key, i), eos_token_id=ctx.eos_id,
+                        pad_token_id=ctx.pad_id)
+        return out.scores, ctx.gold(out.samples).reshape(-1, g)
+
+    return in_chunks(draw, prompts["prompt_ids"], prompts["prompt_mask"],
+                     chunk=max(1, CHUNK_ROWS // g))
+
+
 def run_best_of_n(ctx, sft, proxy) -> list[dict[str, Any]]:
     cfg = ctx.cfg
     # The first `bon_prompts` evaluation prompts, so that n = 1 matches the reference point.
-    p_ids, p_mask = (x[: cfg.bon_prompts] for x in ctx.eval_prompts)
+    prompts = {k: v[: cfg.bon_prompts] for k, v in ctx.eval_prompts.items()}
     g = cfg.bon_pool
-    pools = []
-    for i in range(2):  # candidates, and an independent pool for the CDF
-        s = sample(sft, p_ids, p_mask, rng=jax.random.fold_in(ctx.eval_key, 2 * 10**6 + i),
-                   max_new_tokens=cfg.max_new_tokens, num_samples=g)
-        pools.append(s.enc)
-    cand, cdf_pool = pools
-    proxy_c = rm_scores(proxy, cand).reshape(cfg.bon_prompts, g)
-    gold_c = ctx.gold(cand).reshape(cfg.bon_prompts, g)
-    proxy_ref = rm_scores(proxy, cdf_pool).reshape(cfg.bon_prompts, g)
+    # Candidates, and an independent pool for the CDF.
+    proxy_c, gold_c = bon_pool(ctx, sft, proxy, prompts,
+                               key=jax.random.fold_in(ctx.eval_key, 2 * 10**6))
+    proxy_ref, _ = bon_pool(ctx, sft, proxy, prompts,
+                            key=jax.random.fold_in(ctx.eval_key, 2 * 10**6 + 1))
     points = []
     for n in cfg.bon_ns:
         groups = g // n
-        pr = proxy_c[:, : groups * n].reshape(cfg.bon_prompts, groups, n)
-        go = gold_c[:, : groups * n].reshape(cfg.bon_prompts, groups, n)
-        pick = pr.argmax(-1)
-        sel_proxy = np.take_along_axis(pr, pick[..., None], -1)[..., 0]
-        sel_gold = np.take_along_axis(go, pick[..., None], -1)[..., 0]
+        # The best of each group of n candidates (`select_best_of_n`: first on ties).
+        pick = select_best_of_n(jnp.asarray(proxy_c[:, : groups * n].reshape(-1)),
+                                num_samples=n)
+        sel_proxy = np.asarray(pick.best_scores).reshape(cfg.bon_prompts, groups)
+        sel_gold = gold_c[:, : groups * n].reshape(-1)[np.asarray(pick.best_indices)]
+        sel_gold = sel_gold.reshape(cfg.bon_prompts, groups)
         kl = bon_log_ratio(sel_proxy, proxy_ref, n)
         per_prompt_gold = sel_gold.mean(axis=1)
         points.append({
@@ -724,19 +607,33 @@ def environment() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+COMPILATION_CACHE = pathlib.Path("runs") / ".jax_cache"
+"""Where the demo keeps compiled XLA programs (unless `JAX_COMPILATION_CACHE_DIR` is set)."""
+
+
+def use_compilation_cache(directory: pathlib.Path) -> None:
+    """Keeps every compiled XLA program in `directory` (JAX's persistent compilation cache),
+    unless `JAX_COMPILATION_CACHE_DIR` names another: the runs of a sweep build their jitted
+    steps afresh, and a step whose program was compiled before (same shapes and constants, in
+    this run or an earlier one) is read back instead of compiled again."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def run_demo(cfg: DemoConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     """Runs the whole pipeline, writes the report into `output_dir` and returns the results."""
     t_start = time.perf_counter()
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    use_compilation_cache(COMPILATION_CACHE)
     ctx = Context(cfg, out)
-    ctx.rm_trainer_cache = {}
-    ctx.ppo_cache = {}
     console.print(f"[bold]rlhf_jax demo[/bold] (preset {cfg.preset}, seed {cfg.seed}) -> {out}")
     console.print(f"task: {cfg.task}; jax {jax.__version__} on {jax.default_backend()}")
 
     with stage(ctx, "sft", "1/6 Supervised fine-tuning of the base policy"):
-        sft = train_sft(ctx)
+        sft = train_policy(ctx)
 
     with stage(ctx, "preferences", "2/6 Simulated raters label pairs sampled from the policy"):
         total = cfg.rm_pairs[-1] + cfg.rm_val_pairs
@@ -753,15 +650,16 @@ def run_demo(cfg: DemoConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         proxy = None
         for n in cfg.rm_pairs:
             rm = train_reward_model(ctx, sft, prefs, n, seed=ctx.seeds["init"] + n)
-            acc = rm_accuracy(rm, val.chosen, val.rejected)
-            gold_acc = float(np.mean(
-                (rm_scores(rm, val.chosen) > rm_scores(rm, val.rejected))
-                == (val.gold_chosen > val.gold_rejected)))
+            source = RewardModelSource(rm)
+            better = rm_scores(source, val.chosen) > rm_scores(source, val.rejected)
+            acc = float(np.mean(better))
+            gold_acc = float(np.mean(better == (val.gold_chosen > val.gold_rejected)))
             rm_points.append({"num_pairs": n, "val_accuracy": acc, "val_gold_accuracy": gold_acc})
             console.print(f"RM on {n:5d} pairs: validation accuracy {acc:.3f} "
                           f"(vs gold preference {gold_acc:.3f})")
             proxy = rm
         norm = normalize_reward_model(ctx, proxy, sft)
+        proxy = RewardModelSource(proxy, name="proxy")
         ev0 = evaluate(ctx, sft, sft, proxy)
         console.print(f"reference policy: gold reward {ev0.gold_reward:.3f}, "
                       f"proxy {ev0.proxy_reward:.2f}, KL {ev0.kl:.3f}")

@@ -36,10 +36,13 @@ Online machinery (imported by the online trainers):
 
 Trainers: `sft` (`SFTConfig`, `train_sft`), `rm` (`RMConfig`, `train_rm`), `dpo` (DPO family,
 SimPO/ORPO/CPO/CPL, KTO: `DPOConfig`, `train_dpo`), `export` (`ExportConfig`, `export_policy`),
-re-exported here; the online trainers `ppo`, `grpo` (GRPO, RLOO), `rejection_sampling`,
-`rest` (ReST) and `hir` (`HirConfig`, `train_hir`) are imported from their modules. Each trainer exposes `<Algo>Config` and
-`train_<algo>(config) -> summary dict`, plus the lower-level pieces (loss function builders,
-`setup_training`, `fit`) that experiments call directly without the CLI.
+re-exported here; the online trainers `ppo`, `grpo` (GRPO, RLOO), `rejection_sampling`, `rest`
+(ReST) and `hir` (`HirConfig`, `train_hir`) are imported from their modules. Each trainer exposes
+`<Algo>Config` and `train_<algo>(config) -> summary dict`; the offline trainers also
+`run_<algo>(config, model=, records=, eval_records=, eval_fn=) -> TrainedRun` (an initial model
+held in memory, Python records instead of files, an evaluation callback on the model, the trained
+model returned), and the online trainers their in-memory `<Algo>Trainer` classes. The lower-level
+pieces (loss function builders, `setup_training`, `fit`) are there for experiments that need more.
 """
 
 from rlhf_jax.train.builders import TrainSetup, build_model, setup_training
@@ -60,7 +63,7 @@ from rlhf_jax.train.config import (
     save_config,
 )
 from rlhf_jax.train.data import build_data
-from rlhf_jax.train.dpo import DPOConfig, DPOHyperParams, preference_loss, train_dpo
+from rlhf_jax.train.dpo import DPOConfig, DPOHyperParams, preference_loss, run_dpo, train_dpo
 from rlhf_jax.train.export import ExportConfig, export_policy
 from rlhf_jax.train.logging import MetricsLogger, SampleTable, read_metrics
 from rlhf_jax.train.logprobs import (
@@ -80,9 +83,9 @@ from rlhf_jax.train.loop import (
     train_loop,
 )
 from rlhf_jax.train.optimizer import freeze_bottom_layers, make_optimizer, make_schedule
-from rlhf_jax.train.rm import RMConfig, RMHyperParams, rm_loss, train_rm
-from rlhf_jax.train.run import make_evaluator, run_training
-from rlhf_jax.train.sft import SFTConfig, sft_loss, train_sft
+from rlhf_jax.train.rm import RMConfig, RMHyperParams, rm_loss, run_rm, train_rm
+from rlhf_jax.train.run import ModelEvalFn, TrainedRun, make_evaluator, run_training
+from rlhf_jax.train.sft import SFTConfig, run_sft, sft_loss, train_sft
 from rlhf_jax.train.state import (
     TrainState,
     create_train_state,
@@ -97,8 +100,10 @@ __all__ = [
     "DPOHyperParams",
     "ExportConfig",
     "RMConfig",
+    "ModelEvalFn",
     "RMHyperParams",
     "SFTConfig",
+    "TrainedRun",
     "TrainSetup",
     "build_data",
     "build_model",
@@ -106,6 +111,9 @@ __all__ = [
     "make_evaluator",
     "preference_loss",
     "rm_loss",
+    "run_dpo",
+    "run_rm",
+    "run_sft",
     "run_training",
     "setup_training",
     "sft_loss",

@@ -87,8 +87,11 @@ def build_data(
     tokenizer: Any,
     seed: int,
     kl_pairs: bool = False,
+    records: Sequence[Mapping[str, Any]] | None = None,
+    eval_records: Sequence[Mapping[str, Any]] | None = None,
 ) -> DataBundle:
-    """Training loader and held-out batches from a `DataSpec` (synthetic task or files).
+    """Training loader and held-out batches from a `DataSpec` (synthetic task, files or
+    in-memory records).
 
     Args:
       spec: the data spec (`spec.format` overrides `format`).
@@ -98,6 +101,13 @@ def build_data(
       tokenizer: a transformers tokenizer.
       seed: the run seed (shuffling; synthetic data uses `seed` for train, `seed + 1` held out).
       kl_pairs: add KTO's mismatched `kl_` pairs.
+      records: the training records as Python dicts in the trainer's record format (e.g.
+        `{"prompt", "chosen", "rejected"}`), used instead of `spec.path` and `spec.synthetic`;
+        they are validated, tokenized, truncated and counted exactly like the lines of a file
+        (a bad record is named by its index). The tokenizer is still `spec.synthetic`'s or
+        the model's.
+      eval_records: held-out records in the same format (with `records`: the only held-out
+        set; without them there is none).
 
     Batches are padded to `spec.max_length` (or the smallest of `spec.buckets` that fits) with
     `spec.batch_size / jax.process_count()` rows per host.
@@ -151,7 +161,9 @@ def build_data(
     reports: dict[str, Any] = {}
 
     def examples(source, *, split, synthetic_seed, num, role):
-        if source is None:
+        if isinstance(source, Sequence) and not isinstance(source, str):
+            source_type = "records"
+        elif source is None:
             if spec.synthetic is None:
                 raise ValueError("set data.path (a file or directory) or data.synthetic (a task "
                                  "name of rlhf_jax.data.synthetic)")
@@ -173,14 +185,21 @@ def build_data(
             skipped[reason] = skipped.get(reason, 0) + int(n)
         return tokenized
 
-    train_examples = examples(spec.path, split=spec.split, synthetic_seed=seed, num=spec.num_train,
+    if records is None and eval_records is not None:
+        raise ValueError("eval_records needs records (in-memory training records)")
+    train_source = spec.path if records is None else list(records)
+    train_examples = examples(train_source, split=spec.split, synthetic_seed=seed, num=spec.num_train,
                               role="train")
     train = DataLoader(train_examples, batch_config=batch_config(spec.batch_size, spec.packing),
                        pad_id=pad_id, seed=seed, shuffle=spec.shuffle)
 
     eval_source = spec.eval_path or (spec.path if spec.eval_split else None)
+    synthetic_eval = spec.path is None and spec.num_eval > 0
+    if records is not None:
+        eval_source = None if eval_records is None else list(eval_records)
+        synthetic_eval = False
     eval_batches = None
-    if eval_source is not None or (spec.path is None and spec.num_eval > 0):
+    if eval_source is not None or synthetic_eval:
         eval_examples = examples(eval_source, split=spec.eval_split or "test",
                                  synthetic_seed=seed + 1, num=spec.num_eval, role="eval")
         if len(eval_examples) < eval_bs:

@@ -98,7 +98,14 @@ from rlhf_jax.train.pairs import (
     pair_weights,
 )
 from rlhf_jax.train.preflight import check_run_config
-from rlhf_jax.train.run import run_summary, run_training
+from rlhf_jax.train.run import (
+    ModelEvalFn,
+    TrainedRun,
+    own_arrays,
+    run_summary,
+    run_training,
+    trained_model,
+)
 
 ALGORITHMS = ("dpo", "simpo", "orpo", "cpo", "cpl", "kto")
 REFERENCES = ("model", "precomputed")
@@ -807,13 +814,39 @@ def reference_tables(config: DPOConfig, ref_model: nnx.Module, data: Any, mesh
 
 def train_dpo(config: DPOConfig) -> dict[str, Any]:
     """Trains with the configured preference objective; returns the run summary."""
+    return run_dpo(config).summary
+
+
+def run_dpo(
+    config: DPOConfig,
+    *,
+    model: nnx.Module | None = None,
+    records: Sequence[Mapping[str, Any]] | None = None,
+    eval_records: Sequence[Mapping[str, Any]] | None = None,
+    eval_fn: ModelEvalFn | None = None,
+) -> TrainedRun:
+    """`train_dpo` on in-memory inputs; returns the summary and the trained policy.
+
+    Args:
+      config: the run config (its `model` spec is what `config.yaml` records; with `model`
+        given it should describe that model's architecture).
+      model: the initial policy, a causal LM (default: `build_model(config.model)`); without
+        `config.ref_model` the reference is a copy of it taken now. It is split into the train
+        state (its arrays copied first: it may share them with another model).
+      records: preference (or KTO) records instead of `config.data.path` /
+        `config.data.synthetic` (`rlhf_jax.train.data.build_data`).
+      eval_records: held-out records (with `records`).
+      eval_fn: an evaluation callback (`rlhf_jax.train.run.ModelEvalFn`) on the policy, run
+        every `config.eval_every` steps and at the end.
+    """
     hp = preference_hyperparams(config)
     check_run_config(config)
     kto = hp.algorithm == "kto"
     tokenizer = load_tokenizer_for(config.data, config.model)
     data = build_data(config.data, format="kto" if kto else "preference", tokenizer=tokenizer,
-                      seed=config.seed, kl_pairs=kto)
-    policy = build_model(config.model, seed=config.seed)
+                      seed=config.seed, kl_pairs=kto, records=records, eval_records=eval_records)
+    given = model is not None
+    policy = own_arrays(model) if given else build_model(config.model, seed=config.seed)
     check_vocab(policy, tokenizer)
     lora = config.model.lora_rank > 0
     needs_ref = hp.uses_reference
@@ -822,7 +855,10 @@ def train_dpo(config: DPOConfig) -> dict[str, Any]:
         reference = "lora_base"
     elif needs_ref:
         ref_spec = config.ref_model or dataclasses.replace(config.model, lora_rank=0)
-        ref = build_model(ref_spec, seed=config.seed)
+        if given and config.ref_model is None:
+            ref = nnx.clone(policy)
+        else:
+            ref = build_model(ref_spec, seed=config.seed)
         if config.ref_model is None and not lora:
             # The initial policy's weights, as separate buffers (the state is donated).
             nnx.update(ref, jax.tree.map(jnp.copy, nnx.state(policy)))
@@ -842,8 +878,12 @@ def train_dpo(config: DPOConfig) -> dict[str, Any]:
             model = PolicyAndReference(policy, ref)
             trainable = policy_only_filter(model)
     loss_fn = make_preference_loss(config, reference=reference)
-    result, _ = run_training(config, model, loss_fn, data, trainable=trainable)
-    return run_summary(result, config, data, reference=reference)
+    trained_policy = (lambda m: m.policy) if reference == "model" else None
+    result, setup = run_training(config, model, loss_fn, data, trainable=trainable,
+                                 eval_fn=eval_fn, eval_model=trained_policy)
+    trained = trained_model(setup, result.state)
+    return TrainedRun(run_summary(result, config, data, reference=reference),
+                      trained.policy if reference == "model" else trained)
 
 
 __all__ = [
@@ -872,5 +912,6 @@ __all__ = [
     "preference_loss",
     "reference_pair_logps",
     "reference_tables",
+    "run_dpo",
     "train_dpo",
 ]

@@ -43,7 +43,7 @@ import copy
 import dataclasses
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -76,7 +76,14 @@ from rlhf_jax.train.pairs import (
     pair_weights,
 )
 from rlhf_jax.train.preflight import check_run_config
-from rlhf_jax.train.run import run_summary, run_training
+from rlhf_jax.train.run import (
+    ModelEvalFn,
+    TrainedRun,
+    own_arrays,
+    run_summary,
+    run_training,
+    trained_model,
+)
 from rlhf_jax.train.state import TrainState
 
 RM_LOSSES = ("bradley_terry", "kwise", "plackett_luce", "best_of_k")
@@ -399,6 +406,32 @@ def train_rm(config: RMConfig) -> dict[str, Any]:
     With `normalize`, the final checkpoint holds the normalised model and
     `output_dir/reward_normalization.json` the statistics.
     """
+    return run_rm(config).summary
+
+
+def run_rm(
+    config: RMConfig,
+    *,
+    model: nnx.Module | None = None,
+    records: Sequence[Mapping[str, Any]] | None = None,
+    eval_records: Sequence[Mapping[str, Any]] | None = None,
+    eval_fn: ModelEvalFn | None = None,
+) -> TrainedRun:
+    """`train_rm` on in-memory inputs; returns the summary and the trained (normalised)
+    reward model.
+
+    Args:
+      config: the run config (its `model` spec is what `config.yaml` records; with `model`
+        given it should describe that model's architecture).
+      model: the initial `RewardModel` with `config.head_names` (default: built from
+        `config.model`; e.g. `RewardModel.from_causal_lm(sft_policy)`); it is split into the
+        train state (its arrays copied first: it may share them with another model).
+      records: preference (or ranking) records instead of `config.data.path` /
+        `config.data.synthetic` (`rlhf_jax.train.data.build_data`).
+      eval_records: held-out records (with `records`).
+      eval_fn: an evaluation callback (`rlhf_jax.train.run.ModelEvalFn`) run every
+        `config.eval_every` steps and at the end.
+    """
     if config.loss not in RM_LOSSES:
         raise ValueError(f"loss={config.loss!r}; allowed: {RM_LOSSES}")
     check_run_config(config)
@@ -409,11 +442,15 @@ def train_rm(config: RMConfig) -> dict[str, Any]:
                          "which only the Bradley-Terry loss with use_margin=true uses; set "
                          "--use-margin (or unset data.margin_field)")
     tokenizer = load_tokenizer_for(config.data, config.model)
-    data = build_data(config.data, format=fmt, tokenizer=tokenizer, seed=config.seed)
-    model = build_model(config.model, kind="reward", head_names=config.head_names,
-                        seed=config.seed)
+    data = build_data(config.data, format=fmt, tokenizer=tokenizer, seed=config.seed,
+                      records=records, eval_records=eval_records)
+    if model is None:
+        model = build_model(config.model, kind="reward", head_names=config.head_names,
+                            seed=config.seed)
+    else:
+        own_arrays(model)
     check_vocab(model, tokenizer)
-    result, setup = run_training(config, model, make_rm_loss(config), data)
+    result, setup = run_training(config, model, make_rm_loss(config), data, eval_fn=eval_fn)
     extra: dict[str, Any] = {}
     if config.normalize and not result.preempted:
         if config.normalization_set == "eval" and data.eval_batches is not None:
@@ -437,7 +474,8 @@ def train_rm(config: RMConfig) -> dict[str, Any]:
                                       f"not written under {ckpt.directory}")
         result = result._replace(state=state)
         extra["normalization"] = stats
-    return run_summary(result, config, data, **extra)
+    return TrainedRun(run_summary(result, config, data, **extra),
+                      trained_model(setup, result.state))
 
 
 def load_reward_model(run_dir: str, *, step: int | None = None) -> nnx.Module:
@@ -489,5 +527,6 @@ __all__ = [
     "ranking_rewards",
     "reward_statistics",
     "rm_loss",
+    "run_rm",
     "train_rm",
 ]

@@ -1,13 +1,15 @@
 """What a `train_<algo>` function does around `rlhf_jax.train.loop.fit`: `run_training` (set-up,
-held-out evaluator, fit), `make_evaluator` (the loss function's metrics on held-out batches,
-renamed `<ns>/eval/<name>`) and `run_summary` (the dict a trainer returns and the CLI prints).
+held-out evaluator, a model evaluation callback, fit), `make_evaluator` (the loss function's
+metrics on held-out batches, renamed `<ns>/eval/<name>`), `run_summary` (the dict a trainer
+returns and the CLI prints) and `TrainedRun` (a summary with the trained model, what the
+trainers' in-memory entry points `run_sft`, `run_rm` and `run_dpo` return).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from flax import nnx
@@ -69,6 +71,65 @@ def make_evaluator(
 
 
 
+ModelEvalFn = Callable[[nnx.Module, int], Mapping[str, float]]
+"""``eval_fn(model, step) -> {name: value}``: an evaluation of the model being trained (e.g. the
+gold reward of its samples on a synthetic task), called with the held-out evaluation every
+``config.eval_every`` steps and at the end of the run; its metrics are logged (``metrics.jsonl``)
+and returned with the held-out ones. The model is only valid during the call."""
+
+
+class TrainedRun(NamedTuple):
+    """What a trainer's in-memory entry point (`run_sft`, `run_rm`, `run_dpo`) returns.
+
+    Attributes:
+      summary: the run summary (`run_summary`; also written to ``summary.json``).
+      model: the trained model (NNX module, on the host's devices), ready for sampling,
+        scoring or further training.
+    """
+
+    summary: dict[str, Any]
+    model: nnx.Module
+
+
+def own_arrays(model: nnx.Module) -> nnx.Module:
+    """`model` with every array copied into a buffer of its own (in place; returned): a model
+    that shares arrays with another (`nnx.clone`, `RewardModel.from_causal_lm`) can then be
+    trained with a donated state without deleting the other's arrays."""
+    nnx.update(model, jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x,
+                                   nnx.state(model)))
+    return model
+
+
+def trained_model(setup: TrainSetup, state: TrainState) -> nnx.Module:
+    """The NNX model of a train state of `setup` (e.g. `run_training`'s final state)."""
+    return nnx.merge(setup.graphdef, state.params, state.frozen)
+
+
+def with_model_eval(
+    evaluate: Callable[[TrainState], dict[str, float]] | None,
+    eval_fn: ModelEvalFn | None,
+    setup: TrainSetup,
+    *,
+    eval_model: Callable[[nnx.Module], nnx.Module] | None = None,
+) -> Callable[[TrainState], dict[str, float]] | None:
+    """The `fit` evaluation of a run: the held-out `evaluate` (or none) followed by
+    ``eval_fn(eval_model(model), step)`` (`ModelEvalFn`; ``eval_model`` picks the module the
+    callback sees, e.g. the policy of a policy-and-reference pair)."""
+    if eval_fn is None:
+        return evaluate
+
+    def evaluate_all(state: TrainState) -> dict[str, float]:
+        metrics = dict(evaluate(state)) if evaluate is not None else {}
+        model = trained_model(setup, state)
+        if eval_model is not None:
+            model = eval_model(model)
+        extra = eval_fn(model, int(jax.device_get(state.step)))
+        metrics.update({k: float(v) for k, v in extra.items()})
+        return metrics
+
+    return evaluate_all
+
+
 def run_training(
     config: TrainConfig,
     model: nnx.Module,
@@ -77,17 +138,21 @@ def run_training(
     *,
     trainable: Any = None,
     eval_loss_fn: LossFn | None = None,
+    eval_fn: ModelEvalFn | None = None,
+    eval_model: Callable[[nnx.Module], nnx.Module] | None = None,
 ) -> tuple[Any, TrainSetup]:
     """`setup_training` + held-out evaluator + `fit`; returns `(LoopResult, TrainSetup)`.
 
     `eval_loss_fn` (default `loss_fn`) gives the held-out metrics, evaluated every
-    `config.eval_every` steps and at the end.
+    `config.eval_every` steps and at the end; `eval_fn` (`ModelEvalFn`) runs beside it on the
+    model (`eval_model(model)` when given).
     """
     setup = setup_training(config, model, loss_fn, trainable=trainable)
     evaluate = None
     if data.eval_batches is not None:
         evaluate = make_evaluator(eval_loss_fn or loss_fn, setup, data.eval_batches,
                                   max_batches=config.eval_batches)
+    evaluate = with_model_eval(evaluate, eval_fn, setup, eval_model=eval_model)
     result = fit(config, step_fn=setup.step_fn, state=setup.state, train_batches=data.train,
                  put_batch=setup.put_batch, eval_fn=evaluate)
     return result, setup
@@ -147,10 +212,15 @@ def write_summary(summary: Mapping[str, Any], output_dir: str) -> None:
 
 
 __all__ = [
+    "ModelEvalFn",
     "SUMMARY_FILE",
+    "TrainedRun",
     "eval_metric_name",
     "make_evaluator",
+    "own_arrays",
     "run_summary",
     "run_training",
+    "trained_model",
+    "with_model_eval",
     "write_summary",
 ]

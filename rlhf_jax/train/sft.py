@@ -19,7 +19,9 @@ Metrics (training; held-out as `sft/eval/<name>`):
 - `sft/perplexity`: `exp` of the token-mean NLL.
 - `sft/num_tokens`: number of loss tokens in the batch.
 
-Programmatic use::
+Programmatic use: `run_sft(config, model=..., records=..., eval_fn=...)` trains a model held
+in memory on Python records and returns the summary with the trained model (`TrainedRun`); the
+lower-level pieces are::
 
     model = build_model(config.model, seed=config.seed)
     loss_fn = make_sft_loss(completion_only=True, reduction="token")
@@ -30,11 +32,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from rlhf_jax.losses import masked_mean
 from rlhf_jax.train.builders import build_model, check_vocab, load_tokenizer_for
@@ -42,7 +45,14 @@ from rlhf_jax.train.config import DataSpec, TrainConfig
 from rlhf_jax.train.data import build_data
 from rlhf_jax.train.logprobs import model_scores
 from rlhf_jax.train.preflight import check_run_config
-from rlhf_jax.train.run import run_summary, run_training
+from rlhf_jax.train.run import (
+    ModelEvalFn,
+    TrainedRun,
+    own_arrays,
+    run_summary,
+    run_training,
+    trained_model,
+)
 
 REDUCTIONS = ("token", "sequence")
 
@@ -138,14 +148,40 @@ def train_sft(config: SFTConfig) -> dict[str, Any]:
     Writes `config.yaml`, `metrics.jsonl`, TensorBoard events and `checkpoints/` under
     `config.output_dir`, and resumes from its newest checkpoint.
     """
+    return run_sft(config).summary
+
+
+def run_sft(
+    config: SFTConfig,
+    *,
+    model: nnx.Module | None = None,
+    records: Sequence[Mapping[str, Any]] | None = None,
+    eval_records: Sequence[Mapping[str, Any]] | None = None,
+    eval_fn: ModelEvalFn | None = None,
+) -> TrainedRun:
+    """`train_sft` on in-memory inputs; returns the summary and the trained model.
+
+    Args:
+      config: the run config (its `model` spec is what `config.yaml` records; with `model`
+        given it should describe that model).
+      model: the initial causal LM (default: `build_model(config.model)`); it is split into the
+        train state (its arrays copied first: it may share them with another model).
+      records: SFT records (`{"prompt", "completion"}` or `{"messages"}` dicts) instead of
+        `config.data.path` / `config.data.synthetic` (`rlhf_jax.train.data.build_data`).
+      eval_records: held-out records (with `records`).
+      eval_fn: an evaluation callback (`rlhf_jax.train.run.ModelEvalFn`) run every
+        `config.eval_every` steps and at the end.
+    """
     check_run_config(config)
     tokenizer = load_tokenizer_for(config.data, config.model)
-    data = build_data(config.data, format="sft", tokenizer=tokenizer, seed=config.seed)
-    model = build_model(config.model, seed=config.seed)
+    data = build_data(config.data, format="sft", tokenizer=tokenizer, seed=config.seed,
+                      records=records, eval_records=eval_records)
+    model = build_model(config.model, seed=config.seed) if model is None else own_arrays(model)
     check_vocab(model, tokenizer)
     loss_fn = make_sft_loss(completion_only=config.completion_only, reduction=config.reduction)
-    result, _ = run_training(config, model, loss_fn, data)
-    return run_summary(result, config, data)
+    result, setup = run_training(config, model, loss_fn, data, eval_fn=eval_fn)
+    return TrainedRun(run_summary(result, config, data), trained_model(setup, result.state))
 
 
-__all__ = ["REDUCTIONS", "SFTConfig", "make_sft_loss", "sft_loss", "sft_loss_mask", "train_sft"]
+__all__ = ["REDUCTIONS", "SFTConfig", "make_sft_loss", "run_sft", "sft_loss", "sft_loss_mask",
+           "train_sft"]

@@ -44,38 +44,46 @@ def test_eval_schedule():
 
 
 @pytest.fixture(scope="module")
-def codec():
-    return demo.Codec(synthetic.get_task("topic"), prompt_width=8, response_width=6)
+def tokenizer():
+    return synthetic.build_tokenizer()
 
 
-class TestCodec:
-    def test_layout(self, codec):
-        enc = codec.encode(["ab>", "abcab>"], ["ba", "abcabcabc"])
-        bos, eos, pad = demo.BOS_ID, demo.EOS_ID, demo.PAD_ID
+def _samples(tokenizer, prompts, responses, *, width=8, n=6):
+    """Host `GenerationOutput` rows of `prompts` (left-padded) and `responses` + EOS."""
+    enc = demo.encode_prompts(tokenizer, prompts, width=width)
+    ids = np.full((len(responses), n), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(responses):
+        toks = [*tokenizer(r, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        ids[i, :len(toks)], mask[i, :len(toks)] = toks, 1
+    zeros = np.zeros(ids.shape, np.float32)
+    return demo.GenerationOutput(
+        ids, mask, zeros, zeros, np.concatenate([enc["prompt_ids"], ids], 1),
+        np.concatenate([enc["prompt_mask"], mask], 1), np.ones(len(responses), bool), width)
+
+
+class TestPrompts:
+    def test_layout_is_the_trainers(self, tokenizer):
+        enc = demo.encode_prompts(tokenizer, ["ab>", "abcab>"], width=8)
         ids = synthetic.VOCAB.index
-        assert enc.sequences.shape == (2, 14) and enc.response_ids.shape == (2, 6)
-        # Prompt left-padded after BOS; response right-padded with EOS.
-        assert enc.sequences[0, :8].tolist() == [pad] * 4 + [bos, ids("a"), ids("b"), ids(">")]
-        assert enc.sequence_mask[0, :8].tolist() == [0] * 4 + [1] * 4
-        assert enc.response_ids[0].tolist() == [ids("b"), ids("a"), eos, pad, pad, pad]
-        assert enc.response_mask[0].tolist() == [1, 1, 1, 0, 0, 0]
-        # Too long: truncated to N - 1 characters, EOS kept.
-        assert enc.response_ids[1, -1] == eos and enc.response_mask[1].sum() == 6
-        np.testing.assert_array_equal(enc.sequences[:, 8:], enc.response_ids)
-        assert codec.decode(enc.response_ids, enc.response_mask) == ["ba", "abcab"]
+        pad = tokenizer.pad_token_id
+        assert enc["prompt_ids"].shape == (2, 8)
+        # Left-padded characters, as the online trainers' prompt batches.
+        assert enc["prompt_ids"][0].tolist() == [pad] * 5 + [ids("a"), ids("b"), ids(">")]
+        assert enc["prompt_mask"][0].tolist() == [0] * 5 + [1] * 3
+        assert enc["prompt_mask"][1].sum() == 6
 
-    def test_gold_reward_matches_text_scoring(self, codec):
+    def test_gold_reward_matches_text_scoring(self, tokenizer):
         task = synthetic.get_task("topic")
         prompts = ["abcab>", "ddee>"]
         responses = ["abc", "dede"]
-        enc = codec.encode(prompts, responses)
-        token_level = task.gold_reward_tokens(enc.sequences[:, :8], enc.response_ids,
-                                              enc.response_mask)
+        s = _samples(tokenizer, prompts, responses)
+        token_level = task.gold_reward_tokens(s.sequences[:, :8], s.tokens, s.mask)
         np.testing.assert_allclose(token_level, task.gold_reward(prompts, responses))
 
-    def test_prompt_too_long(self, codec):
-        with pytest.raises(ValueError, match="longer than the prompt width 8"):
-            codec.prompts(["abcdefghij>"])
+    def test_prompt_too_long(self, tokenizer):
+        with pytest.raises(ValueError, match="records:0"):
+            demo.encode_prompts(tokenizer, ["abcdefghij>"], width=8)
 
 
 class TestConfig:
@@ -123,12 +131,14 @@ class TestConfig:
         assert "no field 'bogus'" in capsys.readouterr().err
 
 
-def test_preference_ceiling_and_agreement(codec):
-    enc = codec.encode(["ab>"] * 3, ["a", "b", "ab"])
+def test_preference_ceiling_and_agreement(tokenizer):
+    s = _samples(tokenizer, ["ab>"] * 3, ["a", "b", "ab"])
     q = np.array([0.9, 0.5, 0.2])
-    prefs = demo.Preferences(["ab>"] * 3, enc, enc, np.zeros(3), np.zeros(3), q, 0.7)
+    records = [{"prompt": "ab>", "chosen": r, "rejected": "b"} for r in ("a", "b", "ab")]
+    prefs = demo.Preferences(records, s, s, np.zeros(3), np.zeros(3), q, 0.7)
     assert prefs.oracle_accuracy == pytest.approx((0.9 + 0.5 + 0.8) / 3)
     assert prefs.inter_rater_agreement == pytest.approx((0.82 + 0.5 + 0.68) / 3)
     tail = prefs.split(1)
-    assert tail.prompts == ["ab>"] * 2 and tail.chosen.sequences.shape[0] == 2
+    assert tail.records == records[1:] and tail.chosen.sequences.shape[0] == 2
+    np.testing.assert_array_equal(tail.chosen.tokens, s.tokens[1:])
     assert tail.oracle_accuracy == pytest.approx((0.5 + 0.8) / 2)
