@@ -13,6 +13,11 @@ import os
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+# The suite's time is mostly XLA compiles of tiny programs: skip the CPU backend's LLVM
+# optimisation passes (about a fifth less time; the suite passes either way).
+# Benchmarks never run under this harness.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 _accelerator = os.environ.get("RLHF_JAX_TEST_PLATFORM", "").strip().lower()
 if _accelerator:
     os.environ["JAX_PLATFORMS"] = f"{_accelerator},cpu"

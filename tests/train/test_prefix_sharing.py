@@ -294,6 +294,8 @@ def _runs_with_and_without(tmp_path, train, config_cls, data, loss_key, **kw):
     return runs
 
 
+# A whole run on the mesh: test-slow. The default suite keeps the RM run's comparison (test_rm_run_matches_unshared) and the DPO loss on shared rows.
+@pytest.mark.slow
 def test_dpo_run_on_the_mesh_matches_unshared(tmp_path, pref_files):
     """A DPO run with prefix sharing on the 8-device mesh logs the same metrics as without."""
     assert jax.device_count() == 8
@@ -461,6 +463,8 @@ class TestRanking:
             with pytest.raises(ValueError, match="needs a pairwise preference batch"):
                 rm_loss(model, batch)
 
+    # A whole ranking run: test-slow. The default suite keeps the ranking losses and gradients on shared rows.
+    @pytest.mark.slow
     def test_synthetic_ranking_run(self, tmp_path):
         """A Plackett-Luce reward-model run on synthetic rankings with prefix sharing logs the
         same losses as without; the rows fit the K-response lengths."""

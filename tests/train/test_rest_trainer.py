@@ -336,6 +336,8 @@ def _gold_rise(tmp_path, num_grow):
     return [r["rest/grow_reward_mean"] for r in rows if "rest/grow_reward_mean" in r]
 
 
+# Learning over several Grows: test-slow. The default suite runs the same path in the CLI and resume tests.
+@pytest.mark.slow
 def test_gold_reward_rises_over_the_starting_policy(tmp_path):
     # Each Grow's mean reward is that of 128 samples of the policy of the time: the first is the
     # starting policy's, the third the policy's after two Grow + Improve cycles.
