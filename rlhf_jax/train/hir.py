@@ -62,14 +62,14 @@ from rlhf_jax.generation import RewardSource
 from rlhf_jax.models import positions_from_mask
 from rlhf_jax.train.builders import load_tokenizer_for
 from rlhf_jax.train.config import DataSpec, TrainConfig, check_int, check_number, require
-from rlhf_jax.train.logprobs import model_scores, policy_response_logps
+from rlhf_jax.train.logprobs import model_scores
 from rlhf_jax.train.online import (
     ONLINE_DATA,
     HeldOut,
     MetricFn,
     OnlineTrainer,
+    jit_mean_kl_to_reference,
     seed_key_data,
-    sequence_kl_to_reference,
     train_online,
 )
 from rlhf_jax.train.rewards import RewardSpec
@@ -325,19 +325,6 @@ def _jit_step(policy_graphdef, tx, schedule, hp):
                    donate_argnums=(0,))
 
 
-@functools.lru_cache(maxsize=16)
-def _jit_kl(policy_graphdef, reference, temperature):
-    def kl(state, ref_state, rollout):
-        mask = rollout.response_mask.astype(jnp.float32)
-        policy = nnx.merge(policy_graphdef, state.policy.params, state.policy.frozen)
-        logps, _ = policy_response_logps(policy, rollout, temperature=temperature)
-        ref_model = reference.model(policy_graphdef, state.policy, ref_state)
-        ref_logps, _ = policy_response_logps(ref_model, rollout, temperature=temperature)
-        return jnp.mean(sequence_kl_to_reference(logps, ref_logps, mask))
-
-    return jax.jit(kl)
-
-
 class _Samples(NamedTuple):
     """What per-round metric functions receive: the samples (original prompts), their scores."""
 
@@ -390,8 +377,8 @@ class HirTrainer(OnlineTrainer):
                             entropy_coeff=float(config.entropy_coeff),
                             contrastive_average=bool(config.contrastive_average))
         self._update = _jit_step(self.policy_graphdef, self.tx, self.schedule, hp)
-        self._kl = _jit_kl(self.policy_graphdef, self.reference,
-                           float(config.rollout.temperature))
+        self._kl = jit_mean_kl_to_reference(self.policy_graphdef, self.reference,
+                                            float(config.rollout.temperature))
 
     def initial_state(self, policy_state: TrainState) -> HirState:
         return HirState(step=jnp.zeros((), jnp.int32), policy=policy_state,
@@ -438,7 +425,7 @@ class HirTrainer(OnlineTrainer):
         metrics = {
             "hir/score_mean": float(host_scores.mean()),
             "hir/best_label_score_mean": float(host_scores[best].mean()) if best.any() else 0.0,
-            "hir/kl_ref": self._kl(state, self.reference.state, rollout),
+            "hir/kl_ref": self._kl(state.policy, self.reference.state, rollout),
             "hir/response_length": float(mask.sum(-1).mean()),
             "hir/eos_fraction": float(np.asarray(host.finished, np.float32).mean()),
         }

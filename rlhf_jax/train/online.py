@@ -25,10 +25,12 @@ compare directly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -49,6 +51,7 @@ from rlhf_jax.train.builders import (
 )
 from rlhf_jax.train.config import DataSpec
 from rlhf_jax.train.data import build_data
+from rlhf_jax.train.logprobs import policy_response_logps
 from rlhf_jax.train.loop import fit
 from rlhf_jax.train.online_eval import evaluate_held_out
 from rlhf_jax.train.optimizer import cached_optimizer
@@ -77,6 +80,23 @@ def sequence_kl_to_reference(
     The shared ``"<algo>/kl_ref"`` metric of every online trainer is the mean of this over rows.
     """
     return losses.masked_sum(losses.kl_k1(logps, ref_logps), response_mask, axis=-1)
+
+
+@functools.lru_cache(maxsize=16)
+def jit_mean_kl_to_reference(policy_graphdef: Any, reference: Reference, temperature: float):
+    """Jitted ``fn(policy_state, ref_state, rollout) -> scalar``: the ``"<algo>/kl_ref"`` metric,
+    the mean over rows of `sequence_kl_to_reference` for a rollout sampled at ``temperature``
+    (one compile per policy graph, reference and temperature)."""
+
+    def kl(policy_state: TrainState, ref_state: Any, rollout: Rollout) -> jax.Array:
+        mask = rollout.response_mask.astype(jnp.float32)
+        policy = nnx.merge(policy_graphdef, policy_state.params, policy_state.frozen)
+        logps, _ = policy_response_logps(policy, rollout, temperature=temperature)
+        ref_model = reference.model(policy_graphdef, policy_state, ref_state)
+        ref_logps, _ = policy_response_logps(ref_model, rollout, temperature=temperature)
+        return jnp.mean(sequence_kl_to_reference(logps, ref_logps, mask))
+
+    return jax.jit(kl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,6 +584,7 @@ __all__ = [
     "resolve_mesh",
     "rollout_batch_sharding",
     "seed_key_data",
+    "jit_mean_kl_to_reference",
     "sequence_kl_to_reference",
     "setup_from_config",
     "to_host",

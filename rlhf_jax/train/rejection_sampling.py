@@ -37,13 +37,12 @@ from flax import nnx
 from rlhf_jax.generation import RewardSource, select_best_of_n
 from rlhf_jax.models import positions_from_mask
 from rlhf_jax.train.config import DataSpec, TrainConfig, check_int, require
-from rlhf_jax.train.logprobs import policy_response_logps
 from rlhf_jax.train.online import (
     ONLINE_DATA,
     MetricFn,
     OnlineTrainer,
+    jit_mean_kl_to_reference,
     seed_key_data,
-    sequence_kl_to_reference,
     train_online,
 )
 from rlhf_jax.train.rewards import RewardSpec
@@ -106,23 +105,6 @@ def best_of_n_sft_batch(rollout: Rollout, indices: jax.Array) -> dict[str, jax.A
     }
 
 
-def _kl_fn(policy_graphdef, reference, temperature):
-    def kl(state: RejectionSamplingState, ref_state: Any, rollout: Rollout) -> jax.Array:
-        mask = rollout.response_mask.astype(jnp.float32)
-        policy = nnx.merge(policy_graphdef, state.policy.params, state.policy.frozen)
-        logps, _ = policy_response_logps(policy, rollout, temperature=temperature)
-        ref_model = reference.model(policy_graphdef, state.policy, ref_state)
-        ref_logps, _ = policy_response_logps(ref_model, rollout, temperature=temperature)
-        return jnp.mean(sequence_kl_to_reference(logps, ref_logps, mask))
-
-    return kl
-
-
-@functools.lru_cache(maxsize=16)
-def _jit_kl(policy_graphdef, reference, temperature):
-    return jax.jit(_kl_fn(policy_graphdef, reference, temperature))
-
-
 @functools.lru_cache(maxsize=16)
 def _jit_sft_step(policy_graphdef, tx, schedule):
     step = make_train_step(make_sft_loss(), tx, graphdef=policy_graphdef, schedule=schedule)
@@ -177,8 +159,8 @@ class RejectionSamplingTrainer(OnlineTrainer):
             update_rows_name="sft_batch_size",
             num_updates=config.num_steps * self.steps_per_round,
         )
-        self._kl = _jit_kl(self.policy_graphdef, self.reference,
-                           float(config.rollout.temperature))
+        self._kl = jit_mean_kl_to_reference(self.policy_graphdef, self.reference,
+                                            float(config.rollout.temperature))
         self._sft_step = _jit_sft_step(self.policy_graphdef, self.tx, self.schedule)
 
     def initial_state(self, policy_state: TrainState) -> RejectionSamplingState:
@@ -197,7 +179,7 @@ class RejectionSamplingTrainer(OnlineTrainer):
         metrics = {
             "rs/score_mean": jnp.mean(scores),
             "rs/best_score_mean": jnp.mean(selection.best_scores),
-            "rs/kl_ref": self._kl(state, self.reference.state, rollout),
+            "rs/kl_ref": self._kl(state.policy, self.reference.state, rollout),
             "rs/response_length": jnp.mean(jnp.sum(mask, axis=-1)),
             "rs/eos_fraction": jnp.mean(rollout.finished.astype(jnp.float32)),
         }

@@ -82,13 +82,13 @@ from jax.experimental import multihost_utils
 from rlhf_jax import losses
 from rlhf_jax.generation import RewardSource
 from rlhf_jax.train.config import DataSpec, TrainConfig, check_int, check_number, require
-from rlhf_jax.train.logprobs import model_scores, policy_response_logps
+from rlhf_jax.train.logprobs import model_scores
 from rlhf_jax.train.online import (
     ONLINE_DATA,
     MetricFn,
     OnlineTrainer,
+    jit_mean_kl_to_reference,
     seed_key_data,
-    sequence_kl_to_reference,
     train_online,
 )
 from rlhf_jax.train.rejection_sampling import best_of_n_sft_batch
@@ -404,23 +404,6 @@ class ReSTState(NamedTuple):
     rng: jax.Array
 
 
-def _kl_fn(policy_graphdef, reference, temperature):
-    def kl(policy_state: TrainState, ref_state: Any, rollout: Rollout) -> jax.Array:
-        mask = rollout.response_mask.astype(jnp.float32)
-        policy = nnx.merge(policy_graphdef, policy_state.params, policy_state.frozen)
-        logps, _ = policy_response_logps(policy, rollout, temperature=temperature)
-        ref_model = reference.model(policy_graphdef, policy_state, ref_state)
-        ref_logps, _ = policy_response_logps(ref_model, rollout, temperature=temperature)
-        return jnp.mean(sequence_kl_to_reference(logps, ref_logps, mask))
-
-    return kl
-
-
-@functools.lru_cache(maxsize=16)
-def _jit_kl(policy_graphdef, reference, temperature):
-    return jax.jit(_kl_fn(policy_graphdef, reference, temperature))
-
-
 @functools.lru_cache(maxsize=16)
 def _jit_improve_step(policy_graphdef, tx, schedule, hp):
     loss_fn = functools.partial(rest_improve_loss, hp=hp)
@@ -483,8 +466,8 @@ class ReSTTrainer(OnlineTrainer):
             update_rows_name="improve_batch_size",
             num_updates=count_updates(config.num_steps, **shape),
         )
-        self._kl = _jit_kl(self.policy_graphdef, self.reference,
-                           float(config.rollout.temperature))
+        self._kl = jit_mean_kl_to_reference(self.policy_graphdef, self.reference,
+                                            float(config.rollout.temperature))
         self._improve_step = _jit_improve_step(self.policy_graphdef, self.tx, self.schedule,
                                                self.hp)
         self._grow_sets: dict[int, dict[str, np.ndarray]] = {}
