@@ -24,6 +24,12 @@ The sources:
 
 `score_samples` is how every consumer scores: the source, checked for shape and finiteness,
 then the missing-EOS penalty. ``rlhf_jax.train.rewards`` builds sources from a run's config.
+
+On several processes (a multi-host slice) the host sources gather the whole batch to every
+process (`rlhf_jax.sharding.gather_to_host`) and every process scores all of it, rather than
+each its own rows: a source may look at the whole batch (`whiten_linear_scores` normalises over
+it), and so every process holds the scores a single process would compute. `RewardModelSource`
+runs its jitted forward on the global arrays as they are.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from flax import nnx
 
 from rlhf_jax import losses
 from rlhf_jax.models import positions_from_mask
+from rlhf_jax.sharding import gather_to_host
 
 ScoreScale = Literal["probability", "logit"]
 """How a source's scores are expressed: ``probability`` on the sigmoid scale in ``[0, 1]`` (Llama
@@ -140,9 +147,11 @@ def score_samples(
 
 
 def _host_arrays(responses: Responses) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(sequences, sequence_mask, P)`` on the host."""
-    sequences, mask = jax.device_get((responses.sequences, responses.sequence_mask))
-    return np.asarray(sequences), np.asarray(mask), int(responses.prompt_length)
+    """``(sequences, sequence_mask, P)`` on the host: the whole batch on every process of a
+    multi-process run (`rlhf_jax.sharding.gather_to_host`, a collective), so every process
+    computes the same scores of the whole batch, as one process would."""
+    sequences, mask = gather_to_host((responses.sequences, responses.sequence_mask))
+    return sequences, mask, int(responses.prompt_length)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "head"))

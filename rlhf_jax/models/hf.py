@@ -49,6 +49,7 @@ from safetensors.numpy import save_file
 
 from rlhf_jax.models.config import ModelConfig, RopeScaling
 from rlhf_jax.models.transformer import CausalLM
+from rlhf_jax.sharding import gather_to_host
 
 logger = logging.getLogger(__name__)
 
@@ -552,14 +553,6 @@ def from_pretrained(
 
 
 # --------------------------------------------------------------------------- writing
-def _to_numpy(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
 def save_pretrained(
     model: CausalLM,
     path: str | os.PathLike,
@@ -604,7 +597,7 @@ def save_pretrained(
     hf_config = config_to_hf(config, dtype=dtype)
 
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    ours = {_path_key(p): _to_numpy(v[...]) for p, v in flat}
+    ours = {_path_key(p): gather_to_host(v[...]) for p, v in flat}
     tensors: dict[str, np.ndarray] = {}
     for link in tensor_links(config):
         values = [ours.pop(o) for o in link.ours]

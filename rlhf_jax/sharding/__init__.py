@@ -3,7 +3,8 @@
 Mesh axes are always `("data", "fsdp", "tensor")`, any of size 1 (`MeshConfig`, `make_mesh`).
 Model parameters carry logical axis names (`"embed"`, `"vocab"`, `"heads"`, `"kv_heads"`,
 `"mlp"`, ...); the one table `LOGICAL_AXIS_RULES` maps them to mesh axes. Batches are split over
-`("data", "fsdp")` on their leading axis.
+`("data", "fsdp")` on their leading axis. `gather_to_host` / `global_from_host` move whole global
+arrays between the devices and every host (on any number of processes).
 
 Typical use::
 
@@ -14,6 +15,7 @@ Typical use::
     logits = step(state, shard_batch(batch, mesh))
 """
 
+from rlhf_jax.sharding.host import gather_to_host, global_from_host
 from rlhf_jax.sharding.mesh import (
     MESH_AXES,
     MeshConfig,
@@ -44,6 +46,8 @@ __all__ = [
     "MESH_AXES",
     "MeshConfig",
     "batch_sharding",
+    "gather_to_host",
+    "global_from_host",
     "host_rows",
     "initialize_distributed",
     "logical_to_mesh_sharding",

@@ -89,6 +89,7 @@ def build_data(
     kl_pairs: bool = False,
     records: Sequence[Mapping[str, Any]] | None = None,
     eval_records: Sequence[Mapping[str, Any]] | None = None,
+    per_process: bool = True,
 ) -> DataBundle:
     """Training loader and held-out batches from a `DataSpec` (synthetic task, files or
     in-memory records).
@@ -108,15 +109,22 @@ def build_data(
         the model's.
       eval_records: held-out records in the same format (with `records`: the only held-out
         set; without them there is none).
+      per_process: each process reads its own share of every batch (the default: the batches
+        of the processes together are the global batch, `rlhf_jax.sharding.shard_batch`).
+        False: every process reads the whole global batch, the same on every process (the
+        online trainers' prompts, whose rollouts are scored on every host as on one).
 
     Batches are padded to `spec.max_length` (or the smallest of `spec.buckets` that fits) with
-    `spec.batch_size / jax.process_count()` rows per host.
+    `spec.batch_size / jax.process_count()` rows per host (`spec.batch_size` rows without
+    `per_process`).
     """
     wanted = format
     format = spec.format or format
     # KTO on paired data: load the pairs, then unpair them (chosen desirable, rejected not).
     unpair = wanted == "kto" and format in ("preference", "hh")
-    hosts = jax.process_count()
+    hosts = jax.process_count() if per_process else 1
+    # Without per_process every process reads the stream whole: shard 0 of 1.
+    shard = {} if per_process else {"shard_index": 0, "shard_count": 1}
     if spec.batch_size % hosts:
         raise ValueError(f"data.batch_size={spec.batch_size} must be divisible by the "
                          f"{hosts} hosts")
@@ -191,7 +199,7 @@ def build_data(
     train_examples = examples(train_source, split=spec.split, synthetic_seed=seed, num=spec.num_train,
                               role="train")
     train = DataLoader(train_examples, batch_config=batch_config(spec.batch_size, spec.packing),
-                       pad_id=pad_id, seed=seed, shuffle=spec.shuffle)
+                       pad_id=pad_id, seed=seed, shuffle=spec.shuffle, **shard)
 
     eval_source = spec.eval_path or (spec.path if spec.eval_split else None)
     synthetic_eval = spec.path is None and spec.num_eval > 0
@@ -206,7 +214,7 @@ def build_data(
             raise ValueError(f"the held-out set has {len(eval_examples)} examples, fewer than "
                              f"data.eval_batch_size={eval_bs}")
         eval_loader = DataLoader(eval_examples, batch_config=batch_config(eval_bs, False),
-                                 pad_id=pad_id, seed=seed, shuffle=False, num_epochs=1)
+                                 pad_id=pad_id, seed=seed, shuffle=False, num_epochs=1, **shard)
         start = eval_loader.get_state()
 
         def eval_batches():
@@ -241,21 +249,25 @@ def data_shares(loader: Any) -> dict[str, Any] | None:
     ``{"num_examples", "per_process": [{"process", "shard", "examples_read",
     "distinct_examples"}], "distinct_examples", "read_by_several_processes"}``: with disjoint
     shares `read_by_several_processes` is 0, and after one epoch `distinct_examples` is
-    `num_examples`.
+    `num_examples` (the online trainers' prompts are read whole by every process: shard
+    ``0/1`` each).
     """
     loader = getattr(loader, "loader", loader)  # a wrapper over the loader (DPO precomputed)
     if not hasattr(loader, "read_indices"):
         return None
     counts = np.bincount(loader.read_indices(), minlength=loader.num_examples).astype(np.int32)
+    shard = np.asarray([loader.shard_index, loader.shard_count], np.int32)
     if jax.process_count() > 1:
         counts = np.asarray(multihost_utils.process_allgather(counts))
+        shards = np.asarray(multihost_utils.process_allgather(shard))
     else:
-        counts = counts[None]
+        counts, shards = counts[None], shard[None]
     read = counts > 0
     return {
         "num_examples": int(loader.num_examples),
         "per_process": [
-            {"process": i, "shard": f"{i}/{len(counts)}", "examples_read": int(counts[i].sum()),
+            {"process": i, "shard": f"{shards[i][0]}/{shards[i][1]}",
+             "examples_read": int(counts[i].sum()),
              "distinct_examples": int(read[i].sum())}
             for i in range(len(counts))
         ],

@@ -487,7 +487,7 @@ class GRPOTrainer(OnlineTrainer):
 
     def score(self, state: GRPOState, rollout: Rollout, prompts: Mapping[str, np.ndarray]):
         """Reward-source scores, then the jitted scoring (log-probs, advantages)."""
-        scores = jax.device_put(self.scores(rollout, prompts), self.batch_sharding)
+        scores = self.scores(rollout, prompts)
         return self._score(state, self.reference.state, rollout, scores)
 
     def step(self, state: GRPOState, prompts: Mapping[str, np.ndarray]):

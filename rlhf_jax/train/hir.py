@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import losses
+from rlhf_jax import losses, sharding
 from rlhf_jax.generation import RewardSource
 from rlhf_jax.models import positions_from_mask
 from rlhf_jax.train.builders import load_tokenizer_for
@@ -402,7 +402,7 @@ class HirTrainer(OnlineTrainer):
         relabels; returns the `hir_batch` of the round and its metrics."""
         rollout = self.rollout(state, self.goal_prompts(prompts), rng)
         n = self.samples_per_prompt
-        host = jax.device_get(rollout)
+        host = sharding.gather_to_host(rollout)  # the whole rollout on every process
         orig_ids = np.repeat(np.asarray(prompts["prompt_ids"]), n, axis=0)
         orig_mask = np.repeat(np.asarray(prompts["prompt_mask"]), n, axis=0)
         plain = Rollout(
@@ -410,9 +410,9 @@ class HirTrainer(OnlineTrainer):
             sequence_mask=np.concatenate([orig_mask, host.response_mask], axis=1).astype(np.int32),
             response_ids=host.response_ids, response_mask=host.response_mask,
             finished=host.finished)
-        plain = jax.device_put(plain, self.batch_sharding)
+        plain = sharding.global_from_host(plain, self.batch_sharding)
         scores = self.scores(plain, prompts)
-        host_scores = np.asarray(jax.device_get(scores))
+        host_scores = sharding.gather_to_host(scores)
         k = self.relabeller.num_labels
         labels = check_labels(self.relabeller.labels(host_scores), rows=len(host_scores),
                               num_labels=k)
@@ -446,7 +446,8 @@ class HirTrainer(OnlineTrainer):
                                                       rows))
             for start in range(0, rows, size):
                 idx = order[start:start + size]
-                mb = jax.device_put({k: v[idx] for k, v in batch.items()}, self.batch_sharding)
+                mb = sharding.global_from_host({k: v[idx] for k, v in batch.items()},
+                                               self.batch_sharding)
                 policy, m = self._update(policy, mb)
                 step_metrics.append(m)
         for name in ("hir/loss", "hir/sft_loss", "hir/contrastive_loss", "hir/entropy"):

@@ -381,14 +381,20 @@ class OnlineTrainer:
 
     def scores(self, rollout: Rollout, prompts: Mapping[str, np.ndarray]) -> jax.Array:
         """``[B]`` reward-source scores of a rollout, after ``rollout.missing_eos_penalty``
-        (`rlhf_jax.generation.score_samples`)."""
-        return score_samples(
+        (`rlhf_jax.generation.score_samples`), as a global array with the rollout's sharding
+        (`batch_sharding`).
+
+        On several processes every process scores the whole rollout (a host source gathers it:
+        `rlhf_jax.sharding.gather_to_host`) and so holds the scores of a single process; each
+        places its own devices' rows of them (`rlhf_jax.sharding.global_from_host`)."""
+        scores = score_samples(
             self.reward,
             rollout,
             prompts,
             num_samples=self.samples_per_prompt,
             missing_eos_penalty=self.config.rollout.missing_eos_penalty,
         )
+        return sharding.global_from_host(scores, self.batch_sharding)
 
     def extra_metrics(self, experience: Any, prompts: Mapping[str, np.ndarray]
                       ) -> dict[str, float]:
@@ -493,7 +499,10 @@ def setup_from_config(config: Any, *, algorithm: str) -> OnlineSetup:
     """
     check_run_config(config)
     tokenizer = load_tokenizer_for(config.data, config.model)
-    data = build_data(config.data, format="prompt", tokenizer=tokenizer, seed=config.seed)
+    # Every process reads the whole prompt batch (not a share of it): on several processes each
+    # one samples, scores and evaluates the batch of a one-process run (`OnlineTrainer.scores`).
+    data = build_data(config.data, format="prompt", tokenizer=tokenizer, seed=config.seed,
+                      per_process=False)
     spec = config.model
     if spec.path is None and spec.vocab_size is None:
         # A randomly initialised policy gets exactly the tokenizer's vocabulary, so it never
@@ -523,26 +532,15 @@ def setup_from_config(config: Any, *, algorithm: str) -> OnlineSetup:
     )
 
 
-MULTI_PROCESS_LIMITATION = (
-    "the online trainers (ppo, grpo, rloo, rejection-sampling) run in one process only: their "
-    "rollouts are scored on the host (reward sources, the gold-reward metric, held-out samples) "
-    "from the whole batch, which a multi-host slice spreads over its hosts; run them on one host "
-    "(e.g. a v4-8 or v5e-8)"
-)
-"""Why `train_online` refuses a multi-process run."""
-
-
 def train_online(trainer_cls: type, config: Any, *, algorithm: str) -> dict[str, Any]:
     """A command-line online run: `setup_from_config`, then ``trainer_cls(...).train()``;
     returns the run summary (output directory, iterations run, final metrics). With
     ``eval_every > 0`` the policy is evaluated on the held-out prompts of ``config.data``
     (`OnlineTrainer.evaluate`); a run without held-out prompts then stops with an error.
 
-    Runs in one process only (`MULTI_PROCESS_LIMITATION`): a multi-process run stops with an
-    error before anything is built."""
-    if jax.process_count() > 1:
-        raise NotImplementedError(f"{algorithm}: {MULTI_PROCESS_LIMITATION} (this run has "
-                                  f"{jax.process_count()} processes)")
+    On several processes (a multi-host slice) every process reads the whole prompt batch,
+    gathers each rollout and scores it, so the run computes the numbers of one process (see
+    `OnlineTrainer.scores`); process 0 writes the run files."""
     setup = setup_from_config(config, algorithm=algorithm)
     held_out = setup.data.eval_batches if setup.data is not None else None
     if config.eval_every > 0 and held_out is None:

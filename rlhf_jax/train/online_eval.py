@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import losses
+from rlhf_jax import losses, sharding
 from rlhf_jax.generation import RewardSource, score_samples
 from rlhf_jax.models import positions_from_mask
 from rlhf_jax.train.logging import SampleTable
@@ -170,7 +170,9 @@ def evaluate_held_out(
                                  num_samples=1, mesh=mesh)
         proxy = score_samples(reward, rollout, prompts, num_samples=1)
         kl = kl_fn(policy_state, ref_state, rollout)
-        host = jax.device_get({"rollout": rollout, "proxy": proxy, "kl": kl})
+        # The whole batch on every process (a collective on a multi-host slice): every process
+        # computes the same metrics and table, process 0 logs them.
+        host = sharding.gather_to_host({"rollout": rollout, "proxy": proxy, "kl": kl})
         r = host["rollout"]
         p = r.prompt_length
         sequences, seq_mask = np.asarray(r.sequences), np.asarray(r.sequence_mask)

@@ -714,7 +714,7 @@ class PPOTrainer(OnlineTrainer):
         self, state: PPOState, rollout: Rollout, prompts: Mapping[str, np.ndarray]
     ) -> tuple[PPOExperience, dict[str, jax.Array]]:
         """Reward-source scores, then the jitted forward passes that build the rollout buffer."""
-        scores = jax.device_put(self.scores(rollout, prompts), self.batch_sharding)
+        scores = self.scores(rollout, prompts)
         return self._score(state, self.reference.state, rollout, scores)
 
     def update(

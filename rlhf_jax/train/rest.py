@@ -77,9 +77,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from rlhf_jax import losses
+from rlhf_jax import losses, sharding
 from rlhf_jax.generation import RewardSource
 from rlhf_jax.train.config import DataSpec, TrainConfig, check_int, check_number, require
 from rlhf_jax.train.logprobs import model_scores
@@ -411,13 +410,6 @@ def _jit_improve_step(policy_graphdef, tx, schedule, hp):
     return jax.jit(step, donate_argnums=(0,))
 
 
-def _host_array(x: jax.Array) -> np.ndarray:
-    """The whole of ``x`` on the host (gathered from every process of a multi-host run)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 class _Grown(NamedTuple):
     """What per-step metric functions receive on a Grow step: the samples and their scores."""
 
@@ -515,8 +507,8 @@ class ReSTTrainer(OnlineTrainer):
         }
         metrics.update(self.extra_metrics(_Grown(rollout=rollout, scores=scores), prompts))
         rows = best_of_n_sft_batch(rollout, jnp.arange(rollout.sequences.shape[0]))
-        arrays = {k: _host_array(v) for k, v in rows.items()}
-        rewards = _host_array(scores).astype(np.float32)
+        arrays = sharding.gather_to_host(dict(rows))
+        rewards = sharding.gather_to_host(scores).astype(np.float32)
         groups = rewards.reshape(-1, self.samples_per_prompt)
         arrays["rewards"] = rewards
         arrays["advantages"] = (groups - groups.mean(axis=1, keepdims=True)).reshape(-1)
@@ -582,7 +574,8 @@ class ReSTTrainer(OnlineTrainer):
                                 batch_size=self.config.improve_batch_size,
                                 seed=self.config.seed, grow=position.grow,
                                 improve=position.improve)
-            batch = jax.device_put({k: data[k][rows] for k in GROW_FIELDS}, self.batch_sharding)
+            batch = sharding.global_from_host({k: data[k][rows] for k in GROW_FIELDS},
+                                              self.batch_sharding)
             policy, step_metrics = self._improve_step(policy, batch)
             metrics.update(step_metrics)
         new_state = ReSTState(step=state.step + 1, policy=policy, rng=state.rng)

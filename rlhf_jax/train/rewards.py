@@ -55,9 +55,9 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
-import jax
 import numpy as np
 
+from rlhf_jax import sharding
 from rlhf_jax.generation import (
     RewardModelSource,
     RewardSource,
@@ -368,12 +368,11 @@ def gold_reward_metric(task: Any, name: str) -> Callable[..., dict[str, float]]:
     proxy score when the reward is a reward model: over-optimisation curves)."""
 
     def metric(experience: Any, prompts: Mapping[str, np.ndarray]) -> dict[str, float]:
-        rollout = jax.device_get(experience.rollout)
-        p = rollout.prompt_length
-        sequences = np.asarray(rollout.sequences)
-        gold = task.gold_reward_tokens(
-            sequences[:, :p], sequences[:, p:], np.asarray(rollout.sequence_mask)[:, p:]
-        )
+        # The whole rollout on every process (a collective on a multi-host slice).
+        sequences, mask = sharding.gather_to_host(
+            (experience.rollout.sequences, experience.rollout.sequence_mask))
+        p = experience.rollout.prompt_length
+        gold = task.gold_reward_tokens(sequences[:, :p], sequences[:, p:], mask[:, p:])
         return {name: float(np.mean(gold))}
 
     return metric
