@@ -1,7 +1,7 @@
 """Real multi-process runs on one machine (`python -m rlhf_jax.launch`, 2 processes x 4 CPU
-devices, gloo collectives) against one process with 8 devices: every trainer's metrics, the data
-shares of the hosts, checkpoints across process counts, a killed process, and the experiment
-pipeline with one shared output directory."""
+devices, gloo collectives) against one process with 8 devices: every trainer's metrics (offline
+and online), the data shares of the hosts, checkpoints across process counts, a killed process,
+and the experiment pipeline with one shared output directory on the emulated bucket."""
 
 import gzip
 import json
@@ -14,6 +14,7 @@ import numpy as np
 import psutil
 import pytest
 import yaml
+from etils import epath
 from multihost_runs import (
     QUIET,
     TINY_MODEL,
@@ -40,8 +41,15 @@ CONFIGS = {
     "rm": {"data": {"synthetic": "topic", **OFFLINE_DATA}},
     "dpo": {"data": {"synthetic": "topic", **OFFLINE_DATA}},
     "ppo": {"data": {"synthetic": "topic", "batch_size": 8, "max_length": 16,
-                     "max_prompt_length": 16},
+                     "max_prompt_length": 16, "num_eval": 16},
             "num_minibatches": 1, "rollout": {"max_new_tokens": 6}},
+    "grpo": {"data": {"synthetic": "topic", "batch_size": 8, "max_length": 16,
+                      "max_prompt_length": 16},
+             "num_generations": 2, "rollout": {"max_new_tokens": 6}},
+    "rejection-sampling": {"data": {"synthetic": "topic", "batch_size": 8, "max_length": 16,
+                                    "max_prompt_length": 16},
+                           "num_samples": 2, "sft_batch_size": 8,
+                           "rollout": {"max_new_tokens": 6}},
 }
 
 
@@ -87,14 +95,28 @@ def test_trainer_on_2x4_logs_the_metrics_of_1x8(tmp_path, command, extra):
             "reference_logps.0-of-2.npz", "reference_logps.1-of-2.npz"]
 
 
-def test_online_trainer_on_2_processes_stops_at_once_with_the_reason(tmp_path):
-    out = tmp_path / "ppo"
-    result = run(cli("ppo", "--config", str(_config(tmp_path, "ppo")), "--output-dir", str(out)),
-                 processes=2, devices=4)
-    assert result.returncode == 1, result.stdout[-4000:]
-    assert "ppo: the online trainers (ppo, grpo, rloo, rejection-sampling) run in one process " \
-           "only" in result.stdout
-    assert not out.exists()
+@pytest.mark.parametrize("command,extra", [("ppo", {"eval_every": 2}), ("grpo", {}),
+                                           ("rejection-sampling", {})],
+                         ids=["ppo-eval", "grpo", "rejection-sampling"])
+def test_online_trainer_on_2x4_logs_the_metrics_of_1x8(tmp_path, command, extra):
+    """Every process reads the whole prompt batch, samples it on the global mesh and scores
+    the gathered rollout on the host (the topic task's gold reward, and the gold-reward metric):
+    the metrics of one process, the held-out evaluation and its sample table included."""
+    config = _config(tmp_path, command, **extra)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert rlhf_cli.main([command, "--config", str(config), "--output-dir", str(one)]) == 0
+    _launched(command, config, two)
+    expected, got = read_metrics(one), read_jsonl(two / "metrics.jsonl")
+    assert [r["step"] for r in got if "step" in r][-1] == 3
+    assert_same_metrics(expected, got)
+    def texts(records):  # the sample tables' prompts and responses
+        return [[(row["prompt"], row["response"]) for row in value]
+                for r in records for value in r.values() if isinstance(value, list)]
+
+    assert texts(got) == texts(expected)
+    assert len(texts(got)) == (2 if "eval_every" in extra else 0)
+    summary = json.loads((two / "summary.json").read_text())
+    assert [p["shard"] for p in summary["data_shares"]["train"]["per_process"]] == ["0/1", "0/1"]
 
 
 # (b) -----------------------------------------------------------------------------------------
@@ -179,10 +201,11 @@ def test_killed_process_stops_the_run_and_a_restart_resumes_bit_exactly(tmp_path
 
 # (e) -----------------------------------------------------------------------------------------
 
-def test_pipeline_chain_on_2_processes_with_one_output_dir(tmp_path):
+def test_pipeline_chain_on_2_processes_with_one_output_dir_on_the_bucket(tmp_path, gcs_bucket):
     """experiments/configs/gpt2_small_hh_v4-8.yaml shrunk to the tiny GPT-2: SFT -> export ->
-    RM -> DPO on 2 processes by tpu_scripts/launch_local.sh, then PPO on one: every stage finds
-    the previous stage's outputs in the one output directory, each metrics file written once."""
+    RM -> DPO -> PPO (reward model and value model from the RM stage) on 2 processes by
+    tpu_scripts/launch_local.sh, with one output directory on the emulated bucket: every stage
+    finds the previous stage's outputs there, each metrics file written once."""
     sys.path.insert(0, str(REPO / "tests" / "experiments"))
     try:
         from test_pipeline_chain import CONFIG, _hh_rows, _shrink
@@ -197,27 +220,27 @@ def test_pipeline_chain_on_2_processes_with_one_output_dir(tmp_path):
     for split in ("train", "test"):
         prepare_hh.convert([src], data_dir, split=split)
     config = _shrink(yaml.safe_load(CONFIG.read_text()), data_dir)
+    assert [s["name"] for s in config["stages"]] == ["sft", "sft_hf", "rm", "dpo", "ppo"]
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
-    out = tmp_path / "run"
+    out = f"{gcs_bucket}/runs/chain"
     result = subprocess.run(
         ["bash", str(REPO / "tpu_scripts" / "launch_local.sh"), "--run-name", "chain", "--",
          sys.executable, "-m", "experiments.pipeline", "--config", str(path),
-         "--output-dir", str(out), "--stages", "sft,sft_hf,rm,dpo"],
+         "--output-dir", out],
         env=cpu_env(4), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=1200)
+        timeout=1500)
     assert result.returncode == 0, result.stdout[-6000:]
-    for stage in ("sft", "sft_hf", "rm", "dpo"):
+    for stage in ("sft", "sft_hf", "rm", "dpo", "ppo"):
         for process in ("0", "1"):
             assert f"[{process}] === stage {stage} finished with status 0" in result.stdout
-    # PPO (an online trainer: one process only) continues from the same directory
-    ppo = run([sys.executable, "-m", "experiments.pipeline", "--config", str(path),
-               "--output-dir", str(out), "--stages", "ppo"], processes=1, devices=8, cwd=REPO)
-    assert ppo.returncode == 0, ppo.stdout[-4000:]
-    assert (out / "sft_hf" / "config.json").is_file()
+    run_dir = epath.Path(out)
+    assert (run_dir / "sft_hf" / "config.json").is_file()
     for stage in ("sft", "rm", "dpo", "ppo"):
-        rows = read_jsonl(out / stage / "metrics.jsonl")
+        rows = [json.loads(line)
+                for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "step" in r][-1] == 2, stage
         assert len({json.dumps(r, sort_keys=True) for r in rows}) == len(rows), stage
-    last = read_jsonl(out / "ppo" / "metrics.jsonl")[-1]
+        assert (run_dir / stage / "checkpoints").is_dir(), stage
+    last = rows[-1]
     assert np.isfinite(last["ppo/score_mean"]) and last["ppo/score_std"] > 0
