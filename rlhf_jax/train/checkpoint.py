@@ -247,6 +247,18 @@ def reshard_data_state(states: list[Any], process_index: int, process_count: int
     return merge(list(states), "")
 
 
+def whole_stream_state(state: Any) -> Any:
+    """A loader state from `reshard_data_state` for a loader that reads the whole stream on
+    every process (shard 0 of 1: the online trainers' prompts, `build_data(per_process=False)`):
+    the examples its shard had read, ``position * shard_count``, become the position of shard
+    0 of 1. So such a run resumes on any number of processes; a state that is not a loader's
+    is returned as is."""
+    if not isinstance(state, dict) or not all(k in state for k in SHARD_KEYS):
+        return state
+    return {**state, "shard_index": 0, "shard_count": 1,
+            "position": int(state["position"]) * int(state["shard_count"])}
+
+
 class Checkpointer:
     """Saves and restores checkpoints under `directory` (see module docstring).
 
@@ -521,5 +533,6 @@ __all__ = [
     "file_crc32c",
     "gather_host_states",
     "reshard_data_state",
+    "whole_stream_state",
     "step_files",
 ]

@@ -52,7 +52,7 @@ import numpy as np
 from etils import epath
 
 from rlhf_jax.storage import ensure_dir
-from rlhf_jax.train.checkpoint import Checkpointer, all_finite
+from rlhf_jax.train.checkpoint import Checkpointer, all_finite, whole_stream_state
 from rlhf_jax.train.config import ConfigError, TrainConfig, config_to_dict, save_config
 from rlhf_jax.train.logging import MetricsLogger, SampleTable
 from rlhf_jax.train.state import TrainState
@@ -361,6 +361,10 @@ def restore_latest(
                 "the checkpoint holds a data-loader state but the training iterator has no "
                 "set_state(); cannot resume the data order exactly"
             )
+        if getattr(batches, "shard_count", None) == 1 and jax.process_count() > 1:
+            # Every process reads the whole stream (the online trainers' prompts), whatever
+            # share `reshard_data_state` gave this process of a checkpoint of another count.
+            loader_state = whole_stream_state(loader_state)
         set_state(loader_state)
     return restored.state, restored.step, int(extra.get("skipped_steps", 0))
 

@@ -6,7 +6,12 @@ import pytest
 
 from rlhf_jax import data as D
 from rlhf_jax.data import synthetic as S
-from rlhf_jax.train.checkpoint import DataStateError, gather_host_states, reshard_data_state
+from rlhf_jax.train.checkpoint import (
+    DataStateError,
+    gather_host_states,
+    reshard_data_state,
+    whole_stream_state,
+)
 from rlhf_jax.train.data import data_shares
 
 N = 24
@@ -47,7 +52,7 @@ def test_two_shares_are_disjoint_and_cover_an_epoch(sft):
     assert read[0].isdisjoint(read[1]) and read[0] | read[1] == set(range(N))
     counts = data_shares(shares[0])  # one process here: the share of process 0 alone
     assert counts == {"num_examples": N, "distinct_examples": 12, "read_by_several_processes": 0,
-                      "per_process": [{"process": 0, "shard": "0/1", "examples_read": 12,
+                      "per_process": [{"process": 0, "shard": "0/2", "examples_read": 12,
                                        "distinct_examples": 12}]}
 
 
@@ -80,3 +85,24 @@ def test_unequal_positions_or_values_cannot_be_resharded(sft):
         reshard_data_state([a.get_state(), b.get_state()], 0, 5)
     with pytest.raises(DataStateError, match="skipped_steps differs between processes"):
         reshard_data_state([{"skipped_steps": 0}, {"skipped_steps": 2}], 0, 1)
+
+
+def test_a_whole_stream_loader_resumes_on_any_process_count(sft):
+    """The online trainers' prompts: every process reads the whole stream (shard 0 of 1), so
+    the checkpoint of 1 or 2 such processes resumes on 2 or 1 at the same position."""
+    read = _loader(sft, batch_size=4)
+    _read(read, 3)
+    state = {"loader": read.get_state(), "skipped_steps": 0}
+    for stored, processes in (([state], 2), ([state, state], 1), ([state, state], 2)):
+        for i in range(processes):
+            resumed = whole_stream_state(reshard_data_state(stored, i, processes)["loader"])
+            fresh = _loader(sft, batch_size=4)
+            fresh.set_state(resumed)
+            assert _read(fresh, 2) == _read(_continued(sft, state["loader"]), 2)
+    assert whole_stream_state({"skipped_steps": 1}) == {"skipped_steps": 1}
+
+
+def _continued(examples, loader_state):
+    loader = _loader(examples, batch_size=4)
+    loader.set_state(loader_state)
+    return loader
