@@ -55,7 +55,7 @@ def _shrink(config: dict, data_dir: pathlib.Path) -> dict:
     return config
 
 
-# Every stage of the chain: test-slow. test_pipeline.py keeps a stage run through the CLI, and tests/multihost runs the SFT -> export -> RM -> DPO chain in test-slow too.
+# Every stage of the chain: test-slow. test_pipeline.py keeps a stage run through the CLI, and tests/multihost runs the whole chain on 2 processes on the emulated bucket in test-slow too.
 @pytest.mark.slow
 def test_gpt2_pipeline_runs_every_stage_on_a_tiny_checkpoint(tmp_path):
     src = tmp_path / "train.jsonl.gz"

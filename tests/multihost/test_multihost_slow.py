@@ -137,22 +137,26 @@ def test_hosts_read_disjoint_shares_that_cover_the_data(tmp_path):
 
 # (c) -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
-def test_checkpoint_restores_on_another_process_count(tmp_path, first, then):
+@pytest.mark.parametrize("command,first,then", [("dpo", 2, 1), ("dpo", 1, 2), ("ppo", 1, 2)])
+def test_checkpoint_restores_on_another_process_count(tmp_path, command, first, then):
     """2 steps on `first` processes, resumed to 4 steps on `then`: the metrics of 4 steps on one
-    process, the data order continued across the change."""
-    config = _config(tmp_path, "dpo", num_steps=4, optimizer=CONSTANT_LR,
-                     checkpoint={"every_steps": 2},
-                     data={"synthetic": "topic", **OFFLINE_DATA, "num_eval": 0})
+    process, the data order continued across the change (for PPO, whose every process reads
+    the whole prompt batch, the one position of that stream)."""
+    data = {**CONFIGS[command]["data"], "num_eval": 0}
+    if command == "dpo":
+        data = {"synthetic": "topic", **OFFLINE_DATA, "num_eval": 0}
+    config = _config(tmp_path, command, num_steps=4, optimizer=CONSTANT_LR,
+                     checkpoint={"every_steps": 2}, data=data)
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    assert rlhf_cli.main(["dpo", "--config", str(config), "--output-dir", str(reference)]) == 0
+    assert rlhf_cli.main([command, "--config", str(config), "--output-dir",
+                          str(reference)]) == 0
 
     def part(processes: int, steps: int):
         if processes == 1:
-            assert rlhf_cli.main(["dpo", "--config", str(config), "--output-dir", str(resumed),
-                                  "--num-steps", str(steps)]) == 0
+            assert rlhf_cli.main([command, "--config", str(config), "--output-dir",
+                                  str(resumed), "--num-steps", str(steps)]) == 0
         else:
-            _launched("dpo", config, resumed, "--num-steps", str(steps))
+            _launched(command, config, resumed, "--num-steps", str(steps))
 
     part(first, 2)
     part(then, 4)
