@@ -128,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             CheckpointDamagedError, StorageError) as e:
         print(f"rlhf-jax {name}: error: {e}", file=sys.stderr)
         return 1
+    except FileExistsError as e:  # a directory the command must not write into
+        print(f"rlhf-jax {name}: error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

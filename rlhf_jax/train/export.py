@@ -10,6 +10,9 @@ adapters are merged, and `rlhf_jax.models.save_pretrained` writes `config.json` 
 safetensors, plus the tokenizer when the run used one from a directory or a synthetic task.
 Reward- and value-model runs are not causal LMs and are refused with a clear error.
 
+A non-empty `output_dir` that is not a Hugging Face model directory is refused unless
+`overwrite` is set (``--overwrite``); an earlier export there is replaced.
+
 `run_dir` and `output_dir` may be local or ``gs://`` URIs (checked before anything is read,
 `rlhf_jax.storage.check_storage`).
 
@@ -51,6 +54,10 @@ class ExportConfig:
     """Stored dtype of the weights (default: the model's parameter dtype)."""
     save_tokenizer: bool = True
     """Also save the run's tokenizer into the directory."""
+    overwrite: bool = False
+    """Write into a non-empty directory that is not a Hugging Face model directory (its other
+    files are kept). Without it such a directory is refused; an earlier export is always
+    replaced."""
 
 
 def read_checkpoint_state(checkpoint_dir: str | os.PathLike, step: int | None = None
@@ -161,7 +168,14 @@ def export_policy(config: ExportConfig) -> dict[str, Any]:
             tokenizer = load_tokenizer_for(data, spec)
         except (ValueError, FileNotFoundError):
             tokenizer = None
-    path = save_pretrained(model, config.output_dir, dtype=config.dtype, tokenizer=tokenizer)
+    try:
+        path = save_pretrained(model, config.output_dir, dtype=config.dtype, tokenizer=tokenizer,
+                               overwrite=config.overwrite)
+    except FileExistsError as e:
+        raise FileExistsError(
+            f"output_dir={config.output_dir} is not empty and is not a Hugging Face model "
+            "directory (no config.json); pick an empty or new directory, or pass --overwrite "
+            "to write into it (its other files are kept)") from e
     # Process 0 writes the directory; every host reads it in the next stage, so none goes on
     # before it is complete (on a multi-host slice the directory must be shared: gs://).
     sync_processes(f"export {config.output_dir}")
