@@ -30,12 +30,16 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import yaml
 from etils import epath
 from flax import nnx
 
+from rlhf_jax.models.hf import save_pretrained
 from rlhf_jax.sharding import sync_processes
 from rlhf_jax.storage import absolute, check_storage
+from rlhf_jax.train.builders import build_model, load_tokenizer_for
+from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.config import DataSpec, DType, ModelSpec, config_from_dict
 from rlhf_jax.train.loop import CHECKPOINT_DIR, CONFIG_FILE
 
@@ -65,10 +69,6 @@ def read_checkpoint_state(checkpoint_dir: str | os.PathLike, step: int | None = 
     """`(step, state)`: a checkpoint's train state as nested dicts of NumPy arrays (host only,
     whatever mesh wrote it), after its files pass the checksum manifest (else
     `CheckpointDamagedError` naming the file)."""
-    import orbax.checkpoint as ocp
-
-    from rlhf_jax.train.checkpoint import Checkpointer
-
     with Checkpointer(checkpoint_dir, keep_last=None) as ckpt:
         steps = ckpt.all_steps()
         if not steps:
@@ -135,8 +135,6 @@ def load_policy(run_dir: str, *, step: int | None = None) -> tuple[nnx.Module, i
     policy-and-reference state) and the online trainers (PPO's policy beside its value model,
     GRPO/RLOO, rejection sampling).
     """
-    from rlhf_jax.train.builders import build_model
-
     run_config = read_run_config(run_dir)
     spec = config_from_dict(ModelSpec, run_config.get("model", {}), where="config.model")
     step, raw = read_checkpoint_state(epath.Path(run_dir, CHECKPOINT_DIR), step)
@@ -155,9 +153,6 @@ def load_policy(run_dir: str, *, step: int | None = None) -> tuple[nnx.Module, i
 
 def export_policy(config: ExportConfig) -> dict[str, Any]:
     """Exports the run's policy (see module docstring); returns a summary dict."""
-    from rlhf_jax.models.hf import save_pretrained
-    from rlhf_jax.train.builders import load_tokenizer_for
-
     check_storage(config)
     model, step, run_config = load_policy(config.run_dir, step=config.step)
     tokenizer = None
