@@ -24,9 +24,10 @@ A text far longer than any row can hold is cut before it is tokenized, so one 10
 about its own size rather than gigabytes of tokenizer state: a string prompt or completion is
 tokenized through windows of its first (or, for ``"keep_end"`` prompts, last) characters, cut at
 a whitespace character, and the window is accepted only when two windows of different sizes give
-the same kept ids (`_encode_kept`). The rows, the counts of cut texts and the skips are those of
-tokenizing the whole text; only an ``overlong="error"`` message then says "at least N tokens".
-A text with no whitespace near the cut, and every conversation, is tokenized whole.
+the same kept ids (`_encode_kept`). The rows, the counts of cut texts, the skips and the error
+reasons are those of tokenizing the whole text; only an error's message may differ (it counts
+"at least N tokens", and may name the sequence rather than the completion). A text with no
+whitespace near the cut, and every conversation, is tokenized whole.
 """
 
 from __future__ import annotations
