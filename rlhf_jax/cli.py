@@ -98,6 +98,8 @@ def _jsonable(value: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `rlhf-jax`; returns the process exit status."""
+    # The library is imported here, not at the top: `import rlhf_jax.cli` and `rlhf-jax --help`
+    # stay fast (the config module imports jax, ~3 s).
     from rlhf_jax.train.config import ConfigError, load_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -113,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if os.environ.get(DISTRIBUTED_ENV) == "1":
         # Multi-host run (set by tpu_scripts/launch.sh): every process joins JAX's distributed
-        # runtime before the first JAX computation, so the mesh spans all hosts.
+        # runtime before the first JAX computation, so the mesh spans all hosts. (Imported
+        # here for the reason above.)
         from rlhf_jax.sharding import initialize_distributed
 
         initialize_distributed(force=True)
@@ -126,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = run(config)
     except (RunIdentityError, NonFiniteError, CheckpointSaveError, CheckpointWriteError,
             CheckpointDamagedError, StorageError) as e:
+        print(f"rlhf-jax {name}: error: {e}", file=sys.stderr)
+        return 1
+    except FileExistsError as e:  # a directory the command must not write into
         print(f"rlhf-jax {name}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -42,6 +42,7 @@ from typing import Any
 
 import fsspec
 from etils import epath
+from google.auth import exceptions as auth_errors
 
 STORAGE_TIMEOUT_ENV = "RLHF_JAX_STORAGE_TIMEOUT"
 """Environment variable: seconds the start-up check waits for a storage endpoint's answer."""
@@ -208,8 +209,19 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
     return (lines[0] if lines else "")[:limit]
 
 
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """The error's message with its lines joined (gcsfs puts the server's reason on line 2)."""
+    return " ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())[:limit]
+
+
 def _cause(error: BaseException, *, uri: str, bucket: str, write: bool, fs: Any) -> str:
-    """One line saying why probing `uri` failed."""
+    """One line saying why probing `uri` failed.
+
+    What gcsfs raises: a 404 is `FileNotFoundError`; a 401 (no or anonymous credentials) a
+    `gcsfs.retry.HttpError` with ``code`` 401; a 403 (the account lacks the permission) a plain
+    `OSError` whose message starts with ``Forbidden``; credentials that cannot be found or
+    refreshed raise google-auth's `DefaultCredentialsError` / `RefreshError`.
+    """
     if isinstance(error, FileNotFoundError):
         if write:
             return f"bucket {bucket!r} does not exist"
@@ -220,11 +232,17 @@ def _cause(error: BaseException, *, uri: str, bucket: str, write: bool, fs: Any)
         except Exception:  # the bucket's metadata may need a permission the objects do not
             pass
         return "no such file or directory"
-    text = f"{type(error).__name__}: {_first_line(error)}"
+    text = f"{type(error).__name__}: {_one_line(error)}"
     code = getattr(error, "code", None)
-    if isinstance(error, PermissionError) or code in (401, 403):
-        return (f"not permitted ({text}); check the credentials (`gcloud auth "
-                f"application-default login`, or the VM's service account and its scopes)")
+    if isinstance(error, auth_errors.DefaultCredentialsError | auth_errors.RefreshError) or \
+            code == 401:
+        return (f"no valid credentials ({text}); run `gcloud auth application-default login`, "
+                f"or check the VM's service account and its scopes")
+    forbidden = type(error) is OSError and str(error).startswith("Forbidden")
+    if isinstance(error, PermissionError) or code == 403 or forbidden:
+        access = "write (storage.objects.create and .delete)" if write else "read"
+        return (f"not permitted ({text}); the account of the credentials needs {access} access "
+                f"to bucket {bucket!r}")
     return text
 
 

@@ -49,34 +49,12 @@ while (($#)); do
   esac
 done
 require_common
-[[ -n "$RUN_NAME" ]] || die "--run-name is required"
-check_run_name "$RUN_NAME"
 [[ "$WORKER" == "all" || "$WORKER" =~ ^[0-9]+$ ]] || die "--worker '$WORKER' must be 'all' or an index"
-if [[ -n "$CONFIG" && ${#COMMAND[@]} -gt 0 ]]; then
-  die "give either --config FILE or -- COMMAND..., not both"
-fi
-if [[ -z "$CONFIG" && ${#COMMAND[@]} -eq 0 ]]; then
-  die "give --config FILE or -- COMMAND..."
-fi
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -n "$CONFIG" ]]; then
-  [[ "$CONFIG" != /* ]] || die "--config '$CONFIG' must be a path inside the repository"
-  [[ -f "$REPO_ROOT/$CONFIG" ]] || die "--config '$CONFIG' not found under $REPO_ROOT"
-fi
-
-if [[ -n "$BUCKET" ]]; then
-  check_bucket --bucket "$BUCKET"
-  OUTPUT_DIR="${BUCKET%/}/runs/$RUN_NAME"
-else
-  OUTPUT_DIR="\$HOME/$REMOTE_RUNS/$RUN_NAME"
-fi
-if [[ -n "$CONFIG" ]]; then
-  COMMAND=(python -m experiments.pipeline --config "$CONFIG" --output-dir "$OUTPUT_DIR")
-fi
+# On the VM, runs/RUN under each worker's home ($HOME is expanded by the remote shell).
+resolve_launch "\$HOME/$REMOTE_RUNS"
 
 env_part="RLHF_JAX_DISTRIBUTED=1 RLHF_JAX_RUN_NAME=$(shell_quote "$RUN_NAME")"
 for kv in "${ENVS[@]+"${ENVS[@]}"}"; do
-  [[ "$kv" =~ ^[A-Za-z_][A-Za-z0-9_]*=.*$ ]] || die "--env '$kv' must read KEY=VALUE"
   env_part+=" $(shell_quote "$kv")"
 done
 cmd_part=""

@@ -49,34 +49,10 @@ while (($#)); do
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
-[[ -n "$RUN_NAME" ]] || die "--run-name is required"
-check_run_name "$RUN_NAME"
 [[ "$PROCESSES" =~ ^[1-9][0-9]*$ ]] || die "--num-processes '$PROCESSES' must be a positive integer"
 [[ "$DEVICES" =~ ^[1-9][0-9]*$ ]] || die "--devices-per-process '$DEVICES' must be a positive integer"
-if [[ -n "$CONFIG" && ${#COMMAND[@]} -gt 0 ]]; then
-  die "give either --config FILE or -- COMMAND..., not both"
-fi
-if [[ -z "$CONFIG" && ${#COMMAND[@]} -eq 0 ]]; then
-  die "give --config FILE or -- COMMAND..."
-fi
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -n "$CONFIG" ]]; then
-  [[ "$CONFIG" != /* ]] || die "--config '$CONFIG' must be a path inside the repository"
-  [[ -f "$REPO_ROOT/$CONFIG" ]] || die "--config '$CONFIG' not found under $REPO_ROOT"
-fi
-if [[ -n "$BUCKET" ]]; then
-  check_bucket --bucket "$BUCKET"
-  OUTPUT_DIR="${BUCKET%/}/runs/$RUN_NAME"
-else
-  OUTPUT_DIR="$REMOTE_RUNS/$RUN_NAME"
-fi
-if [[ -n "$CONFIG" ]]; then
-  # The command launch.sh runs on every host of a VM.
-  COMMAND=(python -m experiments.pipeline --config "$CONFIG" --output-dir "$OUTPUT_DIR")
-fi
-for kv in "${ENVS[@]+"${ENVS[@]}"}"; do
-  [[ "$kv" =~ ^[A-Za-z_][A-Za-z0-9_]*=.*$ ]] || die "--env '$kv' must read KEY=VALUE"
-done
+# The checks and the pipeline command of launch.sh; outputs under runs/ in the repository.
+resolve_launch "$REMOTE_RUNS"
 
 cd "$REPO_ROOT"
 if [[ -d .venv/bin ]]; then

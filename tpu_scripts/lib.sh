@@ -122,6 +122,40 @@ check_run_name() {
     || die "--run-name '$1' must be letters, digits, '.', '_' or '-' (one path component)"
 }
 
+# resolve_launch LOCAL_ROOT: the checks and the output directory that launch.sh and
+# launch_local.sh share. Reads RUN_NAME, CONFIG, BUCKET, COMMAND and ENVS; checks the run name,
+# that exactly one of --config FILE (inside the repository) and -- COMMAND... is given, the
+# bucket and every --env KEY=VALUE; sets REPO_ROOT, OUTPUT_DIR (BUCKET/runs/RUN with --bucket,
+# else LOCAL_ROOT/RUN) and, for --config, COMMAND to the experiments.pipeline command.
+resolve_launch() {
+  [[ -n "$RUN_NAME" ]] || die "--run-name is required"
+  check_run_name "$RUN_NAME"
+  if [[ -n "$CONFIG" && ${#COMMAND[@]} -gt 0 ]]; then
+    die "give either --config FILE or -- COMMAND..., not both"
+  fi
+  if [[ -z "$CONFIG" && ${#COMMAND[@]} -eq 0 ]]; then
+    die "give --config FILE or -- COMMAND..."
+  fi
+  REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  if [[ -n "$CONFIG" ]]; then
+    [[ "$CONFIG" != /* ]] || die "--config '$CONFIG' must be a path inside the repository"
+    [[ -f "$REPO_ROOT/$CONFIG" ]] || die "--config '$CONFIG' not found under $REPO_ROOT"
+  fi
+  if [[ -n "$BUCKET" ]]; then
+    check_bucket --bucket "$BUCKET"
+    OUTPUT_DIR="${BUCKET%/}/runs/$RUN_NAME"
+  else
+    OUTPUT_DIR="$1/$RUN_NAME"
+  fi
+  if [[ -n "$CONFIG" ]]; then
+    COMMAND=(python -m experiments.pipeline --config "$CONFIG" --output-dir "$OUTPUT_DIR")
+  fi
+  local kv
+  for kv in "${ENVS[@]+"${ENVS[@]}"}"; do
+    [[ "$kv" =~ ^[A-Za-z_][A-Za-z0-9_]*=.*$ ]] || die "--env '$kv' must read KEY=VALUE"
+  done
+}
+
 # tpu_ssh WORKER REMOTE_COMMAND: run a command on one worker (an index) or on all of them.
 tpu_ssh() {
   location_flags

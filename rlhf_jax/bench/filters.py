@@ -42,7 +42,7 @@ def _sorted_top_p(logits, *, top_p):
 
 
 def _hf_warpers():
-    try:
+    try:  # optional peers (the bench extra), imported only where they are measured
         import torch
         from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
     except ImportError:

@@ -45,7 +45,7 @@ def _load() -> str:
 
 
 def _hf_model(model: CausalLM):
-    try:
+    try:  # optional peers (the bench extra), imported only where they are measured
         import torch
         import transformers
     except ImportError:
@@ -65,7 +65,7 @@ def _hf_model(model: CausalLM):
 
 
 def _hf_generate(hf, ids: np.ndarray, new_tokens: int, *, greedy: bool = False):
-    import torch
+    import torch  # an optional peer, present when `_hf_model` built `hf`
 
     with torch.no_grad():
         out = hf.generate(
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     machine = machine_description()
-    try:
+    try:  # an optional peer
         import torch
 
         machine += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"

@@ -91,6 +91,10 @@ def step_flops(shape: Shape, *, lm_head: bool = True, reference_forward: bool = 
     return float(flops)
 
 
+# The trainers are imported inside the functions that time them, not at the top: the TRL worker
+# process (`trl_worker`) imports this module, and its peak RSS is measured without them.
+
+
 def _model_spec(shape: Shape):
     from rlhf_jax.train.config import ModelSpec
 
@@ -216,7 +220,7 @@ def bench_trl(shape: Shape, *, steps: int, warmup: int = 2, threads: int | None 
     """`(median, best)` seconds per `trl.DPOTrainer` optimizer step (fp32, CPU), or None
     without trl."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub
-    try:
+    try:  # optional peers (the bench extra), imported only where they are measured
         import torch
         import trl
         from datasets import Dataset

@@ -34,6 +34,11 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.bench._machine import machine_description, measure_matmul_peak
+from rlhf_jax.generation import RewardModelSource
+from rlhf_jax.models import CausalLM, ModelConfig, RewardModel
+from rlhf_jax.train.config import DataSpec, OptimizerConfig
+from rlhf_jax.train.ppo import PPOConfig, PPOTrainer
+from rlhf_jax.train.rollout import RolloutConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +94,6 @@ def _block(tree):
 
 def run(cfg: BenchConfig, *, iterations: int = 5, warmup: int = 2) -> dict:
     """Times ``iterations`` PPO iterations of ``cfg`` after ``warmup`` (compilation) ones."""
-    from rlhf_jax.generation import RewardModelSource
-    from rlhf_jax.models import CausalLM, ModelConfig, RewardModel
-    from rlhf_jax.train.config import DataSpec, OptimizerConfig
-    from rlhf_jax.train.ppo import PPOConfig, PPOTrainer
-    from rlhf_jax.train.rollout import RolloutConfig
-
     model_cfg = ModelConfig.gpt2_family(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
         num_heads=cfg.num_heads, max_position_embeddings=cfg.prompt_length + cfg.response_length,

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
 from rlhf_jax.data._collate import (
@@ -169,8 +170,6 @@ class DataLoader:
         if shard_options is not None:
             shard_index, shard_count = shard_options.shard_index, shard_options.shard_count
         if shard_index is None or shard_count is None:
-            import jax
-
             shard_index = jax.process_index() if shard_index is None else shard_index
             shard_count = jax.process_count() if shard_count is None else shard_count
         if not 0 <= shard_index < shard_count:

@@ -19,6 +19,15 @@ A preference pair whose chosen and rejected responses tokenise to the same ids (
 cut to the same first `max_length - P` tokens) carries no preference any more; such a pair, and a
 ranking with two responses that tokenise alike, is skipped and counted under the reason
 ``"identical_after_tokenization"`` (whatever `on_error` says: the record itself is valid).
+
+A text far longer than any row can hold is cut before it is tokenized, so one 10 MB line costs
+about its own size rather than gigabytes of tokenizer state: a string prompt or completion is
+tokenized through windows of its first (or, for ``"keep_end"`` prompts, last) characters, cut at
+a whitespace character, and the window is accepted only when two windows of different sizes give
+the same kept ids (`_encode_kept`). The rows, the counts of cut texts, the skips and the error
+reasons are those of tokenizing the whole text; only an error's message may differ (it counts
+"at least N tokens", and may name the sequence rather than the completion). A text with no
+whitespace near the cut, and every conversation, is tokenized whole.
 """
 
 from __future__ import annotations
@@ -78,6 +87,17 @@ class TokenizeConfig:
             )
 
 
+# Windows for `_encode_kept`: the first one spans this many characters per token wanted, and
+# must yield this many tokens beyond the kept ones (the ids nearest its cut are never kept).
+_WINDOW_CHARS_PER_TOKEN = 8
+_WINDOW_SPARE_TOKENS = 32
+_WHITESPACE = (" ", "\n", "\t", "\r")
+
+
+class _Head(list):
+    """The first (or last) ids of a text that has more tokens than these."""
+
+
 def _ids(x) -> np.ndarray:
     return np.asarray(x, dtype=np.int32).reshape(-1)
 
@@ -101,6 +121,52 @@ def _encode(tokenizer, text: str, *, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def _window(tokenizer, text: str, chars: int, *, special: bool, from_end: bool) -> list[int] | None:
+    """Ids of about the first (`from_end`: last) `chars` characters of `text`, cut at the first
+    whitespace character after them (before them), or None when the next `chars` characters
+    hold none."""
+    if from_end:
+        hi = len(text) - chars
+        cut = max(text.rfind(ch, hi - chars, hi) for ch in _WHITESPACE)
+        return None if cut < 0 else _encode(tokenizer, text[cut:], special=special)
+    found = [i for i in (text.find(ch, chars, 2 * chars) for ch in _WHITESPACE) if i >= 0]
+    return _encode(tokenizer, text[: min(found)], special=special) if found else None
+
+
+def _encode_kept(tokenizer, text: str, *, special: bool, keep: int | None,
+                 from_end: bool = False) -> list[int]:
+    """`_encode(text)`, or only the ids a row can keep of a text with more than `keep` tokens.
+
+    With F = `_encode(tokenizer, text)`: returns F when ``len(F) <= keep`` (or `keep` is None),
+    else a `_Head` of ``keep + 1`` ids equal to ``F[:keep + 1]`` (`from_end`: ``F[-(keep + 1):]``),
+    so every length test against a limit <= `keep`, and every cut to it, is that of F. A long text
+    is tokenized in windows of its start (end) cut at whitespace, ~8 characters per wanted token
+    first and 4x larger while a window yields too few ids or two windows (c and 2c characters)
+    disagree on the kept ones; a text at most 4x the window, or with no whitespace to cut at, is
+    tokenized whole.
+    """
+    if keep is None:
+        return _encode(tokenizer, text, special=special)
+    need = keep + 1
+    chars = _WINDOW_CHARS_PER_TOKEN * (need + _WINDOW_SPARE_TOKENS)
+    while 4 * chars < len(text):
+        a = _window(tokenizer, text, chars, special=special, from_end=from_end)
+        b = _window(tokenizer, text, 2 * chars, special=special, from_end=from_end)
+        if (a is not None and b is not None
+                and min(len(a), len(b)) >= need + _WINDOW_SPARE_TOKENS):
+            a, b = (a[-need:], b[-need:]) if from_end else (a[:need], b[:need])
+            if a == b:
+                return _Head(a)
+        chars *= 4
+    return _encode(tokenizer, text, special=special)
+
+
+def _count(*parts: list[int]) -> str:
+    """The number of ids in `parts`, as "at least N" when one is a `_Head`."""
+    n = sum(len(p) for p in parts)
+    return f"at least {n}" if any(isinstance(p, _Head) for p in parts) else str(n)
+
+
 class _Tokenizer:
     """Per-call helper binding a tokenizer and a config; `cut` counts the truncations."""
 
@@ -111,18 +177,22 @@ class _Tokenizer:
         self.cut: Counter[str] = Counter()
         self._response_cut = False
 
-    def _overlong(self, origin: str, what: str, n: int, limit: int) -> None:
+    def _overlong(self, origin: str, what: str, n: str, limit: int) -> None:
         if self.cfg.overlong != "truncate":
             raise RecordError(origin, "overlong", f"{what} has {n} tokens, more than {limit}")
 
-    def prompt(self, prompt: Text, origin: str) -> list[int]:
+    def prompt(self, prompt: Text, origin: str, *, completion_follows: bool = True) -> list[int]:
+        """Prompt ids cut to `max_prompt_length`. Without that limit a prompt followed by a
+        completion still never keeps more than `max_length` ids (`fit` refuses it)."""
+        limit = self.cfg.max_prompt_length
         if isinstance(prompt, str):
-            ids = _encode(self.tok, prompt, special=True)
+            keep = limit if limit is not None or not completion_follows else self.cfg.max_length
+            from_end = limit is not None and self.cfg.prompt_truncation == "keep_end"
+            ids = _encode_kept(self.tok, prompt, special=True, keep=keep, from_end=from_end)
         else:
             ids = _chat(self.tok, prompt, add_generation_prompt=True)
-        limit = self.cfg.max_prompt_length
         if limit is not None and len(ids) > limit:
-            self._overlong(origin, "the prompt", len(ids), limit)
+            self._overlong(origin, "the prompt", _count(ids), limit)
             ids = ids[-limit:] if self.cfg.prompt_truncation == "keep_end" else ids[:limit]
             self.cut["prompt"] += 1
         return ids
@@ -138,8 +208,10 @@ class _Tokenizer:
         return ids
 
     def completion(self, prompt: Text, completion: Text, origin: str) -> list[int]:
+        limit = self.cfg.max_completion_length
         if isinstance(completion, str):
-            ids = _encode(self.tok, completion, special=False)
+            keep = min((n for n in (limit, self.cfg.max_length) if n is not None), default=None)
+            ids = _encode_kept(self.tok, completion, special=False, keep=keep)
             if self.cfg.add_eos and self.eos is not None:
                 ids.append(self.eos)
         else:
@@ -153,9 +225,8 @@ class _Tokenizer:
                     "conversation; cannot separate completion tokens",
                 )
             ids = full[len(prompt_ids) :]
-        limit = self.cfg.max_completion_length
         if limit is not None and len(ids) > limit:
-            self._overlong(origin, "the completion", len(ids), limit)
+            self._overlong(origin, "the completion", _count(ids), limit)
             ids = ids[:limit]
             self._response_cut = True
         return ids
@@ -165,13 +236,13 @@ class _Tokenizer:
         limit = self.cfg.max_length
         if limit is None or len(prompt_ids) + len(completion_ids) <= limit:
             return completion_ids
-        self._overlong(origin, "the sequence", len(prompt_ids) + len(completion_ids), limit)
+        self._overlong(origin, "the sequence", _count(prompt_ids, completion_ids), limit)
         keep = limit - len(prompt_ids)
         if keep < 1:
             raise RecordError(
                 origin,
                 "overlong",
-                f"the prompt alone has {len(prompt_ids)} tokens, leaving no room for a "
+                f"the prompt alone has {_count(prompt_ids)} tokens, leaving no room for a "
                 f"completion within max_length={limit}",
             )
         self._response_cut = True
@@ -195,7 +266,7 @@ class _Tokenizer:
             loss[len(before) : len(upto)] = 1
         limit = self.cfg.max_length
         if limit is not None and len(full) > limit:
-            self._overlong(origin, "the conversation", len(full), limit)
+            self._overlong(origin, "the conversation", str(len(full)), limit)
             full, loss = full[:limit], loss[:limit]
             self.cut["conversation"] += 1
         if not loss.any():
@@ -258,7 +329,8 @@ def _tokenize(example, t: _Tokenizer, index: int):
         c = t.response(p, example.prompt, example.completion, o)
         return TokenizedKTO(_ids(p), _ids(c), example.label, o)
     if isinstance(example, PromptExample):
-        return TokenizedPrompt(_ids(t.prompt(example.prompt, o)), dict(example.fields), o, index)
+        ids = t.prompt(example.prompt, o, completion_follows=False)
+        return TokenizedPrompt(_ids(ids), dict(example.fields), o, index)
     raise TypeError(f"cannot tokenize {type(example).__name__}")
 
 

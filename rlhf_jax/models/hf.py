@@ -48,8 +48,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from rlhf_jax.models.config import ModelConfig, RopeScaling
+from rlhf_jax.models.lora import has_lora, merge_lora
 from rlhf_jax.models.transformer import CausalLM
-from rlhf_jax.sharding import gather_to_host
+from rlhf_jax.sharding import gather_to_host, variable_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -531,9 +532,6 @@ def from_pretrained(
     if unset:
         raise CheckpointError(f"{path}: parameters not provided by the checkpoint: "
                               f"{['/'.join(map(str, p)) for p in unset]}")
-    if mesh is not None:
-        from rlhf_jax.sharding import variable_sharding
-
     items = []
     for p, var in flat:
         value = arrays[_path_key(p)]
@@ -579,8 +577,6 @@ def save_pretrained(
       FileExistsError: `path` is a non-empty directory that is not a Hugging Face model
         directory (it has no `config.json`), unless `overwrite` is true.
     """
-    from rlhf_jax.models.lora import has_lora, merge_lora
-
     if not isinstance(model, CausalLM):
         raise TypeError(f"save_pretrained needs a CausalLM, got {type(model).__name__}")
     path = epath.Path(path)
@@ -687,6 +683,7 @@ def _publish(out: epath.Path, path: epath.Path, names: Sequence[str]) -> None:
 def load_tokenizer(path: str | os.PathLike, **kwargs):
     """The transformers tokenizer saved in the directory `path`, local or `gs://` (never
     downloads from a hub; a remote directory's files other than weights are staged locally)."""
+    # Imported here: transformers takes ~2 s to import, and only tokenizer loading needs it.
     from transformers import AutoTokenizer
 
     path = epath.Path(path)

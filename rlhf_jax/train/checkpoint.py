@@ -20,7 +20,9 @@ Beside the items, once orbax has committed the step, `checksums.json` records th
 of every file of the step (and whether every floating-point leaf of the state was finite). A
 restore verifies the files against it first, so a truncated, deleted or bit-flipped file is
 found and named before orbax reads it (orbax's own metadata checks miss flipped bytes inside an
-array). A step without the manifest (a process killed between orbax's commit and the manifest's
+array). In a multi-process run each process reads a disjoint share of the files, balanced by
+bytes (`verify_share`), and the processes agree on the outcome, so every host falls back to the
+same step. A step without the manifest (a process killed between orbax's commit and the manifest's
 write, or a checkpoint written before manifests existed) restores unverified, with a warning.
 
 `Checkpointer` wraps `ocp.CheckpointManager` (saves are synchronous so that a SIGTERM save has
@@ -145,6 +147,47 @@ def step_files(step_dir: epath.Path) -> list[epath.Path]:
     """Every file under a step directory except the manifest, sorted."""
     own = (CHECKSUM_FILE, CHECKSUM_FILE + ".partial")
     return sorted(p for p in _files_under(step_dir) if p.relative_to(step_dir).as_posix() not in own)
+
+
+def verify_share(sizes: Mapping[str, int], *, process_index: int, process_count: int
+                 ) -> list[str]:
+    """The files of a manifest that process `process_index` of `process_count` verifies.
+
+    `sizes` maps each file name to its size in bytes. Files go, largest first (ties by name), to
+    the process with the fewest bytes so far (ties: the lowest index), so the shares are disjoint,
+    together hold every file, and read about `total / process_count` bytes each (no share more
+    than that plus the largest file). Every process computes the same split. Returns the names of
+    `process_index`'s share, sorted.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+    loads = [0] * process_count
+    share: list[str] = []
+    for name, size in sorted(sizes.items(), key=lambda item: (-item[1], item[0])):
+        owner = min(range(process_count), key=lambda i: (loads[i], i))
+        loads[owner] += size
+        if owner == process_index:
+            share.append(name)
+    return sorted(share)
+
+
+def _check_file(step_dir: epath.Path, name: str, expected: Mapping[str, Any]
+                ) -> tuple[str, str] | None:
+    """`(name, reason)` when file `name` of a step does not match its manifest entry, else None
+    (an unreadable file is a reason too, so no process stops before the others agree)."""
+    path = step_dir / name
+    try:
+        if not path.exists():
+            return name, f"{path} is missing"
+        size, crc = file_crc32c(path)
+    except Exception as e:  # a read error on one host must not leave the others waiting
+        return name, f"{path} cannot be read ({type(e).__name__}: {_first_line(e)})"
+    if size != expected["size"]:
+        return name, f"{path} has {size} bytes, {expected['size']} were written"
+    if crc != expected["crc32c"]:
+        return name, (f"{path} fails its checksum (crc32c {crc}, {expected['crc32c']} was "
+                      f"written): its bytes changed after the save")
+    return None
 
 
 def all_finite(tree: Any) -> bool:
@@ -377,9 +420,12 @@ class Checkpointer:
     def verify(self, step: int) -> bool:
         """Checks every file of `step` against its checksum manifest.
 
-        Returns True when verified, False when the step has no manifest (a warning says it is
-        restored unverified); raises `CheckpointDamagedError` naming the first file that is
-        missing, of the wrong size or of the wrong CRC32C. A verified step is not read again.
+        In a multi-process run each process reads only its share of the files
+        (`verify_share`) and the processes then agree (a collective: every process calls it),
+        so all of them return, or raise, the same. Returns True when verified, False when the
+        step has no manifest (a warning says it is restored unverified); raises
+        `CheckpointDamagedError` naming the first file (by name) that is missing, unreadable, of
+        the wrong size or of the wrong CRC32C. A verified step is not read again.
         """
         if step in self._verified:
             return True
@@ -390,18 +436,14 @@ class Checkpointer:
                          "or written by an older version); it is restored unverified",
                          step_dir, CHECKSUM_FILE)
             return False
-        for name, expected in sorted(manifest["files"].items()):
-            path = step_dir / name
-            if not path.exists():
-                raise CheckpointDamagedError(f"{path} is missing")
-            size, crc = file_crc32c(path)
-            if size != expected["size"]:
-                raise CheckpointDamagedError(
-                    f"{path} has {size} bytes, {expected['size']} were written")
-            if crc != expected["crc32c"]:
-                raise CheckpointDamagedError(
-                    f"{path} fails its checksum (crc32c {crc}, {expected['crc32c']} was "
-                    f"written): its bytes changed after the save")
+        files = manifest["files"]
+        mine = verify_share({name: int(f["size"]) for name, f in files.items()},
+                            process_index=jax.process_index(), process_count=jax.process_count())
+        damaged = next((found for name in mine
+                        if (found := _check_file(step_dir, name, files[name]))), None)
+        reports = [r for r in gather_host_states(damaged) if r]
+        if reports:
+            raise CheckpointDamagedError(min(reports)[1])
         self._verified.add(step)
         return True
 
@@ -535,4 +577,5 @@ __all__ = [
     "reshard_data_state",
     "whole_stream_state",
     "step_files",
+    "verify_share",
 ]

@@ -43,6 +43,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import tyro
 import yaml
 from etils import epath
 
@@ -619,7 +620,6 @@ def load_config(
     The YAML file (if any) supplies the defaults that tyro shows in `--help` and that the
     command-line overrides replace.
     """
-    import tyro
 
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path = None

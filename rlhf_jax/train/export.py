@@ -10,6 +10,9 @@ adapters are merged, and `rlhf_jax.models.save_pretrained` writes `config.json` 
 safetensors, plus the tokenizer when the run used one from a directory or a synthetic task.
 Reward- and value-model runs are not causal LMs and are refused with a clear error.
 
+A non-empty `output_dir` that is not a Hugging Face model directory is refused unless
+`overwrite` is set (``--overwrite``); an earlier export there is replaced.
+
 `run_dir` and `output_dir` may be local or ``gs://`` URIs (checked before anything is read,
 `rlhf_jax.storage.check_storage`).
 
@@ -27,12 +30,16 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import yaml
 from etils import epath
 from flax import nnx
 
+from rlhf_jax.models.hf import save_pretrained
 from rlhf_jax.sharding import sync_processes
 from rlhf_jax.storage import absolute, check_storage
+from rlhf_jax.train.builders import build_model, load_tokenizer_for
+from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.config import DataSpec, DType, ModelSpec, config_from_dict
 from rlhf_jax.train.loop import CHECKPOINT_DIR, CONFIG_FILE
 
@@ -51,6 +58,10 @@ class ExportConfig:
     """Stored dtype of the weights (default: the model's parameter dtype)."""
     save_tokenizer: bool = True
     """Also save the run's tokenizer into the directory."""
+    overwrite: bool = False
+    """Write into a non-empty directory that is not a Hugging Face model directory (its other
+    files are kept). Without it such a directory is refused; an earlier export is always
+    replaced."""
 
 
 def read_checkpoint_state(checkpoint_dir: str | os.PathLike, step: int | None = None
@@ -58,10 +69,6 @@ def read_checkpoint_state(checkpoint_dir: str | os.PathLike, step: int | None = 
     """`(step, state)`: a checkpoint's train state as nested dicts of NumPy arrays (host only,
     whatever mesh wrote it), after its files pass the checksum manifest (else
     `CheckpointDamagedError` naming the file)."""
-    import orbax.checkpoint as ocp
-
-    from rlhf_jax.train.checkpoint import Checkpointer
-
     with Checkpointer(checkpoint_dir, keep_last=None) as ckpt:
         steps = ckpt.all_steps()
         if not steps:
@@ -128,8 +135,6 @@ def load_policy(run_dir: str, *, step: int | None = None) -> tuple[nnx.Module, i
     policy-and-reference state) and the online trainers (PPO's policy beside its value model,
     GRPO/RLOO, rejection sampling).
     """
-    from rlhf_jax.train.builders import build_model
-
     run_config = read_run_config(run_dir)
     spec = config_from_dict(ModelSpec, run_config.get("model", {}), where="config.model")
     step, raw = read_checkpoint_state(epath.Path(run_dir, CHECKPOINT_DIR), step)
@@ -148,9 +153,6 @@ def load_policy(run_dir: str, *, step: int | None = None) -> tuple[nnx.Module, i
 
 def export_policy(config: ExportConfig) -> dict[str, Any]:
     """Exports the run's policy (see module docstring); returns a summary dict."""
-    from rlhf_jax.models.hf import save_pretrained
-    from rlhf_jax.train.builders import load_tokenizer_for
-
     check_storage(config)
     model, step, run_config = load_policy(config.run_dir, step=config.step)
     tokenizer = None
@@ -161,7 +163,14 @@ def export_policy(config: ExportConfig) -> dict[str, Any]:
             tokenizer = load_tokenizer_for(data, spec)
         except (ValueError, FileNotFoundError):
             tokenizer = None
-    path = save_pretrained(model, config.output_dir, dtype=config.dtype, tokenizer=tokenizer)
+    try:
+        path = save_pretrained(model, config.output_dir, dtype=config.dtype, tokenizer=tokenizer,
+                               overwrite=config.overwrite)
+    except FileExistsError as e:
+        raise FileExistsError(
+            f"output_dir={config.output_dir} is not empty and is not a Hugging Face model "
+            "directory (no config.json); pick an empty or new directory, or pass --overwrite "
+            "to write into it (its other files are kept)") from e
     # Process 0 writes the directory; every host reads it in the next stage, so none goes on
     # before it is complete (on a multi-host slice the directory must be shared: gs://).
     sync_processes(f"export {config.output_dir}")

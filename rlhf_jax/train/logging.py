@@ -40,6 +40,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 from etils import epath
+from rich.progress import Progress
+from tqdm.auto import tqdm
 
 from rlhf_jax.storage import TextLog, ensure_dir, is_remote, mirror_dir
 from rlhf_jax.train.config import LoggingConfig
@@ -132,6 +134,8 @@ class MetricsLogger:
         self._file = TextLog(path, "".join(kept))
 
         if config.tensorboard:
+            # Imported here: tensorboardX (protobuf) takes ~1 s to import and a run without
+            # TensorBoard never needs it.
             from tensorboardX import SummaryWriter
 
             tb_dir = os.fspath(epath.Path(self.output_dir) / "tensorboard")
@@ -142,7 +146,7 @@ class MetricsLogger:
             self._tb = SummaryWriter(tb_dir)
 
         if config.wandb:
-            try:
+            try:  # an optional package, needed only with logging.wandb
                 import wandb
             except ImportError as e:
                 raise ImportError(
@@ -160,13 +164,9 @@ class MetricsLogger:
         if config.progress != "none" and total_steps:
             initial = resume_step or 0
             if config.progress == "tqdm":
-                from tqdm.auto import tqdm
-
                 self._bar = tqdm(total=total_steps, initial=initial, dynamic_ncols=True,
                                  file=sys.stderr)
             else:
-                from rich.progress import Progress
-
                 self._bar = Progress(transient=False)
                 self._bar.start()
                 self._task = self._bar.add_task("train", total=total_steps, completed=initial)

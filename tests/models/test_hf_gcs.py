@@ -72,3 +72,22 @@ def test_bucket_errors_name_the_remote_path(gcs_bucket):
     with pytest.raises(FileNotFoundError, match="missing"):
         load_tokenizer(epath.Path(gcs_bucket) / "missing")
 
+
+
+def test_saving_again_into_a_bucket_directory_replaces_only_its_own_weights(gcs_bucket):
+    """Re-saving deletes the previous save's weight files on the bucket (single file -> shards ->
+    single file) and keeps a file it did not write."""
+    model = from_pretrained(FIXTURES / "llama")
+    out = epath.Path(gcs_bucket) / "again"
+    save_pretrained(model, out)
+    (out / "model_original_backup.safetensors").write_bytes(b"the user's")
+    save_pretrained(model, out, max_shard_bytes=30_000)
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names
+    assert len([n for n in names if n.startswith("model-")]) > 1
+    _assert_same_params(model, from_pretrained(out))
+    save_pretrained(model, out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "model.safetensors", "model_original_backup.safetensors"]
+    assert (out / "model_original_backup.safetensors").read_bytes() == b"the user's"
+    _assert_same_params(model, from_pretrained(out))

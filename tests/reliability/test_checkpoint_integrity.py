@@ -4,6 +4,8 @@ truncated and deleted bytes are named), and rotation that never deletes the newe
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import google_crc32c
 import numpy as np
@@ -17,6 +19,7 @@ from rlhf_jax.train.checkpoint import (
     all_finite,
     file_crc32c,
     step_files,
+    verify_share,
 )
 
 
@@ -109,3 +112,71 @@ def test_checksums_work_on_a_bucket(gcs_bucket):
     assert files == ["config", "state/d/a"]
     assert file_crc32c(root / "state" / "d" / "a") == (3000, google_crc32c.value(b"abc" * 1000)
                                                        .to_bytes(4, "big").hex())
+
+
+class TestVerifyShare:
+    SIZES = {"a": 10, "b": 700, "c": 5, "d": 300, "e": 300, "f": 1, "g": 90}
+
+    @pytest.mark.parametrize("count", [1, 2, 3, 7, 9])
+    def test_shares_are_disjoint_cover_every_file_and_balance_bytes(self, count):
+        shares = [verify_share(self.SIZES, process_index=i, process_count=count)
+                  for i in range(count)]
+        names = [n for share in shares for n in share]
+        assert sorted(names) == sorted(self.SIZES)  # each file once, none left out
+        loads = [sum(self.SIZES[n] for n in share) for share in shares]
+        total = sum(self.SIZES.values())
+        assert max(loads) <= total / count + max(self.SIZES.values())
+        assert all(share == sorted(share) for share in shares)
+
+    def test_two_processes_split_the_bytes_evenly_here(self):
+        assert verify_share(self.SIZES, process_index=0, process_count=2) == ["b", "c"]  # 705 bytes
+        assert verify_share(self.SIZES, process_index=1, process_count=2) == ["a", "d", "e", "f", "g"]  # 701
+
+    def test_bad_index(self):
+        with pytest.raises(ValueError, match=r"process_index=2 is not in \[0, 2\)"):
+            verify_share(self.SIZES, process_index=2, process_count=2)
+
+
+_VERIFY_ON_EACH_PROCESS = """
+import json, sys
+from rlhf_jax.sharding import initialize_distributed
+initialize_distributed()
+import jax
+from rlhf_jax.train import checkpoint as C
+read, crc = [], C.file_crc32c
+C.file_crc32c = lambda path: read.append(path.as_posix()) or crc(path)
+with C.Checkpointer(sys.argv[1], keep_last=None) as ckpt:
+    intact = ckpt.verify(1)
+    try:
+        ckpt.verify(2)
+        damaged = None
+    except C.CheckpointDamagedError as e:
+        damaged = str(e)
+print("RESULT", json.dumps({"intact": intact, "damaged": damaged, "read": read}), flush=True)
+"""
+
+
+def test_two_processes_read_disjoint_shares_and_agree(tmp_path):
+    """Two real processes (`rlhf_jax.launch`, gloo): each reads its share of step 1's files, the
+    shares cover them, and both name the same flipped file of step 2, which one of them read."""
+    _save(tmp_path, [1, 2])
+    victim = _array_files(tmp_path / "2")[-1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    out = subprocess.run(
+        [sys.executable, "-m", "rlhf_jax.launch", "--num-processes", "2",
+         "--devices-per-process", "1", "--", sys.executable, "-c", _VERIFY_ON_EACH_PROCESS,
+         str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout
+    results = {line.split()[0]: json.loads(line.split(" RESULT ", 1)[1])
+               for line in out.stdout.splitlines() if " RESULT " in line}
+    assert sorted(results) == ["[0]", "[1]"], out.stdout
+    step1 = {f.as_posix() for f in step_files(epath.Path(tmp_path / "1"))}
+    reads = [{p for p in r["read"] if "/1/" in p} for r in results.values()]
+    assert reads[0] and reads[1] and not reads[0] & reads[1]
+    assert reads[0] | reads[1] == step1
+    assert all(r["intact"] for r in results.values())
+    [message] = {r["damaged"] for r in results.values()}  # the same error on both
+    assert message.startswith(f"{victim} fails its checksum (crc32c ")
+    assert sum(victim.as_posix() in r["read"] for r in results.values()) == 1

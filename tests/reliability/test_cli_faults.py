@@ -127,3 +127,21 @@ def test_kill_9_during_a_save_then_resume_matches_an_uninterrupted_run(tmp_path)
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
     assert _sft(out, *argv) == 0
     assert _metrics(out) == _metrics(tmp_path / "whole")
+
+
+def test_export_into_a_non_hf_directory_needs_overwrite(tmp_path, capsys):
+    run, hf = tmp_path / "run", tmp_path / "hf"
+    assert _sft(run, "--num-steps", "1") == 0
+    hf.mkdir()
+    (hf / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert cli.main(["export", "--run-dir", str(run), "--output-dir", str(hf)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"rlhf-jax export: error: output_dir={hf} is not empty and is not a Hugging "
+                   "Face model directory (no config.json); pick an empty or new directory, or "
+                   "pass --overwrite to write into it (its other files are kept)")
+    assert sorted(os.listdir(hf)) == ["notes.txt"]
+    assert cli.main(["export", "--run-dir", str(run), "--output-dir", str(hf), "--overwrite"]) == 0
+    assert (hf / "config.json").exists() and (hf / "notes.txt").read_text() == "mine"
+    # an earlier export is a Hugging Face directory: exporting again replaces it without the flag
+    assert cli.main(["export", "--run-dir", str(run), "--output-dir", str(hf)]) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -56,8 +57,6 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     template, does not add BOS/EOS by itself, and round-trips through `save_pretrained` /
     `AutoTokenizer.from_pretrained`. Each call returns a fresh copy.
     """
-    import copy
-
     return copy.deepcopy(_tokenizer())
 
 
