@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(BIN)/python -m experiments.demo
 
 # ReST and HIR on the reward-vs-KL frontier next to PPO, DPO and best-of-n (runs/frontier-*:
-# report.md, results.json, frontier.png); two seeds, ~15 min on 2 cores.
+# report.md, results.json, frontier.png); three seeds, <= 15 min on 2 cores.
 frontier: $(STAMP)
 	$(BIN)/python -m experiments.frontier
 

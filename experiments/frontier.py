@@ -84,7 +84,7 @@ class FrontierConfig:
     seeds, and the ReST and HIR settings."""
 
     preset: str = "default"
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2)
     demo: str = "default"
     demo_overrides: tuple[tuple[str, Any], ...] = (
         ("sft_steps", 300), ("ppo_iterations", 40), ("ppo_evals_per_run", 2),
@@ -106,7 +106,9 @@ class FrontierConfig:
     hir_epochs: int = 2
     hir_batch_size: int = 16
     hir_contrastive_coeff: float = 5.0
-    hir_learning_rate: float = 1e-3
+    hir_learning_rate: float = 3e-4
+    """Chosen on seed 5 (not a reported seed) among 1e-4, 3e-4 and 1e-3: at 1e-3 the policy
+    drifted to 5-20 nats of KL, longer responses and a lower gold reward."""
 
     def __post_init__(self):
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
@@ -133,7 +135,7 @@ class FrontierConfig:
 
     @classmethod
     def default(cls, **overrides: Any) -> FrontierConfig:
-        """Two seeds inside 15 minutes on 2 CPU cores."""
+        """Three seeds inside 15 minutes on 2 CPU cores."""
         return cls(**overrides)
 
     @classmethod
@@ -582,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output-dir", default=None,
                         help="where to write the report (default: runs/frontier-<timestamp>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="master seeds (default: 0 1; --quick: 0)")
+                        help="master seeds (default: 0 1 2; --quick: 0)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override FrontierConfig fields, e.g. --set hir_rounds=30")
     args = parser.parse_args(argv)
