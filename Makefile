@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 WORKERS ?= 2
 DIST    ?= worksteal
 
-.PHONY: install lint test test-slow demo demo-full rlaif rlaif-quick bench clean
+.PHONY: install lint test test-slow demo demo-full frontier frontier-quick rlaif rlaif-quick bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m experiments.demo
+
+# ReST and HIR on the reward-vs-KL frontier next to PPO, DPO and best-of-n (runs/frontier-*:
+# report.md, results.json, frontier.png); three seeds, <= 15 min on 2 cores.
+frontier: $(STAMP)
+	$(BIN)/python -m experiments.frontier
+
+frontier-quick: $(STAMP)
+	$(BIN)/python -m experiments.frontier --quick
 
 # RLAIF findings at small scale (runs/rlaif: report.md, results.json, PNGs); ~15 min on 2 cores.
 rlaif: $(STAMP)

@@ -36,13 +36,21 @@ Where the paper is silent (its tasks have binary correctness), the choices made 
   one example at a time): in self-training the per-example mean weighs the EOS of short
   responses up, and on the synthetic task the sampled responses shrank from 11 to 3 tokens in
   10 rounds with it (they do not shrink with the token mean).
-- The round's samples are trained on in that round only (no replay across rounds); a round
-  is one loop step, so resume at a round boundary is exact without a stored sample buffer.
+- **Replay buffer.** The paper's Algorithm 1 adds every round's relabelled samples to a buffer
+  and trains on batches drawn from it. ``buffer_size > 0`` does that with a bounded buffer
+  (`HirBuffer`): the newest ``buffer_size`` relabelled samples (first in, first out; each keeps
+  the label of its own round), and each of the round's ``sft_epochs`` passes trains on
+  ``data.batch_size * num_samples`` rows drawn from the whole buffer without replacement, so a
+  round makes the same number of optimizer steps with or without it. The buffer is part of the
+  trainer's state, so it is stored in every checkpoint and resume stays exact. The default,
+  ``buffer_size=0``, keeps no buffer: each round trains on its own samples only (on-policy;
+  the measurements in docs/experiments.md were taken this way).
 
 Metrics per round (``hir/``): ``loss``, ``sft_loss``, ``contrastive_loss``, ``entropy`` (step
 means), ``score_mean``, ``best_label_score_mean`` (samples relabelled with the best label),
 ``kl_ref`` (sequence KL of the round's samples to the reference), ``response_length``,
-``eos_fraction``, and ``gold_reward`` on a synthetic task. ``num_steps`` counts rounds.
+``eos_fraction``, ``buffer_rows`` (samples in the replay buffer, with ``buffer_size > 0``),
+and ``gold_reward`` on a synthetic task. ``num_steps`` counts rounds.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax import losses, sharding
 from rlhf_jax.generation import RewardSource
@@ -109,6 +118,10 @@ class HirConfig(TrainConfig):
     started to separate the labels."""
     entropy_coeff: float = 0.0
     """Weight of the entropy bonus over the response tokens (the released code: 0.001)."""
+    buffer_size: int = 0
+    """Relabelled samples kept in a replay buffer across rounds (the newest ones; at least
+    ``data.batch_size * num_samples``), which every round trains on; 0 (the default): no
+    buffer, a round trains on its own samples (module docstring)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -118,6 +131,7 @@ class HirConfig(TrainConfig):
         check_number(self, "contrastive_coeff", low=0)
         check_number(self, "label_smoothing", low=0, high=1, high_open=True)
         check_number(self, "entropy_coeff", low=0)
+        check_int(self, "buffer_size", low=0)
         require(len(self.label_texts) >= 2 and all(isinstance(t, str) and t
                                                    for t in self.label_texts)
                 and len(set(self.label_texts)) == len(self.label_texts), "label_texts",
@@ -127,6 +141,9 @@ class HirConfig(TrainConfig):
         require(rows % self.sft_batch_size == 0, "sft_batch_size",
                 f"sft_batch_size={self.sft_batch_size} must divide data.batch_size * "
                 f"num_samples = {rows}")
+        require(self.buffer_size == 0 or self.buffer_size >= rows, "buffer_size",
+                f"buffer_size={self.buffer_size} must be 0 (no buffer) or hold a whole round's "
+                f"samples, data.batch_size * num_samples = {rows}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,16 +323,79 @@ def hir_train_loss(model: nnx.Module, batch: Mapping[str, jax.Array], rng: Any =
 
 
 # ---------------------------------------------------------------------------------------------
+# the replay buffer
+# ---------------------------------------------------------------------------------------------
+
+BUFFER_FIELDS = ("input_ids", "attention_mask", "positions", "loss_mask", "label")
+"""The `hir_batch` fields a `HirBuffer` holds."""
+
+
+class HirBuffer(NamedTuple):
+    """HIR's replay buffer of relabelled samples: a ring of ``S`` (``buffer_size``) `hir_batch`
+    rows, ``input_ids, attention_mask, positions, loss_mask`` ``[S, K, T]`` and ``label [S]``
+    (int32), and ``added`` (int32 scalar), the rows ever added. Rows ``0 .. min(added, S) - 1``
+    are filled; the next row goes to slot ``added % S``, over the oldest."""
+
+    input_ids: Any
+    attention_mask: Any
+    positions: Any
+    loss_mask: Any
+    label: Any
+    added: Any
+
+
+def empty_buffer(size: int, *, num_labels: int, width: int) -> HirBuffer:
+    """An empty `HirBuffer` of ``size`` rows of ``num_labels`` instructions x ``width`` tokens
+    (host arrays)."""
+    rows = np.zeros((size, num_labels, width), np.int32)
+    return HirBuffer(input_ids=rows, attention_mask=rows.copy(), positions=rows.copy(),
+                     loss_mask=rows.copy(), label=np.zeros((size,), np.int32),
+                     added=np.zeros((), np.int32))
+
+
+def add_to_buffer(buffer: HirBuffer, batch: Mapping[str, np.ndarray], *, pad_id: int
+                  ) -> HirBuffer:
+    """``buffer`` (host arrays) with the rows of a `hir_batch` written at the ring's next slots
+    (the oldest rows make way). Rows narrower than the buffer's ``T`` (a shorter prompt bucket)
+    are left-padded (``pad_id``, mask 0, position 0: the real tokens keep their positions); a
+    wider row, or more rows than the buffer holds, is a ValueError."""
+    size, k, width = buffer.input_ids.shape
+    n, k_in, t = batch["input_ids"].shape
+    if k_in != k or t > width or n > size:
+        raise ValueError(f"HIR replay buffer holds up to {size} rows of {k} instructions x "
+                         f"{width} tokens (data.max_prompt_length + label + "
+                         f"rollout.max_new_tokens); got {n} rows of {k_in} x {t}")
+    pad = ((0, 0), (0, 0), (width - t, 0))
+    rows = {
+        "input_ids": np.pad(batch["input_ids"], pad, constant_values=pad_id),
+        "attention_mask": np.pad(batch["attention_mask"], pad),
+        "positions": np.pad(batch["positions"], pad),
+        "loss_mask": np.pad(batch["loss_mask"], pad),
+        "label": np.asarray(batch["label"]),
+    }
+    added = int(buffer.added)
+    slots = (added + np.arange(n)) % size
+    out = {}
+    for name in BUFFER_FIELDS:
+        arr = np.array(getattr(buffer, name), np.int32)
+        arr[slots] = rows[name]
+        out[name] = arr
+    return HirBuffer(**out, added=np.asarray(added + n, np.int32))
+
+
+# ---------------------------------------------------------------------------------------------
 # the trainer
 # ---------------------------------------------------------------------------------------------
 
 
 class HirState(NamedTuple):
-    """Rounds completed, the policy's `TrainState` (its ``step`` counts updates), the RNG."""
+    """Rounds completed, the policy's `TrainState` (its ``step`` counts updates), the RNG, and
+    the replay buffer (`HirBuffer`, replicated; None without one)."""
 
     step: jax.Array
     policy: TrainState
     rng: jax.Array
+    buffer: HirBuffer | None = None
 
 
 @functools.lru_cache(maxsize=16)
@@ -381,8 +461,22 @@ class HirTrainer(OnlineTrainer):
                                             float(config.rollout.temperature))
 
     def initial_state(self, policy_state: TrainState) -> HirState:
+        buffer = None
+        if self.config.buffer_size:
+            # Rows as wide as the widest prompt bucket's instructions plus the responses.
+            p = self.config.data.max_prompt_length
+            ids, _ = self.relabeller.instruct(
+                np.full((1, p), self.pad_token_id, np.int32), np.ones((1, p), np.int32),
+                np.asarray([self.relabeller.best_label]))
+            buffer = empty_buffer(self.config.buffer_size, num_labels=self.relabeller.num_labels,
+                                  width=ids.shape[1] + self.config.rollout.max_new_tokens)
         return HirState(step=jnp.zeros((), jnp.int32), policy=policy_state,
-                        rng=seed_key_data(self.config.seed))
+                        rng=seed_key_data(self.config.seed), buffer=self._replicate(buffer))
+
+    def _replicate(self, buffer: HirBuffer | None) -> HirBuffer | None:
+        if buffer is None:
+            return None
+        return sharding.global_from_host(buffer, NamedSharding(self.mesh, PartitionSpec()))
 
     def goal_prompts(self, prompts: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``prompts`` with every prompt under the best-outcome instruction."""
@@ -440,13 +534,22 @@ class HirTrainer(OnlineTrainer):
         rows = batch["label"].shape[0]
         size = self.config.sft_batch_size
         policy = state.policy
+        buffer, pool, source = state.buffer, rows, batch
+        if buffer is not None:
+            # The round's rows join the buffer; the updates draw from all of it.
+            buffer = add_to_buffer(sharding.gather_to_host(buffer), batch,
+                                   pad_id=self.pad_token_id)
+            pool = min(int(buffer.added), len(buffer.label))
+            source = {name: getattr(buffer, name) for name in BUFFER_FIELDS}
+            metrics["hir/buffer_rows"] = pool
+            buffer = self._replicate(buffer)
         step_metrics: list[dict[str, jax.Array]] = []
         for epoch in range(self.config.sft_epochs):
             order = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, epoch),
-                                                      rows))
+                                                      pool))[:rows]
             for start in range(0, rows, size):
                 idx = order[start:start + size]
-                mb = sharding.global_from_host({k: v[idx] for k, v in batch.items()},
+                mb = sharding.global_from_host({k: v[idx] for k, v in source.items()},
                                                self.batch_sharding)
                 policy, m = self._update(policy, mb)
                 step_metrics.append(m)
@@ -456,7 +559,7 @@ class HirTrainer(OnlineTrainer):
                                                         for m in step_metrics]))
         metrics["train/learning_rate"] = step_metrics[-1]["train/learning_rate"]
         return HirState(step=state.step + 1, policy=policy,
-                        rng=jax.random.key_data(next_key)), metrics
+                        rng=jax.random.key_data(next_key), buffer=buffer), metrics
 
 
 def train_hir(config: HirConfig) -> dict[str, Any]:
@@ -468,12 +571,16 @@ def train_hir(config: HirConfig) -> dict[str, Any]:
 
 
 __all__ = [
+    "BUFFER_FIELDS",
+    "HirBuffer",
     "HirConfig",
     "HirHyperParams",
     "HirState",
     "HirTrainer",
     "Relabeller",
     "RewardBucketRelabeller",
+    "add_to_buffer",
+    "empty_buffer",
     "hir_batch",
     "hir_train_loss",
     "prefix_prompts",

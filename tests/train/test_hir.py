@@ -24,11 +24,14 @@ from rlhf_jax.train.config import DataSpec, FieldError, ModelSpec, OptimizerConf
 from rlhf_jax.train.data import build_data
 from rlhf_jax.train.export import load_policy, read_checkpoint_state
 from rlhf_jax.train.hir import (
+    BUFFER_FIELDS,
     HirConfig,
     HirHyperParams,
     HirTrainer,
     RewardBucketRelabeller,
+    add_to_buffer,
     check_labels,
+    empty_buffer,
     hir_batch,
     hir_train_loss,
     prefix_prompts,
@@ -141,6 +144,62 @@ def test_hir_train_loss_matches_numpy(average):
 
 
 # ---------------------------------------------------------------------------------------------
+# the replay buffer
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows(n, width, first, k=2):
+    """``n`` `hir_batch`-like rows whose tokens are ``first, first + 1, ...`` (row id), the
+    left-most column padding."""
+    ids = np.broadcast_to((first + np.arange(n))[:, None, None], (n, k, width)).astype(np.int32)
+    mask = np.ones((n, k, width), np.int32)
+    mask[..., 0] = 0
+    return {"input_ids": ids.copy(), "attention_mask": mask,
+            "positions": np.maximum(np.cumsum(mask, -1) - 1, 0).astype(np.int32),
+            "loss_mask": mask.copy(), "label": (first + np.arange(n)).astype(np.int32) % k}
+
+
+def test_buffer_keeps_the_newest_rows_first_in_first_out():
+    buf = empty_buffer(5, num_labels=2, width=6)
+    buf = add_to_buffer(buf, _rows(3, 6, first=10), pad_id=0)
+    assert int(buf.added) == 3
+    assert buf.input_ids[:3, 0, -1].tolist() == [10, 11, 12] and not buf.input_ids[3:].any()
+    buf = add_to_buffer(buf, _rows(3, 6, first=20), pad_id=0)
+    # slots 3, 4 then 0: the oldest row (10) made way
+    assert int(buf.added) == 6
+    assert buf.input_ids[:, 0, -1].tolist() == [22, 11, 12, 20, 21]
+    assert buf.label.tolist() == [0, 1, 0, 0, 1]
+
+
+def test_buffer_left_pads_narrower_rows_and_refuses_wider_ones():
+    buf = add_to_buffer(empty_buffer(4, num_labels=2, width=6), _rows(2, 4, first=7), pad_id=99)
+    assert buf.input_ids[0, 0].tolist() == [99, 99, 7, 7, 7, 7]
+    assert buf.attention_mask[0, 0].tolist() == [0, 0, 0, 1, 1, 1]
+    # the real tokens keep their positions
+    assert buf.positions[0, 0].tolist() == [0, 0, 0, 0, 1, 2]
+    with pytest.raises(ValueError, match="up to 4 rows of 2 instructions x 6 tokens"):
+        add_to_buffer(buf, _rows(2, 7, first=0), pad_id=0)
+    with pytest.raises(ValueError, match="got 5 rows"):
+        add_to_buffer(buf, _rows(5, 6, first=0), pad_id=0)
+
+
+def test_rounds_train_on_the_buffer(tmp_path):
+    """With a buffer of two rounds, the second round's updates draw from both rounds' rows
+    (without one, the default, the state holds no buffer: the test above)."""
+    trainer = _trainer(tmp_path, buffer_size=32, devices=8)
+    rows = []
+    for _ in range(2):
+        m = trainer.iteration()
+        rows.append(m["hir/buffer_rows"])
+        assert np.isfinite(m["hir/loss"])
+    assert rows == [16, 32]
+    buf = trainer.state.buffer
+    assert int(buf.added) == 32 and buf.input_ids.shape[:2] == (32, 2)
+    assert buf.input_ids.sharding.is_fully_replicated
+    assert int(trainer.state.policy.step) == 2 * 2  # the same updates per round as without
+
+
+# ---------------------------------------------------------------------------------------------
 # rounds on the synthetic task
 # ---------------------------------------------------------------------------------------------
 
@@ -196,6 +255,7 @@ def test_rounds_relabel_with_a_pluggable_relabeller_on_8_devices(tmp_path):
         assert 0.0 < m["hir/contrastive_loss"] < 2.0
     np.testing.assert_allclose(rounds[0]["hir/score_mean"], relabel.seen[0].mean(), rtol=1e-5)
     assert int(trainer.state.policy.step) == 2 * 2
+    assert trainer.state.buffer is None  # the default: no replay buffer
 
 
 def test_bad_config_names_the_field():
@@ -205,6 +265,8 @@ def test_bad_config_names_the_field():
         HirConfig(label_texts=("1",))
     with pytest.raises(FieldError, match="label_smoothing"):
         HirConfig(label_smoothing=1.0)
+    with pytest.raises(FieldError, match="buffer_size=16 must be 0 .* = 32"):
+        HirConfig(buffer_size=16)  # 8 prompts x 4 samples per round
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +279,7 @@ def test_cli_help_lists_options(capsys):
         cli.main(["hir", "--help"])
     out = capsys.readouterr().out
     for option in ("--label-texts", "--contrastive-coeff", "--entropy-coeff", "--num-samples",
+                   "--buffer-size",
                    "--reward.source", "--rollout.max-new-tokens", "--config"):
         assert option in out, option
 
@@ -261,6 +324,25 @@ def test_cli_yaml_run_resume_and_export(tmp_path):
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
     assert cli.main(["export", "--run-dir", str(out), "--output-dir", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").exists()
+
+
+def test_cli_resume_with_a_replay_buffer_is_exact(tmp_path):
+    """The buffer (wrapped around by round 4) is in the checkpoint: resuming from round 2
+    reproduces round 4's state, buffer included, bit for bit."""
+    out = tmp_path / "run"
+    path = _yaml(tmp_path, buffer_size=24, eval_every=0)
+    assert cli.main(["hir", "--config", path, "--output-dir", str(out)]) == 0
+    rows = [r["hir/buffer_rows"] for r in read_metrics(out) if "hir/loss" in r]
+    assert rows == [16, 24, 24, 24]
+    _, final = read_checkpoint_state(str(out / "checkpoints"))
+    assert set(BUFFER_FIELDS) < set(final["buffer"]) and int(final["buffer"]["added"]) == 64
+    shutil.rmtree(out / "checkpoints" / "4")
+    assert cli.main(["hir", "--config", path, "--output-dir", str(out)]) == 0
+    _, again = read_checkpoint_state(str(out / "checkpoints"))
+    a, b = jax.tree.leaves(final), jax.tree.leaves(again)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
 def _sft_policy(tmp_path, steps):
