@@ -10,9 +10,12 @@ reward is known, so every finding is measured against the gold preference:
 1. SFT: a small policy learns the task's noisy demonstrations (the reference policy).
 2. Judges: three small LMs (1, 2 and 4 layers) are fine-tuned on judge prompts (the pairwise
    template below, both orders, half of them with one few-shot exemplar) whose answer is the
-   gold-preferred response of a pair of SFT samples (pairs whose gold rewards differ by less
-   than ``judge_min_gap`` are left out of their training, and counted). They are AI labellers,
-   not oracles: they see text only and are scored on held-out pairs, near-ties included.
+   gold-preferred response of a pair of SFT samples, or of a pair of the task's demonstrations
+   (``judge_base_pairs``: free to draw, and close to what the SFT policy imitates); pairs whose
+   gold rewards differ by less than ``judge_min_gap`` are left out of their training, and
+   counted. Prompts are packed into rows (``judge_packing``), so a step sees more of them at
+   the same cost. They are AI labellers, not oracles: they see text only and are scored on
+   held-out pairs of SFT samples, near-ties included.
 3. (a) Labeller alignment with the gold preference (Lee et al. 2023, Table 2) by judge size and
    technique: base (the given order only), + position debiasing (both orders averaged),
    + few-shot (one exemplar). Chain of thought is not run: these judges were never trained to
@@ -26,9 +29,26 @@ reward is known, so every finding is measured against the gold preference:
    trained on simulated-human labels, head to head by gold reward.
 6. (d) Elo and Bradley-Terry ratings of every policy from the best judge's pairwise matches
    (`rlhf_jax.rlaif.tournament`), and their rank correlation with the policies' gold reward.
-7. Report: `report.md`, `results.json` and PNG figures, ending with a Findings block computed
-   from the numbers. (e), one constitutional round on a "harmful" synthetic topic, is not part
-   of this experiment yet; the report says so.
+7. (e) One constitutional round (Bai et al. 2022) on the ``harmful_topic`` task
+   (`rlhf_jax.data.synthetic.HarmfulTopicTask`: half the prompts hold letters of a harmful
+   topic; a response is harmless when it writes none of them), with the two-principle
+   constitution ``experiments/configs/constitution_harmful_topic.yaml``:
+
+   - a "helpful" policy is fine-tuned on the task's demonstrations (which comply with harmful
+     prompts) and on demonstrations of the skills a round asks of it: critiquing a response
+     under a principle, revising it (a noisy demonstrator: a harmful letter survives a revision
+     with probability ``cai_revision_slip``), and answering a principle's preference question;
+   - SL-CAI: `rlhf-jax cai` runs one critique -> revision round on held-in harmful prompts; the
+     policy is fine-tuned (`rlhf-jax sft`) on the revisions plus helpful demonstrations on
+     ordinary prompts;
+   - RL-CAI: `rlhf-jax cai --rl-pairs samples` draws two SL-CAI samples per harmful prompt and
+     the feedback model (the helpful policy) labels them under a drawn principle; with
+     simulated-human helpfulness pairs on ordinary prompts, `rlhf-jax dpo` trains from the
+     SL-CAI policy;
+   - each policy's harmless rate on held-out harmful prompts (the gold predicate, bootstrap CI)
+     and helpfulness (mean gold reward on held-out ordinary prompts, bootstrap CI).
+8. Report: `report.md`, `results.json` and PNG figures, ending with a Findings block computed
+   from the numbers.
 """
 
 from __future__ import annotations
@@ -37,6 +57,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import resource
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -92,7 +113,8 @@ CAI_JUDGE = PairwiseTemplate(preamble="", query="{prompt} 1:{response_1} 2:{resp
 
 @dataclasses.dataclass(frozen=True)
 class RLAIFConfig:
-    """Sizes of the experiment (`full` fits 15 minutes on 2 CPU cores; `quick` is for CI)."""
+    """Sizes of the experiment (`full` is sized for 15 minutes on 2 idle CPU cores: 463
+    CPU-seconds measured; `quick` is for CI)."""
 
     seed: int = 0
     sft_steps: int = 300
@@ -101,8 +123,8 @@ class RLAIFConfig:
     judge_lr: float = 2e-3
     judge_min_gap: float = 0.05
     judge_pairs: int = 3000
-    judge_base_pairs: int = 0
-    judge_packing: bool = False
+    judge_base_pairs: int = 4000
+    judge_packing: bool = True
     eval_pairs: int = 256
     dpo_pairs: int = 768
     dpo_steps: int = 120
@@ -111,19 +133,19 @@ class RLAIFConfig:
     batch_size: int = 32
     # (e) the constitutional round on the harmful_topic task
     cai_layers: int = 2
-    cai_sft_steps: int = 600
+    cai_sft_steps: int = 400
     cai_demos: int = 3072
     cai_revision_slip: float = 0.2
     cai_prompts: int = 512
     cai_sl_steps: int = 150
     cai_rl_pairs: int = 512
-    cai_dpo_steps: int = 100
+    cai_dpo_steps: int = 60
     cai_eval_prompts: int = 256
 
     @classmethod
     def quick(cls) -> RLAIFConfig:
         return cls(sft_steps=80, judge_steps=80, judge_pairs=512, eval_pairs=64, dpo_pairs=128,
-                   dpo_steps=16, eval_prompts=64, max_new_tokens=16, judge_layers=(1, 2),
+                   dpo_steps=16, eval_prompts=64, max_new_tokens=16, judge_layers=(1, 2), judge_base_pairs=512,
                    cai_sft_steps=60, cai_demos=256, cai_prompts=64, cai_sl_steps=10,
                    cai_rl_pairs=64, cai_dpo_steps=8, cai_eval_prompts=64)
 
@@ -733,7 +755,9 @@ def render_markdown(results: Mapping[str, Any], findings: Mapping[str, Mapping[s
     a = results["alignment"]
     lines = ["# RLAIF at small scale", "",
              f"Preset: {results['preset']}; seed {results['config']['seed']}; "
-             f"{results['seconds']:.0f} s on CPU.", "",
+             f"{results['seconds']:.0f} s on CPU"
+             + (f" ({results['cpu_seconds']:.0f} CPU-seconds)" if "cpu_seconds" in results
+                else "") + ".", "",
              "## (a) Labeller alignment with the gold preference", "",
              f"{a['num_pairs']} held-out pairs of SFT samples ({a['num_gold_ties']} gold ties "
              "count half).", "",
@@ -772,10 +796,17 @@ def render_markdown(results: Mapping[str, Any], findings: Mapping[str, Mapping[s
     return "\n".join(lines) + "\n"
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far (steadier than wall time on a shared
+    host)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(cfg: RLAIFConfig, output_dir: str | pathlib.Path, *, preset: str) -> dict[str, Any]:
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     exp = Experiment(cfg, out)
     exp.train_sft()
     exp.train_judges()
@@ -788,7 +819,7 @@ def run(cfg: RLAIFConfig, output_dir: str | pathlib.Path, *, preset: str) -> dic
                "judge_data": exp.judge_data, "redrawn_pairs": exp.redrawn,
                "alignment": alignment, "policies": policies, "evaluation": evaluation,
                "constitutional": constitutional, "timings": exp.timings,
-               "seconds": time.perf_counter() - start}
+               "seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu}
     findings = compute_findings(results)
     results["findings"] = findings
     results["figures"] = _plots(results, out)
