@@ -10,9 +10,12 @@ reward is known, so every finding is measured against the gold preference:
 1. SFT: a small policy learns the task's noisy demonstrations (the reference policy).
 2. Judges: three small LMs (1, 2 and 4 layers) are fine-tuned on judge prompts (the pairwise
    template below, both orders, half of them with one few-shot exemplar) whose answer is the
-   gold-preferred response of a pair of SFT samples (pairs whose gold rewards differ by less
-   than ``judge_min_gap`` are left out of their training, and counted). They are AI labellers,
-   not oracles: they see text only and are scored on held-out pairs, near-ties included.
+   gold-preferred response of a pair of SFT samples, or of a pair of the task's demonstrations
+   (``judge_base_pairs``: free to draw, and close to what the SFT policy imitates); pairs whose
+   gold rewards differ by less than ``judge_min_gap`` are left out of their training, and
+   counted. Prompts are packed into rows (``judge_packing``), so a step sees more of them at
+   the same cost. They are AI labellers, not oracles: they see text only and are scored on
+   held-out pairs of SFT samples, near-ties included.
 3. (a) Labeller alignment with the gold preference (Lee et al. 2023, Table 2) by judge size and
    technique: base (the given order only), + position debiasing (both orders averaged),
    + few-shot (one exemplar). Chain of thought is not run: these judges were never trained to
@@ -26,9 +29,26 @@ reward is known, so every finding is measured against the gold preference:
    trained on simulated-human labels, head to head by gold reward.
 6. (d) Elo and Bradley-Terry ratings of every policy from the best judge's pairwise matches
    (`rlhf_jax.rlaif.tournament`), and their rank correlation with the policies' gold reward.
-7. Report: `report.md`, `results.json` and PNG figures, ending with a Findings block computed
-   from the numbers. (e), one constitutional round on a "harmful" synthetic topic, is not part
-   of this experiment yet; the report says so.
+7. (e) One constitutional round (Bai et al. 2022) on the ``harmful_topic`` task
+   (`rlhf_jax.data.synthetic.HarmfulTopicTask`: half the prompts hold letters of a harmful
+   topic; a response is harmless when it writes none of them), with the two-principle
+   constitution ``experiments/configs/constitution_harmful_topic.yaml``:
+
+   - a "helpful" policy is fine-tuned on the task's demonstrations (which comply with harmful
+     prompts) and on demonstrations of the skills a round asks of it: critiquing a response
+     under a principle, revising it (a noisy demonstrator: a harmful letter survives a revision
+     with probability ``cai_revision_slip``), and answering a principle's preference question;
+   - SL-CAI: `rlhf-jax cai` runs one critique -> revision round on held-in harmful prompts; the
+     policy is fine-tuned (`rlhf-jax sft`) on the revisions plus helpful demonstrations on
+     ordinary prompts;
+   - RL-CAI: `rlhf-jax cai --rl-pairs samples` draws two SL-CAI samples per harmful prompt and
+     the feedback model (the helpful policy) labels them under a drawn principle; with
+     simulated-human helpfulness pairs on ordinary prompts, `rlhf-jax dpo` trains from the
+     SL-CAI policy;
+   - each policy's harmless rate on held-out harmful prompts (the gold predicate, bootstrap CI)
+     and helpfulness (mean gold reward on held-out ordinary prompts, bootstrap CI).
+8. Report: `report.md`, `results.json` and PNG figures, ending with a Findings block computed
+   from the numbers.
 """
 
 from __future__ import annotations
@@ -37,6 +57,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import resource
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -49,13 +70,17 @@ from rlhf_jax import cli
 from rlhf_jax.data.synthetic import RaterConfig, get_task, label_pairs, make_rater_pool
 from rlhf_jax.generation import SamplingParams
 from rlhf_jax.rlaif import (
+    CritiqueTemplate,
     Exemplar,
     PairwiseJudge,
     PairwiseTemplate,
     TextModel,
+    bootstrap_ci,
     bradley_terry_ratings,
     elo_ratings,
+    harmless_rate,
     labeler_alignment,
+    load_constitution,
     preference_records,
     tournament,
     win_rate,
@@ -71,10 +96,25 @@ TEMPLATE = PairwiseTemplate(preamble="", query="{prompt} 1:{response_1} 2:{respo
                             answer_prompt="=", answer_tokens=("1", "2"), separator="\n")
 """The judge prompt: every character is one token of the synthetic tokenizer."""
 
+CONSTITUTION = pathlib.Path(__file__).parent / "configs" / "constitution_harmful_topic.yaml"
+"""The constitution of the constitutional round (e): two principles about the harmful topic."""
+
+TRANSCRIPT = CritiqueTemplate(conversation="{prompt}", critique="\n{critique_request}=",
+                              revision="\n{revision_request}=", response_separator="",
+                              stop_strings=("\n",))
+"""The critique -> revision transcript of (e), in the synthetic tokenizer's characters: the task
+prompt, the response, then each request on a line of its own followed by ``=``."""
+
+CAI_JUDGE = PairwiseTemplate(preamble="", query="{prompt} 1:{response_1} 2:{response_2} "
+                             "{principle}", answer_prompt="=", answer_tokens=("1", "2"),
+                             separator="\n")
+"""The feedback model's prompt in (e): the pair, then the principle's preference question."""
+
 
 @dataclasses.dataclass(frozen=True)
 class RLAIFConfig:
-    """Sizes of the experiment (`full` fits 15 minutes on 2 CPU cores; `quick` is for CI)."""
+    """Sizes of the experiment (`full` is sized for 15 minutes on 2 idle CPU cores: 463
+    CPU-seconds measured; `quick` is for CI)."""
 
     seed: int = 0
     sft_steps: int = 300
@@ -83,17 +123,31 @@ class RLAIFConfig:
     judge_lr: float = 2e-3
     judge_min_gap: float = 0.05
     judge_pairs: int = 3000
+    judge_base_pairs: int = 4000
+    judge_packing: bool = True
     eval_pairs: int = 256
     dpo_pairs: int = 768
     dpo_steps: int = 120
     eval_prompts: int = 256
     max_new_tokens: int = 20
     batch_size: int = 32
+    # (e) the constitutional round on the harmful_topic task
+    cai_layers: int = 2
+    cai_sft_steps: int = 400
+    cai_demos: int = 3072
+    cai_revision_slip: float = 0.2
+    cai_prompts: int = 512
+    cai_sl_steps: int = 150
+    cai_rl_pairs: int = 512
+    cai_dpo_steps: int = 60
+    cai_eval_prompts: int = 256
 
     @classmethod
     def quick(cls) -> RLAIFConfig:
         return cls(sft_steps=80, judge_steps=80, judge_pairs=512, eval_pairs=64, dpo_pairs=128,
-                   dpo_steps=16, eval_prompts=64, max_new_tokens=16, judge_layers=(1, 2))
+                   dpo_steps=16, eval_prompts=64, max_new_tokens=16, judge_layers=(1, 2), judge_base_pairs=512,
+                   cai_sft_steps=60, cai_demos=256, cai_prompts=64, cai_sl_steps=10,
+                   cai_rl_pairs=64, cai_dpo_steps=8, cai_eval_prompts=64)
 
 
 def _model_args(layers: int, *, width: int = 64) -> list[str]:
@@ -196,6 +250,14 @@ class Experiment:
         c = self.cfg
         self.redrawn = 0
         prompts, r1, r2 = self.pairs(c.judge_pairs)
+        if c.judge_base_pairs:  # pairs of the task's demonstrations: free, and near the SFT's
+            extra = self.task.sample_prompts(self.rng, c.judge_base_pairs)
+            a = self.task.sample_responses(self.rng, extra)
+            b = self.task.sample_responses(self.rng, extra)
+            ok = [i for i in range(len(extra)) if a[i] != b[i]]
+            prompts += [extra[i] for i in ok]
+            r1 += [a[i] for i in ok]
+            r2 += [b[i] for i in ok]
         g1, g2 = self.task.gold_reward(prompts, r1), self.task.gold_reward(prompts, r2)
         gold = gold_outcomes(g1, g2)
         # the judges learn from pairs whose gold rewards differ by at least `judge_min_gap`
@@ -226,6 +288,7 @@ class Experiment:
                   "--data.path", str(path), "--data.format", "sft", "--data.synthetic", "topic",
                   "--data.batch-size", str(c.batch_size), "--data.max-length", "160",
                   "--data.max-prompt-length", "158", "--num-steps", str(c.judge_steps),
+                  *(["--data.packing"] if c.judge_packing else []),
                   "--optimizer.learning-rate", str(c.judge_lr), "--optimizer.warmup-steps",
                   "20", "--seed", str(c.seed + layers)])
             lm = load_lm(str(self.out / name))
@@ -327,6 +390,184 @@ class Experiment:
         return {"num_prompts": len(prompts), "win_rate_vs_sft": vs_sft,
                 "ai_vs_human": head_to_head, "ratings": ratings}
 
+    # -- (e) one constitutional round -----------------------------------------------------------
+    def cai_demonstrations(self, constitution) -> list[dict[str, str]]:
+        """The helpful policy's SFT data: the task's demonstrations (which comply with harmful
+        prompts), and demonstrations of the three skills a constitutional round asks of a model:
+        critiquing a response under a principle (the gold critique), revising it (the gold
+        revision, kept harmful with probability ``cai_revision_slip``: a noisy demonstrator), and
+        answering a principle's preference question about two responses (the one with fewer
+        harmful letters). Skills are shown on base responses to harmful and ordinary prompts."""
+        c, task, rng = self.cfg, self.cai_task, self.rng
+        records = task.sft_records(rng, c.cai_demos)
+        n_skill = c.cai_demos // 2
+        prompts = task.sample_prompts(rng, n_skill)
+        responses = task.sample_responses(rng, prompts)
+        for p, r in zip(prompts, responses):
+            pr = constitution[int(rng.integers(len(constitution)))]
+            ctx = TRANSCRIPT.render_critique_request(TRANSCRIPT.render_conversation(p), r,
+                                                     pr.critique_request)
+            critique = task.critique(r)
+            records.append({"prompt": ctx, "completion": critique})
+            records.append({"prompt": TRANSCRIPT.render_revision_request(
+                ctx, critique, pr.revision_request),
+                "completion": task.revise(p, r, rng=rng, slip=c.cai_revision_slip)})
+        prompts = task.sample_prompts(rng, 2 * n_skill, harmful=True)
+        r1 = task.sample_responses(rng, prompts)
+        r2 = task.sample_responses(rng, prompts)
+        for p, a, b in zip(prompts, r1, r2):
+            ha, hb = (sum(ch in task.harmful_letters for ch in x) for x in (a, b))
+            if ha == hb or len(records) >= 3 * c.cai_demos:
+                continue
+            pr = constitution[int(rng.integers(len(constitution)))]
+            first = ha < hb
+            for x, y, one in ((a, b, first), (b, a, not first)):
+                ctx = CAI_JUDGE.render_context(prompt=p, response_1=x, response_2=y,
+                                               principle=pr.preference_question)
+                records.append({"prompt": CAI_JUDGE.render_answer(ctx),
+                                "completion": CAI_JUDGE.answer_tokens[0 if one else 1]})
+        order = rng.permutation(len(records))
+        return [records[i] for i in order]
+
+    def constitutional_round(self) -> dict[str, Any]:
+        """(e): helpful SFT policy -> SL-CAI -> RL-CAI on the harmful_topic task, each step
+        through the library's commands (`sft`, `cai`, `dpo`); harmless rate and helpfulness of
+        the three policies on held-out prompts."""
+        t = time.perf_counter()
+        c, task = self.cfg, get_task("harmful_topic")
+        self.cai_task = task
+        constitution = load_constitution(CONSTITUTION)
+        out = self.out / "cai"
+        out.mkdir(exist_ok=True)
+        model = ["--data.synthetic", "harmful_topic", "--data.batch-size", str(c.batch_size),
+                 "--data.num-eval", "0", "--seed", str(c.seed), *QUIET]
+        inference = ["--policy.batch-size", "64", "--policy.min-bucket", "32",
+                     "--max-new-tokens", str(c.max_new_tokens), "--critique-tokens", "6",
+                     "--constitution", str(CONSTITUTION), "--seed", str(c.seed)]
+        transcript = ["--transcript.conversation", TRANSCRIPT.conversation,
+                      "--transcript.critique", TRANSCRIPT.critique,
+                      "--transcript.revision", TRANSCRIPT.revision,
+                      "--transcript.response-separator", TRANSCRIPT.response_separator,
+                      "--transcript.stop-strings", *TRANSCRIPT.stop_strings]
+
+        # 1. the helpful policy (it complies with harmful prompts, and can critique, revise and
+        #    judge when asked)
+        demos = self.cai_demonstrations(constitution)
+        write_jsonl(demos, out / "helpful_sft.jsonl")
+        _run(["sft", "--output-dir", str(out / "helpful"), *_model_args(c.cai_layers), *model,
+              "--data.path", str(out / "helpful_sft.jsonl"), "--data.format", "sft",
+              "--data.max-length", "128", "--data.max-prompt-length", "112", "--data.packing",
+              "--num-steps", str(c.cai_sft_steps), "--optimizer.learning-rate", "2e-3",
+              "--optimizer.warmup-steps", "20"])
+        _run(["export", "--run-dir", str(out / "helpful"), "--output-dir",
+              str(out / "helpful_hf")])
+
+        # 2. SL-CAI: critique -> revision on harmful prompts, then SFT on the revisions (with
+        #    helpful demonstrations on ordinary prompts, as Bai et al. mix in helpfulness data)
+        write_jsonl([{"prompt": p} for p in task.sample_prompts(self.rng, c.cai_prompts,
+                                                                 harmful=True)],
+                    out / "red_team.jsonl")
+        _run(["cai", "--output-dir", str(out / "sl_data"), "--input.path",
+              str(out / "red_team.jsonl"), "--policy.source", str(out / "helpful_hf"),
+              "--policy.tokenizer", "synthetic", "--num-rounds", "1", "--rl-pairs", "none",
+              *inference, *transcript])
+        sl_summary = json.loads((out / "sl_data" / "summary.json").read_text())
+        lines = [json.loads(x) for x in (out / "sl_data" / "transcripts.jsonl").read_text()
+                 .splitlines()]
+        initial_harmless = task.harmless([x["initial_response"] for x in lines])
+        revised_harmless = task.harmless([x["revisions"][-1] for x in lines])
+        sl_records = [json.loads(x) for x in (out / "sl_data" / "sl_cai.jsonl").read_text()
+                      .splitlines()]
+        helpful = task.sft_records(self.rng, len(sl_records))
+        helpful = [r for r in helpful if not task.is_harmful_prompt(r["prompt"])]
+        write_jsonl(sl_records + helpful, out / "sl_cai_mix.jsonl")
+        _run(["sft", "--output-dir", str(out / "sl_cai"), "--model.path",
+              str(out / "helpful_hf"), *model, "--data.path", str(out / "sl_cai_mix.jsonl"),
+              "--data.format", "sft", "--data.max-length", "64",
+              "--num-steps", str(c.cai_sl_steps), "--optimizer.learning-rate", "5e-4"])
+        _run(["export", "--run-dir", str(out / "sl_cai"), "--output-dir",
+              str(out / "sl_cai_hf")])
+
+        # 3. RL-CAI: two SL-CAI samples per harmful prompt, labelled by the feedback model (the
+        #    helpful policy) under a drawn principle; helpfulness pairs on ordinary prompts
+        #    labelled by simulated humans; DPO from the SL-CAI policy
+        write_jsonl([{"prompt": p} for p in task.sample_prompts(self.rng, c.cai_rl_pairs,
+                                                                 harmful=True)],
+                    out / "red_team_rl.jsonl")
+        _run(["cai", "--output-dir", str(out / "rl_data"), "--input.path",
+              str(out / "red_team_rl.jsonl"), "--policy.source", str(out / "sl_cai_hf"),
+              "--policy.tokenizer", "synthetic", "--num-rounds", "0", "--rl-pairs", "samples",
+              "--judge.sources", str(out / "helpful_hf"), "--judge.tokenizer", "synthetic",
+              "--judge.batch-size", "64", "--judge.min-bucket", "32",
+              "--judge.template.preset", "constitutional",
+              "--judge.template.preamble", CAI_JUDGE.preamble,
+              "--judge.template.query", CAI_JUDGE.query,
+              "--judge.template.answer-prompt", CAI_JUDGE.answer_prompt,
+              "--judge.template.answer-tokens", *CAI_JUDGE.answer_tokens,
+              "--judge.template.separator", CAI_JUDGE.separator, *inference, *transcript])
+        rl_summary = json.loads((out / "rl_data" / "summary.json").read_text())
+        rl_records = [json.loads(x) for x in (out / "rl_data" / "rl_cai.jsonl").read_text()
+                      .splitlines()]
+        # the AI labels' agreement with the gold predicate, on pairs where exactly one response
+        # is harmless
+        chosen_ok = task.harmless([r["chosen"] for r in rl_records])
+        rejected_ok = task.harmless([r["rejected"] for r in rl_records])
+        decided = chosen_ok != rejected_ok
+        ai_label_accuracy = float(np.mean(chosen_ok[decided])) if decided.any() else None
+        sl_policy = self._text_model(out / "sl_cai")
+        ordinary = task.sample_prompts(self.rng, c.cai_rl_pairs // 2, harmful=False)
+        sampling = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=1.0)
+        a = sl_policy.generate(ordinary, sampling, rng=self._key())
+        b = sl_policy.generate(ordinary, sampling, rng=self._key())
+        keep = [i for i in range(len(ordinary)) if a[i] != b[i] and a[i].strip() and b[i].strip()]
+        human, _ = label_pairs(task, [ordinary[i] for i in keep], [a[i] for i in keep],
+                               [b[i] for i in keep], pool=make_rater_pool(RaterConfig(), self.rng),
+                               rng=self.rng)
+        human = [{k: r[k] for k in ("prompt", "chosen", "rejected", "label")} for r in human]
+        write_jsonl(rl_records + human, out / "rl_cai_mix.jsonl")
+        _run(["dpo", "--output-dir", str(out / "rl_cai"), *QUIET, "--model.path",
+              str(out / "sl_cai_hf"), "--data.path", str(out / "rl_cai_mix.jsonl"),
+              "--data.format", "preference", "--data.batch-size", str(c.batch_size),
+              "--data.max-length", "64", "--num-steps", str(c.cai_dpo_steps),
+              "--optimizer.learning-rate", "5e-4", "--beta", "0.1", "--seed", str(c.seed)])
+
+        # 4. evaluation on held-out prompts, by the gold predicate and the gold reward
+        policies = {"helpful_sft": self._text_model(out / "helpful"), "sl_cai": sl_policy,
+                    "rl_cai": self._text_model(out / "rl_cai")}
+        harmful = task.sample_prompts(self.rng, c.cai_eval_prompts, harmful=True)
+        ordinary = task.sample_prompts(self.rng, c.cai_eval_prompts, harmful=False)
+        key_h, key_o = self._key(), self._key()
+        rows = {}
+        for name, policy in policies.items():
+            on_harmful = policy.generate(harmful, sampling, rng=key_h)
+            on_ordinary = policy.generate(ordinary, sampling, rng=key_o)
+            rows[name] = {
+                "harmless": harmless_rate(task.harmless(on_harmful))._asdict(),
+                "helpfulness": bootstrap_ci(task.gold_reward(ordinary, on_ordinary))._asdict(),
+                "gold_on_harmful": float(np.mean(task.gold_reward(harmful, on_harmful))),
+                "length_on_harmful": float(np.mean([len(r) for r in on_harmful])),
+            }
+        self._time("constitutional_round", t)
+        return {
+            "policies": rows, "num_eval_prompts": c.cai_eval_prompts,
+            "constitution": [p.name for p in constitution.principles],
+            "demonstrations": len(demos),
+            "sl_cai": {"prompts": c.cai_prompts, "records": sl_summary["num_sl_records"],
+                       "revised_fraction": sl_summary["revised_fraction"],
+                       "initial_harmless": float(np.mean(initial_harmless)),
+                       "revision_harmless": float(np.mean(revised_harmless)),
+                       "helpful_records": len(helpful)},
+            "rl_cai": {"pairs": rl_summary["num_pairs"], "ai_records": len(rl_records),
+                       "human_helpfulness_records": len(human),
+                       "ai_label_accuracy": ai_label_accuracy,
+                       "ai_label_pairs_decided": int(decided.sum()),
+                       "mean_position_bias": rl_summary.get("mean_position_bias")},
+        }
+
+    def _text_model(self, run_dir: pathlib.Path) -> TextModel:
+        lm = load_lm(str(run_dir))
+        return TextModel(lm.model, lm.tokenizer, batch_size=64, min_bucket=16)
+
 
 # ---------------------------------------------------------------------------------------------
 # Findings, report
@@ -384,9 +625,34 @@ def compute_findings(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                  f"Elo {r['spearman_elo_gold']:.2f}, Bradley-Terry {r['spearman_bt_gold']:.2f} "
                  f"({r['num_matches']} judge matches)."),
     }
-    findings["e"] = {"reproduced": None,
-                     "text": "Not run: the constitutional round on a harmful synthetic topic is "
-                             "not part of this experiment yet."}
+    cai = results.get("constitutional")
+    if cai is None:
+        findings["e"] = {"reproduced": None, "text": "Not run."}
+        return findings
+    rows = cai["policies"]
+    h = [rows[n]["harmless"] for n in ("helpful_sft", "sl_cai", "rl_cai")]
+    helpful = [rows[n]["helpfulness"] for n in ("helpful_sft", "sl_cai", "rl_cai")]
+    rises = [b["rate"] > a["rate"] for a, b in zip(h, h[1:])]
+    clear = [b["lower"] > a["upper"] for a, b in zip(h, h[1:])]
+
+    def rise(k: int, step: str) -> str:
+        change = h[k + 1]["rate"] - h[k]["rate"]
+        if not rises[k]:
+            return f"does not rise after {step} ({change:+.3f})"
+        return (f"rises after {step} ({change:+.3f}; the 95% intervals "
+                f"{'are apart' if clear[k] else 'overlap'})")
+
+    findings["e"] = {
+        "reproduced": bool(all(rises)),
+        "text": (f"Harmless rate on {cai['num_eval_prompts']} held-out harmful prompts (gold "
+                 "predicate): "
+                 + ", ".join(f"{n} {e['rate']:.3f} [{e['lower']:.3f}, {e['upper']:.3f}]"
+                             for n, e in zip(("helpful SFT", "SL-CAI", "RL-CAI"), h))
+                 + f"; it {rise(0, 'SL-CAI')} and {rise(1, 'RL-CAI')}. Helpfulness (mean gold "
+                 "reward on ordinary prompts): "
+                 + ", ".join(f"{e['rate']:.3f} [{e['lower']:.3f}, {e['upper']:.3f}]"
+                             for e in helpful) + "."),
+    }
     return findings
 
 
@@ -436,14 +702,62 @@ def _plots(results: Mapping[str, Any], out: pathlib.Path) -> list[str]:
     fig.savefig(out / "ratings.png", dpi=120)
     plt.close(fig)
     files.append("ratings.png")
+
+    if "constitutional" in results:
+        rows = results["constitutional"]["policies"]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for name, row in rows.items():
+            hr, he = row["harmless"], row["helpfulness"]
+            ax.errorbar(he["rate"], hr["rate"],
+                        xerr=[[he["rate"] - he["lower"]], [he["upper"] - he["rate"]]],
+                        yerr=[[hr["rate"] - hr["lower"]], [hr["upper"] - hr["rate"]]],
+                        fmt="o", capsize=3, label=name)
+        ax.set_xlabel("helpfulness: gold reward (ordinary prompts)")
+        ax.set_ylabel("harmless rate (harmful prompts)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "constitutional.png", dpi=120)
+        plt.close(fig)
+        files.append("constitutional.png")
     return files
+
+
+def _constitutional_section(cai: Mapping[str, Any]) -> list[str]:
+    sl, rl = cai["sl_cai"], cai["rl_cai"]
+    acc = rl["ai_label_accuracy"]
+    lines = ["## (e) One constitutional round on the harmful topic", "",
+             f"Task `harmful_topic`; constitution: {', '.join(cai['constitution'])}; "
+             f"{cai['num_eval_prompts']} held-out harmful and as many ordinary prompts.", "",
+             "| policy | harmless rate (harmful prompts) | 95% CI | helpfulness (ordinary "
+             "prompts) | 95% CI | gold reward on harmful prompts | response length on harmful "
+             "prompts |", "|---|---|---|---|---|---|---|"]
+    for name, row in cai["policies"].items():
+        hr, he = row["harmless"], row["helpfulness"]
+        lines.append(f"| {name} | {hr['rate']:.3f} | [{hr['lower']:.3f}, {hr['upper']:.3f}] | "
+                     f"{he['rate']:.3f} | [{he['lower']:.3f}, {he['upper']:.3f}] | "
+                     f"{row['gold_on_harmful']:.3f} | {row['length_on_harmful']:.1f} |")
+    lines += ["", f"SL-CAI: {sl['prompts']} harmful prompts, one critique -> revision round "
+              f"each: the initial responses were {sl['initial_harmless']:.3f} harmless, the "
+              f"revisions {sl['revision_harmless']:.3f} ({sl['revised_fraction']:.3f} changed); "
+              f"{sl['records']} revision records plus {sl['helpful_records']} helpful "
+              "demonstrations on ordinary prompts.",
+              f"RL-CAI: {rl['pairs']} pairs of SL-CAI samples on harmful prompts labelled by the "
+              f"feedback model ({rl['ai_records']} records; agreement with the gold predicate "
+              f"where exactly one response is harmless: "
+              f"{'n/a' if acc is None else f'{acc:.3f}'} over {rl['ai_label_pairs_decided']} "
+              f"pairs), plus {rl['human_helpfulness_records']} simulated-human helpfulness "
+              "pairs on ordinary prompts; DPO from the SL-CAI policy.", "",
+              "![constitutional round](constitutional.png)", ""]
+    return lines
 
 
 def render_markdown(results: Mapping[str, Any], findings: Mapping[str, Mapping[str, Any]]) -> str:
     a = results["alignment"]
     lines = ["# RLAIF at small scale", "",
              f"Preset: {results['preset']}; seed {results['config']['seed']}; "
-             f"{results['seconds']:.0f} s on CPU.", "",
+             f"{results['seconds']:.0f} s on CPU"
+             + (f" ({results['cpu_seconds']:.0f} CPU-seconds)" if "cpu_seconds" in results
+                else "") + ".", "",
              "## (a) Labeller alignment with the gold preference", "",
              f"{a['num_pairs']} held-out pairs of SFT samples ({a['num_gold_ties']} gold ties "
              "count half).", "",
@@ -471,7 +785,10 @@ def render_markdown(results: Mapping[str, Any], findings: Mapping[str, Mapping[s
     for p in r["elo"]:
         lines.append(f"| {p} | {r['elo'][p]:.0f} | {r['bradley_terry'][p]:.0f} | "
                      f"{r['mean_gold'][p]:.3f} |")
-    lines += ["", "![ratings](ratings.png)", "", "## Findings", ""]
+    lines += ["", "![ratings](ratings.png)", ""]
+    if "constitutional" in results:
+        lines += _constitutional_section(results["constitutional"])
+    lines += ["## Findings", ""]
     for key, f in findings.items():
         verdict = ("not run" if f["reproduced"] is None
                    else "reproduced" if f["reproduced"] else "NOT reproduced")
@@ -479,10 +796,17 @@ def render_markdown(results: Mapping[str, Any], findings: Mapping[str, Mapping[s
     return "\n".join(lines) + "\n"
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far (steadier than wall time on a shared
+    host)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(cfg: RLAIFConfig, output_dir: str | pathlib.Path, *, preset: str) -> dict[str, Any]:
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     exp = Experiment(cfg, out)
     exp.train_sft()
     exp.train_judges()
@@ -490,10 +814,12 @@ def run(cfg: RLAIFConfig, output_dir: str | pathlib.Path, *, preset: str) -> dic
     best = max(alignment["judges"], key=lambda n: alignment["judges"][n]["debiased"])
     policies = exp.train_policies(best)
     evaluation = exp.evaluate_policies(best)
+    constitutional = exp.constitutional_round()
     results = {"preset": preset, "config": dataclasses.asdict(cfg),
                "judge_data": exp.judge_data, "redrawn_pairs": exp.redrawn,
                "alignment": alignment, "policies": policies, "evaluation": evaluation,
-               "timings": exp.timings, "seconds": time.perf_counter() - start}
+               "constitutional": constitutional, "timings": exp.timings,
+               "seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu}
     findings = compute_findings(results)
     results["findings"] = findings
     results["figures"] = _plots(results, out)

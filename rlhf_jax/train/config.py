@@ -250,9 +250,9 @@ class DataSpec:
     """Held-out split of `path` / `eval_path` (e.g. "test"); unset: no held-out set from `path`
     unless `eval_path` is given."""
     synthetic: str | None = None
-    """Synthetic task of `rlhf_jax.data.synthetic` ("topic", "progression"): its records are
-    generated when `path` is unset, and its character tokenizer is used (also for `path` files
-    written in that vocabulary)."""
+    """Synthetic task of `rlhf_jax.data.synthetic` ("topic", "progression", "harmful_topic"):
+    its records are generated when `path` is unset, and its character tokenizer is used (also
+    for `path` files written in that vocabulary)."""
     num_train: int = 512
     """Number of synthetic training examples (pairs, rankings, ...)."""
     num_eval: int = 128

@@ -46,8 +46,9 @@ class FeedbackInput:
     split: str = "train"
     """Split of an HF `datasets` or TFDS source."""
     synthetic: str | None = None
-    """Synthetic task ("topic", "progression"): makes the prompts (or pairs labelled by simulated
-    raters) when `path` is unset, and gives every pair its gold preference for the report."""
+    """Synthetic task ("topic", "progression", "harmful_topic"): makes the prompts (or pairs
+    labelled by simulated raters) when `path` is unset, and gives every pair its gold preference
+    for the report."""
     num_examples: int | None = None
     """Use only the first this many examples (synthetic: make this many; default 64)."""
     on_error: Literal["raise", "skip"] = "raise"

@@ -147,6 +147,52 @@ class TestTopicReward:
         assert r == pytest.approx(0.4 + 0.3 + 0.3 * (1 - 0.4), abs=1e-12)
 
 
+class TestHarmfulTopic:
+    def test_prompts_by_kind(self):
+        task = S.get_task("harmful_topic")
+        harmful = task.sample_prompts(0, 200, harmful=True)
+        ordinary = task.sample_prompts(0, 200, harmful=False)
+        assert all(task.is_harmful_prompt(p) for p in harmful)
+        assert not any(task.is_harmful_prompt(p) for p in ordinary)
+        # every harmful topic keeps at least two ordinary letters
+        assert all(len(set(p[:-1]) - set("xyz")) >= 2 for p in harmful)
+        mixed = [task.is_harmful_prompt(p) for p in task.sample_prompts(1, 400)]
+        assert 0.4 < np.mean(mixed) < 0.6
+
+    def test_base_distribution_complies_only_on_harmful_prompts(self):
+        task = S.get_task("harmful_topic")
+        harmful = task.sample_prompts(0, 300, harmful=True)
+        ordinary = task.sample_prompts(0, 300, harmful=False)
+        assert task.harmless(task.sample_responses(1, ordinary)).all()
+        assert task.harmless(task.sample_responses(1, harmful)).mean() < 0.4
+
+    def test_predicate_critique_and_revision_by_hand(self):
+        task = S.HarmfulTopicTask()
+        np.testing.assert_array_equal(task.harmless(["abc", "abx", "", "zz"]),
+                                      [True, False, True, False])
+        assert task.critique("axbyx") == "x,y" and task.critique("ab") == "none"
+        revised = task.revise("abxab>", "axbxa", rng=0)
+        assert len(revised) == 5 and set(revised) <= {"a", "b"}
+        assert revised[0] == "a" and revised[2] == "b" and revised[4] == "a"
+        assert task.revise("abxab>", "axbxa", rng=0, slip=1.0) == "axbxa"
+        assert task.revise("xyx>", "xy", rng=0) == ""
+
+    def test_gold_reward_counts_harmful_letters_as_helpful(self):
+        task = S.HarmfulTopicTask()
+        # topic {a, b, x}: complying covers the whole topic, the harmless revision two thirds
+        comply, revised = task.gold_reward(["abxab>"] * 2, ["abxabxabxa", "ababababab"])
+        assert comply == pytest.approx(1.0)
+        assert revised == pytest.approx(1.0 - 0.3 / 3)
+
+    def test_bad_config(self):
+        with pytest.raises(ValueError, match="harmful_letters"):
+            S.HarmfulTopicTask(harmful_letters="ab")
+        with pytest.raises(ValueError, match="harmful_fraction"):
+            S.HarmfulTopicTask(harmful_fraction=1.5)
+        with pytest.raises(ValueError, match="min_harmful"):
+            S.HarmfulTopicTask(max_harmful=4)
+
+
 class TestProgressionReward:
     def test_hand_worked(self):
         task = S.ProgressionTask()

@@ -10,8 +10,28 @@ import pytest
 from experiments import rlaif
 
 
+def _estimate(rate, half=0.05):
+    return {"rate": rate, "lower": rate - half, "upper": rate + half, "num_examples": 10,
+            "confidence": 0.95}
+
+
+def _constitutional(harmless=(0.2, 0.5, 0.7), helpful=(0.6, 0.58, 0.57)):
+    return {
+        "policies": {n: {"harmless": _estimate(h), "helpfulness": _estimate(g, 0.02),
+                         "gold_on_harmful": 0.5, "length_on_harmful": 9.5}
+                     for n, h, g in zip(("helpful_sft", "sl_cai", "rl_cai"), harmless, helpful)},
+        "num_eval_prompts": 10, "constitution": ["harm", "safety"], "demonstrations": 100,
+        "sl_cai": {"prompts": 10, "records": 9, "revised_fraction": 0.9,
+                   "initial_harmless": 0.2, "revision_harmless": 0.6, "helpful_records": 5},
+        "rl_cai": {"pairs": 10, "ai_records": 9, "human_helpfulness_records": 5,
+                   "ai_label_accuracy": 0.8, "ai_label_pairs_decided": 5,
+                   "mean_position_bias": 0.01},
+    }
+
+
 def _results(*, debiased=(0.6, 0.7, 0.8), base=(0.55, 0.66, 0.77), win=(0.5, 0.55, 0.6, 0.62),
-             h2h=(0.48, 0.40, 0.56), elo=(1000, 1010, 1020, 1030, 1040)):
+             h2h=(0.48, 0.40, 0.56), elo=(1000, 1010, 1020, 1030, 1040),
+             harmless=(0.2, 0.5, 0.7)):
     judges = [f"judge_{k}l" for k in (1, 2, 4)]
     labellers = [*judges, "humans"]
     policies = ["sft", *(f"dpo_{n}" for n in labellers)]
@@ -37,6 +57,7 @@ def _results(*, debiased=(0.6, 0.7, 0.8), base=(0.55, 0.66, 0.77), win=(0.5, 0.5
                         "spearman_elo_gold": rlaif.spearman(elo, (0.1, 0.2, 0.3, 0.4, 0.5)),
                         "spearman_bt_gold": rlaif.spearman(elo, (0.1, 0.2, 0.3, 0.4, 0.5)),
                         "num_matches": 50}},
+        "constitutional": _constitutional(harmless),
     }
 
 
@@ -53,7 +74,7 @@ def test_spearman_and_gold_outcomes():
 
 def test_findings_follow_the_numbers():
     f = rlaif.compute_findings(_results())
-    assert [f[k]["reproduced"] for k in "abcde"] == [True, True, True, True, None]
+    assert [f[k]["reproduced"] for k in "abcde"] == [True, True, True, True, True]
     assert "judge_4l 0.800" in f["a"]["text"] and "+0.040" in f["a"]["text"]
     # alignment falls with size, or debiasing hurts: (a) does not reproduce
     assert not rlaif.compute_findings(_results(debiased=(0.8, 0.7, 0.6)))["a"]["reproduced"]
@@ -67,6 +88,16 @@ def test_findings_follow_the_numbers():
     assert "AI 0.800, simulated humans 0.900" in f["c"]["text"]
     # ratings anti-correlated with gold: (d) does not reproduce
     assert not rlaif.compute_findings(_results(elo=(5, 4, 3, 2, 1)))["d"]["reproduced"]
+    # harmlessness rises after SL-CAI (intervals apart) and after RL-CAI (they overlap)
+    text = f["e"]["text"]
+    assert "SL-CAI 0.500 [0.450, 0.550]" in text
+    assert "rises after SL-CAI (+0.300; the 95% intervals are apart)" in text
+    assert "rises after RL-CAI (+0.200; the 95% intervals are apart)" in text
+    f = rlaif.compute_findings(_results(harmless=(0.2, 0.5, 0.55)))
+    assert f["e"]["reproduced"] and "RL-CAI (+0.050; the 95% intervals overlap)" in f["e"]["text"]
+    # RL-CAI lowers it: (e) does not reproduce
+    f = rlaif.compute_findings(_results(harmless=(0.2, 0.5, 0.4)))
+    assert not f["e"]["reproduced"] and "does not rise after RL-CAI (-0.100)" in f["e"]["text"]
 
 
 def test_report_has_every_table_and_the_findings(tmp_path):
@@ -75,8 +106,10 @@ def test_report_has_every_table_and_the_findings(tmp_path):
     text = rlaif.render_markdown(results, findings)
     assert "| judge_4l | 0.770 | 0.800 | 0.800 | n/a | +0.010 |" in text
     assert "| dpo_humans | 0.900 | 0.620 | [0.520, 0.720] |" in text
-    assert text.count("**reproduced**") == 4 and "(e) **not run**" in text
-    assert rlaif._plots(results, tmp_path) == ["alignment.png", "win_rates.png", "ratings.png"]
+    assert text.count("**reproduced**") == 5
+    assert "| rl_cai | 0.700 | [0.650, 0.750] | 0.570 | [0.550, 0.590] | 0.500 | 9.5 |" in text
+    assert rlaif._plots(results, tmp_path) == ["alignment.png", "win_rates.png", "ratings.png",
+                                               "constitutional.png"]
     assert all((tmp_path / f).stat().st_size > 0 for f in ("alignment.png", "ratings.png"))
 
 

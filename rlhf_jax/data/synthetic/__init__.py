@@ -1,6 +1,7 @@
 """Synthetic tasks with a programmatic gold reward, a local tokenizer and simulated raters.
 
-Tasks (`TopicTask`, `ProgressionTask`, by name through `get_task`) share a character-level
+Tasks (`TopicTask`, `ProgressionTask`, and `HarmfulTopicTask` - the topic task with a harmful
+topic and a gold harmlessness predicate, for Constitutional AI - by name through `get_task`) share a character-level
 Hugging Face tokenizer (`build_tokenizer`, 54 tokens, no download). Each exposes
 `sample_prompts(rng, n)`, `sample_responses(rng, prompts)` (noisy base distribution),
 `sft_records(rng, n)`, `reference_response(prompt)`, `gold_reward(prompts, responses)` and the
@@ -26,6 +27,7 @@ from rlhf_jax.data.synthetic._raters import (
 )
 from rlhf_jax.data.synthetic._tasks import (
     TASKS,
+    HarmfulTopicTask,
     ProgressionTask,
     SyntheticTask,
     TopicTask,
@@ -37,6 +39,7 @@ __all__ = [
     "SEPARATOR",
     "TASKS",
     "VOCAB",
+    "HarmfulTopicTask",
     "ProgressionTask",
     "RaterConfig",
     "RaterPool",

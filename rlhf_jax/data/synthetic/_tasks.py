@@ -224,7 +224,7 @@ class TopicTask(SyntheticTask):
         response_ids = np.asarray(response_ids)
         n_rows = prompt_ids.shape[0]
         table = _value_table(self.alphabet)
-        a = self.num_letters
+        a = len(self.alphabet)
         rows = np.arange(n_rows)[:, None]
         p_val = _symbol_values(table, prompt_ids)
         topic = np.zeros((n_rows, a + 1), bool)
@@ -252,6 +252,139 @@ class TopicTask(SyntheticTask):
             + self.length_weight * length
             - self.repetition_weight * repetition
         ).astype(np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class HarmfulTopicTask(TopicTask):
+    """The topic task with a harmful topic, for Constitutional AI experiments (Bai et al. 2022).
+
+    The letters `harmful_letters` (not among the first `num_letters`) are the harmful topic. A
+    prompt is harmful with probability `harmful_fraction`: its topic then holds
+    `min_harmful`-`max_harmful` harmful letters besides at least two ordinary ones; other prompts
+    are `TopicTask` prompts. The gold predicate is
+
+    .. math::
+      \\text{harmless}(y) = [\\{y_i\\} \\cap H = \\emptyset],
+
+    a response is harmless when it contains no harmful letter, whatever the prompt. The gold
+    reward is `TopicTask`'s over the whole prompt topic, harmful letters included: it measures
+    helpfulness, so a response that complies with a harmful prompt scores higher than one that
+    leaves the harmful letters out (at most ``coverage_weight * k / |S|`` higher for `k` harmful
+    letters in a topic `S`). The base (demonstration) distribution complies: on a harmful prompt
+    it writes the harmful letters of the topic like the others, and its off-topic noise never
+    uses a harmful letter, so responses to ordinary prompts are harmless.
+
+    `critique(response)` and `revise(prompt, response)` are the gold critique (the harmful letters
+    the response contains) and revision (each harmful letter replaced by an ordinary letter of the
+    prompt's topic), the targets of critique -> revision demonstrations.
+    """
+
+    name: str = "harmful_topic"
+    harmful_letters: str = "xyz"
+    harmful_fraction: float = 0.5
+    min_harmful: int = 1
+    max_harmful: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        ordinary = LETTERS[: self.num_letters]
+        h = self.harmful_letters
+        if not h or len(set(h)) != len(h) or any(c not in LETTERS or c in ordinary for c in h):
+            raise ValueError(
+                f"harmful_letters must be distinct letters outside the first num_letters="
+                f"{self.num_letters} ({ordinary!r}), got {h!r}"
+            )
+        if not 0.0 <= self.harmful_fraction <= 1.0:
+            raise ValueError(f"harmful_fraction must lie in [0, 1], got {self.harmful_fraction}")
+        if not 1 <= self.min_harmful <= self.max_harmful <= min(
+            len(h), self.max_topic_size - 2
+        ):
+            raise ValueError(
+                "need 1 <= min_harmful <= max_harmful <= min(len(harmful_letters), "
+                f"max_topic_size - 2), got {self.min_harmful}, {self.max_harmful}"
+            )
+
+    @property
+    def ordinary_letters(self) -> str:
+        """The letters of ordinary topics (the first `num_letters`)."""
+        return LETTERS[: self.num_letters]
+
+    @property
+    def alphabet(self) -> str:
+        return self.ordinary_letters + self.harmful_letters
+
+    def is_harmful_prompt(self, prompt: str) -> bool:
+        """Whether the prompt's topic holds a harmful letter."""
+        return any(c in self.harmful_letters for c in prompt)
+
+    def harmless(self, responses: Sequence[str]) -> np.ndarray:
+        """The gold harmlessness predicate: `[N]` bool, True where a response contains no
+        harmful letter."""
+        return np.asarray(
+            [not any(c in self.harmful_letters for c in r) for r in responses], dtype=bool
+        )
+
+    def sample_prompts(self, rng: Rng, n: int, *, harmful: bool | None = None) -> list[str]:
+        """`n` prompts; harmful with probability `harmful_fraction` (``harmful=None``), or all
+        harmful (True) or all ordinary (False)."""
+        rng = _rng(rng)
+        out = []
+        for _ in range(n):
+            is_harmful = rng.uniform() < self.harmful_fraction if harmful is None else harmful
+            size = int(rng.integers(self.min_topic_size, self.max_topic_size + 1))
+            k = int(rng.integers(self.min_harmful, self.max_harmful + 1)) if is_harmful else 0
+            k = min(k, size - 2)
+            topic = np.concatenate([
+                rng.choice(list(self.ordinary_letters), size=size - k, replace=False),
+                rng.choice(list(self.harmful_letters), size=k, replace=False),
+            ])
+            length = max(int(rng.integers(self.min_prompt_length, self.max_prompt_length + 1)),
+                         size)
+            letters = np.concatenate([topic, rng.choice(topic, size=length - size)])
+            out.append("".join(rng.permutation(letters)) + SEPARATOR)
+        return out
+
+    def sample_responses(self, rng: Rng, prompts: Sequence[str]) -> list[str]:
+        rng = _rng(rng)
+        ordinary = list(self.ordinary_letters)
+        out = []
+        for prompt in prompts:
+            topic = sorted(set(prompt.rstrip(SEPARATOR)))
+            length = rng.integers(self.min_response_length, self.max_response_length + 1)
+            p_on = rng.uniform(0.3, 1.0)
+            p_repeat = rng.uniform(0.0, 0.4)
+            chars: list[str] = []
+            for _ in range(length):
+                if chars and rng.uniform() < p_repeat:
+                    chars.append(chars[-1])
+                elif rng.uniform() < p_on:
+                    chars.append(str(rng.choice(topic)))
+                else:
+                    chars.append(str(rng.choice(ordinary)))
+            out.append("".join(chars))
+        return out
+
+    def critique(self, response: str) -> str:
+        """The gold critique: the distinct harmful letters of `response` in order of first
+        appearance, joined by ``","``, or ``"none"``."""
+        found = list(dict.fromkeys(c for c in response if c in self.harmful_letters))
+        return ",".join(found) if found else "none"
+
+    def revise(self, prompt: str, response: str, *, rng: Rng = None, slip: float = 0.0) -> str:
+        """The gold revision: each harmful letter of `response` replaced by an ordinary letter of
+        the prompt's topic drawn at random; with probability `slip` a harmful letter is kept
+        instead (a noisy demonstrator). A prompt without ordinary letters drops them."""
+        if not 0.0 <= slip <= 1.0:
+            raise ValueError(f"slip must lie in [0, 1], got {slip}")
+        rng = _rng(rng)
+        ordinary = sorted(c for c in set(prompt.rstrip(SEPARATOR)) if c in self.ordinary_letters)
+        out = []
+        for c in response:
+            if c not in self.harmful_letters or rng.uniform() < slip:
+                out.append(c)
+            elif ordinary:
+                out.append(str(rng.choice(ordinary)))
+        return "".join(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,7 +481,11 @@ class ProgressionTask(SyntheticTask):
         return (accuracy * length - over).astype(np.float64)
 
 
-TASKS: dict[str, type[SyntheticTask]] = {"topic": TopicTask, "progression": ProgressionTask}
+TASKS: dict[str, type[SyntheticTask]] = {
+    "topic": TopicTask,
+    "progression": ProgressionTask,
+    "harmful_topic": HarmfulTopicTask,
+}
 
 
 def get_task(name: str, **overrides: Any) -> SyntheticTask:
