@@ -104,6 +104,7 @@ def jit_train_step(
     state_sharding: Any = None,
     batch_sharding: Any = None,
     donate: bool = True,
+    traced_hparams: bool = False,
 ) -> StepFn:
     """`jax.jit` of a pure step with explicit in/out shardings and the state donated.
 
@@ -114,10 +115,12 @@ def jit_train_step(
       batch_sharding: the batch's sharding (a pytree prefix, e.g. one `NamedSharding` for every
         key), or None.
       donate: donate the input state's buffers to the output state.
+      traced_hparams: the step is `step(state, batch, hparams)` (`make_train_step`), the
+        hyper-parameters placed as JAX chooses (scalars: replicated).
     """
     kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if state_sharding is not None or batch_sharding is not None:
-        kwargs["in_shardings"] = (state_sharding, batch_sharding)
+        kwargs["in_shardings"] = (state_sharding, batch_sharding) + ((None,) * traced_hparams)
         kwargs["out_shardings"] = (state_sharding, None)
     return jax.jit(step_fn, **kwargs)
 

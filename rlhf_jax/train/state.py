@@ -170,16 +170,22 @@ def make_train_step(
     graphdef: nnx.GraphDef,
     grad_accum_steps: int = 1,
     schedule: optax.Schedule | None = None,
-) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    traced_hparams: bool = False,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Pure `step(state, batch) -> (state, metrics)` around a trainer's loss (see module doc).
 
     Args:
       loss_fn: `loss_fn(model, batch, rng) -> (loss, metrics)`; the model is the NNX module
-        merged from the state, `rng` a fresh PRNG key for this step (or micro-batch).
+        merged from the state, `rng` a fresh PRNG key for this step (or micro-batch). With
+        `traced_hparams`, `loss_fn(model, batch, rng, hparams)`.
       tx: the optax transformation whose state is `state.opt_state`.
       graphdef: the graph definition returned by `create_train_state`.
       grad_accum_steps: micro-batches per step (must divide the batch size).
       schedule: the learning-rate schedule, reported as `train/learning_rate`.
+      traced_hparams: the step is `step(state, batch, hparams)`, ``hparams`` a pytree of
+        arrays (e.g. ``{"beta": 0.1}`` as float32 scalars) handed to `loss_fn`: numeric
+        hyper-parameters that are arguments of the jitted step rather than constants of its
+        program, so runs that differ only in them share one compiled step.
 
     Returns:
       A pure function, to be jitted (see `rlhf_jax.train.loop.jit_train_step`).
@@ -188,10 +194,15 @@ def make_train_step(
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
     trainable_part = getattr(tx, "trainable", None)
 
-    def step(state: TrainState, batch: Mapping[str, jax.Array]):
+    def step(state: TrainState, batch: Mapping[str, jax.Array], *hparams: Any):
+        if len(hparams) != int(traced_hparams):
+            raise TypeError(f"this step takes {2 + int(traced_hparams)} arguments "
+                            f"(traced_hparams={traced_hparams}), got {2 + len(hparams)}")
+        objective = ((lambda m, b, k: loss_fn(m, b, k, hparams[0])) if traced_hparams
+                     else loss_fn)
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
         loss, metrics, grads = loss_and_grad(
-            loss_fn,
+            objective,
             graphdef,
             state.params,
             state.frozen,
