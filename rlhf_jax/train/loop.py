@@ -197,6 +197,7 @@ def train_loop(
     skipped_steps: int = 0,
     guard: PreemptionGuard | None = None,
     max_consecutive_skips: int | None = None,
+    save_final: bool = True,
 ) -> LoopResult:
     """Runs steps until `state.step == num_steps` (see module docstring).
 
@@ -218,6 +219,8 @@ def train_loop(
       guard: a `PreemptionGuard`; when it is triggered the loop saves and returns.
       max_consecutive_skips: under `"skip"`, raise `NonFiniteError` after this many skipped
         updates in a row (None: never).
+      save_final: save a checkpoint when the run ends (a preempted run saves whatever this
+        says); False for runs whose caller keeps the final state in memory.
 
     No checkpoint is written while the newest update was non-finite, nor of a state holding a
     non-finite value (the newest checkpoint therefore always holds a finite state; the final
@@ -330,7 +333,8 @@ def train_loop(
     drain(0)
     if eval_fn is not None and not preempted:
         eval_metrics = _log_eval(logger, step, eval_fn(state))
-    save(step, final=True)
+    if save_final or preempted:
+        save(step, final=True)
     if logger is not None:
         logger.progress(step)
     return LoopResult(
@@ -561,6 +565,7 @@ def fit(
             guard=guard,
             max_consecutive_skips=(config.max_consecutive_skips
                                    if config.nan_policy == "skip" else None),
+            save_final=config.checkpoint.save_final,
         )
 
 

@@ -38,6 +38,31 @@ LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array], tuple[jax.Ar
 """`loss_fn(model, batch, rng) -> (scalar loss, {metric name: scalar})`."""
 
 
+class BoundLoss(NamedTuple):
+    """``fn(model, batch, rng, **kwargs)`` as a `LossFn` that hashes and compares by value (its
+    function and keyword values), unlike ``functools.partial``: two runs whose losses are
+    equal share one compiled step (`rlhf_jax.train.builders.train_step_fn`). Build it with
+    `bind_loss`.
+
+    Attributes:
+      fn: the loss, ``fn(model, batch, rng, **kwargs) -> (loss, metrics)``.
+      kwargs: ``((name, value), ...)``, sorted by name; the values must be hashable.
+    """
+
+    fn: Callable[..., tuple[jax.Array, dict]]
+    kwargs: tuple[tuple[str, Any], ...]
+
+    def __call__(self, model: nnx.Module, batch: Mapping[str, jax.Array],
+                 rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        return self.fn(model, batch, rng, **dict(self.kwargs))
+
+
+def bind_loss(fn: Callable[..., tuple[jax.Array, dict]], **kwargs: Any) -> BoundLoss:
+    """``fn`` with its keyword arguments fixed, as a `BoundLoss` (a hashable
+    ``functools.partial``)."""
+    return BoundLoss(fn, tuple(sorted(kwargs.items())))
+
+
 class TrainState(NamedTuple):
     """Everything a training run updates, as one pytree of arrays.
 
@@ -233,8 +258,10 @@ def make_train_step(
 
 
 __all__ = [
+    "BoundLoss",
     "LossFn",
     "TrainState",
+    "bind_loss",
     "create_train_state",
     "loss_and_grad",
     "make_train_step",
