@@ -3,8 +3,8 @@
     python -m experiments.demo [--quick] [--output-dir DIR] [--seed S] [--set FIELD=VALUE ...]
 
 Every stage trains with the library's own trainers, on models and records held in memory
-(the SFT, reward-model and DPO runs also write their `config.yaml`, `metrics.jsonl`,
-`summary.json` and final checkpoint under `<output dir>/runs/<run>`). Compiled programs are kept
+(the SFT, reward-model and DPO runs also write their `config.yaml`, `metrics.jsonl` and
+`summary.json` under `<output dir>/runs/<run>`; no checkpoint: `checkpoint.save_final=False`). Compiled programs are kept
 in `runs/.jax_cache` (JAX's persistent compilation cache; `JAX_COMPILATION_CACHE_DIR` overrides
 it), so the runs of a sweep, and later demo runs, reuse them. Stages (each prints a header and a
 progress bar):
@@ -248,14 +248,14 @@ class Context:
     def run(self, name: str, *, steps: int, learning_rate: float, seed: int) -> dict[str, Any]:
         """The fields every trainer config of the demo shares: `<out>/runs/<name>`, the model
         spec, Adam at a constant learning rate with gradients clipped to norm 1, no
-        TensorBoard, a final checkpoint only."""
+        TensorBoard, no checkpoint (the trained models stay in memory)."""
         return dict(
             output_dir=str(self.out / "runs" / name), seed=seed, num_steps=steps,
             overwrite=True, model=self.model_spec,
             optimizer=OptimizerConfig(learning_rate=learning_rate, schedule="constant",
                                       max_grad_norm=1.0),
             logging=LoggingConfig(every_steps=10, tensorboard=False, progress="tqdm"),
-            checkpoint=CheckpointConfig(keep_last=1, save_on_sigterm=False),
+            checkpoint=CheckpointConfig(keep_last=1, save_on_sigterm=False, save_final=False),
         )
 
 

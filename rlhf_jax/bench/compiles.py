@@ -59,6 +59,7 @@ class CompileCounter:
       traces, lowerings, compiles: `Counter` of function name -> number of jaxpr traces, MLIR
         lowerings and XLA executables built (compiled or read from the persistent cache).
       trace_s, lower_s, compile_s: seconds spent in each (compile_s includes cache reads).
+      compile_s_by_name: `Counter` of function name -> compile seconds.
       cache_hits, cache_misses: persistent compilation cache lookups that found / did not find
         the executable (0 and 0 when the cache is off).
     """
@@ -69,6 +70,8 @@ class CompileCounter:
     trace_s: float = 0.0
     lower_s: float = 0.0
     compile_s: float = 0.0
+    compile_s_by_name: collections.Counter = dataclasses.field(
+        default_factory=collections.Counter)
     cache_hits: int = 0
     cache_misses: int = 0
 
@@ -90,6 +93,7 @@ class CompileCounter:
         elif event == COMPILE_EVENT:
             self.compiles[name] += 1
             self.compile_s += duration
+            self.compile_s_by_name[name] += duration
 
     def _event(self, event: str) -> None:
         if event == CACHE_HIT_EVENT:
@@ -103,7 +107,8 @@ class CompileCounter:
         return sum(self.compiles.values())
 
     def summary(self) -> dict[str, Any]:
-        """A JSON-able dict: counts, seconds, cache hits/misses and the most compiled names."""
+        """A JSON-able dict: counts, seconds, cache hits/misses and the functions that took the
+        most compile time (seconds)."""
         return {
             "traces": sum(self.traces.values()),
             "compiles": self.num_compiles,
@@ -112,7 +117,8 @@ class CompileCounter:
             "trace_s": round(self.trace_s, 2),
             "lower_s": round(self.lower_s, 2),
             "compile_s": round(self.compile_s, 2),
-            "top_compiles": dict(self.compiles.most_common(8)),
+            "top_compile_s": {name: round(t, 2)
+                              for name, t in self.compile_s_by_name.most_common(6)},
         }
 
 
