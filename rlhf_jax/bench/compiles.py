@@ -117,6 +117,7 @@ class CompileCounter:
             "trace_s": round(self.trace_s, 2),
             "lower_s": round(self.lower_s, 2),
             "compile_s": round(self.compile_s, 2),
+            "compiles_by_name": dict(self.compiles),
             "top_compile_s": {name: round(t, 2)
                               for name, t in self.compile_s_by_name.most_common(6)},
         }
