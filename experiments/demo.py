@@ -3,8 +3,8 @@
     python -m experiments.demo [--quick] [--output-dir DIR] [--seed S] [--set FIELD=VALUE ...]
 
 Every stage trains with the library's own trainers, on models and records held in memory
-(the SFT, reward-model and DPO runs also write their `config.yaml`, `metrics.jsonl`,
-`summary.json` and final checkpoint under `<output dir>/runs/<run>`). Compiled programs are kept
+(the SFT, reward-model and DPO runs also write their `config.yaml`, `metrics.jsonl` and
+`summary.json` under `<output dir>/runs/<run>`; no checkpoint: `checkpoint.save_final=False`). Compiled programs are kept
 in `runs/.jax_cache` (JAX's persistent compilation cache; `JAX_COMPILATION_CACHE_DIR` overrides
 it), so the runs of a sweep, and later demo runs, reuse them. Stages (each prints a header and a
 progress bar):
@@ -63,6 +63,7 @@ from experiments import report as report_lib
 from experiments.demo_config import DemoConfig, parse_overrides
 from rlhf_jax import data as rdata
 from rlhf_jax.bench import cpu_model_name
+from rlhf_jax.bench.compiles import CompileCounter
 from rlhf_jax.data import synthetic
 from rlhf_jax.generation import (
     GenerationOutput,
@@ -208,6 +209,7 @@ class Context:
             "sampling": cfg.seed + 3, "eval": cfg.seed + 4,
         }
         self.stage_times: dict[str, float] = {}
+        self.stage_compiles: dict[str, dict[str, Any]] = {}
         prompts = self.task.sample_prompts(np.random.default_rng(self.seeds["eval"]),
                                            cfg.eval_prompts)
         self.eval_prompts = self.prompts(prompts)
@@ -246,14 +248,14 @@ class Context:
     def run(self, name: str, *, steps: int, learning_rate: float, seed: int) -> dict[str, Any]:
         """The fields every trainer config of the demo shares: `<out>/runs/<name>`, the model
         spec, Adam at a constant learning rate with gradients clipped to norm 1, no
-        TensorBoard, a final checkpoint only."""
+        TensorBoard, no checkpoint (the trained models stay in memory)."""
         return dict(
             output_dir=str(self.out / "runs" / name), seed=seed, num_steps=steps,
             overwrite=True, model=self.model_spec,
             optimizer=OptimizerConfig(learning_rate=learning_rate, schedule="constant",
                                       max_grad_norm=1.0),
             logging=LoggingConfig(every_steps=10, tensorboard=False, progress="tqdm"),
-            checkpoint=CheckpointConfig(keep_last=1, save_on_sigterm=False),
+            checkpoint=CheckpointConfig(keep_last=1, save_on_sigterm=False, save_final=False),
         )
 
 
@@ -261,13 +263,19 @@ def stage(ctx: Context, name: str, title: str):
     class _Stage:
         def __enter__(self):
             console.rule(f"[bold]{title}")
+            self.counter = CompileCounter().__enter__()
             self.t0 = time.perf_counter()
 
         def __exit__(self, *exc):
             dt = time.perf_counter() - self.t0
+            self.counter.__exit__(*exc)
             ctx.stage_times[name] = dt
+            ctx.stage_compiles[name] = self.counter.summary()
             if exc[0] is None:
-                console.print(f"[dim]{name} finished in {dt:.1f} s[/dim]")
+                c = self.counter
+                console.print(f"[dim]{name} finished in {dt:.1f} s ({c.num_compiles} compiles, "
+                              f"{c.cache_hits} from the cache; {c.trace_s + c.lower_s:.1f} s "
+                              f"tracing, {c.compile_s:.1f} s compiling)[/dim]")
 
     return _Stage()
 
@@ -703,6 +711,7 @@ def run_demo(cfg: DemoConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     }
     console.rule("[bold]6/6 Report")
     results["stage_times_s"] = dict(ctx.stage_times)
+    results["stage_compiles"] = dict(ctx.stage_compiles)
     results["wall_time_s"] = time.perf_counter() - t_start
     paths = report_lib.write_report(results, out)
     findings = report_lib.compute_findings(results)

@@ -13,6 +13,7 @@ The results are a JSON-able dict:
   "seeds": {...},                       # every seed used, by purpose
   "wall_time_s": float,
   "stage_times_s": {"sft": float, ...}, # optional
+  "stage_compiles": {"sft": {"compiles": int, "compile_s": float, ...}, ...},  # optional
   "environment": {"jax": str, ...},     # optional
   "task": {"name": str, "description": str},          # optional
   "rm_scaling": {
@@ -563,7 +564,15 @@ def render_markdown(results: Mapping[str, Any], findings: Mapping[str, Finding])
     if seeds:
         lines += ["Seeds: " + ", ".join(f"{k}={v}" for k, v in seeds.items()) + ".", ""]
     stage_times = results.get("stage_times_s", {})
-    if stage_times:
+    compiles = results.get("stage_compiles", {})
+    if stage_times and compiles:
+        lines += _table(
+            ["stage", "wall time (s)", "XLA compiles", "compile time (s)"],
+            [[k, fmt(float(v), 1), str(compiles.get(k, {}).get("compiles", "")),
+              fmt(float(compiles.get(k, {}).get("compile_s", float("nan"))), 1)]
+             for k, v in stage_times.items()])
+        lines.append("")
+    elif stage_times:
         lines += _table(["stage", "wall time (s)"],
                         [[k, fmt(float(v), 1)] for k, v in stage_times.items()])
         lines.append("")

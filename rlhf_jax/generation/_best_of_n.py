@@ -8,6 +8,7 @@ Keeping the lowest-scoring one as well gives a (chosen, rejected) preference pai
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -58,6 +59,12 @@ def select_best_of_n(scores: jax.Array, *, num_samples: int) -> BestOfNSelection
         raise ValueError(
             f"scores has {scores.shape[0]} rows, not a multiple of num_samples={num_samples}"
         )
+    return _select(scores, num_samples=num_samples)
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples",))
+def _select(scores: jax.Array, *, num_samples: int) -> BestOfNSelection:
+    # One compiled program per (rows, n), rather than one per eager operation.
     grouped = scores.reshape(-1, num_samples)
     offsets = jnp.arange(grouped.shape[0], dtype=jnp.int32) * num_samples
     best = jnp.argmax(grouped, axis=-1).astype(jnp.int32)
@@ -91,12 +98,14 @@ class BestOfNOutput(NamedTuple):
 
 def take_rows(output: GenerationOutput, indices: jax.Array) -> GenerationOutput:
     """Gathers rows ``indices`` (``[K]``) of every array field of a :class:`GenerationOutput`."""
-    return GenerationOutput(
-        *(
-            value if name == "prompt_length" else jnp.take(value, indices, axis=0)
-            for name, value in zip(GenerationOutput._fields, output)
-        )
-    )
+    arrays = {name: getattr(output, name) for name in GenerationOutput._fields
+              if name != "prompt_length"}
+    return GenerationOutput(**_take(arrays, indices), prompt_length=output.prompt_length)
+
+
+@jax.jit
+def _take(arrays: dict[str, jax.Array], indices: jax.Array) -> dict[str, jax.Array]:
+    return {name: jnp.take(value, indices, axis=0) for name, value in arrays.items()}
 
 
 def best_of_n(

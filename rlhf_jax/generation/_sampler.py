@@ -3,10 +3,13 @@
 The model is split once with ``nnx.split`` into a graph definition (static) and a state pytree
 (traced); the whole rollout (prefill of the left-padded prompt, then one ``lax.while_loop`` of
 single-token cached decodes per cache segment, with per-row EOS stop) is one jitted function of
-that state, compiled once per (graph, batch, prompt length, ``max_new_tokens``, cache segments,
+that state, compiled once per (graph, rows, prompt length, ``max_new_tokens``, cache segments,
 sampling structure) and cached by ``jax.jit``. The values of temperature, ``top_p``, ``min_p``
 and the EOS/pad ids are traced, so changing them does not recompile; switching a filter (or EOS
-stopping) on or off, ``top_k``, ``greedy``, ``num_samples`` and the mesh do.
+stopping) on or off, ``top_k``, ``greedy`` and the mesh do. ``num_samples`` repeats the prompts
+before the jitted loop, which sees only the ``B * n`` rows: best-of-``n`` over ``B`` prompts
+and plain sampling of ``B * n`` prompts (e.g. an online trainer's rollout, an evaluation) share
+one compiled program.
 
 Randomness: the token of step ``i`` is drawn with ``jax.random.fold_in(rng, i)`` over the whole
 ``[B * n, V]`` batch, so the draws depend only on the key and the global row index, never on how
@@ -108,7 +111,6 @@ class _Spec:
     """Static (compile-time) part of a generation call."""
 
     max_new_tokens: int
-    num_samples: int
     greedy: bool
     top_k: int | None
     use_top_p: bool
@@ -159,9 +161,6 @@ def _generate_body(
     n_new = spec.max_new_tokens
     prompt_ids = prompt_ids.astype(jnp.int32)
     prompt_mask = prompt_mask.astype(jnp.int32)
-    if spec.num_samples > 1:
-        prompt_ids = jnp.repeat(prompt_ids, spec.num_samples, axis=0)
-        prompt_mask = jnp.repeat(prompt_mask, spec.num_samples, axis=0)
     if spec.batch_sharding is not None:
         prompt_ids = jax.lax.with_sharding_constraint(prompt_ids, spec.batch_sharding)
         prompt_mask = jax.lax.with_sharding_constraint(prompt_mask, spec.batch_sharding)
@@ -363,11 +362,15 @@ def generate_with_state(
                 f"batch size {np.shape(prompt_ids)[0]} is not divisible by the {n_shards} "
                 f"devices of the mesh's {BATCH_AXES} axes"
             )
+    if num_samples > 1:  # rows b * n .. b * n + n - 1 are prompt b's (outside the jitted loop)
+        repeat = lambda x: (np.repeat(x, num_samples, axis=0) if isinstance(x, np.ndarray)
+                            else jnp.repeat(x, num_samples, axis=0))
+        prompt_ids, prompt_mask = repeat(prompt_ids), repeat(prompt_mask)
+    if sharding is not None:
         prompt_ids = jax.device_put(prompt_ids, sharding)
         prompt_mask = jax.device_put(prompt_mask, sharding)
     spec = _Spec(
         max_new_tokens=max_new_tokens,
-        num_samples=num_samples,
         greedy=greedy,
         top_k=top_k,
         use_top_p=top_p is not None,

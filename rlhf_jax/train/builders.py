@@ -15,12 +15,14 @@ model and calling `rlhf_jax.train.loop.fit`::
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
@@ -42,7 +44,7 @@ from rlhf_jax.models import (
 )
 from rlhf_jax.train.config import DataSpec, ModelSpec, TrainConfig
 from rlhf_jax.train.loop import jit_train_step
-from rlhf_jax.train.optimizer import is_stacked, make_optimizer
+from rlhf_jax.train.optimizer import cached_optimizer, is_stacked
 from rlhf_jax.train.state import LossFn, TrainState, create_train_state, make_train_step
 
 # ---------------------------------------------------------------------------------------------
@@ -242,6 +244,69 @@ def shard_train_state(state: TrainState, mesh: jax.sharding.Mesh) -> tuple[Train
     return jax.device_put(state, shardings), shardings
 
 
+class _TreeKey:
+    """A pytree (e.g. of shardings) as a cache key: equal when its leaves and structure are."""
+
+    def __init__(self, tree: Any):
+        self.tree = tree
+        leaves, treedef = jax.tree.flatten(tree)
+        self._key = (tuple(leaves), treedef)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _TreeKey) and self._key == other._key
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_step(loss_fn, tx, schedule, graphdef, grad_accum_steps, shardings: _TreeKey, mesh,
+                 donate, traced_hparams) -> Callable:
+    return _jitted_step(loss_fn, tx, schedule, graphdef, grad_accum_steps, shardings, mesh,
+                        donate, traced_hparams)
+
+
+def _jitted_step(loss_fn, tx, schedule, graphdef, grad_accum_steps, shardings: _TreeKey, mesh,
+                 donate, traced_hparams) -> Callable:
+    step = make_train_step(loss_fn, tx, graphdef=graphdef, grad_accum_steps=grad_accum_steps,
+                           schedule=schedule, traced_hparams=traced_hparams)
+    return jit_train_step(step, state_sharding=shardings.tree,
+                          batch_sharding=sharding.batch_sharding(mesh), donate=donate,
+                          traced_hparams=traced_hparams)
+
+
+def train_step_fn(
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    *,
+    graphdef: nnx.GraphDef,
+    state_sharding: Any,
+    mesh: jax.sharding.Mesh,
+    schedule: optax.Schedule | None = None,
+    grad_accum_steps: int = 1,
+    donate: bool = True,
+    traced_hparams: bool = False,
+) -> Callable:
+    """The jitted, sharded step of `make_train_step` (`jit_train_step`), cached per graph.
+
+    Two calls with equal arguments return the same jitted function, so a run whose step
+    matches an earlier run's in this process (same loss function, optimizer object, model
+    graph, shardings and options) reuses its compiled program instead of tracing and compiling
+    again. ``loss_fn`` is compared by value when it is hashable by value (a `NamedTuple` or
+    frozen dataclass with ``__call__``, e.g. `rlhf_jax.train.dpo.PreferenceLoss`), by identity
+    otherwise (a ``functools.partial`` or closure: no reuse across runs); an unhashable one
+    is not cached. Numeric hyper-parameters that are traced arguments (`traced_hparams`) are
+    not part of the key, which is what lets a sweep over them share one executable.
+    """
+    args = (loss_fn, tx, schedule, graphdef, grad_accum_steps, _TreeKey(state_sharding), mesh,
+            donate, traced_hparams)
+    try:
+        hash(args)
+    except TypeError:
+        return _jitted_step(*args)
+    return _cached_step(*args)
+
+
 def setup_training(
     config: TrainConfig,
     model: nnx.Module,
@@ -251,35 +316,47 @@ def setup_training(
     mesh: jax.sharding.Mesh | None = None,
     num_steps: int | None = None,
     donate: bool = True,
+    hparams: Any = None,
 ) -> TrainSetup:
     """Mesh, optimizer, sharded train state and jitted step for `model` and `loss_fn`.
+
+    The optimizer comes from `cached_optimizer` and the jitted step from `train_step_fn`, so
+    runs of one process that build the same step (a sweep) compile it once.
 
     Args:
       config: the run config (its `mesh`, `optimizer`, `seed` and `num_steps` are used).
       model: the NNX model to train (split here; do not use it afterwards).
-      loss_fn: `loss_fn(model, batch, rng) -> (loss, metrics)`.
+      loss_fn: `loss_fn(model, batch, rng) -> (loss, metrics)`, or with `hparams`
+        `loss_fn(model, batch, rng, hparams)`.
       trainable: variable filter for the optimizer (default: `trainable_filter(model)`);
         `config.model.freeze_embeddings` removes the embeddings from it, and
         `config.model.freeze_layers` wraps the optimizer in `freeze_bottom_layers`.
       mesh: the device mesh (default: `sharding.make_mesh(config.mesh)`).
       num_steps: optimizer steps the schedule spans (default: `config.num_steps`).
       donate: donate the state to the step.
+      hparams: a pytree of numbers (e.g. ``{"beta": 0.1}``) passed to `loss_fn` as traced
+        float32 arrays: arguments of the compiled step, not constants in it, so runs that
+        differ only in these values share one executable. ``step_fn(state, batch)`` supplies
+        them.
     """
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
     freeze_layers = config.model.freeze_layers
-    tx, schedule = make_optimizer(config.optimizer, num_steps or config.num_steps,
-                                  freeze_layers=freeze_layers)
+    tx, schedule = cached_optimizer(config.optimizer, num_steps or config.num_steps,
+                                    freeze_layers=freeze_layers)
     trainable = trainable if trainable is not None else trainable_filter(model)
     trainable = freeze_filter(trainable, config.model)
     graphdef, state = create_train_state(model, tx, seed=config.seed, trainable=trainable)
     report_trainable(count_trainable(state, freeze_layers=freeze_layers),
                      what=type(model).__name__)
     state, state_sharding = shard_train_state(state, mesh)
-    step = make_train_step(loss_fn, tx, graphdef=graphdef,
-                           grad_accum_steps=config.optimizer.grad_accum_steps,
-                           schedule=schedule)
-    step_fn = jit_train_step(step, state_sharding=state_sharding,
-                             batch_sharding=sharding.batch_sharding(mesh), donate=donate)
+    jitted = train_step_fn(loss_fn, tx, graphdef=graphdef, state_sharding=state_sharding,
+                           mesh=mesh, schedule=schedule,
+                           grad_accum_steps=config.optimizer.grad_accum_steps, donate=donate,
+                           traced_hparams=hparams is not None)
+    step_fn = jitted
+    if hparams is not None:
+        values = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), hparams)
+        step_fn = lambda state, batch: jitted(state, batch, values)  # noqa: E731
     return TrainSetup(graphdef=graphdef, state=state, state_sharding=state_sharding, mesh=mesh,
                       tx=tx, schedule=schedule, step_fn=step_fn,
                       put_batch=lambda batch: sharding.shard_batch(batch, mesh))
@@ -299,5 +376,6 @@ __all__ = [
     "report_trainable",
     "setup_training",
     "shard_train_state",
+    "train_step_fn",
     "trainable_filter",
 ]

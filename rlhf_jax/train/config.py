@@ -371,6 +371,11 @@ class CheckpointConfig:
     """Resume from the newest checkpoint in `output_dir/checkpoints` when one exists."""
     save_on_sigterm: bool = True
     """On SIGTERM (e.g. TPU preemption) save a checkpoint at the next step boundary and exit."""
+    save_final: bool = True
+    """Save a checkpoint when the run ends. False for runs held in memory (a sweep through
+    `run_sft` / `run_rm` / `run_dpo`, which return the trained model): with `every_steps=0`
+    and `save_on_sigterm=False` as well, the run writes no checkpoint at all (its config,
+    metrics and summary are still written)."""
 
     def __post_init__(self):
         check_int(self, "every_steps", low=0, owner="checkpoint.")

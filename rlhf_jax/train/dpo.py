@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import hashlib
 import io
 import json
@@ -346,6 +345,7 @@ class DPOHyperParams(NamedTuple):
 
     algorithm = "dpo"
     uses_reference = True
+    traced = ("beta", "label_smoothing", "discopop_tau")
 
     @classmethod
     def from_config(cls, config: DPOConfig) -> DPOHyperParams:
@@ -400,6 +400,7 @@ class SimPOHyperParams(NamedTuple):
 
     algorithm = "simpo"
     uses_reference = False
+    traced = ("beta", "simpo_gamma", "label_smoothing")
 
     @classmethod
     def from_config(cls, config: DPOConfig) -> SimPOHyperParams:
@@ -430,6 +431,7 @@ class ORPOHyperParams(NamedTuple):
 
     algorithm = "orpo"
     uses_reference = False
+    traced = ("beta",)
 
     @classmethod
     def from_config(cls, config: DPOConfig) -> ORPOHyperParams:
@@ -466,6 +468,7 @@ class CPOHyperParams(NamedTuple):
 
     algorithm = "cpo"
     uses_reference = False
+    traced = ("beta", "label_smoothing", "simpo_gamma", "cpo_alpha")
 
     @classmethod
     def from_config(cls, config: DPOConfig) -> CPOHyperParams:
@@ -508,6 +511,7 @@ class CPLHyperParams(NamedTuple):
 
     algorithm = "cpl"
     uses_reference = False
+    traced = ("beta", "cpl_conservative_bias", "cpl_bc_coeff")
 
     @classmethod
     def from_config(cls, config: DPOConfig) -> CPLHyperParams:
@@ -554,6 +558,7 @@ class KTOHyperParams(NamedTuple):
 
     algorithm = "kto"
     uses_reference = True
+    traced = ("beta", "desirable_weight", "undesirable_weight")
 
     @classmethod
     def from_config(cls, config: DPOConfig) -> KTOHyperParams:
@@ -658,10 +663,46 @@ def preference_loss(
     return hp.loss(policy, ref_model, batch)
 
 
-def make_preference_loss(config: DPOConfig, *, reference: str):
-    """`loss_fn(model, batch, rng)` for `make_train_step` from a `DPOConfig`."""
-    return functools.partial(preference_loss, hp=preference_hyperparams(config),
-                             reference=reference)
+class PreferenceLoss(NamedTuple):
+    """A preference objective as a loss function for `make_train_step`, hashable by value (so
+    `rlhf_jax.train.builders.train_step_fn` reuses the compiled step of an equal one).
+
+    ``loss(model, batch, rng)`` is `preference_loss` with ``hp`` and ``reference``;
+    ``loss(model, batch, rng, hparams)`` first replaces the fields named in ``hparams`` (traced
+    values, see `split_traced`).
+
+    Attributes:
+      hp: the family's hyper-parameters (`PreferenceHyperParams`).
+      reference: as `preference_loss`'s ``reference``.
+    """
+
+    hp: Any
+    reference: str = "model"
+
+    def __call__(self, model, batch, rng=None, hparams=None):
+        hp = self.hp if hparams is None else self.hp._replace(**hparams)
+        return preference_loss(model, batch, rng, hp=hp, reference=self.reference)
+
+    def split_traced(self) -> tuple[PreferenceLoss, dict[str, float]]:
+        """``(loss, hparams)``: the family's numeric hyper-parameters that only scale or shift
+        the objective (its ``traced`` fields: β, label smoothing, SimPO's γ, KTO's weights, ...)
+        taken out as ``hparams`` (traced arguments of the jitted step, `setup_training`), the
+        rest left in ``loss`` with those fields set to None. A field whose value is 0 stays a
+        constant (the losses skip a term known to be zero at trace time). Runs that differ only
+        in the traced values get equal losses and so share one compiled step; ``loss(model,
+        batch, rng, hparams)`` computes what ``self(model, batch, rng)`` does, to float
+        rounding."""
+        values = {name: float(getattr(self.hp, name)) for name in self.hp.traced
+                  if getattr(self.hp, name) != 0}
+        static = self.hp._replace(**{name: None for name in values})
+        return self._replace(hp=static), values
+
+
+def make_preference_loss(config: DPOConfig, *, reference: str) -> PreferenceLoss:
+    """`loss_fn(model, batch, rng)` for `make_train_step` from a `DPOConfig` (a
+    `PreferenceLoss`; its `split_traced` gives the sweep-friendly form `run_dpo` trains
+    with)."""
+    return PreferenceLoss(preference_hyperparams(config), reference)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -877,10 +918,12 @@ def run_dpo(
             reference = "model"
             model = PolicyAndReference(policy, ref)
             trainable = policy_only_filter(model)
-    loss_fn = make_preference_loss(config, reference=reference)
+    # β and the other scale-only hyper-parameters are traced arguments of the step: a sweep
+    # over them compiles the step once.
+    loss_fn, hparams = make_preference_loss(config, reference=reference).split_traced()
     trained_policy = (lambda m: m.policy) if reference == "model" else None
     result, setup = run_training(config, model, loss_fn, data, trainable=trainable,
-                                 eval_fn=eval_fn, eval_model=trained_policy)
+                                 eval_fn=eval_fn, eval_model=trained_policy, hparams=hparams)
     trained = trained_model(setup, result.state)
     return TrainedRun(run_summary(result, config, data, reference=reference),
                       trained.policy if reference == "model" else trained)
@@ -898,6 +941,7 @@ __all__ = [
     "PairLogps",
     "PolicyAndReference",
     "PreferenceHyperParams",
+    "PreferenceLoss",
     "REFERENCES",
     "SimPOHyperParams",
     "WithReferenceLogps",

@@ -104,6 +104,7 @@ def jit_train_step(
     state_sharding: Any = None,
     batch_sharding: Any = None,
     donate: bool = True,
+    traced_hparams: bool = False,
 ) -> StepFn:
     """`jax.jit` of a pure step with explicit in/out shardings and the state donated.
 
@@ -114,10 +115,12 @@ def jit_train_step(
       batch_sharding: the batch's sharding (a pytree prefix, e.g. one `NamedSharding` for every
         key), or None.
       donate: donate the input state's buffers to the output state.
+      traced_hparams: the step is `step(state, batch, hparams)` (`make_train_step`), the
+        hyper-parameters placed as JAX chooses (scalars: replicated).
     """
     kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if state_sharding is not None or batch_sharding is not None:
-        kwargs["in_shardings"] = (state_sharding, batch_sharding)
+        kwargs["in_shardings"] = (state_sharding, batch_sharding) + ((None,) * traced_hparams)
         kwargs["out_shardings"] = (state_sharding, None)
     return jax.jit(step_fn, **kwargs)
 
@@ -194,6 +197,7 @@ def train_loop(
     skipped_steps: int = 0,
     guard: PreemptionGuard | None = None,
     max_consecutive_skips: int | None = None,
+    save_final: bool = True,
 ) -> LoopResult:
     """Runs steps until `state.step == num_steps` (see module docstring).
 
@@ -215,6 +219,8 @@ def train_loop(
       guard: a `PreemptionGuard`; when it is triggered the loop saves and returns.
       max_consecutive_skips: under `"skip"`, raise `NonFiniteError` after this many skipped
         updates in a row (None: never).
+      save_final: save a checkpoint when the run ends (a preempted run saves whatever this
+        says); False for runs whose caller keeps the final state in memory.
 
     No checkpoint is written while the newest update was non-finite, nor of a state holding a
     non-finite value (the newest checkpoint therefore always holds a finite state; the final
@@ -327,7 +333,8 @@ def train_loop(
     drain(0)
     if eval_fn is not None and not preempted:
         eval_metrics = _log_eval(logger, step, eval_fn(state))
-    save(step, final=True)
+    if save_final or preempted:
+        save(step, final=True)
     if logger is not None:
         logger.progress(step)
     return LoopResult(
@@ -562,6 +569,7 @@ def fit(
             guard=guard,
             max_consecutive_skips=(config.max_consecutive_skips
                                    if config.nan_policy == "skip" else None),
+            save_final=config.checkpoint.save_final,
         )
 
 

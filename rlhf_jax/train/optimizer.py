@@ -186,13 +186,21 @@ def make_optimizer(
     return freeze_bottom_layers(optax.chain(*parts), num_layers=freeze_layers), schedule
 
 
-@functools.lru_cache(maxsize=64)
 def cached_optimizer(
     config: OptimizerConfig, num_steps: int, *, freeze_layers: int = 0
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """`make_optimizer`, memoised on the (frozen, hashable) config so that trainers built twice
-    from one config share their jitted functions' compilation cache (the online trainers key
-    their jitted update on the optimizer)."""
+    from one config share their jitted functions' compilation cache (the online trainers and
+    `rlhf_jax.train.builders.train_step_fn` key their jitted steps on the optimizer). A
+    constant schedule does not depend on `num_steps`, so runs of different lengths get the
+    same optimizer."""
+    if config.schedule == "constant":
+        num_steps = 1
+    return _cached_optimizer(config, num_steps, freeze_layers)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_optimizer(config: OptimizerConfig, num_steps: int, freeze_layers: int):
     return make_optimizer(config, num_steps, freeze_layers=freeze_layers)
 
 

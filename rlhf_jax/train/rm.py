@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
@@ -84,7 +83,7 @@ from rlhf_jax.train.run import (
     run_training,
     trained_model,
 )
-from rlhf_jax.train.state import TrainState
+from rlhf_jax.train.state import TrainState, bind_loss
 
 RM_LOSSES = ("bradley_terry", "kwise", "plackett_luce", "best_of_k")
 RANKING_LOSSES = ("kwise", "plackett_luce", "best_of_k")
@@ -330,7 +329,7 @@ def make_rm_loss(config: RMConfig):
     """`loss_fn(model, batch, rng)` for `make_train_step` from an `RMConfig`."""
     hp = RMHyperParams.from_config(config)
     hp.validate()
-    return functools.partial(rm_loss, hp=hp)
+    return bind_loss(rm_loss, hp=hp)
 
 
 # ---------------------------------------------------------------------------------------------

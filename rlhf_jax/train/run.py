@@ -35,16 +35,20 @@ def make_evaluator(
     eval_batches: Callable[[], Any],
     *,
     max_batches: int | None = None,
+    hparams: Any = None,
 ) -> Callable[[TrainState], dict[str, float]]:
     """`evaluate(state) -> {name: float}`: the loss function's metrics on the held-out batches.
 
     Each metric of the loss function (trainers report their loss as one, e.g. `"sft/loss"`)
     is averaged over batches and renamed with `eval_metric_name`. Runs without gradients, on the
-    same mesh and shardings as training.
+    same mesh and shardings as training. With `hparams` (`setup_training`) the loss function is
+    `loss_fn(model, batch, rng, hparams)`.
     """
 
     def metrics_fn(params, frozen, batch):
         model = nnx.merge(setup.graphdef, params, frozen)
+        if hparams is not None:
+            return loss_fn(model, batch, jax.random.key(0), hparams)[1]
         return loss_fn(model, batch, jax.random.key(0))[1]
 
     param_sharding = setup.state_sharding.params
@@ -140,18 +144,20 @@ def run_training(
     eval_loss_fn: LossFn | None = None,
     eval_fn: ModelEvalFn | None = None,
     eval_model: Callable[[nnx.Module], nnx.Module] | None = None,
+    hparams: Any = None,
 ) -> tuple[Any, TrainSetup]:
     """`setup_training` + held-out evaluator + `fit`; returns `(LoopResult, TrainSetup)`.
 
     `eval_loss_fn` (default `loss_fn`) gives the held-out metrics, evaluated every
     `config.eval_every` steps and at the end; `eval_fn` (`ModelEvalFn`) runs beside it on the
-    model (`eval_model(model)` when given).
+    model (`eval_model(model)` when given). `hparams`: the loss functions' traced
+    hyper-parameters (`setup_training`).
     """
-    setup = setup_training(config, model, loss_fn, trainable=trainable)
+    setup = setup_training(config, model, loss_fn, trainable=trainable, hparams=hparams)
     evaluate = None
     if data.eval_batches is not None:
         evaluate = make_evaluator(eval_loss_fn or loss_fn, setup, data.eval_batches,
-                                  max_batches=config.eval_batches)
+                                  max_batches=config.eval_batches, hparams=hparams)
     evaluate = with_model_eval(evaluate, eval_fn, setup, eval_model=eval_model)
     result = fit(config, step_fn=setup.step_fn, state=setup.state, train_batches=data.train,
                  put_batch=setup.put_batch, eval_fn=evaluate)

@@ -31,7 +31,6 @@ lower-level pieces are::
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -53,6 +52,7 @@ from rlhf_jax.train.run import (
     run_training,
     trained_model,
 )
+from rlhf_jax.train.state import bind_loss
 
 REDUCTIONS = ("token", "sequence")
 
@@ -139,7 +139,7 @@ def make_sft_loss(*, completion_only: bool = True, reduction: str = "token"):
     """`loss_fn(model, batch, rng) -> (loss, metrics)` for `make_train_step`."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}; allowed: {REDUCTIONS}")
-    return functools.partial(sft_loss, completion_only=completion_only, reduction=reduction)
+    return bind_loss(sft_loss, completion_only=completion_only, reduction=reduction)
 
 
 def train_sft(config: SFTConfig) -> dict[str, Any]:

@@ -38,6 +38,31 @@ LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array], tuple[jax.Ar
 """`loss_fn(model, batch, rng) -> (scalar loss, {metric name: scalar})`."""
 
 
+class BoundLoss(NamedTuple):
+    """``fn(model, batch, rng, **kwargs)`` as a `LossFn` that hashes and compares by value (its
+    function and keyword values), unlike ``functools.partial``: two runs whose losses are
+    equal share one compiled step (`rlhf_jax.train.builders.train_step_fn`). Build it with
+    `bind_loss`.
+
+    Attributes:
+      fn: the loss, ``fn(model, batch, rng, **kwargs) -> (loss, metrics)``.
+      kwargs: ``((name, value), ...)``, sorted by name; the values must be hashable.
+    """
+
+    fn: Callable[..., tuple[jax.Array, dict]]
+    kwargs: tuple[tuple[str, Any], ...]
+
+    def __call__(self, model: nnx.Module, batch: Mapping[str, jax.Array],
+                 rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        return self.fn(model, batch, rng, **dict(self.kwargs))
+
+
+def bind_loss(fn: Callable[..., tuple[jax.Array, dict]], **kwargs: Any) -> BoundLoss:
+    """``fn`` with its keyword arguments fixed, as a `BoundLoss` (a hashable
+    ``functools.partial``)."""
+    return BoundLoss(fn, tuple(sorted(kwargs.items())))
+
+
 class TrainState(NamedTuple):
     """Everything a training run updates, as one pytree of arrays.
 
@@ -170,16 +195,22 @@ def make_train_step(
     graphdef: nnx.GraphDef,
     grad_accum_steps: int = 1,
     schedule: optax.Schedule | None = None,
-) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    traced_hparams: bool = False,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Pure `step(state, batch) -> (state, metrics)` around a trainer's loss (see module doc).
 
     Args:
       loss_fn: `loss_fn(model, batch, rng) -> (loss, metrics)`; the model is the NNX module
-        merged from the state, `rng` a fresh PRNG key for this step (or micro-batch).
+        merged from the state, `rng` a fresh PRNG key for this step (or micro-batch). With
+        `traced_hparams`, `loss_fn(model, batch, rng, hparams)`.
       tx: the optax transformation whose state is `state.opt_state`.
       graphdef: the graph definition returned by `create_train_state`.
       grad_accum_steps: micro-batches per step (must divide the batch size).
       schedule: the learning-rate schedule, reported as `train/learning_rate`.
+      traced_hparams: the step is `step(state, batch, hparams)`, ``hparams`` a pytree of
+        arrays (e.g. ``{"beta": 0.1}`` as float32 scalars) handed to `loss_fn`: numeric
+        hyper-parameters that are arguments of the jitted step rather than constants of its
+        program, so runs that differ only in them share one compiled step.
 
     Returns:
       A pure function, to be jitted (see `rlhf_jax.train.loop.jit_train_step`).
@@ -188,10 +219,15 @@ def make_train_step(
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
     trainable_part = getattr(tx, "trainable", None)
 
-    def step(state: TrainState, batch: Mapping[str, jax.Array]):
+    def step(state: TrainState, batch: Mapping[str, jax.Array], *hparams: Any):
+        if len(hparams) != int(traced_hparams):
+            raise TypeError(f"this step takes {2 + int(traced_hparams)} arguments "
+                            f"(traced_hparams={traced_hparams}), got {2 + len(hparams)}")
+        objective = ((lambda m, b, k: loss_fn(m, b, k, hparams[0])) if traced_hparams
+                     else loss_fn)
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
         loss, metrics, grads = loss_and_grad(
-            loss_fn,
+            objective,
             graphdef,
             state.params,
             state.frozen,
@@ -222,8 +258,10 @@ def make_train_step(
 
 
 __all__ = [
+    "BoundLoss",
     "LossFn",
     "TrainState",
+    "bind_loss",
     "create_train_state",
     "loss_and_grad",
     "make_train_step",

@@ -52,6 +52,13 @@ def test_files_and_figures(quick_run):
         "sft", "preferences", "reward_models", "ppo", "dpo", "best_of_n", "overoptimization"}
     assert results["wall_time_s"] > 0
     assert results["config"]["preset"] == "quick"
+    # Compiles are counted per stage; the DPO sweep (two betas) compiles its train step once,
+    # and the in-memory runs write no checkpoint.
+    compiles = results["stage_compiles"]
+    assert set(compiles) == set(results["stage_times_s"])
+    assert compiles["dpo"]["compiles_by_name"].get("jit(step)") == 1
+    assert len(results["config"]["dpo_betas"]) == 2
+    assert not list((out / "runs").glob("*/checkpoints/*"))
 
 
 def test_results_cover_every_run(quick_run):

@@ -211,6 +211,8 @@ def full_results():
         "seeds": {"data": 0, "policy": 1},
         "wall_time_s": 93.4,
         "stage_times_s": {"sft": 10.0, "rm": 20.0},
+        "stage_compiles": {"sft": {"compiles": 3, "compile_s": 4.31},
+                           "rm": {"compiles": 1, "compile_s": 2.0}},
         "environment": {"jax": "0.0", "devices": "cpu x1"},
         "task": {"name": "toy", "description": "A toy task."},
         "rm_scaling": rm_results([0.58, 0.63, 0.68, 0.71]),
@@ -241,6 +243,7 @@ def test_write_report_files_figures_and_numbers(tmp_path):
     assert "Fig. 2): reproduced. Within the KL range" in md
     assert "Total wall time: 93.4 s (1.6 min)." in md
     assert "Seeds: data=0, policy=1." in md
+    assert "| sft | 10.0 | 3 | 4.3 |" in md and "| rm | 20.0 | 1 | 2.0 |" in md
     assert '"lr": 0.001' in md
     # Every accuracy in the table is a number from the results.
     section = md.split("## 1.")[1].split("## 2.")[0]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rlhf_jax.bench.compiles import CompileCounter
 from rlhf_jax.generation import (
     GenerationOutput,
     Sampler,
@@ -293,6 +294,19 @@ class TestCacheSegments:
         with pytest.raises(ValueError, match="cache_segments must be an int in"):
             sampler.generate(*prompts, dataclasses.replace(SAMPLING, cache_segments=bad),
                              rng=jax.random.key(0), eos_token_id=None, pad_token_id=PAD)
+
+
+def test_num_samples_shares_the_program_of_repeated_prompts(sampler, prompts, sampled):
+    """``num_samples=n`` over B prompts is sampling of the B * n repeated prompts: the same
+    tokens, from the same compiled program (best-of-n and a rollout or evaluation of as many
+    rows share it)."""
+    ids, mask = (np.repeat(x, N_SAMPLES, axis=0) for x in prompts)
+    with CompileCounter() as counter:
+        out = sampler.generate(ids, mask, SAMPLING, rng=jax.random.key(7), eos_token_id=None,
+                               pad_token_id=PAD)
+    assert counter.compiles["jit(_generate_jit)"] == 0
+    for name in ("sequences", "tokens", "logps", "mask"):
+        np.testing.assert_array_equal(getattr(out, name), getattr(sampled, name), err_msg=name)
 
 
 def test_first_token_frequencies_follow_filtered_softmax(model, prompts):

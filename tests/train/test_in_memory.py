@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from train_toys import write_easy_preferences
 
+from rlhf_jax.bench.compiles import CompileCounter
 from rlhf_jax.data.synthetic import build_tokenizer
 from rlhf_jax.models import RewardModel
 from rlhf_jax.train import (
@@ -157,3 +158,26 @@ def test_run_dpo_in_memory_matches_train_dpo(tmp_path, pairs):
             np.testing.assert_allclose(ra[k], rb[k], rtol=1e-5, atol=1e-6, err_msg=k)
     # The callback and the returned model see the policy, not the policy-and-reference pair.
     assert seen == ["CausalLM"] and type(run.model).__name__ == "CausalLM"
+
+
+def test_a_beta_sweep_compiles_the_dpo_step_once_and_saves_nothing(tmp_path, pairs):
+    """Runs that differ only in beta share one compiled step (beta is a traced argument, the
+    step is cached per graph), and with `checkpoint.save_final=False` an in-memory run writes
+    no checkpoint."""
+    _, records = pairs
+    # A learning rate no other test uses: the first run below compiles its own step.
+    common = dict(num_steps=2, model=TINY, data=DATA, logging=QUIET, seed=4,
+                  optimizer=OptimizerConfig(learning_rate=7.7e-4),
+                  checkpoint=CheckpointConfig(save_final=False, save_on_sigterm=False))
+    losses = {}
+    with CompileCounter() as counter:
+        for beta in (0.1, 0.5):
+            out = tmp_path / f"beta{beta}"
+            run = run_dpo(DPOConfig(output_dir=str(out), beta=beta, **common),
+                          model=build_model(TINY, seed=4), records=records)
+            losses[beta] = run.summary["metrics"]["dpo/loss"]
+            assert run.summary["step"] == 2
+            assert not list((out / "checkpoints").glob("*"))
+            assert (out / "summary.json").exists()
+    assert counter.compiles["jit(step)"] == 1
+    assert losses[0.1] != losses[0.5]  # the traced beta is the one each run trained with

@@ -27,11 +27,13 @@ from rlhf_jax.train.builders import build_model, load_tokenizer_for, setup_train
 from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.data import build_data
 from rlhf_jax.train.dpo import (
+    CPLHyperParams,
     CPOHyperParams,
     DPOConfig,
     DPOHyperParams,
     ORPOHyperParams,
     PolicyAndReference,
+    PreferenceLoss,
     SimPOHyperParams,
     preference_hyperparams,
     preference_loss,
@@ -585,6 +587,39 @@ class TestPreferenceLossPlumbing:
                               hp=CPOHyperParams(beta=0.1, cpo_alpha=1.0))[0]
         np.testing.assert_allclose(
             cpo, np.mean(-_np_logsig(0.1 * (s["pc"] - s["pr"]))) + nll, rtol=1e-5)
+
+    @pytest.mark.parametrize("hp", [
+        DPOHyperParams(loss_type=("sigmoid",), beta=0.3, label_smoothing=0.1, rpo_alpha=0.5),
+        DPOHyperParams(loss_type=("robust", "sft"), loss_weights=(1.0, 0.3), beta=0.2,
+                       label_smoothing=0.2),
+        DPOHyperParams(loss_type=("discopop",), beta=0.4, discopop_tau=0.1),
+        SimPOHyperParams(beta=2.0, simpo_gamma=0.5, label_smoothing=0.1),
+        ORPOHyperParams(beta=0.1),
+        CPOHyperParams(beta=0.1, cpo_alpha=0.7, label_smoothing=0.1),
+        CPLHyperParams(beta=0.2, cpl_conservative_bias=0.7, cpl_bc_coeff=0.5),
+    ], ids=lambda hp: hp.algorithm)
+    def test_traced_hyperparameters_give_the_constant_result(self, setup, hp):
+        """`PreferenceLoss.split_traced` (what `run_dpo` trains with: beta and the other
+        scale-only values as arguments of the jitted step) computes the loss and metrics of the
+        hyper-parameters compiled in as constants; the traced part leaves no value behind."""
+        batch, pol, ref = setup
+        model = PolicyAndReference.__new__(PolicyAndReference)
+        object.__setattr__(model, "policy", TableLM(pol))
+        object.__setattr__(model, "reference", TableLM(ref))
+        constant = PreferenceLoss(hp, "model")
+        traced, hparams = constant.split_traced()
+        assert set(hparams) == {f for f in hp.traced if getattr(hp, f) != 0}
+        assert "beta" in hparams and all(getattr(traced.hp, f) is None for f in hparams)
+        # Sweep points differing only in traced values are the same (hashable) loss function.
+        other, _ = PreferenceLoss(hp._replace(beta=hp.beta * 3), "model").split_traced()
+        assert other == traced and hash(other) == hash(traced)
+        want = jax.jit(lambda b: constant(model, b))(batch)
+        got = jax.jit(lambda b, h: traced(model, b, None, h))(
+            batch, {k: jnp.float32(v) for k, v in hparams.items()})
+        assert set(got[1]) == set(want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+        for k in want[1]:
+            np.testing.assert_allclose(got[1][k], want[1][k], rtol=1e-6, atol=1e-7, err_msg=k)
 
     def test_bad_loss_type_names_allowed_values(self, setup):
         batch, pol, _ = setup
