@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -58,3 +59,30 @@ def measure_matmul_peak(*, size: int = 1024, dtype=jnp.float32, repeats: int = 5
     matmul = jax.jit(lambda x, y: x @ y)
     seconds = time_fn(lambda: matmul(a, b), warmup=2, repeats=repeats)
     return 2.0 * size**3 / seconds
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure_matmul_peak_per_cpu_second(*, size: int = 1024, dtype=jnp.float32,
+                                       repeats: int = 10) -> float:
+    """Measured matmul FLOPs per CPU second (user + system, all threads) of this process: the
+    denominator of the CPU-time MFU, `step FLOPs / step CPU seconds / this`. Unlike the wall
+    peak it hardly moves when other processes share the cores (a descheduled thread uses no
+    CPU time), so it is the steadier figure on a shared host."""
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (size, size), dtype)
+    b = jax.random.normal(key_b, (size, size), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    for _ in range(2):
+        jax.block_until_ready(matmul(a, b))
+    rates = []
+    for _ in range(repeats):
+        start = _cpu_seconds()
+        jax.block_until_ready(matmul(a, b))
+        used = _cpu_seconds() - start
+        if used > 0:
+            rates.append(2.0 * size**3 / used)
+    return statistics.median(rates)
