@@ -26,12 +26,47 @@ def cpu_model_name() -> str:
     return model
 
 
+def _cpuinfo_fields() -> dict[str, str]:
+    """The first processor's `/proc/cpuinfo` fields (empty where there is none)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
+
+
+def _memory_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
 def machine_description() -> str:
-    """One line naming the CPU model, core count, JAX version and backend devices."""
+    """One line naming the CPU model (with its family/model numbers and AVX-512 where
+    `/proc/cpuinfo` shows them: a VM often hides the marketing name), core count, memory, JAX
+    version and backend devices."""
     devices = jax.devices()
+    info = _cpuinfo_fields()
+    cpu = cpu_model_name()
+    if "cpu family" in info:
+        cpu += f" (family {info['cpu family']} model {info.get('model', '?')}"
+        cpu += ", AVX-512)" if "avx512f" in info.get("flags", "").split() else ")"
+    memory = _memory_gib()
     return (
-        f"{cpu_model_name()}, {os.cpu_count()} cores visible, jax {jax.__version__}, "
-        f"{len(devices)} x {devices[0].platform} device(s)"
+        f"{cpu}, {os.cpu_count()} cores visible"
+        + (f", {memory:.0f} GiB" if memory else "")
+        + f", jax {jax.__version__}, {len(devices)} x {devices[0].platform} device(s)"
     )
 
 
