@@ -8,7 +8,7 @@ import json
 import pytest
 from flax import nnx
 
-from rlhf_jax.bench import memory, steps
+from rlhf_jax.bench import _plot, memory, steps
 from rlhf_jax.bench._realshape import (
     Case,
     forward_flops_per_token,
@@ -30,6 +30,7 @@ def test_measure_a_dpo_step(chunks):
         assert row["head"] == ("unfused" if chunk == 0 else "fused/8")
         assert row["tokens"] == 2 * 4 * 16  # 8 rows: one per test device
         assert row["seconds"] > 0 and row["tokens_per_s"] > 0 and row["compile_s"] > 0
+        assert row["cpu_seconds"] > 0 and row["tokens_per_cpu_s"] > 0
         assert row["peak_rss"] > 0 and row["device_peak"] is None  # CPU reports no peak
         memory_ = row["memory"]
         assert memory_["total"] == (memory_["argument"] + memory_["output"] + memory_["temp"]
@@ -74,16 +75,36 @@ def _row(step, head="fused/128", **extra):
 
 
 def test_steps_markdown():
-    info = {"machine": "test machine", "peak_flops": 5e10}
+    info = {"machine": "test machine", "peak_flops": 5e10, "peak_flops_per_cpu_s": 2.5e10,
+            "load_average": 3.0}
     ppo = _row("ppo", rollout_s=1.0, scoring_s=2.0, update_s=3.0, iteration_s=6.0,
-               iteration_tokens_per_s=500.0, sampled_tokens_per_s=100.0)
+               iteration_tokens_per_s=500.0, sampled_tokens_per_s=100.0, rollout_cpu_s=2.0,
+               scoring_cpu_s=4.0, update_cpu_s=6.0, iteration_cpu_s=12.0)
     failed = {"case": _row("sft")["case"], "head": "unfused", "error": "exit code -9 (killed)"}
-    table = steps.to_markdown([_row("dpo"), failed, ppo], info)
-    assert "measured fp32 matmul peak 50.0 GFLOP/s" in table
-    assert "| gpt2 | dpo | 512 | 8 | fused/128 | 100 | 90 | 41 | 80.0% | 9.0 | 7.00 | 3.00 |" \
-        in table
+    dpo = _row("dpo", cpu_seconds=200.0, tokens_per_cpu_s=20.48, load_average=2.5)
+    table = steps.to_markdown([dpo, failed, ppo], info)
+    assert "measured fp32 matmul peak 50.0 GFLOP/s (wall), 25.0 GFLOP per CPU second" in table
+    # CPU seconds beside wall seconds; MFU against the wall peak and against the CPU-second peak.
+    assert ("| gpt2 | dpo | 512 | 8 | fused/128 | 100 | 90 | 200 | 41 | 20 | 80.0% | 80.0% | 9.0 "
+            "| 7.00 | 3.00 |  | 2.5 |") in table
     assert "failed: exit code -9 (killed)" in table
-    assert "| gpt2 | 512 | 4 | fused/128 | 1 | 2 | 3 | 6 | 500 | 100 | 80.0% |" in table
+    assert "| gpt2 | 512 | 4 | fused/128 | 1 | 2 | 3 | 6 | 12 (2 / 4 / 6) | 500 | 100 | 80.0% |" \
+        in table
+
+
+def test_steps_markdown_gives_the_ratio_to_trl_per_round():
+    info = {"machine": "m", "peak_flops": 5e10}
+    rows = []
+    for round_, (ours_s, trl_s) in enumerate([(100.0, 150.0), (120.0, 120.0)], start=1):
+        rows.append(_row("dpo", round=round_, seconds=ours_s, tokens_per_s=4096 / ours_s,
+                         cpu_seconds=200.0, tokens_per_cpu_s=4096 / 200.0))
+        rows.append(_row("dpo", head="TRL DPOTrainer (torch fp32, 2 threads)", round=round_,
+                         seconds=trl_s, tokens_per_s=4096 / trl_s, cpu_seconds=300.0,
+                         tokens_per_cpu_s=4096 / 300.0, peak_rss=14 * 2**30))
+    table = steps.to_markdown(rows, info)
+    assert "| fused/128 (round 2) |" in table
+    assert "| gpt2 | 512 | 8 | 1 | 1.50x | 1.50x | 0.50 |" in table
+    assert "| gpt2 | 512 | 8 | 2 | 1.00x | 1.50x | 0.50 |" in table
 
 
 def test_memory_markdown_says_what_fits():
@@ -94,7 +115,7 @@ def test_memory_markdown_says_what_fits():
     lora["case"]["lora_rank"] = 16
     table = memory.to_markdown([("fused", small), ("baseline", big), ("lora", lora)], info,
                                budget_gib=24)
-    assert "| fused | fused/128 | 20.00 | yes |" in table
+    assert "| fused | fused/128 | 20.00 | yes | 7.00 | 100 |" in table
     assert "| baseline | unfused | 30.00 | no |" in table
     assert "whose step fits 24 GiB: fused (20.00 GiB)." in table  # LoRA is not a full fine-tune
 
@@ -116,3 +137,38 @@ def test_a_failed_worker_gives_an_error_row():
     row = run_isolated("no-such-bench", Case(model="tiny-gpt2", step="sft", seq=16, batch=1),
                        steps=1, warmup=0)
     assert "error" in row and "unknown benchmark" in row["error"]
+
+
+def test_freezing_lever_drops_the_frozen_rows_moments():
+    # Compile only: XLA's buffer assignment is exact, so the arguments lose AdamW's two
+    # float32 moments of the frozen layer's rows and nothing else.
+    base = Case(model="tiny-gpt2", step="sft", seq=16, batch=8)
+    frozen = dataclasses.replace(base, freeze_layers=1)
+    assert ("freeze bottom 12 layers", dataclasses.replace(
+        base, model="qwen2-0.5b", seq=1024, step="dpo", batch=4, chunk=0,
+        freeze_layers=12)) in memory.lever_cases("qwen2-0.5b", "dpo", 1024, 4,
+                                                 ["freeze bottom 12 layers"])
+    rows = [measure(case, run=False) for case in (base, frozen)]
+    config = base.model_config()
+    layer = CausalLM(config, rngs=nnx.Rngs(0)).backbone
+    stacked = sum(x.size for path, x in nnx.to_flat_state(nnx.state(layer, nnx.Param))
+                  if "layers" in map(str, path))
+    saved = rows[0]["memory"]["argument"] - rows[1]["memory"]["argument"]
+    assert saved == 2 * 4 * stacked // config.num_layers
+
+
+def test_plots_against_sequence_length(tmp_path):
+    rows = [_row("dpo", case=dataclasses.asdict(Case(model="gpt2", step="dpo", seq=seq,
+                                                     batch=1)),
+                 tokens=2 * seq, cpu_seconds=seq / 100, seconds=seq / 50)
+            for seq in (512, 2048)]
+    rows.append({"case": rows[0]["case"], "head": "unfused", "error": "killed"})
+    (tmp_path / "rows.json").write_text(json.dumps({"info": {}, "rows": rows}))
+    loaded = _plot.load_rows([str(tmp_path / "rows.json")])
+    assert len(loaded) == 2  # the failed row is left out
+    # CPU seconds per 1k tokens: 1000 * (T / 100) / (2 T) = 5 at every T.
+    assert _plot.series(loaded, _plot._per_k_tokens("cpu_seconds")) == {
+        "gpt2 dpo fused/128": [(512, 5.0), (2048, 5.0)]}
+    steps.main(["--plot-from", str(tmp_path / "rows.json"), "--plot-dir", str(tmp_path / "f")])
+    for name in ("steps_time_vs_seq.png", "steps_memory_vs_seq.png"):
+        assert (tmp_path / "f" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -52,7 +52,7 @@ from rlhf_jax.models import (
     lora_disabled,
 )
 from rlhf_jax.train.builders import setup_training, trainable_filter
-from rlhf_jax.train.config import OptimizerConfig, TrainConfig
+from rlhf_jax.train.config import ModelSpec, OptimizerConfig, TrainConfig
 
 STEPS = ("sft", "dpo", "ppo")
 REFERENCES = ("model", "precomputed", "lora_base")
@@ -91,6 +91,8 @@ class Case:
       reference: DPO reference, one of `REFERENCES`.
       lora_rank: LoRA adapters of this rank on every projection (0: full fine-tune).
       grad_accum: micro-batches per optimizer step.
+      freeze_layers: bottom layers of the policy the optimizer leaves alone
+        (`ModelSpec.freeze_layers`: no AdamW moments for those rows).
       epochs, minibatches: PPO update passes over the rollout.
     """
 
@@ -105,6 +107,7 @@ class Case:
     reference: str = "model"
     lora_rank: int = 0
     grad_accum: int = 1
+    freeze_layers: int = 0
     epochs: int = 1
     minibatches: int = 1
 
@@ -282,20 +285,32 @@ def compiled_bytes(compiled) -> dict[str, int]:
     return out
 
 
-def _timed(fn, *, steps: int, warmup: int) -> list[float]:
+def process_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its waited-for children so far: every
+    thread of the XLA CPU runtime counts, so on a shared host it moves far less with the load
+    than wall seconds do."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _timed(fn, *, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """`(wall seconds, process CPU seconds)` of each of `steps` calls after `warmup` ones."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), process_cpu_seconds()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return times
+        cpu.append(process_cpu_seconds() - start_cpu)
+    return times, cpu
 
 
 def _train_config(case: Case, num_steps: int):
     return TrainConfig(num_steps=max(num_steps, 1), optimizer=OptimizerConfig(
-        learning_rate=1e-6, schedule="constant", grad_accum_steps=case.grad_accum))
+        learning_rate=1e-6, schedule="constant", grad_accum_steps=case.grad_accum),
+        model=ModelSpec(freeze_layers=case.freeze_layers))
 
 
 def _with_lora(model: CausalLM, case: Case) -> CausalLM:
@@ -356,9 +371,10 @@ def measure(case: Case, *, steps: int = 3, warmup: int = 1, run: bool = True) ->
             holder["state"], metrics = compiled(holder["state"], device_batch)
             return metrics
 
-        times = _timed(one, steps=steps, warmup=warmup)
-        row.update(_time_fields(times, tokens=tokens, flops=flops))
-    row.update(peak_rss=peak_rss_bytes(), device_peak=device_peak_bytes())
+        times, cpu = _timed(one, steps=steps, warmup=warmup)
+        row.update(_time_fields(times, tokens=tokens, flops=flops, cpu=cpu))
+    row.update(peak_rss=peak_rss_bytes(), device_peak=device_peak_bytes(),
+               load_average=os.getloadavg()[0])
     return row
 
 
@@ -373,10 +389,17 @@ def _param_count(config: ModelConfig) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def _time_fields(times: list[float], *, tokens: int, flops: float) -> dict[str, float]:
+def _time_fields(times: list[float], *, tokens: int, flops: float,
+                 cpu: list[float] | None = None) -> dict[str, float]:
+    """Medians and bests of wall `times`; with `cpu` (process CPU seconds per step) also
+    `cpu_seconds` and `tokens_per_cpu_s`, the steadier figures on a shared host."""
     median, best = statistics.median(times), min(times)
-    return {"seconds": median, "best_seconds": best, "tokens_per_s": tokens / median,
-            "flops_per_s": flops / median, "best_flops_per_s": flops / best}
+    out = {"seconds": median, "best_seconds": best, "tokens_per_s": tokens / median,
+           "flops_per_s": flops / median, "best_flops_per_s": flops / best}
+    if cpu:
+        cpu_median = statistics.median(cpu)
+        out.update(cpu_seconds=cpu_median, tokens_per_cpu_s=tokens / cpu_median)
+    return out
 
 
 def _measure_ppo(case: Case, *, steps: int, warmup: int, run: bool) -> dict[str, Any]:
@@ -460,36 +483,44 @@ def _measure_ppo(case: Case, *, steps: int, warmup: int, run: bool) -> dict[str,
     if run:
         state = setup.state
         phases: dict[str, list[float]] = {"rollout": [], "scoring": [], "update": []}
+        cpu: dict[str, list[float]] = {"rollout": [], "scoring": [], "update": []}
         sampled = []
         for i in range(warmup + steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), process_cpu_seconds()
             out = jax.block_until_ready(rollout(state))
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), process_cpu_seconds()
             experience = jax.block_until_ready(score_compiled(
                 state, ref_state, rm_state, out.sequences, out.sequence_mask, out.mask))
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), process_cpu_seconds()
             for _ in range(case.epochs):
                 for j in range(case.minibatches):
                     part = setup.put_batch({k: v[j * mb:(j + 1) * mb]
                                             for k, v in experience.items()})
                     state, metrics = update_compiled(state, part)
             jax.block_until_ready((state, metrics))
-            t3 = time.perf_counter()
+            t3, c3 = time.perf_counter(), process_cpu_seconds()
             if i >= warmup:
                 phases["rollout"].append(t1 - t0)
                 phases["scoring"].append(t2 - t1)
                 phases["update"].append(t3 - t2)
+                cpu["rollout"].append(c1 - c0)
+                cpu["scoring"].append(c2 - c1)
+                cpu["update"].append(c3 - c2)
                 sampled.append(int(np.asarray(out.mask).sum()))
         med = {k: statistics.median(v) for k, v in phases.items()}
+        cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
         total = sum(med.values())
         row.update(_time_fields(phases["update"], tokens=case.epochs * tokens,
-                                flops=update_flops))
+                                flops=update_flops, cpu=cpu["update"]))
         row.update(rollout_s=med["rollout"], scoring_s=med["scoring"], update_s=med["update"],
+                   rollout_cpu_s=cpu_med["rollout"], scoring_cpu_s=cpu_med["scoring"],
+                   update_cpu_s=cpu_med["update"], iteration_cpu_s=sum(cpu_med.values()),
                    iteration_s=total, iteration_tokens_per_s=tokens / total,
                    sampled_tokens_per_s=statistics.median(sampled) / med["rollout"],
                    scoring_flops_per_s=scoring_flops / med["scoring"],
                    rollout_compile_s=max(rollout_first - med["rollout"], 0.0))
-    row.update(peak_rss=peak_rss_bytes(), device_peak=device_peak_bytes())
+    row.update(peak_rss=peak_rss_bytes(), device_peak=device_peak_bytes(),
+               load_average=os.getloadavg()[0])
     return row
 
 

@@ -17,6 +17,8 @@ combine levers. Levers:
 - `lora`: rank-16 adapters on every projection, the reference being the base model (adapters
   off), so neither a second copy of the weights nor AdamW moments of the base;
 - `accum`: gradient accumulation over 2 or 4 micro-batches (same batch per optimizer step);
+- `freeze`: the bottom half of the layers frozen (`model.freeze_layers`: no AdamW moments for
+  those rows; their gradients are still computed);
 - `bf16`: bfloat16 parameters and compute (AdamW moments follow the parameters' dtype).
 
 Columns: "step GiB" is XLA's buffer assignment of the compiled step (arguments: parameters,
@@ -50,11 +52,15 @@ LEVERS: dict[str, dict[str, Any]] = {
     "grad accumulation 2": {"grad_accum": 2},
     "grad accumulation 4": {"grad_accum": 4},
     "bf16 parameters and compute": {"param_dtype": "bfloat16", "dtype": "bfloat16"},
+    "freeze bottom 12 layers": {"freeze_layers": 12},
     "fused 128 + remat full + precomputed": {"chunk": 128, "remat": "full",
                                              "reference": "precomputed"},
     "fused 128 + remat full + precomputed + accum 4": {"chunk": 128, "remat": "full",
                                                        "reference": "precomputed",
                                                        "grad_accum": 4},
+    "fused 128 + remat full + precomputed + freeze 12": {"chunk": 128, "remat": "full",
+                                                         "reference": "precomputed",
+                                                         "freeze_layers": 12},
     "fused 128 + remat full + reference model + bf16": {"chunk": 128, "remat": "full",
                                                         "param_dtype": "bfloat16",
                                                         "dtype": "bfloat16"},
@@ -82,21 +88,25 @@ def lever_cases(model: str, step: str, seq: int, batch: int, levers: list[str]
 def to_markdown(rows: list[tuple[str, dict]], info: dict, *, budget_gib: float) -> str:
     lines = [f"Machine: {info['machine']}. {info['what']}", "",
              f"| lever | head | step GiB | fits {budget_gib:g} GiB | peak RSS GiB | "
-             "s/step (median) | tokens/s | compile s |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
+             "s/step (median) | CPU s/step | tokens/s | tokens/CPU s | compile s |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     budget = budget_gib * 2**30
     for label, r in rows:
         if "error" in r:
-            lines.append(f"| {label} | {r['head']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {label} | {r['head']} | failed: {r['error']} | | | | | | | |")
             continue
         total = r["memory"]["total"]
         seconds = r.get("seconds")
         tokens_s = "" if seconds is None else f"{r['tokens_per_s']:.0f}"
+        cpu = r.get("cpu_seconds")
+        tokens_cpu = "" if cpu is None else f"{r['tokens_per_cpu_s']:.0f}"
         lines.append(
             f"| {label} | {r['head']} | {gib(total)} | {'yes' if total <= budget else 'no'} | "
             f"{gib(r.get('peak_rss')) if seconds is not None else ''} | "
             f"{'' if seconds is None else f'{seconds:.3g}'} | "
-            f"{tokens_s} | {r['compile_s']:.1f} |")
+            f"{'' if cpu is None else f'{cpu:.3g}'} | {tokens_s} | "
+            f"{tokens_cpu} | "
+            f"{r['compile_s']:.1f} |")
     fitting = [(r["memory"]["total"], label) for label, r in rows
                if "error" not in r and r["memory"]["total"] <= budget
                and not r["case"]["lora_rank"]]

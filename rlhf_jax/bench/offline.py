@@ -215,10 +215,11 @@ def bench_trl_best(shape: Shape, *, steps: int, threads: list[int]
     return best
 
 
-def bench_trl(shape: Shape, *, steps: int, warmup: int = 2, threads: int | None = None
-              ) -> tuple[float, float] | None:
+def bench_trl(shape: Shape, *, steps: int, warmup: int = 2, threads: int | None = None,
+              cpu_seconds: list[float] | None = None) -> tuple[float, float] | None:
     """`(median, best)` seconds per `trl.DPOTrainer` optimizer step (fp32, CPU), or None
-    without trl."""
+    without trl. Each timed step's process CPU seconds (user + system) are appended to
+    `cpu_seconds` when it is given."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub
     try:  # optional peers (the bench extra), imported only where they are measured
         import torch
@@ -251,13 +252,15 @@ def bench_trl(shape: Shape, *, steps: int, warmup: int = 2, threads: int | None 
     ref_model = GPT2LMHeadModel(model_config).float()
     ref_model.load_state_dict(model.state_dict())
     times: list[float] = []
+    cpu: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
+            self.start, self.start_cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.start)
+            cpu.append(time.process_time() - self.start_cpu)
 
     with tempfile.TemporaryDirectory() as tmp:
         args = trl.DPOConfig(
@@ -273,26 +276,32 @@ def bench_trl(shape: Shape, *, steps: int, warmup: int = 2, threads: int | None 
             raise RuntimeError(f"TRL batch shape {tuple(batch['input_ids'].shape)} differs from "
                                f"{(2 * shape.pairs, shape.seq)}")
         trainer.train()
+    if cpu_seconds is not None:
+        cpu_seconds.extend(cpu[warmup:])
     return _summary(times[warmup:])
 
 
-def trl_worker(shape_json: str, *, steps: int, warmup: int) -> None:
+def trl_worker(shape_json: str, *, steps: int, warmup: int, threads: int | None = None) -> None:
     """Entry point of a child process (`python -m rlhf_jax.bench offline --trl-worker JSON`):
     times TRL at the `Shape` given as JSON and prints one result row (None without TRL) with
-    this process's RSS high-water mark, for `rlhf_jax.bench.steps --trl`."""
+    this process's RSS high-water mark, for `rlhf_jax.bench.steps --trl`. With `threads` unset
+    it tries 1 and all torch threads and keeps the faster; set, it runs that count once."""
     shape = Shape(**json.loads(shape_json))
     best = None
-    for n in sorted({1, os.cpu_count() or 1}):
-        times = bench_trl(shape, steps=steps, warmup=warmup, threads=n)
+    counts = [threads] if threads else sorted({1, os.cpu_count() or 1})
+    for n in counts:
+        cpu: list[float] = []
+        times = bench_trl(shape, steps=steps, warmup=warmup, threads=n, cpu_seconds=cpu)
         if times is None:
             print(RESULT_PREFIX + "null", flush=True)
             return
         if best is None or times[0] < best[0][0]:
-            best = (times, n)
-    (median, fastest), threads = best
+            best = (times, n, statistics.median(cpu))
+    (median, fastest), threads, cpu_median = best
     tokens = 2 * shape.pairs * shape.seq
     row = {"seconds": median, "best_seconds": fastest, "tokens_per_s": tokens / median,
-           "torch_threads": threads,
+           "cpu_seconds": cpu_median, "tokens_per_cpu_s": tokens / cpu_median,
+           "torch_threads": threads, "load_average": os.getloadavg()[0],
            "peak_rss": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
     print(RESULT_PREFIX + json.dumps(row), flush=True)
 
@@ -364,9 +373,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--trl-threads", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.trl_worker:
-        trl_worker(args.trl_worker, steps=args.steps, warmup=args.warmup)
+        trl_worker(args.trl_worker, steps=args.steps, warmup=args.warmup,
+                   threads=args.trl_threads)
         return
     rows, info = run(args.shapes, steps=args.steps, with_trl=not args.no_trl)
     table = to_markdown(rows, info)

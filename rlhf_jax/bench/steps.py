@@ -3,7 +3,9 @@ with the fused LM head or the full `[B, T, V]` logits, one configuration per pro
 
     python -m rlhf_jax.bench steps [--models gpt2 qwen2-0.5b] [--seq 512 2048]
         [--step sft dpo ppo] [--heads fused unfused] [--chunk 128] [--batch N]
-        [--repeats 3] [--warmup 1] [--trl] [--compile-only] [--markdown FILE]
+        [--repeats 3] [--warmup 1] [--trl [--trl-threads N]] [--rounds R] [--compile-only]
+        [--markdown FILE] [--json FILE]
+    python -m rlhf_jax.bench steps --plot-from FILE.json ... [--plot-dir docs/figures]
 
 Shapes (`rlhf_jax.bench._realshape.MODELS`; random weights, nothing downloaded):
 
@@ -14,14 +16,20 @@ Shapes (`rlhf_jax.bench._realshape.MODELS`; random weights, nothing downloaded):
 Each row is measured in its own `python -m rlhf_jax.bench steps --worker ...` process: build,
 compile (`jit(...).lower(...).compile()`, timed: "compile s"), `--warmup` untimed steps, then
 `--repeats` timed steps (median; "best" is the least disturbed step on a shared machine).
-Columns:
+`--rounds R` measures every row R times in turn, so that ours and TRL alternate (A B A B)
+under the same conditions. Columns:
 
+- CPU s/step: the worker's CPU seconds (user + system, every thread) per step, and
+  tokens/CPU s: on a shared host the steadier time figure (a descheduled thread spends none);
 - tokens/s: tokens of the batch (`T` x rows) per second of the median step; a PPO iteration's
   tokens/s divides the `B x T` rollout tokens by rollout + scoring + update;
 - MFU: model FLOPs per second (`rlhf_jax.bench._realshape.forward_flops_per_token`: `2 W + 4 L
   T (H D)` per token forward, x3 for forward + backward, plus one forward of the reference for
   DPO; the fused head's recomputed logits are not counted) over the measured fp32 matmul peak
   (`rlhf_jax.bench.measure_matmul_peak`, best of three); a PPO row's MFU is its update's;
+  "MFU (CPU s)" divides the model FLOPs per CPU second by the matmul's FLOPs per CPU second
+  (`measure_matmul_peak_per_cpu_second`), which holds on a shared host where the wall MFU
+  does not;
 - peak RSS: the worker's resident-set high-water mark (`ru_maxrss`): model, optimizer state,
   compiler and the step itself;
 - step GiB: XLA's buffer assignment of the compiled step (arguments + outputs + temporaries -
@@ -30,7 +38,9 @@ Columns:
 
 With `--trl`, TRL's `DPOTrainer` (fp32, CPU; `rlhf_jax.bench.offline.bench_trl`) runs the same
 DPO shape in its own process too (needs `pip install torch==2.13.0 trl`; the row is left out
-without them).
+without them); `--trl-threads` fixes its torch thread count (default: the faster of 1 and all,
+each tried in the same process). A last table gives ours over TRL per round: tokens/s,
+tokens per CPU second and the peak-RSS ratio.
 """
 
 from __future__ import annotations
@@ -43,7 +53,12 @@ import subprocess
 import sys
 from typing import Any
 
-from rlhf_jax.bench._machine import machine_description, measure_matmul_peak
+from rlhf_jax.bench import _plot
+from rlhf_jax.bench._machine import (
+    machine_description,
+    measure_matmul_peak,
+    measure_matmul_peak_per_cpu_second,
+)
 from rlhf_jax.bench._realshape import (
     MODELS,
     RESULT_PREFIX,
@@ -71,7 +86,7 @@ def cases(models, seqs, steps, heads, *, chunk: int, batch: int | None) -> list[
 
 
 def trl_row(case: Case, *, flops: float | None, repeats: int, warmup: int,
-            timeout: float | None) -> dict | None:
+            timeout: float | None, threads: int | None = None) -> dict | None:
     """TRL's DPOTrainer at `case`'s DPO shape in its own process, or None without TRL (its MFU
     counts the same model `flops` per step as ours)."""
     config = case.model_config()
@@ -83,6 +98,8 @@ def trl_row(case: Case, *, flops: float | None, repeats: int, warmup: int,
              "vocab": config.vocab_size}
     cmd = [sys.executable, "-m", "rlhf_jax.bench", "offline", "--trl-worker", json.dumps(shape),
            "--steps", str(repeats), "--warmup", str(warmup)]
+    if threads:
+        cmd += ["--trl-threads", str(threads)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env=dict(os.environ))
@@ -96,6 +113,7 @@ def trl_row(case: Case, *, flops: float | None, repeats: int, warmup: int,
             row.update(case=dataclasses.asdict(case),
                        head=f"TRL DPOTrainer (torch fp32, {row.pop('torch_threads')} threads)")
             if flops:
+                row["flops"] = flops
                 row["flops_per_s"] = flops / row["seconds"]
             return row
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -108,49 +126,99 @@ def _fmt(x, spec):
 
 def to_markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
     peak = info["peak_flops"]
+    cpu_peak = info.get("peak_flops_per_cpu_s")
     lines = [f"Machine: {info['machine']}; measured fp32 matmul peak "
-             f"{peak / 1e9:.1f} GFLOP/s.", ""]
+             f"{peak / 1e9:.1f} GFLOP/s (wall), "
+             f"{_fmt(cpu_peak and cpu_peak / 1e9, '.1f')} GFLOP per CPU second; "
+             f"load average {_fmt(info.get('load_average'), '.1f')} at the start.", ""]
     offline = [r for r in rows if r["case"]["step"] != "ppo"]
     online = [r for r in rows if r["case"]["step"] == "ppo"]
     if offline:
         lines += ["| model | step | T | rows | head | s/step (median) | s/step (best) | "
-                  "tokens/s | MFU | compile s | peak RSS GiB | step GiB | device peak GiB |",
-                  "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "CPU s/step | tokens/s | tokens/CPU s | MFU | MFU (CPU s) | compile s | peak RSS GiB | "
+                  "step GiB | device peak GiB | load |",
+                  "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in offline:
             c = r["case"]
             rows_ = c["batch"] * (2 if c["step"] == "dpo" else 1)
-            head = f"| {c['model']} | {c['step']} | {c['seq']} | {rows_} | {r['head']} |"
+            head = f"| {c['model']} | {c['step']} | {c['seq']} | {rows_} | {_label(r)} |"
             if "error" in r:
-                lines.append(head + f" failed: {r['error']} |" + " |" * 7)
+                lines.append(head + f" failed: {r['error']} |" + " |" * 11)
                 continue
             mfu = r["flops_per_s"] / peak if "flops_per_s" in r else None
             lines.append(
                 head + f" {_fmt(r.get('seconds'), '.3g')} | {_fmt(r.get('best_seconds'), '.3g')}"
+                f" | {_fmt(r.get('cpu_seconds'), '.3g')}"
                 f" | {_fmt(r.get('tokens_per_s'), '.0f')} | "
+                f"{_fmt(r.get('tokens_per_cpu_s'), '.0f')} | "
                 f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                f"{_pct(_cpu_mfu(r, cpu_peak))} | "
                 f"{_fmt(r.get('compile_s'), '.1f')} | {gib(r.get('peak_rss'))} | "
-                f"{gib(r.get('memory', {}).get('total'))} | {gib(r.get('device_peak'))} |")
+                f"{gib(r.get('memory', {}).get('total'))} | {gib(r.get('device_peak'))} | "
+                f"{_fmt(r.get('load_average'), '.1f')} |")
     if online:
         lines += ["", "| model | T (P + N) | prompts | head | rollout s | scoring s | update s | "
-                  "iteration s | tokens/s (iteration) | sampled tokens/s | update MFU | "
+                  "iteration s | iteration CPU s (rollout / scoring / update) | "
+                  "tokens/s (iteration) | sampled tokens/s | update MFU | "
                   "compile s | peak RSS GiB | update step GiB | device peak GiB |",
-                  "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in online:
             c = r["case"]
-            head = f"| {c['model']} | {c['seq']} | {c['batch']} | {r['head']} |"
+            head = f"| {c['model']} | {c['seq']} | {c['batch']} | {_label(r)} |"
             if "error" in r:
-                lines.append(head + f" failed: {r['error']} |" + " |" * 10)
+                lines.append(head + f" failed: {r['error']} |" + " |" * 11)
                 continue
             mfu = r["flops_per_s"] / peak if "flops_per_s" in r else None
+            cpu = ("" if r.get("iteration_cpu_s") is None else
+                   f"{r['iteration_cpu_s']:.3g} ({r['rollout_cpu_s']:.3g} / "
+                   f"{r['scoring_cpu_s']:.3g} / {r['update_cpu_s']:.3g})")
             lines.append(
                 head + f" {_fmt(r.get('rollout_s'), '.3g')} | {_fmt(r.get('scoring_s'), '.3g')}"
                 f" | {_fmt(r.get('update_s'), '.3g')} | {_fmt(r.get('iteration_s'), '.3g')} | "
+                f"{cpu} | "
                 f"{_fmt(r.get('iteration_tokens_per_s'), '.0f')} | "
                 f"{_fmt(r.get('sampled_tokens_per_s'), '.0f')} | "
                 f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | "
                 f"{_fmt(r.get('compile_s'), '.1f')} | {gib(r.get('peak_rss'))} | "
                 f"{gib(r.get('memory', {}).get('total'))} | {gib(r.get('device_peak'))} |")
+    lines += _trl_ratios(rows)
     return "\n".join(lines) + "\n"
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"
+
+
+def _cpu_mfu(row: dict, cpu_peak: float | None) -> float | None:
+    """Model FLOPs per CPU second of the step over the matmul's FLOPs per CPU second."""
+    if not cpu_peak or not row.get("cpu_seconds") or not row.get("flops"):
+        return None
+    return row["flops"] / row["cpu_seconds"] / cpu_peak
+
+
+def _label(row: dict) -> str:
+    return row["head"] + (f" (round {row['round']})" if row.get("round") else "")
+
+
+def _trl_ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """Ours (fused DPO) over TRL, per shape and round: wall and CPU-second throughput, and peak
+    RSS. Rounds alternate ours and TRL (A B A B), so each ratio compares neighbouring runs."""
+    out = []
+    for i, r in enumerate(rows):
+        if not r["head"].startswith("TRL") or "error" in r or i == 0:
+            continue
+        ours = rows[i - 1]
+        if "error" in ours or "seconds" not in ours:
+            continue
+        c = r["case"]
+        out.append(f"| {c['model']} | {c['seq']} | {c['batch'] * 2} | {r.get('round') or ''} | "
+                   f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x | "
+                   f"{ours['tokens_per_cpu_s'] / r['tokens_per_cpu_s']:.2f}x | "
+                   f"{ours['peak_rss'] / r['peak_rss']:.2f} |")
+    if not out:
+        return []
+    return ["", "| model | T | rows | round | tokens/s ours / TRL | tokens per CPU s ours / TRL "
+            "| peak RSS ours / TRL |", "|---|---:|---:|---:|---:|---:|---:|", *out]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -170,11 +238,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     parser.add_argument("--trl", action="store_true",
                         help="add TRL's DPOTrainer at each GPT-2 DPO shape (torch + trl)")
+    parser.add_argument("--trl-threads", type=int, default=None,
+                        help="torch threads for TRL (default: the faster of 1 and all)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every row this many times, in turn (A B A B on a shared "
+                             "host: ours and TRL alternate)")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile and report memory, no timed steps")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per row")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--json", help="also write the raw rows to this file")
+    parser.add_argument("--plot-from", nargs="+", metavar="JSON",
+                        help="only draw the step-time and memory plots against T from these "
+                             "--json files (no measurement)")
+    parser.add_argument("--plot-dir", default="docs/figures", help="where --plot-from writes")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -182,22 +259,32 @@ def main(argv: list[str] | None = None) -> None:
         worker_main(args.worker, steps=args.steps if args.steps is not None else args.repeats,
                     warmup=args.warmup, run=not args.compile_only)
         return
+    if args.plot_from:
+        for path in _plot.plot(_plot.load_rows(args.plot_from), args.plot_dir):
+            print(path)
+        return
     peak = max(measure_matmul_peak(repeats=10) for _ in range(3))
-    info = {"machine": machine_description(), "peak_flops": peak}
+    info = {"machine": machine_description(), "peak_flops": peak,
+            "peak_flops_per_cpu_s": measure_matmul_peak_per_cpu_second(),
+            "load_average": os.getloadavg()[0]}
     rows = []
-    for case in cases(args.models, args.seq, args.step, args.heads, chunk=args.chunk,
-                      batch=args.batch):
-        row = run_isolated("steps", case, steps=args.repeats, warmup=args.warmup,
-                           run=not args.compile_only, timeout=args.timeout)
-        rows.append(row)
-        print(json.dumps({k: row.get(k) for k in ("head", "seconds", "tokens_per_s",
-                                                  "compile_s", "peak_rss", "error")}
-                         | {"case": row["case"]}), flush=True)
-        if args.trl and case.step == "dpo" and case.chunk != 0 and not args.compile_only:
-            trl = trl_row(case, flops=row.get("flops"), repeats=args.repeats, warmup=args.warmup,
-                          timeout=args.timeout)
-            if trl is not None:
-                rows.append(trl)
+    for round_ in range(1, args.rounds + 1):
+        for case in cases(args.models, args.seq, args.step, args.heads, chunk=args.chunk,
+                          batch=args.batch):
+            row = run_isolated("steps", case, steps=args.repeats, warmup=args.warmup,
+                               run=not args.compile_only, timeout=args.timeout)
+            rows.append(row | ({"round": round_} if args.rounds > 1 else {}))
+            print(json.dumps({k: row.get(k) for k in ("head", "seconds", "cpu_seconds",
+                                                      "tokens_per_s", "compile_s", "peak_rss",
+                                                      "error")}
+                             | {"case": row["case"]}), flush=True)
+            if args.trl and case.step == "dpo" and case.chunk != 0 and not args.compile_only:
+                trl = trl_row(case, flops=row.get("flops"), repeats=args.repeats,
+                              warmup=args.warmup, timeout=args.timeout, threads=args.trl_threads)
+                if trl is not None:
+                    rows.append(trl | ({"round": round_} if args.rounds > 1 else {}))
+                    print(json.dumps({k: trl.get(k) for k in ("head", "seconds", "cpu_seconds",
+                                                              "peak_rss", "error")}), flush=True)
     table = to_markdown(rows, info)
     print(table)
     if args.markdown:

@@ -45,7 +45,14 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.bench._machine import machine_description
-from rlhf_jax.bench._realshape import RESULT_PREFIX, Case, gib, peak_rss_bytes, run_isolated
+from rlhf_jax.bench._realshape import (
+    RESULT_PREFIX,
+    Case,
+    gib,
+    peak_rss_bytes,
+    process_cpu_seconds,
+    run_isolated,
+)
 from rlhf_jax.models import CausalLM, save_pretrained
 
 
@@ -105,10 +112,12 @@ def tunix_worker(spec_json: str, *, steps: int, warmup: int) -> None:
                                    chosen_mask=ones, rejected_ids=ids(), rejected_mask=ones)
 
     pulls: list[float] = []
+    pull_cpu: list[float] = []
 
     def batches():
         for _ in range(warmup + steps):
             pulls.append(time.perf_counter())
+            pull_cpu.append(process_cpu_seconds())
             yield batch()
 
     trainer = tunix.DPOTrainer(
@@ -119,10 +128,12 @@ def tunix_worker(spec_json: str, *, steps: int, warmup: int) -> None:
     with mesh:
         trainer.train(batches())
         jax.block_until_ready(nnx.state(policy))
-    end = time.perf_counter()
+    end, end_cpu = time.perf_counter(), process_cpu_seconds()
     seconds = (end - pulls[warmup]) / steps
+    cpu_seconds = (end_cpu - pull_cpu[warmup]) / steps
     tokens = 2 * p * spec["seq"]
-    row = {"seconds": seconds, "tokens_per_s": tokens / seconds, "params": tunix_count,
+    row = {"seconds": seconds, "tokens_per_s": tokens / seconds, "cpu_seconds": cpu_seconds,
+           "tokens_per_cpu_s": tokens / cpu_seconds, "params": tunix_count,
            "our_params": ours_count, "max_logit_diff": logits_diff, "warmup_s": pulls[warmup] - pulls[0],
            "peak_rss": peak_rss_bytes()}
     print(RESULT_PREFIX + json.dumps(row), flush=True)
@@ -149,15 +160,18 @@ def _sci(x) -> str:
 
 def to_markdown(rows: list[tuple[str, dict]], info: dict) -> str:
     lines = [f"Machine: {info['machine']}. {info['what']}", "",
-             "| implementation | graph | parameters | s/step | tokens/s | peak RSS GiB | "
-             "max logit diff to ours |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| implementation | graph | parameters | s/step | CPU s/step | tokens/s | "
+             "tokens/CPU s | peak RSS GiB | max logit diff to ours |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in rows:
         if "error" in r:
-            lines.append(f"| {label} | | | failed: {r['error']} | | | |")
+            lines.append(f"| {label} | | | failed: {r['error']} | | | | | |")
             continue
+        cpu = r.get("cpu_seconds")
         lines.append(f"| {label} | {r['graph']} | {r.get('params', '')} | {r['seconds']:.3g} | "
-                     f"{r['tokens_per_s']:.0f} | {gib(r.get('peak_rss'))} | "
-                     f"{_sci(r.get('max_logit_diff'))} |")
+                     f"{'' if cpu is None else f'{cpu:.3g}'} | {r['tokens_per_s']:.0f} | "
+                     f"{'' if cpu is None else format(r['tokens_per_cpu_s'], '.0f')} | "
+                     f"{gib(r.get('peak_rss'))} | {_sci(r.get('max_logit_diff'))} |")
     return "\n".join(lines) + "\n"
 
 
