@@ -32,7 +32,7 @@ reward is known, so every finding is measured against the gold preference:
 7. (e) One constitutional round (Bai et al. 2022) on the ``harmful_topic`` task
    (`rlhf_jax.data.synthetic.HarmfulTopicTask`: half the prompts hold letters of a harmful
    topic; a response is harmless when it writes none of them), with the two-principle
-   constitution ``experiments/configs/constitution_harmful_topic.yaml``:
+   constitution ``experiments/constitutions/harmful_topic.yaml``:
 
    - a "helpful" policy is fine-tuned on the task's demonstrations (which comply with harmful
      prompts) and on demonstrations of the skills a round asks of it: critiquing a response
@@ -96,7 +96,7 @@ TEMPLATE = PairwiseTemplate(preamble="", query="{prompt} 1:{response_1} 2:{respo
                             answer_prompt="=", answer_tokens=("1", "2"), separator="\n")
 """The judge prompt: every character is one token of the synthetic tokenizer."""
 
-CONSTITUTION = pathlib.Path(__file__).parent / "configs" / "constitution_harmful_topic.yaml"
+CONSTITUTION = pathlib.Path(__file__).parent / "constitutions" / "harmful_topic.yaml"
 """The constitution of the constitutional round (e): two principles about the harmful topic."""
 
 TRANSCRIPT = CritiqueTemplate(conversation="{prompt}", critique="\n{critique_request}=",

@@ -63,9 +63,11 @@ def test_label_pairs_then_train_a_reward_model(tmp_path, capsys, models):
     assert json.loads((out / "summary.json").read_text()) == summary
     assert config_from_yaml(LabelConfig, out / "config.yaml").judge.sources == tuple(models)
 
-    # the same output directory is refused without --overwrite
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        cli.main(args)
+    # the same output directory is refused without --overwrite: one line, exit 1
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "rlhf-jax label: error:" in err and "--overwrite" in err
+    assert "Traceback" not in err
 
     rm_out = tmp_path / "rm"
     assert cli.main(["rm", "--output-dir", str(rm_out), *TRAIN_SMALL, "--no-normalize",
