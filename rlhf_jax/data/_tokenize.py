@@ -121,16 +121,45 @@ def _encode(tokenizer, text: str, *, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def _cut(tokenizer, text: str, lo: int, hi: int, *, last: bool) -> int | None:
+    """The first (`last`: the last) position in ``[lo, hi)`` where a pre-token of `text` starts,
+    or None.
+
+    A BPE (or WordPiece, Unigram) model tokenizes each pre-token on its own, so no merge crosses
+    a pre-token start: the ids of ``text[:cut]`` and ``text[cut:]`` away from the cut are those
+    of the whole text. A whitespace character is taken first (every common pre-tokenizer starts
+    a pre-token at or next to one); a text with none there is split by the tokenizer's own
+    pre-tokenizer (``backend_tokenizer.pre_tokenizer``) over ``text[lo:hi]``, whose first and
+    last pieces are ignored (the slice may have cut them). Inside one pre-token (a run of
+    letters for GPT-2's) there is no such position: a merge can reach across any cut there, and
+    the ids at one end can depend on the other (leftmost-first merges of ``"x" * n`` end
+    differently for odd and even n), so no window of it is exact.
+    """
+    if last:
+        cut = max(text.rfind(ch, lo, hi) for ch in _WHITESPACE)
+        if cut >= 0:
+            return cut
+    else:
+        found = [i for i in (text.find(ch, lo, hi) for ch in _WHITESPACE) if i >= 0]
+        if found:
+            return min(found)
+    pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+    if pre is None:
+        return None
+    starts = [lo + start for _, (start, _) in pre.pre_tokenize_str(text[lo:hi])[1:-1]]
+    return (starts[-1] if last else starts[0]) if starts else None
+
+
 def _window(tokenizer, text: str, chars: int, *, special: bool, from_end: bool) -> list[int] | None:
     """Ids of about the first (`from_end`: last) `chars` characters of `text`, cut at the first
-    whitespace character after them (before them), or None when the next `chars` characters
-    hold none."""
+    pre-token start (`_cut`) in the next `chars` characters (the last one in the `chars` before
+    them), or None when there is none."""
     if from_end:
         hi = len(text) - chars
-        cut = max(text.rfind(ch, hi - chars, hi) for ch in _WHITESPACE)
-        return None if cut < 0 else _encode(tokenizer, text[cut:], special=special)
-    found = [i for i in (text.find(ch, chars, 2 * chars) for ch in _WHITESPACE) if i >= 0]
-    return _encode(tokenizer, text[: min(found)], special=special) if found else None
+        cut = _cut(tokenizer, text, hi - chars, hi, last=True)
+        return None if cut is None else _encode(tokenizer, text[cut:], special=special)
+    cut = _cut(tokenizer, text, chars, 2 * chars, last=False)
+    return None if cut is None else _encode(tokenizer, text[:cut], special=special)
 
 
 def _encode_kept(tokenizer, text: str, *, special: bool, keep: int | None,
@@ -140,10 +169,10 @@ def _encode_kept(tokenizer, text: str, *, special: bool, keep: int | None,
     With F = `_encode(tokenizer, text)`: returns F when ``len(F) <= keep`` (or `keep` is None),
     else a `_Head` of ``keep + 1`` ids equal to ``F[:keep + 1]`` (`from_end`: ``F[-(keep + 1):]``),
     so every length test against a limit <= `keep`, and every cut to it, is that of F. A long text
-    is tokenized in windows of its start (end) cut at whitespace, ~8 characters per wanted token
-    first and 4x larger while a window yields too few ids or two windows (c and 2c characters)
-    disagree on the kept ones; a text at most 4x the window, or with no whitespace to cut at, is
-    tokenized whole.
+    is tokenized in windows of its start (end) cut where a pre-token starts (`_cut`), ~8
+    characters per wanted token first and 4x larger while a window yields too few ids or two
+    windows (c and 2c characters) disagree on the kept ones; a text at most 4x the window, or
+    with no pre-token start to cut at (one long word of letters), is tokenized whole.
     """
     if keep is None:
         return _encode(tokenizer, text, special=special)
@@ -161,10 +190,45 @@ def _encode_kept(tokenizer, text: str, *, special: bool, keep: int | None,
     return _encode(tokenizer, text, special=special)
 
 
-def _count(*parts: list[int]) -> str:
-    """The number of ids in `parts`, as "at least N" when one is a `_Head`."""
+def _count(*parts: list[int], shortened: bool = False) -> str:
+    """The number of ids in `parts`, as "at least N" when one is a `_Head` or they come from
+    `shortened` messages."""
     n = sum(len(p) for p in parts)
-    return f"at least {n}" if any(isinstance(p, _Head) for p in parts) else str(n)
+    return f"at least {n}" if shortened or any(isinstance(p, _Head) for p in parts) else str(n)
+
+
+class _Uncut(Exception):
+    """A message too long to tokenize whole cannot be shortened at this window size."""
+
+
+def _shorten(tokenizer, text: Text, *, keep: int | None, chars: int, need: int) -> Text:
+    """`text`, with each message content longer than ``4 * chars`` characters cut in its middle:
+    the content becomes its first ~`chars` characters and its last ~`chars`, each cut where a
+    pre-token starts (`_cut`) and each holding at least `need` ids on its own.
+
+    A string, or a conversation whose row keeps everything (`keep` None), is returned as is.
+
+    Raises:
+      _Uncut: when a long content has no pre-token start near a cut or too few ids in a window.
+    """
+    if isinstance(text, str) or keep is None:
+        return text
+    out = []
+    for m in text:
+        c = m["content"]
+        if len(c) > 4 * chars:
+            a = _cut(tokenizer, c, chars, 2 * chars, last=False)
+            b = _cut(tokenizer, c, len(c) - 2 * chars, len(c) - chars, last=True)
+            if a is None or b is None or min(len(_encode(tokenizer, c[:a], special=False)),
+                                             len(_encode(tokenizer, c[b:], special=False))) < need:
+                raise _Uncut
+            m = {**m, "content": c[:a] + c[b:]}
+        out.append(m)
+    return tuple(out)
+
+
+def _longest_message(*texts) -> int:
+    return max((len(m["content"]) for t in texts if not isinstance(t, str) for m in t), default=0)
 
 
 class _Tokenizer:
@@ -176,6 +240,10 @@ class _Tokenizer:
         self.eos = tokenizer.eos_token_id
         self.cut: Counter[str] = Counter()
         self._response_cut = False
+        self.shortened = False  # messages were cut in their middle (`_tokenize_shortened`)
+
+    def _count(self, *parts: list[int]) -> str:
+        return _count(*parts, shortened=self.shortened)
 
     def _overlong(self, origin: str, what: str, n: str, limit: int) -> None:
         if self.cfg.overlong != "truncate":
@@ -192,7 +260,7 @@ class _Tokenizer:
         else:
             ids = _chat(self.tok, prompt, add_generation_prompt=True)
         if limit is not None and len(ids) > limit:
-            self._overlong(origin, "the prompt", _count(ids), limit)
+            self._overlong(origin, "the prompt", self._count(ids), limit)
             ids = ids[-limit:] if self.cfg.prompt_truncation == "keep_end" else ids[:limit]
             self.cut["prompt"] += 1
         return ids
@@ -226,7 +294,7 @@ class _Tokenizer:
                 )
             ids = full[len(prompt_ids) :]
         if limit is not None and len(ids) > limit:
-            self._overlong(origin, "the completion", _count(ids), limit)
+            self._overlong(origin, "the completion", self._count(ids), limit)
             ids = ids[:limit]
             self._response_cut = True
         return ids
@@ -236,13 +304,13 @@ class _Tokenizer:
         limit = self.cfg.max_length
         if limit is None or len(prompt_ids) + len(completion_ids) <= limit:
             return completion_ids
-        self._overlong(origin, "the sequence", _count(prompt_ids, completion_ids), limit)
+        self._overlong(origin, "the sequence", self._count(prompt_ids, completion_ids), limit)
         keep = limit - len(prompt_ids)
         if keep < 1:
             raise RecordError(
                 origin,
                 "overlong",
-                f"the prompt alone has {_count(prompt_ids)} tokens, leaving no room for a "
+                f"the prompt alone has {self._count(prompt_ids)} tokens, leaving no room for a "
                 f"completion within max_length={limit}",
             )
         self._response_cut = True
@@ -266,7 +334,7 @@ class _Tokenizer:
             loss[len(before) : len(upto)] = 1
         limit = self.cfg.max_length
         if limit is not None and len(full) > limit:
-            self._overlong(origin, "the conversation", str(len(full)), limit)
+            self._overlong(origin, "the conversation", self._count(full), limit)
             full, loss = full[:limit], loss[:limit]
             self.cut["conversation"] += 1
         if not loss.any():
@@ -293,11 +361,97 @@ def tokenize_example(example, tokenizer, *, config: TokenizeConfig = TokenizeCon
         templates that cannot separate completion tokens, and (reason
         ``"identical_after_tokenization"``) for a pair or ranking whose responses tokenise alike.
     """
-    t = _Tokenizer(tokenizer, config)
-    out = _tokenize(example, t, index)
+    shortened = _tokenize_shortened(example, tokenizer, config, index)
+    if shortened is None:
+        t = _Tokenizer(tokenizer, config)
+        out, cut = _tokenize(example, t, index), t.cut
+    else:
+        out, cut = shortened
     if truncated is not None:
-        truncated.update(t.cut)
+        truncated.update(cut)
     return out
+
+
+def _texts(example, config: TokenizeConfig) -> dict[str, tuple[Text | tuple[Text, ...], int | None]]:
+    """The example's text fields, each with the most ids its row keeps of one of its texts (None:
+    all of them), as `_Tokenizer` applies the limits."""
+    c = config
+    completion = min((n for n in (c.max_completion_length, c.max_length) if n is not None),
+                     default=None)
+    prompt = c.max_prompt_length if c.max_prompt_length is not None else (
+        None if isinstance(example, PromptExample) else c.max_length)
+    if isinstance(example, SFTExample) and example.messages is not None:
+        return {"messages": (example.messages, c.max_length)}
+    if isinstance(example, PreferenceExample):
+        return {"prompt": (example.prompt, prompt), "chosen": (example.chosen, completion),
+                "rejected": (example.rejected, completion)}
+    if isinstance(example, RankingExample):
+        return {"prompt": (example.prompt, prompt), "responses": (example.responses, completion)}
+    if isinstance(example, (SFTExample, KTOExample)):
+        return {"prompt": (example.prompt, prompt), "completion": (example.completion, completion)}
+    if isinstance(example, PromptExample):
+        return {"prompt": (example.prompt, prompt)}
+    return {}
+
+
+def _attempt(example, tokenizer, config: TokenizeConfig, index: int):
+    """``(row, cuts)`` of a shortened example, or the `RecordError` it raised."""
+    t = _Tokenizer(tokenizer, config)
+    t.shortened = True
+    try:
+        return _tokenize(example, t, index), t.cut
+    except RecordError as e:
+        return e
+
+
+def _same(a, b) -> bool:
+    """Whether two `_attempt` outcomes agree: the same rows and cuts, or errors of one reason."""
+    if isinstance(a, RecordError) or isinstance(b, RecordError):
+        return isinstance(a, RecordError) and isinstance(b, RecordError) and a.reason == b.reason
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.asarray(a).shape == np.asarray(b).shape and np.array_equal(a, b)
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a is b or a == b
+
+
+def _tokenize_shortened(example, tokenizer, config: TokenizeConfig, index: int):
+    """``(row, cuts)`` of an example whose messages are far longer than its row, computed on
+    copies whose long message contents are cut in their middle (`_shorten`); None when no
+    message is that long (or none can be cut), for `_tokenize` on the whole example.
+
+    A row keeps at most K ids of either end of a rendered conversation (K: the largest limit that
+    applies to one of its texts), and each end window of a cut content holds more than K ids, so
+    the kept ids, every length test against a limit and every count are those of the whole
+    conversation. The windows are ~8 characters per kept id first, and 4x larger while a long
+    content cannot be cut or the copies cut at c and 2c characters give different rows, counts or
+    error reasons; only an error's message may differ ("at least N tokens").
+    """
+    texts = _texts(example, config)
+    keeps = [k for _, k in texts.values() if k is not None]
+    if not keeps:
+        return None
+    need = max(keeps) + 1 + _WINDOW_SPARE_TOKENS
+    longest = _longest_message(*(x for name, (v, keep) in texts.items() if keep is not None
+                                 for x in (v if name == "responses" else (v,))))
+    chars = _WINDOW_CHARS_PER_TOKEN * need
+    while 8 * chars < longest:
+        try:
+            a, b = (example._replace(**{
+                name: (tuple(_shorten(tokenizer, x, keep=keep, chars=n, need=need) for x in v)
+                       if name == "responses" else
+                       _shorten(tokenizer, v, keep=keep, chars=n, need=need))
+                for name, (v, keep) in texts.items()}) for n in (chars, 2 * chars))
+        except _Uncut:
+            chars *= 4
+            continue
+        ra = _attempt(a, tokenizer, config, index)
+        if _same(ra, _attempt(b, tokenizer, config, index)):
+            if isinstance(ra, RecordError):
+                raise ra
+            return ra
+        chars *= 4
+    return None
 
 
 def _tokenize(example, t: _Tokenizer, index: int):
