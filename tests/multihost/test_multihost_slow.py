@@ -119,6 +119,24 @@ def test_online_trainer_on_2x4_logs_the_metrics_of_1x8(tmp_path, command, extra)
     assert [p["shard"] for p in summary["data_shares"]["train"]["per_process"]] == ["0/1", "0/1"]
 
 
+def test_ppo_with_a_reward_model_on_2x4_logs_the_metrics_of_1x8(tmp_path):
+    """`reward.source: model` with the value model from it: the reward model's parameters
+    placed on the global mesh score the global rollout there, and the run logs the metrics of
+    one process (proxy score and gold reward)."""
+    rm = tmp_path / "rm"
+    assert rlhf_cli.main(["rm", "--config", str(_config(tmp_path, "rm", num_steps=2)),
+                          "--output-dir", str(rm)]) == 0
+    config = _config(tmp_path, "ppo", reward={"source": "model", "path": str(rm)},
+                     value_init="reward_model")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert rlhf_cli.main(["ppo", "--config", str(config), "--output-dir", str(one)]) == 0
+    _launched("ppo", config, two)
+    expected, got = read_metrics(one), read_jsonl(two / "metrics.jsonl")
+    assert [r["step"] for r in got if "step" in r][-1] == 3
+    assert "ppo/gold_reward" in got[-1] and got[-1]["ppo/score_std"] > 0
+    assert_same_metrics(expected, got)
+
+
 def test_best_of_n_on_2x4_selects_the_rows_and_scores_of_1x8(tmp_path):
     """`rlhf_jax.generation.best_of_n` with its sampler and reward model on the global mesh
     (and a host reward beside it): both processes get the samples, scores, selection and kept
