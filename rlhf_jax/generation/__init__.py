@@ -8,7 +8,8 @@ lm-human-preferences-style truncation helpers.
 - :class:`RewardSource`: ``source(responses, prompts) -> [B]``, the one reward interface of
   best-of-n, rejection sampling, the online trainers and the AI labelers
   (:class:`RewardModelSource`, :class:`TokenRewardFunction`, :class:`TextRewardFunction`,
-  :class:`WeightedRewardSum`, :class:`SafetyGatedReward`; :func:`score_samples`).
+  :class:`WeightedRewardSum`, :class:`SafetyGatedReward`; :func:`score_samples`; reward models
+  placed on a mesh with :func:`place_reward_source`).
 
 Layout of the outputs (see :class:`GenerationOutput`): responses ``[B * n, N]`` right-padded, with
 ``num_samples = n`` samples of each prompt in contiguous rows; ``logps`` are under the sampling
@@ -33,6 +34,7 @@ from rlhf_jax.generation._rewards import (
     WeightedRewardSum,
     apply_missing_eos_penalty,
     check_scores,
+    place_reward_source,
     repeat_rows,
     safety_gated_reward,
     score_samples,
@@ -88,6 +90,7 @@ __all__ = [
     "generate_with_state",
     "min_p_filter",
     "penalize_missing_eos",
+    "place_reward_source",
     "repeat_rows",
     "response_mask",
     "safety_gated_reward",

@@ -4,6 +4,13 @@ Rejection sampling as in Llama 2 (Touvron et al., 2023, section 3.2.3): sample `
 prompt, score them with a reward source (`rlhf_jax.generation.RewardSource`: a reward model, a
 function of tokens or text, an AI labeler), keep the highest-scoring one for fine-tuning.
 Keeping the lowest-scoring one as well gives a (chosen, rejected) preference pair.
+
+On several processes (a multi-host slice, with a `Sampler` on the global mesh) every process
+calls `best_of_n` with the same prompts: the samples stay global arrays on the mesh, the reward
+source scores the whole batch and every process gets the whole ``[B * n]`` scores
+(`rlhf_jax.sharding.gather_to_host`), selects the same rows, and gathers them on the devices with
+the indices replicated over the samples' mesh. The kept rows are global arrays (read them with
+``gather_to_host``); the selection and the scores are host values, the same on every process.
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax.generation._rewards import RewardSource, score_samples
 from rlhf_jax.generation._sampler import GenerationOutput, Sampler, SamplingParams
+from rlhf_jax.sharding import gather_to_host, global_from_host
 
 
 class BestOfNSelection(NamedTuple):
@@ -97,9 +106,15 @@ class BestOfNOutput(NamedTuple):
 
 
 def take_rows(output: GenerationOutput, indices: jax.Array) -> GenerationOutput:
-    """Gathers rows ``indices`` (``[K]``) of every array field of a :class:`GenerationOutput`."""
+    """Gathers rows ``indices`` (``[K]``, the same on every process) of every array field of a
+    :class:`GenerationOutput`; on a mesh the indices are replicated over it and the rows stay
+    on its devices."""
     arrays = {name: getattr(output, name) for name in GenerationOutput._fields
               if name != "prompt_length"}
+    where = output.sequences.sharding
+    if isinstance(where, NamedSharding):
+        indices = global_from_host(gather_to_host(indices),
+                                   NamedSharding(where.mesh, PartitionSpec()))
     return GenerationOutput(**_take(arrays, indices), prompt_length=output.prompt_length)
 
 
@@ -137,12 +152,15 @@ def best_of_n(
       rng: PRNG key for sampling.
       eos_token_id, pad_token_id: as in :func:`generate`.
       prompts: extra ``[B, ...]`` prompt fields the reward reads (e.g. a safety flag);
-        ``prompt_ids`` and ``prompt_mask`` are always passed.
+        ``prompt_ids`` and ``prompt_mask`` are always passed (host or global arrays: the reward
+        reads them gathered to the host).
       missing_eos_penalty: subtracted from the score of samples without EOS (None: off).
       return_worst: also return the lowest-scoring sample of each prompt (preference pairs).
 
     Returns:
-      A :class:`BestOfNOutput`.
+      A :class:`BestOfNOutput`: ``best`` / ``worst`` / ``samples`` placed as the sampler put them
+      (global arrays on its mesh), ``selection`` and ``scores`` the whole batch's on every
+      process.
     """
     if return_worst and num_samples < 2:
         raise ValueError(f"return_worst=True needs num_samples >= 2, got {num_samples}")
@@ -153,7 +171,7 @@ def best_of_n(
         eos_token_id=eos_token_id, pad_token_id=pad_token_id,
     )
     fields = {**(prompts or {}), "prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
-    scores = score_samples(reward, samples, jax.device_get(fields), num_samples=num_samples,
+    scores = score_samples(reward, samples, gather_to_host(fields), num_samples=num_samples,
                            missing_eos_penalty=missing_eos_penalty)
     bad = np.flatnonzero(~np.isfinite(np.asarray(scores)))
     if bad.size:

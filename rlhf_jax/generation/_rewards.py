@@ -29,7 +29,12 @@ On several processes (a multi-host slice) the host sources gather the whole batc
 process (`rlhf_jax.sharding.gather_to_host`) and every process scores all of it, rather than
 each its own rows: a source may look at the whole batch (`whiten_linear_scores` normalises over
 it), and so every process holds the scores a single process would compute. `RewardModelSource`
-runs its jitted forward on the global arrays as they are.
+keeps its parameters on the devices: placed once on the mesh by their logical axis names
+(`RewardModelSource.place_on_mesh`, the policy's sharding rules), it runs its jitted forward on
+the global rollout arrays as they are and gathers only the ``[B]`` scores to the host. Every
+source returns the whole ``[B]`` scores on every process, so the combining sources
+(`WeightedRewardSum`, `SafetyGatedReward`) and `score_samples` work on host values;
+`place_reward_source` places every reward model inside a combined source.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import losses
+from rlhf_jax import losses, sharding
 from rlhf_jax.models import positions_from_mask
 from rlhf_jax.sharding import gather_to_host
 
@@ -129,7 +134,8 @@ def score_samples(
     missing_eos_penalty: float | None = None,
 ) -> jax.Array:
     """``[B]`` float32 scores of sampled responses: the reward source (its shape checked), then
-    the missing-EOS penalty.
+    the missing-EOS penalty. The scores are the whole batch's on every process (a host value,
+    not placed on a mesh: `rlhf_jax.sharding.global_from_host` places them).
 
     Args:
       source: a `RewardSource`.
@@ -138,12 +144,16 @@ def score_samples(
       num_samples: samples per prompt.
       missing_eos_penalty: subtracted from rows without EOS (None: no penalty).
     """
-    scores = jnp.asarray(source(responses, repeat_rows(prompts, num_samples)), jnp.float32)
+    scores = jnp.asarray(gather_to_host(source(responses, repeat_rows(prompts, num_samples))),
+                         jnp.float32)
     rows = responses.sequences.shape[0]
     if scores.shape != (rows,):
         name = getattr(source, "name", type(source).__name__)
         raise ValueError(f"reward source {name!r} returned shape {scores.shape}, expected ({rows},)")
-    return apply_missing_eos_penalty(scores, responses.finished, penalty=missing_eos_penalty)
+    if missing_eos_penalty is None:
+        return scores
+    return apply_missing_eos_penalty(scores, gather_to_host(responses.finished),
+                                     penalty=missing_eos_penalty)
 
 
 def _host_arrays(responses: Responses) -> tuple[np.ndarray, np.ndarray, int]:
@@ -167,16 +177,26 @@ class RewardModelSource:
     """Scores with one head of a ``rlhf_jax.models.RewardModel``, read at the last real token.
 
     The model is split once; scoring is one jitted forward pass over ``responses.sequences``
-    with positions `rlhf_jax.models.positions_from_mask` of the mask. The reward model must
+    with positions `rlhf_jax.models.positions_from_mask` of the mask, on the arrays as they are
+    (global arrays sharded over a mesh on a multi-host slice); only the ``[B]`` scores come back
+    to the host (`rlhf_jax.sharding.gather_to_host`, on every process). The reward model must
     share the policy's tokenizer.
+
+    With a ``mesh`` (or after `place_on_mesh`) the parameters live on the mesh, placed once by
+    their logical axis names with the policy's rules (`rlhf_jax.sharding.state_shardings`);
+    without one they stay where the model holds them (host arrays are then copied to the devices
+    on every call). The online trainers place their reward source on their mesh
+    (`place_reward_source`).
 
     Args:
       model: the reward model (its normalisation gain/bias apply).
       head: head index or name (``model.head_names``).
       name: name of this source.
+      mesh: the mesh to place the parameters on (None: leave them where they are).
     """
 
-    def __init__(self, model: nnx.Module, *, head: int | str = 0, name: str = "reward_model"):
+    def __init__(self, model: nnx.Module, *, head: int | str = 0, name: str = "reward_model",
+                 mesh: jax.sharding.Mesh | None = None):
         self.graphdef, self.state = nnx.split(model)
         if isinstance(head, str):
             names = tuple(getattr(model, "head_names", ()))
@@ -185,12 +205,36 @@ class RewardModelSource:
             head = names.index(head)
         self.head = int(head)
         self.name = name
+        self.mesh = None
+        if mesh is not None:
+            self.place_on_mesh(mesh)
+
+    def place_on_mesh(self, mesh: jax.sharding.Mesh) -> None:
+        """Places the parameters on ``mesh`` by their logical axis names (once: parameters
+        already placed so are kept, not copied, so sources built from one placed model share
+        its arrays)."""
+        if self.mesh == mesh:
+            return
+        self.state = sharding.shard_state(self.state, mesh)
+        self.mesh = mesh
 
     def __call__(self, responses: Responses, prompts: Mapping[str, np.ndarray]) -> jax.Array:
-        return _reward_model_scores(
+        scores = _reward_model_scores(
             self.graphdef, self.state, responses.sequences, responses.sequence_mask,
             head=self.head,
         )
+        return check_scores(self.name, gather_to_host(scores), responses.sequences.shape[0])
+
+
+def place_reward_source(source: RewardSource, mesh: jax.sharding.Mesh) -> RewardSource:
+    """Places every reward model of ``source`` on ``mesh`` (`RewardModelSource.place_on_mesh`),
+    through the combining sources (`WeightedRewardSum`, `SafetyGatedReward`) and any source
+    with a ``place_on_mesh(mesh)`` method; other sources are left as they are. Returns
+    ``source``."""
+    place = getattr(source, "place_on_mesh", None)
+    if place is not None:
+        place(mesh)
+    return source
 
 
 class TokenRewardFunction:
@@ -258,6 +302,11 @@ class WeightedRewardSum:
         self.sources = tuple(sources)
         self.weights = tuple(float(w) for w in weights)
         self.name = name
+
+    def place_on_mesh(self, mesh: jax.sharding.Mesh) -> None:
+        """`place_reward_source` of every summed source."""
+        for source in self.sources:
+            place_reward_source(source, mesh)
 
     def __call__(self, responses: Responses, prompts: Mapping[str, np.ndarray]) -> jax.Array:
         total = 0.0
@@ -378,6 +427,11 @@ class SafetyGatedReward:
         self.scale = scale
         self.whiten = bool(whiten)
         self.name = name
+
+    def place_on_mesh(self, mesh: jax.sharding.Mesh) -> None:
+        """`place_reward_source` of the helpfulness and the safety source."""
+        place_reward_source(self.helpfulness, mesh)
+        place_reward_source(self.safety, mesh)
 
     def __call__(self, responses: Responses, prompts: Mapping[str, np.ndarray]) -> jax.Array:
         rows = responses.sequences.shape[0]

@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax import losses, sharding
 from rlhf_jax.data.synthetic import get_task
-from rlhf_jax.generation import RewardSource, score_samples
+from rlhf_jax.generation import RewardSource, place_reward_source, score_samples
 from rlhf_jax.models import has_lora, lora_disabled
 from rlhf_jax.train.builders import (
     build_model,
@@ -317,6 +317,7 @@ class OnlineTrainer:
 
         1. `check_online_config` (the fields every online config shares);
         2. the mesh (`resolve_mesh`: ``mesh``, else ``config.mesh``) and the rollout sharding;
+           the reward source's reward models placed on the mesh once (`place_reward_source`);
         3. `check_rows_divide_mesh` on the rows of one optimizer step (``update_rows``, named
            ``update_rows_name`` in the error);
         4. `Reference.build` (adapters off for a LoRA policy, else ``reference`` or a copy of
@@ -340,6 +341,7 @@ class OnlineTrainer:
         self.samples_per_prompt = int(samples_per_prompt)
         self.mesh = resolve_mesh(config.mesh, mesh)
         self.batch_sharding = rollout_batch_sharding(self.mesh)
+        place_reward_source(self.reward, self.mesh)
         check_rows_divide_mesh(update_rows, self.mesh, what=update_rows_name)
         self.reference = Reference.build(policy, reference, lora=uses_lora(policy),
                                          mesh=self.mesh)
@@ -385,7 +387,8 @@ class OnlineTrainer:
         (`batch_sharding`).
 
         On several processes every process scores the whole rollout (a host source gathers it:
-        `rlhf_jax.sharding.gather_to_host`) and so holds the scores of a single process; each
+        `rlhf_jax.sharding.gather_to_host`; a reward model scores the global arrays on the mesh
+        and gathers its ``[B]`` scores) and so holds the scores of a single process; each
         places its own devices' rows of them (`rlhf_jax.sharding.global_from_host`)."""
         scores = score_samples(
             self.reward,
@@ -510,6 +513,7 @@ def setup_from_config(config: Any, *, algorithm: str) -> OnlineSetup:
         spec = dataclasses.replace(spec, vocab_size=len(tokenizer))
     policy = build_model(spec, seed=config.seed)
     check_vocab(policy, tokenizer)
+    mesh = resolve_mesh(config.mesh)
     task = None
     metric_fns: tuple = ()
     if config.data.path is None and config.data.synthetic is not None:
@@ -520,7 +524,8 @@ def setup_from_config(config: Any, *, algorithm: str) -> OnlineSetup:
         raise ValueError("the tokenizer has no EOS token; online trainers need one to stop")
     return OnlineSetup(
         policy=policy,
-        reward=build_reward_source(config.reward, RewardContext(task=task, tokenizer=tokenizer)),
+        reward=build_reward_source(config.reward,
+                                   RewardContext(task=task, tokenizer=tokenizer, mesh=mesh)),
         prompts=data.train,
         eos_token_id=int(eos),
         pad_token_id=int(data.pad_id),

@@ -17,10 +17,11 @@ loading weights and compiling:
   `rollout.max_new_tokens`. Learned position tables (GPT-2) clip positions past their end and
   RoPE models were not trained there, so either would be silently wrong. Dynamic NTK RoPE
   scaling, which is built to stretch past `max_position_embeddings`, is exempt;
-- `data.batch_size` (and `data.eval_batch_size`) divide evenly over the hosts and over the
-  mesh's batch shards (`mesh.data x mesh.fsdp`), and `optimizer.grad_accum_steps` divides
-  `data.batch_size`. Online trainers split their own rollout rows; they check those against the
-  mesh themselves.
+- offline trainers: `data.batch_size` (and `data.eval_batch_size`) divide evenly over the
+  hosts (each reads its own share of every batch) and over the mesh's batch shards
+  (`mesh.data x mesh.fsdp`), and `optimizer.grad_accum_steps` divides `data.batch_size`. Online
+  trainers read the whole prompt batch on every process, so no host count constrains their
+  `data.batch_size`; they check their own rollout and update rows against the mesh.
 """
 
 from __future__ import annotations
@@ -133,11 +134,9 @@ def check_run_config(config: Any) -> None:
     check_frozen_layers(config)
     if getattr(config, "rollout", None) is None:
         check_batch_layout(config)
-    else:
-        hosts = jax.process_count()
-        if config.data.batch_size % hosts:
-            raise ValueError(f"data.batch_size={config.data.batch_size} must be divisible by "
-                             f"the {hosts} hosts (every host loads the same number of prompts)")
+    # The online trainers (a `rollout` field) read the whole prompt batch on every process, so
+    # their data.batch_size need not split over the hosts; what splits over the mesh (rollout
+    # and update rows) is checked by the trainer (`rlhf_jax.train.online.check_rows_divide_mesh`).
 
 
 __all__ = ["batch_shards", "check_batch_layout", "check_frozen_layers", "check_run_config",

@@ -8,7 +8,11 @@ The algorithm (the paper's Algorithm 1), for ``g = 1 .. G`` (``num_grow``):
    sampler, ``rollout``) and score each with the run's reward source (any of the online
    trainers': ``gold``, ``model``, ``judge``, ``gated``, ``combined``; minus the missing-EOS
    penalty). The Grow set ``D_g`` (token rows, rewards, per-prompt advantages) is written to
-   ``<output_dir>/grow/<g>/batch_<k>.npz`` through ``etils.epath`` (local or ``gs://``).
+   ``<output_dir>/grow/<g>/batch_<k>.npz`` through ``etils.epath`` (local or ``gs://``). On
+   several processes every process holds the same Grow set (it scores the whole rollout): on a
+   bucket process 0 writes it once; in a local directory, which another host may not see, each
+   process writes its own copy, ``batch_<k>.<i>-of-<n>.npz`` (`grow_copy_suffix`), and reads it
+   back on resume.
 2. **Improve**: for each threshold ``tau_1 < tau_2 < ... < tau_I`` (``thresholds``, one Improve
    step each) keep the samples of ``D_g`` whose reward is strictly above ``tau_i`` and run
    ``steps_per_improve`` optimizer steps of ``improve_batch_size`` rows drawn from the kept set
@@ -78,7 +82,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from rlhf_jax import losses, sharding
+from rlhf_jax import losses, sharding, storage
 from rlhf_jax.generation import RewardSource
 from rlhf_jax.train.config import DataSpec, TrainConfig, check_int, check_number, require
 from rlhf_jax.train.logprobs import model_scores
@@ -299,9 +303,27 @@ and per row ``[M]`` the reward and its advantage over the mean reward of the pro
 samples."""
 
 
-def grow_batch_path(output_dir: str, grow: int, batch: int) -> epath.Path:
-    """``<output_dir>/grow/<grow>/batch_<batch>.npz`` (0-based indices)."""
-    return epath.Path(output_dir) / GROW_DIR / f"{grow:05d}" / f"batch_{batch:05d}.npz"
+def grow_copy_suffix(output_dir: str) -> str:
+    """The part of a Grow batch's file name that names this process's copy: ``""`` when one
+    file serves every process (one process, or a bucket every host reads), else
+    ``".<i>-of-<n>"`` (several processes and a local directory, which other hosts may not see:
+    each process writes and reads its own copy, as DPO's ``reference_logps.<i>-of-<n>.npz``)."""
+    if jax.process_count() == 1 or storage.is_remote(output_dir):
+        return ""
+    return f".{jax.process_index()}-of-{jax.process_count()}"
+
+
+def writes_grow_sets(output_dir: str) -> bool:
+    """Whether this process writes the Grow batches: every process into a local directory (its
+    own copy, `grow_copy_suffix`), process 0 alone into a bucket."""
+    return jax.process_index() == 0 or bool(grow_copy_suffix(output_dir))
+
+
+def grow_batch_path(output_dir: str, grow: int, batch: int, *, suffix: str = "") -> epath.Path:
+    """``<output_dir>/grow/<grow>/batch_<batch><suffix>.npz`` (0-based indices; ``suffix`` a
+    process's copy, `grow_copy_suffix`)."""
+    return (epath.Path(output_dir) / GROW_DIR / f"{grow:05d}"
+            / f"batch_{batch:05d}{suffix}.npz")
 
 
 def write_grow_batch(path: epath.Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -315,21 +337,57 @@ def write_grow_batch(path: epath.Path, arrays: Mapping[str, np.ndarray]) -> None
     tmp.replace(path)  # a resumed run rewrites the batches grown after its checkpoint
 
 
-def read_grow_set(output_dir: str, grow: int, num_batches: int) -> dict[str, np.ndarray]:
-    """The Grow set ``grow`` of a run: its ``num_batches`` batches concatenated; an error names
-    a missing file or field."""
+def _stored_batch(output_dir: str, grow: int, batch: int, suffix: str) -> epath.Path:
+    """The file of Grow batch ``batch`` this process reads: its own copy (``suffix``), else the
+    one shared file, else any process's copy (every copy holds the same rows: a run resumed on
+    another number of processes). Raises FileNotFoundError naming its own copy."""
+    own = grow_batch_path(output_dir, grow, batch, suffix=suffix)
+    candidates = [own, grow_batch_path(output_dir, grow, batch)]
+    folder = own.parent
+    if folder.exists():
+        candidates += sorted(folder.glob(f"batch_{batch:05d}.*-of-*.npz"))
+    for path in candidates:
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"{own}: the Grow set's batch {batch} is missing; the run "
+                            "directory does not hold the data its checkpoint needs")
+
+
+def read_grow_set(output_dir: str, grow: int, num_batches: int, *, suffix: str = ""
+                  ) -> dict[str, np.ndarray]:
+    """The Grow set ``grow`` of a run: its ``num_batches`` batches concatenated (each from this
+    process's copy ``suffix`` where there is one, `grow_copy_suffix`); an error names a missing
+    file or field."""
     parts = []
     for k in range(num_batches):
-        path = grow_batch_path(output_dir, grow, k)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: the Grow set's batch {k} is missing; the run "
-                                    "directory does not hold the data its checkpoint needs")
+        path = _stored_batch(output_dir, grow, k, suffix)
         with np.load(io.BytesIO(path.read_bytes())) as f:
             missing = [name for name in GROW_FIELDS if name not in f.files]
             if missing:
                 raise ValueError(f"{path} lacks the arrays {missing}")
             parts.append({name: f[name] for name in GROW_FIELDS})
     return {name: np.concatenate([p[name] for p in parts]) for name in GROW_FIELDS}
+
+
+def remove_grow_sets(output_dir: str) -> None:
+    """Deletes the Grow sets of an earlier run in ``output_dir`` (``overwrite``): the whole
+    ``grow/`` folder from process 0 when one file serves every process; with per-process copies
+    each process its own (and process 0 the shared files), so processes sharing one local
+    directory do not delete under each other."""
+    grow_dir = epath.Path(output_dir) / GROW_DIR
+    suffix = grow_copy_suffix(output_dir)
+    if not grow_dir.exists():
+        return
+    if not suffix:
+        if jax.process_index() == 0:
+            grow_dir.rmtree()
+        return
+    patterns = [f"*/batch_*{suffix}.npz*"]
+    if jax.process_index() == 0:
+        patterns.append("*/batch_?????.npz")
+    for pattern in patterns:
+        for path in grow_dir.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,9 +540,8 @@ class ReSTTrainer(OnlineTrainer):
     def train(self, *, guard: Any = None) -> Any:
         """`OnlineTrainer.train`; with ``config.overwrite`` the old Grow sets are deleted with
         the old checkpoints."""
-        grow_dir = epath.Path(self.config.output_dir) / GROW_DIR
-        if self.config.overwrite and jax.process_index() == 0 and grow_dir.exists():
-            grow_dir.rmtree()
+        if self.config.overwrite:
+            remove_grow_sets(self.config.output_dir)
         return super().train(guard=guard)
 
     # -- Grow --------------------------------------------------------------------------------
@@ -512,9 +569,11 @@ class ReSTTrainer(OnlineTrainer):
         groups = rewards.reshape(-1, self.samples_per_prompt)
         arrays["rewards"] = rewards
         arrays["advantages"] = (groups - groups.mean(axis=1, keepdims=True)).reshape(-1)
-        if jax.process_index() == 0:
+        if writes_grow_sets(self.config.output_dir):
             write_grow_batch(grow_batch_path(self.config.output_dir, position.grow,
-                                             position.step), arrays)
+                                             position.step,
+                                             suffix=grow_copy_suffix(self.config.output_dir)),
+                             arrays)
         self._grow_parts.setdefault(position.grow, {})[position.step] = arrays
         self._grow_sets.pop(position.grow, None)
         self._thresholds.pop(position.grow, None)
@@ -532,7 +591,8 @@ class ReSTTrainer(OnlineTrainer):
                                               for k in range(self.config.grow_batches)])
                         for name in GROW_FIELDS}
             else:
-                data = read_grow_set(self.config.output_dir, grow, self.config.grow_batches)
+                data = read_grow_set(self.config.output_dir, grow, self.config.grow_batches,
+                                     suffix=grow_copy_suffix(self.config.output_dir))
             self._grow_sets = {grow: data}  # only the newest Grow set is kept
             self._grow_parts = {g: p for g, p in self._grow_parts.items() if g > grow}
         return self._grow_sets[grow]
@@ -600,11 +660,14 @@ __all__ = [
     "Work",
     "count_updates",
     "grow_batch_path",
+    "grow_copy_suffix",
     "improve_rows",
     "locate",
     "read_grow_set",
+    "remove_grow_sets",
     "resolve_thresholds",
     "rest_improve_loss",
     "train_rest",
     "write_grow_batch",
+    "writes_grow_sets",
 ]

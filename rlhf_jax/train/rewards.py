@@ -178,11 +178,15 @@ class RewardContext(NamedTuple):
       tokenizer: the policy's tokenizer, or None.
       models: loaded models by source string, shared by the sources of one build (two heads of
         one reward model load it once); None: nothing is shared.
+      mesh: the run's mesh: a reward model is placed on it once, as it is loaded, by the
+        policy's sharding rules (`rlhf_jax.sharding.shard_model`); None: left on the host until
+        a trainer places it (`rlhf_jax.generation.place_reward_source`).
     """
 
     task: Any = None
     tokenizer: Any = None
     models: dict[str, Any] | None = None
+    mesh: Any = None
 
     def decode(self, ids: Sequence[int]) -> str:
         """The policy tokenizer's text of ``ids``, special tokens skipped (for text sources)."""
@@ -251,13 +255,18 @@ def _head(head: str | None) -> int | str:
 @register_reward_source("model")
 def reward_model_source(spec: RewardSpec, context: RewardContext) -> RewardSource:
     """``reward.source: model``: head ``reward.head`` (default: the first) of the reward model in
-    the run directory ``reward.path``."""
+    the run directory ``reward.path``, placed on ``context.mesh`` when there is one (the heads
+    of one model share its placed parameters)."""
     if spec.path is None:
         raise ValueError("reward.source='model' needs reward.path (a reward model directory)")
-    model = _loaded(context, f"rm:{spec.path}", lambda: load_reward_model(spec.path))
+    def load() -> Any:
+        model = load_reward_model(spec.path)
+        return model if context.mesh is None else sharding.shard_model(model, context.mesh)
+
+    model = _loaded(context, f"rm:{spec.path}", load)
     name = "reward_model" if spec.head is None else f"reward_model#{spec.head}"
     try:
-        return RewardModelSource(model, head=_head(spec.head), name=name)
+        return RewardModelSource(model, head=_head(spec.head), name=name, mesh=context.mesh)
     except ValueError as e:
         raise ValueError(f"reward.head: {e}") from e
 

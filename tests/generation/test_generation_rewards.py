@@ -3,10 +3,12 @@ the online trainers, the AI labelers), on hand-made rows and on real sampler out
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from rlhf_jax.generation import (
     GenerationOutput,
@@ -17,11 +19,13 @@ from rlhf_jax.generation import (
     TokenRewardFunction,
     WeightedRewardSum,
     generate,
+    place_reward_source,
     safety_gated_reward,
     score_samples,
     whiten_linear_scores,
 )
 from rlhf_jax.models import CausalLM, ModelConfig, RewardModel, positions_from_mask
+from rlhf_jax.sharding import MeshConfig, batch_sharding, make_mesh
 
 # ---------------------------------------------------------------------------------------------
 # Hand-made rows: P = 3 prompt columns, N = 4 response columns.
@@ -198,6 +202,42 @@ class TestRewardModelSource:
         np.testing.assert_allclose(out, direct[:, 1], rtol=1e-6)
         with pytest.raises(ValueError, match="not one of the reward model's heads"):
             RewardModelSource(reward_model, head="honest")
+
+    def test_on_the_mesh_scores_global_rows_with_parameters_placed_once(self, reward_model):
+        """Parameters placed by their logical names on the (2, 4) mesh, scores of rows sharded
+        over it equal to the host model's, and placing again (or both heads of one placed model
+        in a gated source) copies nothing."""
+        mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+        rows = _rows()
+        tiled = rows._replace(**{name: jnp.tile(getattr(rows, name), (4,) + (1,) * (
+            getattr(rows, name).ndim - 1)) for name in ("sequences", "sequence_mask", "finished")})
+        placed = tiled._replace(**{name: jax.device_put(
+            getattr(tiled, name), batch_sharding(mesh, getattr(tiled, name).ndim))
+            for name in ("sequences", "sequence_mask", "finished")})
+        on_host = RewardModelSource(reward_model, head="safe")
+        on_mesh = RewardModelSource(reward_model, head="safe", mesh=mesh)
+        leaves = jax.tree.leaves(on_mesh.state)
+        assert all(isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+                   for x in leaves)
+        assert any(not x.sharding.is_fully_replicated for x in leaves)  # sharded by its names
+        scores = on_mesh(placed, {})
+        assert isinstance(scores, jax.Array) and scores.shape == (8,)
+        np.testing.assert_allclose(scores, on_host(tiled, {}), rtol=1e-5, atol=1e-6)
+        on_mesh.place_on_mesh(mesh)
+        assert all(a is b for a, b in zip(leaves, jax.tree.leaves(on_mesh.state), strict=True))
+
+        from_placed = nnx.clone(reward_model)
+        nnx.update(from_placed, on_mesh.state)
+        gated = place_reward_source(SafetyGatedReward(
+            RewardModelSource(from_placed, head="helpful"), RewardModelSource(from_placed,
+                                                                              head="safe"),
+            scale="logit"), mesh)
+        assert all(a is b for a, b in zip(jax.tree.leaves(gated.helpfulness.state),
+                                          jax.tree.leaves(gated.safety.state), strict=True))
+        assert all(a is b for a, b in zip(leaves, jax.tree.leaves(gated.safety.state),
+                                          strict=True))
+        np.testing.assert_allclose(score_samples(gated, placed, {}),
+                                   score_samples(gated, tiled, {}), rtol=1e-6)
 
     def test_scores_sampler_output_at_the_last_real_token(self, reward_model):
         policy = CausalLM(ModelConfig.tiny_gpt2(vocab_size=16, hidden_size=16, num_layers=1,

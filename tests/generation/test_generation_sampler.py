@@ -11,9 +11,11 @@ from flax import nnx
 from rlhf_jax.bench.compiles import CompileCounter
 from rlhf_jax.generation import (
     GenerationOutput,
+    RewardModelSource,
     Sampler,
     SamplingParams,
     TokenRewardFunction,
+    WeightedRewardSum,
     best_of_n,
     filter_logits,
     generate,
@@ -22,8 +24,8 @@ from rlhf_jax.generation import (
     truncate_response,
 )
 from rlhf_jax.generation._sampler import auto_cache_segments, grow_cache, segment_ends
-from rlhf_jax.models import CausalLM, ModelConfig
-from rlhf_jax.sharding import MeshConfig, make_mesh, shard_state
+from rlhf_jax.models import CausalLM, ModelConfig, RewardModel
+from rlhf_jax.sharding import MeshConfig, gather_to_host, make_mesh, shard_model, shard_state
 
 PAD = 0
 N_NEW = 7
@@ -355,6 +357,32 @@ class TestBestOfN:
                                       np.asarray(sampled.tokens)[res.selection.worst_indices])
         np.testing.assert_array_equal(even_tokens(None, res.best.tokens, None), scores.max(1))
         np.testing.assert_array_equal(even_tokens(None, res.worst.tokens, None), scores.min(1))
+
+    def test_on_the_mesh_selects_what_one_device_selects(self, model, sampler, prompts):
+        """Sampler and reward model on the (2, 4) mesh (the samples global arrays, the kept
+        rows gathered on the devices): the scores, selection and kept rows of one device."""
+        mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+        rm = RewardModel(ModelConfig.tiny_gpt2(vocab_size=64, hidden_size=32, num_layers=1,
+                                               num_heads=2), rngs=nnx.Rngs(3))
+        even = TokenRewardFunction(
+            lambda p, r, m: ((np.asarray(r) % 2 == 0) & (np.asarray(m) > 0)).sum(1) / 8.0)
+        kw = dict(num_samples=2, rng=jax.random.key(7), eos_token_id=1, pad_token_id=PAD,
+                  return_worst=True, missing_eos_penalty=0.5)
+        one = best_of_n(sampler, *prompts, SAMPLING, reward=WeightedRewardSum(
+            [RewardModelSource(rm), even], [1.0, 0.5]), **kw)
+        on_mesh = best_of_n(
+            Sampler(shard_model(nnx.clone(model), mesh), mesh=mesh), *prompts, SAMPLING,
+            reward=WeightedRewardSum([RewardModelSource(rm, mesh=mesh), even], [1.0, 0.5]), **kw)
+        assert on_mesh.samples.sequences.sharding.mesh == mesh
+        np.testing.assert_array_equal(gather_to_host(on_mesh.samples.sequences),
+                                      one.samples.sequences)
+        np.testing.assert_allclose(on_mesh.scores, one.scores, rtol=1e-5, atol=1e-6)
+        for name in ("best_indices", "worst_indices"):
+            np.testing.assert_array_equal(getattr(on_mesh.selection, name),
+                                          getattr(one.selection, name))
+        for kept in ("best", "worst"):
+            np.testing.assert_array_equal(gather_to_host(getattr(on_mesh, kept).sequences),
+                                          getattr(one, kept).sequences)
 
     def test_prompt_fields_and_missing_eos_penalty_reach_the_scores(self, sampler, prompts):
         class Flagged:

@@ -119,6 +119,70 @@ def test_online_trainer_on_2x4_logs_the_metrics_of_1x8(tmp_path, command, extra)
     assert [p["shard"] for p in summary["data_shares"]["train"]["per_process"]] == ["0/1", "0/1"]
 
 
+def test_ppo_with_a_reward_model_on_2x4_logs_the_metrics_of_1x8(tmp_path):
+    """`reward.source: model` with the value model from it: the reward model's parameters
+    placed on the global mesh score the global rollout there, and the run logs the metrics of
+    one process (proxy score and gold reward)."""
+    rm = tmp_path / "rm"
+    assert rlhf_cli.main(["rm", "--config", str(_config(tmp_path, "rm", num_steps=2)),
+                          "--output-dir", str(rm)]) == 0
+    config = _config(tmp_path, "ppo", reward={"source": "model", "path": str(rm)},
+                     value_init="reward_model")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert rlhf_cli.main(["ppo", "--config", str(config), "--output-dir", str(one)]) == 0
+    _launched("ppo", config, two)
+    expected, got = read_metrics(one), read_jsonl(two / "metrics.jsonl")
+    assert [r["step"] for r in got if "step" in r][-1] == 3
+    assert "ppo/gold_reward" in got[-1] and got[-1]["ppo/score_std"] > 0
+    assert_same_metrics(expected, got)
+
+
+def test_best_of_n_on_2x4_selects_the_rows_and_scores_of_1x8(tmp_path):
+    """`rlhf_jax.generation.best_of_n` with its sampler and reward model on the global mesh
+    (and a host reward beside it): both processes get the samples, scores, selection and kept
+    rows of one process with 8 devices."""
+    script = str(REPO / "tests" / "multihost" / "best_of_n_run.py")
+    for processes, devices, name in ((1, 8, "one"), (2, 4, "two")):
+        result = run([sys.executable, script, str(tmp_path / name)], processes=processes,
+                     devices=devices)
+        assert result.returncode == 0, result.stdout[-4000:]
+    one = dict(np.load(tmp_path / "one.0.npz"))
+    assert int(one.pop("processes")) == 1
+    assert len(np.unique(one["best_scores"])) > 1  # not a degenerate selection
+    for process in (0, 1):
+        got = dict(np.load(tmp_path / f"two.{process}.npz"))
+        assert int(got.pop("processes")) == 2
+        for name, expected in one.items():
+            if "score" in name:
+                np.testing.assert_allclose(got[name], expected, rtol=1e-5, atol=1e-6,
+                                           err_msg=name)
+            else:
+                np.testing.assert_array_equal(got[name], expected, err_msg=name)
+
+
+def test_rest_resumes_mid_improve_on_2_processes_from_their_own_grow_copies(tmp_path):
+    """ReST on 2 processes with a local output dir: each process writes its own copy of the
+    Grow set; stopped in the middle of an Improve step and resumed, each reads its copy back
+    and the run logs the metrics of an uninterrupted run on one process."""
+    config = write_config(tmp_path / "rest.yaml", {
+        "model": TINY_MODEL, "logging": QUIET, "optimizer": CONSTANT_LR,
+        "data": {"synthetic": "topic", "batch_size": 8, "max_length": 16,
+                 "max_prompt_length": 16},
+        "rollout": {"max_new_tokens": 6}, "num_samples": 2, "num_grow": 1,
+        "thresholds": [25.0, 50.0], "steps_per_improve": 2, "improve_batch_size": 8,
+        "checkpoint": {"every_steps": 1},
+    })
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert rlhf_cli.main(["rest", "--config", str(config), "--output-dir", str(one)]) == 0
+    _launched("rest", config, two, "--num-steps", "2")  # Grow, then 1 of Improve 1's 2 steps
+    copies = sorted(p.name for p in (two / "grow" / "00000").iterdir())
+    assert copies == ["batch_00000.0-of-2.npz", "batch_00000.1-of-2.npz"]
+    _launched("rest", config, two)
+    records = read_jsonl(two / "metrics.jsonl")
+    assert [r["step"] for r in records if "step" in r] == [1, 2, 3, 4, 5]
+    assert_same_metrics(read_metrics(one), records)
+
+
 # (b) -----------------------------------------------------------------------------------------
 
 def test_hosts_read_disjoint_shares_that_cover_the_data(tmp_path):

@@ -427,6 +427,26 @@ def test_online_prompt_plus_response_must_fit_the_positions():
     check_run_config(PPOConfig(model=TINY, rollout=RolloutConfig(max_new_tokens=48)))
 
 
+def test_host_divisibility_binds_the_offline_trainers_only(monkeypatch):
+    """On 2 hosts an offline batch of 3 rows cannot be split between them; the online trainers
+    read the whole prompt batch on every host, so theirs can be any size."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for config in (DPOConfig(model=TINY, data=DataSpec(synthetic="topic", batch_size=3,
+                                                       max_length=32)),
+                   SFTConfig(model=TINY, data=DataSpec(synthetic="topic", batch_size=8,
+                                                       eval_batch_size=3, max_length=32))):
+        with pytest.raises(ValueError, match=r"data\.(eval_)?batch_size=3 must be divisible by "
+                                             r"the 2 hosts"):
+            check_run_config(config)
+    for config in (PPOConfig(model=TINY, data=DataSpec(synthetic="topic", batch_size=3,
+                                                       max_length=16, max_prompt_length=16)),
+                   GRPOConfig(model=TINY, data=DataSpec(synthetic="topic", batch_size=3,
+                                                        max_length=16, max_prompt_length=16)),
+                   RejectionSamplingConfig(model=TINY, sft_batch_size=3, data=DataSpec(
+                       synthetic="topic", batch_size=3, max_length=16, max_prompt_length=16))):
+        check_run_config(config)
+
+
 def dataclasses_replace(obj, **kw):
     import dataclasses
 

@@ -38,12 +38,15 @@ from rlhf_jax.train.rest import (
     ReSTTrainer,
     count_updates,
     grow_batch_path,
+    grow_copy_suffix,
     improve_rows,
     locate,
     read_grow_set,
+    remove_grow_sets,
     resolve_thresholds,
     rest_improve_loss,
     write_grow_batch,
+    writes_grow_sets,
 )
 from rlhf_jax.train.rollout import RolloutConfig
 
@@ -114,6 +117,42 @@ def test_grow_set_round_trips(tmp_path, request, where):
         assert data[name].dtype == parts[0][name].dtype
     with pytest.raises(FileNotFoundError, match="batch 2 is missing"):
         read_grow_set(root, 3, 3)
+
+
+def _as_process(monkeypatch, index: int, count: int) -> None:
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    monkeypatch.setattr(jax, "process_count", lambda: count)
+
+
+def test_grow_copies_per_process_in_a_local_dir_and_one_file_on_a_bucket(tmp_path, monkeypatch):
+    """Two processes: in a local directory (another host may not see it) each writes and reads
+    its own copy, and deletes only its own on overwrite; on a bucket process 0 writes the one
+    file every process reads; a run resumed on another process count reads any copy."""
+    root = str(tmp_path)
+    copies = {i: _grow_arrays(seed=i) for i in (0, 1)}  # different rows, to see who reads what
+    for i in (0, 1):
+        _as_process(monkeypatch, i, 2)
+        assert grow_copy_suffix(root) == f".{i}-of-2" and writes_grow_sets(root)
+        assert grow_copy_suffix("gs://b/run") == "" and writes_grow_sets("gs://b/run") == (i == 0)
+        write_grow_batch(grow_batch_path(root, 0, 0, suffix=grow_copy_suffix(root)), copies[i])
+    assert sorted(p.name for p in (tmp_path / "grow" / "00000").iterdir()) == [
+        "batch_00000.0-of-2.npz", "batch_00000.1-of-2.npz"]
+    for i in (0, 1):
+        _as_process(monkeypatch, i, 2)
+        np.testing.assert_array_equal(read_grow_set(root, 0, 1, suffix=grow_copy_suffix(root))[
+            "rewards"], copies[i]["rewards"])
+        with pytest.raises(FileNotFoundError, match=rf"batch_00001\.{i}-of-2\.npz: the Grow "
+                                                    "set's batch 1 is missing"):
+            read_grow_set(root, 0, 2, suffix=grow_copy_suffix(root))
+    _as_process(monkeypatch, 0, 1)  # one process resumes the run of two
+    np.testing.assert_array_equal(read_grow_set(root, 0, 1)["rewards"], copies[0]["rewards"])
+
+    _as_process(monkeypatch, 1, 2)
+    remove_grow_sets(root)
+    assert [p.name for p in (tmp_path / "grow" / "00000").iterdir()] == ["batch_00000.0-of-2.npz"]
+    _as_process(monkeypatch, 0, 2)
+    remove_grow_sets(root)
+    assert list((tmp_path / "grow" / "00000").iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------
