@@ -136,7 +136,7 @@ CAI_JUDGE = PairwiseTemplate(preamble="", query="{prompt} 1:{response_1} 2:{resp
 
 @dataclasses.dataclass(frozen=True)
 class RLAIFConfig:
-    """Sizes of the experiment (`full` is sized for 15 minutes on 2 idle CPU cores: 463
+    """Sizes of the experiment (`full` is sized for 15 minutes on 2 idle CPU cores: 531
     CPU-seconds measured; `quick` is for CI)."""
 
     seed: int = 0
