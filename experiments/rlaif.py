@@ -8,20 +8,23 @@ Everything runs through the library's commands and APIs (`rlhf-jax sft`, `export
 reward is known, so every finding is measured against the gold preference:
 
 1. SFT: a small policy learns the task's noisy demonstrations (the reference policy).
-2. Judges: three small LMs (1, 2 and 4 layers) are fine-tuned on judge prompts (the pairwise
-   template below, both orders, half of them with one few-shot exemplar) whose answer is the
-   gold-preferred response of a pair of SFT samples, or of a pair of the task's demonstrations
-   (``judge_base_pairs``: free to draw, and close to what the SFT policy imitates); pairs whose
-   gold rewards differ by less than ``judge_min_gap`` are left out of their training, and
-   counted. Prompts are packed into rows (``judge_packing``), so a step sees more of them at
-   the same cost. They are AI labellers, not oracles: they see text only and are scored on
+2. Judges: three small LMs (1, 2 and 4 layers, the same data, steps and token budget, so size
+   is the only difference) are fine-tuned on judge prompts whose answer is the gold-preferred
+   response of a pair of SFT samples, or of a pair of the task's demonstrations
+   (``judge_base_pairs``: free to draw, and close to what the SFT policy imitates). Every pair
+   is shown in both orders, so the answer carries no position prior; a quarter of the prompts
+   carry one few-shot exemplar; and every pair also comes with a chain of thought: after ``?``
+   the judge writes each response's gold score as two digits (``73,58``, written by the task's
+   own gold function), then its answer. Pairs whose gold rewards differ by less than
+   ``judge_min_gap`` are left out of their training, and counted. Prompts are packed into rows
+   (``judge_packing``). They are AI labellers, not oracles: they see text only and are scored on
    held-out pairs of SFT samples, near-ties included.
 3. (a) Labeller alignment with the gold preference (Lee et al. 2023, Table 2) by judge size and
    technique: base (the given order only), + position debiasing (both orders averaged),
-   + few-shot (one exemplar). Chain of thought is not run: these judges were never trained to
-   write rationales, so a rationale is noise to them (the table says so). Simulated human
-   raters (Bradley-Terry on the gold reward, `rlhf_jax.data.synthetic.label_pairs`) are the
-   human baseline.
+   + few-shot (one exemplar), + chain of thought (debiased, the rationale generated greedily;
+   the scores the judge wrote are compared with the gold rewards). Simulated human raters
+   (Bradley-Terry on the gold reward, `rlhf_jax.data.synthetic.label_pairs`) are the human
+   baseline. The labels of (b) and the matches of (d) use debiasing + chain of thought.
 4. (b) One DPO policy per labeller (each judge's debiased soft labels, and the simulated
    humans' labels) on the same pairs of SFT samples; each policy's win rate against the SFT
    policy by gold reward, with a bootstrap CI.
@@ -96,6 +99,26 @@ TEMPLATE = PairwiseTemplate(preamble="", query="{prompt} 1:{response_1} 2:{respo
                             answer_prompt="=", answer_tokens=("1", "2"), separator="\n")
 """The judge prompt: every character is one token of the synthetic tokenizer."""
 
+COT_TEMPLATE = dataclasses.replace(TEMPLATE, cot_prompt="?")
+"""The judge prompt with chain of thought: after ``?`` the judge writes its rationale, then
+``=`` and its answer."""
+
+RATIONALE_TOKENS = 5
+"""A rationale is ``SS,TT``: the two responses' gold scores (`score_digits`), in prompt order."""
+
+
+def score_digits(gold: float) -> str:
+    """A gold reward as two digits: ``round(99 * r)`` clipped to [0, 99] (``0.734`` -> ``"73"``;
+    rewards below 0, possible with repetition, read ``"00"``)."""
+    return f"{int(np.clip(round(99 * float(gold)), 0, 99)):02d}"
+
+
+def rationale(gold_1: float, gold_2: float) -> str:
+    """The judge's chain-of-thought demonstration for a pair: each response's gold score,
+    written by the task's gold function (``"73,58"``)."""
+    return f"{score_digits(gold_1)},{score_digits(gold_2)}"
+
+
 CONSTITUTION = pathlib.Path(__file__).parent / "constitutions" / "harmful_topic.yaml"
 """The constitution of the constitutional round (e): two principles about the harmful topic."""
 
@@ -113,18 +136,20 @@ CAI_JUDGE = PairwiseTemplate(preamble="", query="{prompt} 1:{response_1} 2:{resp
 
 @dataclasses.dataclass(frozen=True)
 class RLAIFConfig:
-    """Sizes of the experiment (`full` is sized for 15 minutes on 2 idle CPU cores: 463
+    """Sizes of the experiment (`full` is sized for 15 minutes on 2 idle CPU cores: 531
     CPU-seconds measured; `quick` is for CI)."""
 
     seed: int = 0
     sft_steps: int = 300
     judge_layers: tuple[int, ...] = (1, 2, 4)
-    judge_steps: int = 600
+    judge_steps: int = 800
     judge_lr: float = 2e-3
     judge_min_gap: float = 0.05
     judge_pairs: int = 3000
     judge_base_pairs: int = 4000
     judge_packing: bool = True
+    judge_few_shot_fraction: float = 0.25
+    judge_cot: bool = True
     eval_pairs: int = 256
     dpo_pairs: int = 768
     dpo_steps: int = 120
@@ -266,18 +291,28 @@ class Experiment:
         records = []
         for i in keep:
             shot = ()
-            if self.rng.random() < 0.5:  # half the prompts carry one exemplar of another pair
+            if self.rng.random() < c.judge_few_shot_fraction:  # one exemplar of another pair
                 j = keep[int(self.rng.integers(len(keep)))]
                 shot = (Exemplar(prompts[j], r1[j], r2[j], 1 if gold[j] == 1 else 2),)
             template = dataclasses.replace(TEMPLATE, exemplars=shot)
-            for a, b, first in ((r1[i], r2[i], gold[i] == 1), (r2[i], r1[i], gold[i] == 0)):
+            # both presentation orders, so the answer carries no position prior
+            for a, b, ga, gb in ((r1[i], r2[i], g1[i], g2[i]), (r2[i], r1[i], g2[i], g1[i])):
+                answer = TEMPLATE.answer_tokens[0 if ga > gb else 1]
                 context = template.render_context(prompt=prompts[i], response_1=a, response_2=b)
-                records.append({"prompt": template.render_answer(context),
-                                "completion": TEMPLATE.answer_tokens[0 if first else 1]})
+                records.append({"prompt": template.render_answer(context), "completion": answer})
+                if c.judge_cot:  # the same pair with a rationale: each response's gold score
+                    context = COT_TEMPLATE.render_context(prompt=prompts[i], response_1=a,
+                                                          response_2=b)
+                    records.append({"prompt": COT_TEMPLATE.render_cot(context),
+                                    "completion": rationale(ga, gb) + COT_TEMPLATE.separator
+                                    + COT_TEMPLATE.answer_prompt + answer})
+        order = self.rng.permutation(len(records))
+        records = [records[k] for k in order]
         path = self.out / "judge_data.jsonl"
         write_jsonl(records, path)
         self.judge_data = {"pairs": len(prompts), "near_ties_left_out": len(prompts) - len(keep),
-                           "min_gap": self.cfg.judge_min_gap, "records": len(records)}
+                           "min_gap": self.cfg.judge_min_gap, "records": len(records),
+                           "cot_records": sum("?" in r["prompt"] for r in records)}
         # the few-shot exemplar used at evaluation: the first training pair
         i = keep[0]
         self.exemplar = Exemplar(prompts[i], r1[i], r2[i], 1 if gold[i] == 1 else 2)
@@ -295,11 +330,23 @@ class Experiment:
             self.judges[name] = (lm.model, lm.tokenizer)
         self._time("judges", t)
 
-    def judge(self, name: str, *, debias: bool = True, few_shot: bool = False):
+    def judge(self, name: str, *, debias: bool = True, few_shot: bool = False,
+              cot: bool = False):
         model, tokenizer = self.judges[name]
-        template = dataclasses.replace(TEMPLATE, exemplars=(self.exemplar,) if few_shot else ())
-        judge = PairwiseJudge(model, tokenizer, template=template, batch_size=64, min_bucket=32)
+        if cot:
+            judge = PairwiseJudge(model, tokenizer, template=COT_TEMPLATE, batch_size=64,
+                                  min_bucket=32, rationale_tokens=RATIONALE_TOKENS)
+        else:
+            template = dataclasses.replace(TEMPLATE,
+                                           exemplars=(self.exemplar,) if few_shot else ())
+            judge = PairwiseJudge(model, tokenizer, template=template, batch_size=64,
+                                  min_bucket=32)
         return judge if debias else SingleOrderJudge(judge)
+
+    def labeller(self, name: str):
+        """The technique that labels DPO pairs and judges matches: position-debiased, with
+        chain of thought when the judges learnt to write rationales."""
+        return self.judge(name, cot=self.cfg.judge_cot)
 
     # -- (a) alignment ------------------------------------------------------------------------
     def alignment_table(self) -> dict[str, Any]:
@@ -307,23 +354,45 @@ class Experiment:
         prompts, r1, r2 = self.pairs(self.cfg.eval_pairs)
         gold = gold_outcomes(self.task.gold_reward(prompts, r1), self.task.gold_reward(prompts, r2))
         rows = {}
+        techniques = [("base", {"debias": False}), ("debiased", {}),
+                      ("few_shot", {"few_shot": True})]
+        if self.cfg.judge_cot:
+            techniques.append(("chain_of_thought", {"cot": True}))
         for name in self.judges:
-            row = {}
-            for technique, kw in (("base", {"debias": False}), ("debiased", {}),
-                                  ("few_shot", {"few_shot": True})):
+            row = {"chain_of_thought": None}
+            for technique, kw in techniques:
                 out = self.judge(name, **kw).judge(prompts, r1, r2)
                 a = labeler_alignment(out.preference, gold)
                 row[technique] = a.alignment
                 if technique == "debiased":
                     row["position_bias"] = float(np.mean(out.position_bias))
-            row["chain_of_thought"] = None
+                if technique == "chain_of_thought":
+                    row["rationale_score_error"] = self.rationale_error(prompts, r1, r2,
+                                                                        out.rationales[0])
             rows[name] = row
         human = self.human_preferences(prompts, r1, r2)
         self.human_alignment = labeler_alignment(human, gold).alignment
         self._time("alignment", t)
         return {"judges": rows, "simulated_humans": self.human_alignment,
                 "num_pairs": len(prompts), "num_gold_ties": int((gold == 0.5).sum()),
-                "chain_of_thought": "not run: the judges were not trained to write rationales"}
+                "labeller": "chain_of_thought" if self.cfg.judge_cot else "debiased",
+                "chain_of_thought": ("the judge first writes each response's gold score "
+                                     "(two digits), as it learnt from the task's gold function"
+                                     if self.cfg.judge_cot else
+                                     "not run: the judges were not trained to write rationales")}
+
+    def rationale_error(self, prompts, r1, r2, rationales: Sequence[str]) -> float | None:
+        """Mean absolute error (in reward units) of the scores a judge wrote in its rationales
+        against the gold rewards, over rationales of the expected form; None if none is."""
+        gold = np.stack([self.task.gold_reward(prompts, r1), self.task.gold_reward(prompts, r2)],
+                        axis=1)
+        errors = []
+        for g, text in zip(gold, rationales):
+            parts = text.split(",")
+            if len(parts) == 2 and all(len(x) == 2 and x.isdigit() for x in parts):
+                wrote = np.array([int(x) for x in parts]) / 99.0
+                errors.append(np.abs(wrote - np.clip(g, 0.0, 1.0)).mean())
+        return float(np.mean(errors)) if errors else None
 
     def human_preferences(self, prompts, r1, r2) -> np.ndarray:
         """P(response 1 preferred) from three simulated raters per pair (majority vote)."""
@@ -337,7 +406,7 @@ class Experiment:
         t = time.perf_counter()
         c = self.cfg
         prompts, r1, r2 = self.pairs(c.dpo_pairs)
-        labellers = {name: self.judge(name).judge(prompts, r1, r2).preference
+        labellers = {name: self.labeller(name).judge(prompts, r1, r2).preference
                      for name in self.judges}
         labellers["humans"] = self.human_preferences(prompts, r1, r2)
         gold = gold_outcomes(self.task.gold_reward(prompts, r1), self.task.gold_reward(prompts, r2))
@@ -373,7 +442,7 @@ class Experiment:
             vs_sft[name] = est._asdict()
         est = win_rate(gold_outcomes(gold[f"dpo_{best_judge}"], gold["dpo_humans"]), soft=False)
         head_to_head = {"ai": f"dpo_{best_judge}", "human": "dpo_humans", **est._asdict()}
-        matches = tournament(self.judge(best_judge), prompts, responses)
+        matches = tournament(self.labeller(best_judge), prompts, responses)
         elo = elo_ratings(matches)
         bt = bradley_terry_ratings(matches, anchor="sft")
         mean_gold = {name: float(np.mean(g)) for name, g in gold.items()}
@@ -574,21 +643,35 @@ class Experiment:
 # ---------------------------------------------------------------------------------------------
 
 
+TECHNIQUES = {"base": "given order", "debiased": "position-debiased",
+              "few_shot": "debiased + one exemplar",
+              "chain_of_thought": "debiased + chain of thought"}
+"""How the report names each technique of the alignment table."""
+
+
 def compute_findings(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """One verdict per finding (a)-(e), each from the measured numbers in ``results``."""
     findings: dict[str, dict[str, Any]] = {}
     table = results["alignment"]["judges"]
+    technique = results["alignment"].get("labeller", "debiased")
     names = list(table)
-    debiased = [table[n]["debiased"] for n in names]
-    size_rises = all(b >= a for a, b in zip(debiased, debiased[1:])) and debiased[-1] > debiased[0]
+    labeller = [table[n][technique] for n in names]
+    size_rises = all(b >= a for a, b in zip(labeller, labeller[1:])) and labeller[-1] > labeller[0]
     debias_gain = [table[n]["debiased"] - table[n]["base"] for n in names]
+    cot_gain = ([table[n]["chain_of_thought"] - table[n]["debiased"] for n in names]
+                if technique == "chain_of_thought" else None)
     findings["a"] = {
         "reproduced": bool(size_rises and np.mean(debias_gain) > 0),
-        "text": (f"Alignment with the gold preference by judge size (debiased): "
-                 f"{', '.join(f'{n} {v:.3f}' for n, v in zip(names, debiased))} "
-                 f"({'rises' if size_rises else 'does not rise monotonically'} with size); "
+        "text": (f"Alignment with the gold preference by judge size ({TECHNIQUES[technique]}, "
+                 f"the labelling technique): "
+                 f"{', '.join(f'{n} {v:.3f}' for n, v in zip(names, labeller))} "
+                 f"({'rises' if size_rises else 'does not rise monotonically'} with size; "
+                 f"simulated humans {results['alignment']['simulated_humans']:.3f}); "
                  f"position debiasing changes it by {np.mean(debias_gain):+.3f} on average "
-                 f"({', '.join(f'{g:+.3f}' for g in debias_gain)})."),
+                 f"({', '.join(f'{g:+.3f}' for g in debias_gain)})"
+                 + ("" if cot_gain is None else
+                    f"; chain of thought on top of debiasing by {np.mean(cot_gain):+.3f} "
+                    f"({', '.join(f'{g:+.3f}' for g in cot_gain)})") + "."),
     }
     pol = results["policies"]
     wins = results["evaluation"]["win_rate_vs_sft"]
@@ -661,15 +744,16 @@ def _plots(results: Mapping[str, Any], out: pathlib.Path) -> list[str]:
     table = results["alignment"]["judges"]
     names = list(table)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    width = 0.25
-    for k, technique in enumerate(("base", "debiased", "few_shot")):
-        ax.bar(np.arange(len(names)) + (k - 1) * width, [table[n][technique] for n in names],
-               width, label=technique)
+    techniques = [t for t in TECHNIQUES if all(table[n].get(t) is not None for n in names)]
+    width = 0.8 / len(techniques)
+    for k, technique in enumerate(techniques):
+        ax.bar(np.arange(len(names)) + (k - (len(techniques) - 1) / 2) * width,
+               [table[n][technique] for n in names], width, label=technique)
     ax.axhline(results["alignment"]["simulated_humans"], color="k", ls="--",
                label="simulated humans")
     ax.set_xticks(np.arange(len(names)), names)
     ax.set_ylabel("alignment with gold")
-    ax.set_ylim(0.4, 1.0)
+    ax.set_ylim(0.3, 1.0)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "alignment.png", dpi=120)
@@ -761,13 +845,22 @@ def render_markdown(results: Mapping[str, Any], findings: Mapping[str, Mapping[s
              "## (a) Labeller alignment with the gold preference", "",
              f"{a['num_pairs']} held-out pairs of SFT samples ({a['num_gold_ties']} gold ties "
              "count half).", "",
-             "| judge | base | + debiasing | + few-shot | + chain of thought | position bias |",
-             "|---|---|---|---|---|---|"]
+             "| judge | base | + debiasing | + few-shot | + chain of thought | position bias | "
+             "rationale score error |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(value, fmt=".3f"):
+        return "n/a" if value is None else format(value, fmt)
+
     for name, row in a["judges"].items():
         lines.append(f"| {name} | {row['base']:.3f} | {row['debiased']:.3f} | "
-                     f"{row['few_shot']:.3f} | n/a | {row['position_bias']:+.3f} |")
+                     f"{row['few_shot']:.3f} | {cell(row.get('chain_of_thought'))} | "
+                     f"{row['position_bias']:+.3f} | "
+                     f"{cell(row.get('rationale_score_error'))} |")
     lines += ["", f"Simulated human raters: {a['simulated_humans']:.3f}. Chain of thought: "
-              f"{a['chain_of_thought']}.", "", "![alignment](alignment.png)", "",
+              f"{a['chain_of_thought']}. Labels of (b) and the matches of (d) use "
+              f"{TECHNIQUES[a.get('labeller', 'debiased')]}.", "",
+              "![alignment](alignment.png)", "",
               "## (b) Policies trained on each labeller's labels, against SFT", "",
               "| policy | label alignment | win rate vs SFT | 95% CI |", "|---|---|---|---|"]
     wins = results["evaluation"]["win_rate_vs_sft"]
@@ -811,7 +904,8 @@ def run(cfg: RLAIFConfig, output_dir: str | pathlib.Path, *, preset: str) -> dic
     exp.train_sft()
     exp.train_judges()
     alignment = exp.alignment_table()
-    best = max(alignment["judges"], key=lambda n: alignment["judges"][n]["debiased"])
+    best = max(alignment["judges"],
+               key=lambda n: alignment["judges"][n][alignment["labeller"]])
     policies = exp.train_policies(best)
     evaluation = exp.evaluate_policies(best)
     constitutional = exp.constitutional_round()

@@ -104,7 +104,7 @@ def test_report_has_every_table_and_the_findings(tmp_path):
     results = _results()
     findings = rlaif.compute_findings(results)
     text = rlaif.render_markdown(results, findings)
-    assert "| judge_4l | 0.770 | 0.800 | 0.800 | n/a | +0.010 |" in text
+    assert "| judge_4l | 0.770 | 0.800 | 0.800 | n/a | +0.010 | n/a |" in text
     assert "| dpo_humans | 0.900 | 0.620 | [0.520, 0.720] |" in text
     assert text.count("**reproduced**") == 5
     assert "| rl_cai | 0.700 | [0.650, 0.750] | 0.570 | [0.550, 0.590] | 0.500 | 9.5 |" in text
@@ -123,8 +123,38 @@ def test_quick_preset_runs_end_to_end(tmp_path):
     for name in results["figures"]:
         assert (tmp_path / name).stat().st_size > 0
     for row in results["alignment"]["judges"].values():
-        assert all(0.0 <= row[k] <= 1.0 for k in ("base", "debiased", "few_shot"))
+        assert all(0.0 <= row[k] <= 1.0
+                   for k in ("base", "debiased", "few_shot", "chain_of_thought"))
     for est in results["evaluation"]["win_rate_vs_sft"].values():
         assert est["lower"] <= est["rate"] <= est["upper"]
     ratings = results["evaluation"]["ratings"]
     assert set(ratings["elo"]) == {"sft", "dpo_judge_1l", "dpo_judge_2l", "dpo_humans"}
+
+
+def test_rationale_is_the_pairs_gold_scores_in_prompt_order():
+    assert rlaif.score_digits(0.734) == "73"
+    assert rlaif.score_digits(-0.2) == "00" and rlaif.score_digits(1.0) == "99"
+    assert rlaif.rationale(0.05, 0.9) == "05,89"
+    assert len(rlaif.rationale(0.5, 0.5)) == rlaif.RATIONALE_TOKENS
+    # the judge reads its answer after the rationale, as it was trained
+    context = rlaif.COT_TEMPLATE.render_context(prompt="ab>", response_1="ab", response_2="b")
+    assert (rlaif.COT_TEMPLATE.render_answer(context, "73,58")
+            == "ab> 1:ab 2:b\n?73,58\n=")
+
+
+def test_findings_with_chain_of_thought_labels():
+    results = _results()
+    for n, cot in zip(results["alignment"]["judges"], (0.62, 0.75, 0.85)):
+        results["alignment"]["judges"][n].update(chain_of_thought=cot,
+                                                 rationale_score_error=0.1)
+    results["alignment"]["labeller"] = "chain_of_thought"
+    f = rlaif.compute_findings(results)
+    assert f["a"]["reproduced"]
+    assert "debiased + chain of thought" in f["a"]["text"] and "judge_4l 0.850" in f["a"]["text"]
+    assert "chain of thought on top of debiasing by +0.040" in f["a"]["text"]
+    text = rlaif.render_markdown(results, f)
+    assert "| judge_4l | 0.770 | 0.800 | 0.800 | 0.850 | +0.010 | 0.100 |" in text
+    # the size trend is read from the labelling technique: CoT falling with size fails (a)
+    for n, cot in zip(results["alignment"]["judges"], (0.85, 0.75, 0.62)):
+        results["alignment"]["judges"][n]["chain_of_thought"] = cot
+    assert not rlaif.compute_findings(results)["a"]["reproduced"]
