@@ -204,11 +204,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown", default=None, help="write the table to this file")
     args = parser.parse_args(argv)
 
+    # torch's OpenMP threads spin at their barriers by default; on a shared host a spinning
+    # thread whose sibling was descheduled burns its core (10x the CPU seconds of one GPT-2
+    # 124M forward at load 8 on 2 cores), so HF runs with passive waits unless told otherwise.
+    # Set before torch loads its OpenMP runtime, which reads it once.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     machine = machine_description()
     try:  # an optional peer
         import torch
 
-        machine += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
+        machine += (f", torch {torch.__version__} ({torch.get_num_threads()} threads, "
+                    f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']})")
     except ImportError:
         pass
     print(machine)
