@@ -25,6 +25,7 @@ Random weights (`CausalLM(config, rngs=nnx.Rngs(0))`), random tokens, nothing do
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -70,6 +71,10 @@ def _tiny_qwen2(**kw) -> ModelConfig:
 MODELS: dict[str, Callable[..., ModelConfig]] = {
     "gpt2": ModelConfig.gpt2,  # 124M: V 50,257, 12 x 768, tied head
     "qwen2-0.5b": ModelConfig.qwen2_0_5b,  # V 151,936, 24 x 896, GQA 14/2, tied head
+    # The Qwen2-0.5B vocabulary and width with fewer layers (the peer comparisons that do not
+    # fit this host's memory at 24 layers).
+    **{f"qwen2-0.5b-l{n}": functools.partial(ModelConfig.qwen2_0_5b, num_layers=n)
+       for n in (2, 4, 8, 12)},
     # Smoke-test sizes (same code paths, seconds per step).
     "tiny-gpt2": _tiny_gpt2,
     "tiny-qwen2": _tiny_qwen2,

@@ -46,6 +46,7 @@ from flax import nnx
 
 from rlhf_jax.bench._machine import machine_description
 from rlhf_jax.bench._realshape import (
+    MODELS,
     RESULT_PREFIX,
     Case,
     gib,
@@ -55,6 +56,57 @@ from rlhf_jax.bench._realshape import (
 )
 from rlhf_jax.models import CausalLM, save_pretrained
 
+QWEN2_MODELS = [name for name in MODELS if "qwen2" in name]
+"""The `MODELS` keys Tunix's Qwen2 can load."""
+
+
+def tunix_mesh():
+    """The 1 x n ("fsdp", "tp") mesh the Tunix models are loaded on (Tunix's Qwen2 shards by
+    those axis names)."""
+    return jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def tunix_qwen2_copies(config, *, remat: str, mesh, copies: int) -> tuple[list, dict]:
+    """`copies` Tunix Qwen2 models holding the weights of our `CausalLM(config,
+    rngs=nnx.Rngs(0))` (written with `save_pretrained`, read by Tunix's
+    `create_model_from_safe_tensors`), with Tunix's `RematConfig` named `remat`, and the check
+    that they are the same model: `{"params": Tunix's parameter count, "our_params": ours,
+    "max_logit_diff": max |logits| difference on a 16-token probe row}`. Needs Tunix (the
+    caller imports it first)."""
+    from tunix.models.qwen2 import model as tunix_qwen2  # optional peer, imported by the caller
+    from tunix.models.qwen2 import params as tunix_params
+
+    if config.arch != "qwen2":
+        raise SystemExit(f"the Tunix comparison needs a Qwen2-family model, got {config.arch}")
+    ours = CausalLM(config, rngs=nnx.Rngs(0))
+    probe = jnp.asarray(np.random.default_rng(1).integers(3, config.vocab_size, size=(1, 16)),
+                        jnp.int32)
+    our_logits = np.asarray(ours(probe))
+    ours_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(ours, nnx.Param)))
+    tunix_config = tunix_qwen2.ModelConfig(
+        num_layers=config.num_layers, vocab_size=config.vocab_size,
+        embed_dim=config.hidden_size, hidden_dim=config.intermediate_size,
+        num_heads=config.num_heads, head_dim=config.resolved_head_dim,
+        num_kv_heads=config.num_kv_heads, rope_theta=int(config.rope_theta),
+        norm_eps=config.norm_eps, use_tied_embedding=config.tie_word_embeddings,
+        remat_config=getattr(tunix_qwen2.RematConfig, remat.upper()))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(ours, tmp)
+        del ours
+        with mesh:
+            models = [tunix_params.create_model_from_safe_tensors(tmp, tunix_config, mesh)
+                      for _ in range(copies)]
+    tunix_count = sum(int(np.prod(x.shape))
+                      for x in jax.tree.leaves(nnx.state(models[0], nnx.Param)))
+    # Same weights: Tunix's logits on a probe row equal ours (float32 rounding).
+    positions = jnp.arange(16, dtype=jnp.int32)[None]
+    causal = jnp.tril(jnp.ones((1, 16, 16), bool))
+    with mesh:
+        tunix_logits = np.asarray(models[0](probe, positions, None, causal)[0])
+    return models, {"params": tunix_count, "our_params": ours_count,
+                    "max_logit_diff": float(np.max(np.abs(tunix_logits - our_logits)))}
+
 
 def tunix_worker(spec_json: str, *, steps: int, warmup: int) -> None:
     """Child process: times Tunix's DPOTrainer on `spec` and prints one result row (None
@@ -63,45 +115,15 @@ def tunix_worker(spec_json: str, *, steps: int, warmup: int) -> None:
     try:  # an optional peer, imported only where it is measured
         import optax
         import tunix
-        from tunix.models.qwen2 import model as tunix_qwen2
-        from tunix.models.qwen2 import params as tunix_params
         from tunix.sft.dpo.dpo_trainer import TrainingInput
     except ImportError:
         print(RESULT_PREFIX + "null", flush=True)
         return
     case = Case(model=spec["model"], step="dpo", seq=spec["seq"], batch=spec["pairs"])
     config = case.model_config()
-    if config.arch != "qwen2":
-        raise SystemExit(f"the Tunix comparison needs a Qwen2-family model, got {config.arch}")
-    ours = CausalLM(config, rngs=nnx.Rngs(0))
-    probe = jnp.asarray(np.random.default_rng(1).integers(3, config.vocab_size, size=(1, 16)),
-                        jnp.int32)
-    our_logits = np.asarray(ours(probe))
-    ours_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(ours, nnx.Param)))
-    remat = getattr(tunix_qwen2.RematConfig, spec["remat"].upper())
-    tunix_config = tunix_qwen2.ModelConfig(
-        num_layers=config.num_layers, vocab_size=config.vocab_size,
-        embed_dim=config.hidden_size, hidden_dim=config.intermediate_size,
-        num_heads=config.num_heads, head_dim=config.resolved_head_dim,
-        num_kv_heads=config.num_kv_heads, rope_theta=int(config.rope_theta),
-        norm_eps=config.norm_eps, use_tied_embedding=config.tie_word_embeddings,
-        remat_config=remat)
-    mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(ours, tmp)
-        del ours
-        with mesh:
-            policy = tunix_params.create_model_from_safe_tensors(tmp, tunix_config, mesh)
-            reference = tunix_params.create_model_from_safe_tensors(tmp, tunix_config, mesh)
-    tunix_count = sum(int(np.prod(x.shape))
-                      for x in jax.tree.leaves(nnx.state(policy, nnx.Param)))
-    # Same weights: Tunix's logits on a probe row equal ours (float32 rounding).
-    positions = jnp.arange(16, dtype=jnp.int32)[None]
-    causal = jnp.tril(jnp.ones((1, 16, 16), bool))
-    with mesh:
-        tunix_logits = np.asarray(policy(probe, positions, None, causal)[0])
-    logits_diff = float(np.max(np.abs(tunix_logits - our_logits)))
+    mesh = tunix_mesh()
+    (policy, reference), check = tunix_qwen2_copies(config, remat=spec["remat"], mesh=mesh,
+                                                    copies=2)
     p, half = spec["pairs"], spec["seq"] // 2
     rng = np.random.default_rng(0)
 
@@ -133,9 +155,9 @@ def tunix_worker(spec_json: str, *, steps: int, warmup: int) -> None:
     cpu_seconds = (end_cpu - pull_cpu[warmup]) / steps
     tokens = 2 * p * spec["seq"]
     row = {"seconds": seconds, "tokens_per_s": tokens / seconds, "cpu_seconds": cpu_seconds,
-           "tokens_per_cpu_s": tokens / cpu_seconds, "params": tunix_count,
-           "our_params": ours_count, "max_logit_diff": logits_diff, "warmup_s": pulls[warmup] - pulls[0],
-           "peak_rss": peak_rss_bytes()}
+           "tokens_per_cpu_s": tokens / cpu_seconds, **check,
+           "warmup_s": pulls[warmup] - pulls[0], "peak_rss": peak_rss_bytes(),
+           "load_average": os.getloadavg()[0]}
     print(RESULT_PREFIX + json.dumps(row), flush=True)
 
 
@@ -178,7 +200,7 @@ def to_markdown(rows: list[tuple[str, dict]], info: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rlhf_jax.bench tunix",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="qwen2-0.5b", choices=["qwen2-0.5b", "tiny-qwen2"])
+    parser.add_argument("--model", default="qwen2-0.5b", choices=QWEN2_MODELS)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
@@ -225,4 +247,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["main", "to_markdown", "tunix_worker"]
+__all__ = ["main", "to_markdown", "tunix_mesh", "tunix_qwen2_copies", "tunix_worker"]

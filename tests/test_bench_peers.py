@@ -1,0 +1,71 @@
+"""The peer benchmarks (`python -m rlhf_jax.bench generation`, `tunix_grpo`) at smoke-test sizes:
+our side of each measured in-process, the tables from result rows, and the helpers that make
+the peers see the same inputs. The peers themselves (torch, Tunix) are optional: their runs are
+slow tests that skip without them. No timing is asserted."""
+
+import numpy as np
+import pytest
+
+from rlhf_jax.bench import generation, tunix_grpo
+from rlhf_jax.bench._realshape import MODELS
+
+
+def test_generation_rows_time_ours_in_both_modes():
+    rows = generation.run(batch_sizes=[2], prompt_len=4, new_tokens=4, repeats=1,
+                          configs=["tiny-gpt2"], with_hf=False, modes=("greedy", "sampled"))
+    assert [(r["mode"], r["batch"]) for r in rows] == [("greedy", 2), ("sampled", 2)]
+    for row in rows:
+        assert row["jax_tok_s"] > 0 and row["jax_tok_cpu_s"] > 0 and row["jax_first_call_s"] > 0
+        assert "hf_tok_s" not in row
+        line = generation._format_row(row)
+        assert line.count("|") == generation.HEADER.splitlines()[0].count("|")
+    with pytest.raises(ValueError, match="mode='beam'"):
+        generation.run(batch_sizes=[1], prompt_len=4, new_tokens=4, repeats=1,
+                       configs=["tiny-gpt2"], with_hf=False, modes=("beam",))
+
+
+def test_real_vocabulary_models_with_fewer_layers():
+    config = MODELS["qwen2-0.5b-l4"]()
+    full = MODELS["qwen2-0.5b"]()
+    assert config.num_layers == 4 and full.num_layers == 24
+    assert (config.vocab_size, config.hidden_size) == (full.vocab_size, full.hidden_size)
+
+
+def test_grpo_iteration_phases_and_table():
+    spec = {"model": "tiny-qwen2", "prompts": 2, "group": 4, "prompt_len": 4, "new_tokens": 4,
+            "remat": "none", "remat_ours": "dots", "chunk": 4}
+    row = tunix_grpo.measure_ours(spec, steps=1, warmup=1)
+    for phase in ("rollout", "scoring", "update"):
+        assert row[f"{phase}_s"] > 0 and row[f"{phase}_cpu_s"] >= 0
+    assert row["iteration_s"] == pytest.approx(
+        row["rollout_s"] + row["scoring_s"] + row["update_s"])
+    assert 0 < row["response_tokens"] <= 2 * 4 * 4  # rows x new tokens (EOS may stop a row)
+    row["graph"] = "ours"
+    table = tunix_grpo.to_markdown(
+        [("ours", row), ("Tunix", {"error": "exit code -9", "graph": "theirs"})],
+        {"machine": "test", "what": "tiny"})
+    assert "| ours | ours |" in table and "failed: exit code -9" in table
+    assert " / - / - |" in table  # no sync or other phase on our side
+
+
+def test_tunix_sees_the_same_prompt_ids_and_reward():
+    tok = tunix_grpo.IdTokenizer()
+    ids = tunix_grpo.prompt_batches({"prompts": 2, "prompt_len": 5}, 100, 1)[0]
+    assert ids.shape == (2, 5) and ids.min() >= 3  # never the pad or EOS id
+    text = tok.decode(ids[0])
+    assert tok.encode(np.str_(text)) == ids[0].tolist()
+    assert not tok.bos_id()  # Tunix's sampler prepends no BOS
+    np.testing.assert_allclose(
+        tunix_grpo.even_fraction(np.array([[2, 3, 4, 5], [1, 1, 1, 1]]),
+                                 np.array([[1, 1, 1, 0], [0, 0, 0, 0]])), [2 / 3, 0.0])
+
+
+@pytest.mark.slow
+def test_tunix_grpo_learner_runs_on_our_weights():
+    pytest.importorskip("tunix")
+    spec = {"model": "tiny-qwen2", "prompts": 2, "group": 4, "prompt_len": 8, "new_tokens": 8,
+            "remat": "none", "remat_ours": "dots", "chunk": 4}
+    row = tunix_grpo.tunix_worker(spec, steps=1, warmup=1)
+    assert row["params"] == row["our_params"]
+    assert row["max_logit_diff"] < 1e-4
+    assert row["rollout_s"] > 0 and row["update_s"] > 0 and row["iteration_s"] > 0
