@@ -397,10 +397,13 @@ def train_reward_model(ctx: Context, policy: CausalLM, prefs: Preferences, n: in
     (`run_rm`); at least `rm_min_steps` steps, else `rm_epochs` passes."""
     cfg = ctx.cfg
     steps = max(cfg.rm_min_steps, math.ceil(cfg.rm_epochs * n / cfg.rm_batch_size))
-    # With fewer pairs than a batch, every step sees all of them (the same mean gradient).
+    # With fewer pairs than a batch, every step sees all of them: a batch of whole passes over
+    # them when n divides the batch size (the same mean gradient as a batch of n, and the
+    # compiled step of the larger sets), else a batch of n.
+    batch = cfg.rm_batch_size if n >= cfg.rm_batch_size or cfg.rm_batch_size % n == 0 else n
     config = RMConfig(**ctx.run(f"rm_{n}", steps=steps, learning_rate=cfg.rm_learning_rate,
                                 seed=seed),
-                      data=ctx.data(min(cfg.rm_batch_size, n)), normalize=False)
+                      data=ctx.data(batch), normalize=False)
     rm = RewardModel.from_causal_lm(policy, rngs=nnx.Rngs(seed))
     run = run_rm(config, model=rm, records=prefs.records[:n])
     skipped = sum(run.summary["skipped_records"].values())
