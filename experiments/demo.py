@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 from experiments import report as report_lib
 from experiments.demo_config import DemoConfig, parse_overrides
 from rlhf_jax import data as rdata
-from rlhf_jax import sharding
+from rlhf_jax import losses, sharding
 from rlhf_jax.bench import cpu_model_name
 from rlhf_jax.bench.compiles import CompileCounter
 from rlhf_jax.data import synthetic
@@ -180,6 +180,7 @@ def sample(model: nnx.Module, prompts: Mapping[str, np.ndarray], *, rng: jax.Arr
 
 
 @jax.jit
+@losses.unchecked  # no checkify effect: JAX's C++ dispatch path
 def _response_logps(graphdef, state, sequences, sequence_mask, response_ids, response_mask):
     model = nnx.merge(graphdef, state)
     ro = Rollout(sequences, sequence_mask, response_ids, response_mask,

@@ -735,7 +735,7 @@ def precompute_reference_logps(
             return kto_sequence_logps(model, batch)
         return reference_pair_logps(model, batch)
 
-    jitted = jax.jit(fn, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+    jitted = jax.jit(losses.unchecked(fn), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                      out_shardings=sharding.batch_sharding(mesh))
     names = ("ref_logps", "ref_kl_logps") if kto else ("ref_chosen_logps", "ref_rejected_logps")
     out: dict[str, list] = {n: [] for n in names}

@@ -253,6 +253,19 @@ class TestLossArguments:
         with pytest.raises(checkify.JaxRuntimeError, match=r"targets must be token ids"):
             err.throw()
 
+    def test_unchecked_functions_carry_no_checkify_effect(self):
+        # A traced check is an effect (JAX then dispatches on its Python path); the library's
+        # jitted steps trace without them (`losses.unchecked`), and checkify finds none there.
+        x, bad = jnp.ones((2, 3)), jnp.asarray([[1, 2, 0], [1, 1, 1]], jnp.float32)
+        assert jax.make_jaxpr(losses.masked_sum)(x, bad).effects
+        assert not jax.make_jaxpr(losses.unchecked(losses.masked_sum))(x, bad).effects
+        checked = checkify.checkify(losses.unchecked(losses.masked_sum),
+                                    errors=checkify.user_checks)
+        err, out = jax.jit(checked)(x, bad)
+        assert err.get() is None and float(out) == 6.0  # the mask's 2 weighs its token twice
+        with losses.traced_checks(False):
+            assert not jax.make_jaxpr(lambda a, m: losses.masked_sum(a, m))(x, bad).effects
+
     def test_sequence_logps_and_gae_masks(self):
         with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
             losses.sequence_logps(jnp.zeros((2, 3)), np.full((2, 3), 3.0))
