@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 from experiments import report as report_lib
 from experiments.demo_config import DemoConfig, parse_overrides
 from rlhf_jax import data as rdata
+from rlhf_jax import losses, sharding
 from rlhf_jax.bench import cpu_model_name
 from rlhf_jax.bench.compiles import CompileCounter
 from rlhf_jax.data import synthetic
@@ -83,6 +84,7 @@ from rlhf_jax.train import (
     OptimizerConfig,
     RMConfig,
     SFTConfig,
+    dpo_reference_logps,
     run_dpo,
     run_rm,
     run_sft,
@@ -140,19 +142,36 @@ def take(samples: GenerationOutput, rows: np.ndarray) -> GenerationOutput:
                                for k in GenerationOutput._fields if k != "prompt_length"})
 
 
+def on_mesh(model: nnx.Module, mesh: jax.sharding.Mesh | None) -> Sampler:
+    """A `Sampler` of `model` with its state placed on `mesh` by its logical axes, as the
+    trainers place theirs (`rlhf_jax.sharding.shard_state`): its calls then run the program
+    that a trainer's rollouts of the same shapes run."""
+    if mesh is None:
+        return Sampler(model)
+    graphdef, state = nnx.split(model)
+    return Sampler.from_state(graphdef, sharding.shard_state(state, mesh), mesh=mesh)
+
+
+def replicated(x: jax.Array, mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """`x` replicated over `mesh` (unchanged without one)."""
+    if mesh is None:
+        return x
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 def sample(model: nnx.Module, prompts: Mapping[str, np.ndarray], *, rng: jax.Array,
            max_new_tokens: int, eos_token_id: int, pad_token_id: int,
-           num_samples: int = 1) -> GenerationOutput:
+           num_samples: int = 1, mesh: jax.sharding.Mesh | None = None) -> GenerationOutput:
     """`num_samples` responses per prompt from `model` at temperature 1 (rows `b * n .. b * n +
-    n - 1` for prompt `b`; `rlhf_jax.generation.Sampler`), in chunks of `CHUNK_ROWS` rows
-    (chunk `i` uses `fold_in(rng, i)`); host arrays."""
-    sampler = Sampler(model)
+    n - 1` for prompt `b`; `rlhf_jax.generation.Sampler` on `mesh`), in chunks of `CHUNK_ROWS`
+    rows (chunk `i` uses `fold_in(rng, i)`); host arrays."""
+    sampler = on_mesh(model, mesh)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0)
 
     def gen(i, ids, mask):
         out = sampler.generate(jnp.asarray(ids), jnp.asarray(mask), sampling,
-                               rng=jax.random.fold_in(rng, i), eos_token_id=eos_token_id,
-                               pad_token_id=pad_token_id)
+                               rng=replicated(jax.random.fold_in(rng, i), mesh),
+                               eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         return tuple(out)[:-1]
 
     ids = np.repeat(prompts["prompt_ids"], num_samples, 0)
@@ -161,6 +180,7 @@ def sample(model: nnx.Module, prompts: Mapping[str, np.ndarray], *, rng: jax.Arr
 
 
 @jax.jit
+@losses.unchecked  # no checkify effect: JAX's C++ dispatch path
 def _response_logps(graphdef, state, sequences, sequence_mask, response_ids, response_mask):
     model = nnx.merge(graphdef, state)
     ro = Rollout(sequences, sequence_mask, response_ids, response_mask,
@@ -176,10 +196,17 @@ def token_logps(model: nnx.Module, samples: GenerationOutput) -> np.ndarray:
                      samples.sequence_mask, samples.tokens, samples.mask)
 
 
-def rm_scores(source: RewardModelSource, samples: GenerationOutput) -> np.ndarray:
-    """`[B]` scores of the sampled responses by a reward-model source."""
-    return in_chunks(lambda i, *a: source(Rollout(*a), {}), samples.sequences,
-                     samples.sequence_mask, samples.tokens, samples.mask, samples.finished)
+def rm_scores(source: RewardModelSource, samples: GenerationOutput,
+              mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+    """`[B]` scores of the sampled responses by a reward-model source (the rows split over
+    `mesh` as a trainer's rollouts are, so that the scoring program is the one PPO runs)."""
+    def score(i, *arrays):
+        if mesh is not None:
+            arrays = [jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in arrays]
+        return source(Rollout(*arrays), {})
+
+    return in_chunks(score, samples.sequences, samples.sequence_mask, samples.tokens,
+                     samples.mask, samples.finished)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +235,11 @@ class Context:
             "data": cfg.seed, "raters": cfg.seed + 1, "init": cfg.seed + 2,
             "sampling": cfg.seed + 3, "eval": cfg.seed + 4,
         }
+        # The trainers' default mesh: sampling on it, the evaluations and best-of-n run the
+        # program the PPO rollouts run (64 rows a call), compiled once.
+        self.mesh = sharding.make_mesh(sharding.MeshConfig())
         self.stage_times: dict[str, float] = {}
+        self.stage_cpu: dict[str, float] = {}  # CPU seconds (user + sys) of this process
         self.stage_compiles: dict[str, dict[str, Any]] = {}
         prompts = self.task.sample_prompts(np.random.default_rng(self.seeds["eval"]),
                                            cfg.eval_prompts)
@@ -222,7 +253,7 @@ class Context:
     def sample(self, model, prompts, *, rng, num_samples: int = 1) -> GenerationOutput:
         return sample(model, prompts, rng=rng, max_new_tokens=self.cfg.max_new_tokens,
                       eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                      num_samples=num_samples)
+                      num_samples=num_samples, mesh=self.mesh)
 
     def gold(self, samples: GenerationOutput) -> np.ndarray:
         p = samples.prompt_length
@@ -265,9 +296,11 @@ def stage(ctx: Context, name: str, title: str):
             console.rule(f"[bold]{title}")
             self.counter = CompileCounter().__enter__()
             self.t0 = time.perf_counter()
+            self.c0 = time.process_time()
 
         def __exit__(self, *exc):
             dt = time.perf_counter() - self.t0
+            ctx.stage_cpu[name] = time.process_time() - self.c0
             self.counter.__exit__(*exc)
             ctx.stage_times[name] = dt
             ctx.stage_compiles[name] = self.counter.summary()
@@ -365,10 +398,13 @@ def train_reward_model(ctx: Context, policy: CausalLM, prefs: Preferences, n: in
     (`run_rm`); at least `rm_min_steps` steps, else `rm_epochs` passes."""
     cfg = ctx.cfg
     steps = max(cfg.rm_min_steps, math.ceil(cfg.rm_epochs * n / cfg.rm_batch_size))
-    # With fewer pairs than a batch, every step sees all of them (the same mean gradient).
+    # With fewer pairs than a batch, every step sees all of them: a batch of whole passes over
+    # them when n divides the batch size (the same mean gradient as a batch of n, and the
+    # compiled step of the larger sets), else a batch of n.
+    batch = cfg.rm_batch_size if n >= cfg.rm_batch_size or cfg.rm_batch_size % n == 0 else n
     config = RMConfig(**ctx.run(f"rm_{n}", steps=steps, learning_rate=cfg.rm_learning_rate,
                                 seed=seed),
-                      data=ctx.data(min(cfg.rm_batch_size, n)), normalize=False)
+                      data=ctx.data(batch), normalize=False)
     rm = RewardModel.from_causal_lm(policy, rngs=nnx.Rngs(seed))
     run = run_rm(config, model=rm, records=prefs.records[:n])
     skipped = sum(run.summary["skipped_records"].values())
@@ -396,7 +432,7 @@ def evaluate(ctx: Context, policy, ref: CausalLM, proxy: RewardModelSource) -> E
     s = ctx.sample(policy, ctx.eval_prompts, rng=key)
     kl = (np.asarray(s.model_logps) - token_logps(ref, s)).sum(axis=1)
     gold = ctx.gold(s)
-    proxy_scores = rm_scores(proxy, s)
+    proxy_scores = rm_scores(proxy, s, ctx.mesh)
     return Evaluation(float(kl.mean()), float(gold.mean()),
                       float(gold.std(ddof=1) / math.sqrt(len(gold))), float(proxy_scores.mean()))
 
@@ -404,7 +440,7 @@ def evaluate(ctx: Context, policy, ref: CausalLM, proxy: RewardModelSource) -> E
 def normalize_reward_model(ctx: Context, rm: RewardModel, ref: CausalLM) -> tuple[float, float]:
     """Sets the RM's normalisation so that scores of reference samples have mean 0, std 1."""
     s = ctx.sample(ref, ctx.eval_prompts, rng=jax.random.fold_in(ctx.eval_key, 10**6))
-    raw = rm_scores(RewardModelSource(rm), s)
+    raw = rm_scores(RewardModelSource(rm), s, ctx.mesh)
     mean, std = float(raw.mean()), float(raw.std() + 1e-6)
     rm.set_normalization(1.0 / std, -mean / std)
     return mean, std
@@ -508,15 +544,23 @@ def run_overoptimization(ctx, sft, proxy) -> dict[str, Any]:
 def run_dpo_sweep(ctx, sft, proxy, prefs: Preferences) -> list[dict[str, Any]]:
     """DPO (sigmoid loss, the SFT policy as reference) on the largest preference set, one run
     per beta (`run_dpo`), evaluated through the trainer's `eval_fn` every `dpo_steps /
-    dpo_evals_per_run` steps and at the end."""
+    dpo_evals_per_run` steps and at the end. The runs differ only in beta, so they draw the
+    same batches: the reference's log-probs of them are computed once
+    (`dpo_reference_logps`) and every run trains on that table."""
     cfg = ctx.cfg
-    points = []
-    for beta in cfg.dpo_betas:
-        config = DPOConfig(
+    records = prefs.records[:cfg.rm_pairs[-1]]
+
+    def config(beta: float) -> DPOConfig:
+        return DPOConfig(
             **ctx.run(f"dpo_beta{beta:g}", steps=cfg.dpo_steps,
                       learning_rate=cfg.dpo_learning_rate, seed=ctx.seeds["init"] + 300),
             data=ctx.data(cfg.dpo_batch_size),
-            eval_every=max(1, cfg.dpo_steps // cfg.dpo_evals_per_run), beta=beta)
+            eval_every=max(1, cfg.dpo_steps // cfg.dpo_evals_per_run), beta=beta,
+            reference="precomputed")
+
+    reference = dpo_reference_logps(config(cfg.dpo_betas[0]), model=sft, records=records)
+    points = []
+    for beta in cfg.dpo_betas:
 
         def on_eval(model, step, beta=beta):
             ev = evaluate(ctx, model, sft, proxy)
@@ -525,8 +569,8 @@ def run_dpo_sweep(ctx, sft, proxy, prefs: Preferences) -> list[dict[str, Any]]:
             return ev.metrics()
 
         print(f"DPO beta={beta:g}", flush=True)
-        run = run_dpo(config, model=nnx.clone(sft), records=prefs.records[:cfg.rm_pairs[-1]],
-                      eval_fn=on_eval)
+        run = run_dpo(config(beta), model=nnx.clone(sft), records=records, eval_fn=on_eval,
+                      reference_logps=reference)
         ev = points[-1]
         console.print(f"DPO beta={beta:g}: KL {ev['kl']:.2f}, gold {ev['gold_reward']:.3f}, "
                       f"proxy {ev['proxy_reward']:.2f} (loss "
@@ -559,12 +603,13 @@ def bon_pool(ctx: Context, policy: CausalLM, proxy: RewardModelSource,
     """`([E, g] proxy scores, [E, g] gold rewards)` of `g = bon_pool` samples per prompt from
     `policy`, drawn and scored by `rlhf_jax.generation.best_of_n` (`CHUNK_ROWS` rows a call)."""
     g = ctx.cfg.bon_pool
-    sampler = Sampler(policy)
+    sampler = on_mesh(policy, ctx.mesh)
     sampling = SamplingParams(max_new_tokens=ctx.cfg.max_new_tokens, temperature=1.0)
 
     def draw(i, ids, mask):
         out = best_of_n(sampler, jnp.asarray(ids), jnp.asarray(mask), sampling, num_samples=g,
-                        reward=proxy, rng=jax.random.fold_in(key, i), eos_token_id=ctx.eos_id,
+                        reward=proxy, rng=replicated(jax.random.fold_in(key, i), ctx.mesh),
+                        eos_token_id=ctx.eos_id,
                         pad_token_id=ctx.pad_id)
         return out.scores, ctx.gold(out.samples).reshape(-1, g)
 
@@ -659,7 +704,8 @@ def run_demo(cfg: DemoConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         for n in cfg.rm_pairs:
             rm = train_reward_model(ctx, sft, prefs, n, seed=ctx.seeds["init"] + n)
             source = RewardModelSource(rm)
-            better = rm_scores(source, val.chosen) > rm_scores(source, val.rejected)
+            better = (rm_scores(source, val.chosen, ctx.mesh)
+                      > rm_scores(source, val.rejected, ctx.mesh))
             acc = float(np.mean(better))
             gold_acc = float(np.mean(better == (val.gold_chosen > val.gold_rejected)))
             rm_points.append({"num_pairs": n, "val_accuracy": acc, "val_gold_accuracy": gold_acc})
@@ -711,8 +757,10 @@ def run_demo(cfg: DemoConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     }
     console.rule("[bold]6/6 Report")
     results["stage_times_s"] = dict(ctx.stage_times)
+    results["stage_cpu_s"] = dict(ctx.stage_cpu)
     results["stage_compiles"] = dict(ctx.stage_compiles)
     results["wall_time_s"] = time.perf_counter() - t_start
+    results["cpu_time_s"] = time.process_time()  # the whole process, start-up included
     paths = report_lib.write_report(results, out)
     findings = report_lib.compute_findings(results)
     console.rule("[bold]Findings")

@@ -7,6 +7,11 @@ starting at `shard_index` (default: `jax.process_index()` of `jax.process_count(
 stream is shuffled globally before it is strided, no example is dropped at epoch boundaries and
 every host sees the same number of examples per `shard_count` consecutive elements.
 
+The loader reads the stream through each epoch's order of example indices (grain's permutation
+for that epoch, `_epoch_order`), computed once per epoch and kept, rather than element by
+element through grain's dataset chain: the same elements, and grain's permutation of a small
+dataset costs up to a millisecond an index, which `read_indices` would otherwise pay again.
+
 Batches are built from consecutive elements of a host's stream: `batch_size` examples per
 padded batch, or as many as first-fit packing can place (`BatchConfig.packing`). The loader's
 state is the position of the next unread element, so `get_state()` -> `set_state()` continues
@@ -16,6 +21,7 @@ with the model in the run's orbax checkpoint.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -191,12 +197,13 @@ class DataLoader:
         self.shard_index = int(shard_index)
         self.shard_count = int(shard_count)
         self.num_examples = len(examples)
-        ds = grain.MapDataset.source(list(examples))
+        self._examples = list(examples)
+        ds = grain.MapDataset.source(self._examples)
         if self.shuffle:
             ds = ds.shuffle(seed=self.seed)
         ds = ds.repeat(num_epochs)
-        self._stream = ds[self.shard_index :: self.shard_count]
-        self._length = len(self._stream)
+        self._length = len(ds[self.shard_index :: self.shard_count])
+        self._orders: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._position = 0
         self._collate = make_collate_fn(self.kind, batch_config, pad_id=self.pad_id)
 
@@ -244,12 +251,36 @@ class DataLoader:
 
     def read_indices(self) -> np.ndarray:
         """`[position]` int64: the index into `examples` of each element this host has read so
-        far, in reading order (the same shuffle, repeat and stride as the stream, over indices)."""
-        ds = grain.MapDataset.range(self.num_examples)
+        far, in reading order (the same shuffle, repeat and stride as the stream)."""
+        g = self.shard_index + np.arange(self._position, dtype=np.int64) * self.shard_count
+        epochs, within = np.divmod(g, self.num_examples)
+        out = np.empty(self._position, np.int64)
+        for epoch in np.unique(epochs):
+            rows = epochs == epoch
+            out[rows] = self._epoch_order(int(epoch))[within[rows]]
+        return out
+
+    _ORDER_CACHE_ENTRIES = 1 << 22
+    """Example indices kept over all cached epoch orders (older epochs are recomputed)."""
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """`[num_examples]` int64: the example index at each position of pass `epoch` over the
+        data: grain's `shuffle` permutation of that epoch (seed `seed + epoch`, as the repeated
+        shuffled dataset reseeds), or the identity without shuffling; kept for later reads."""
+        order = self._orders.get(epoch)
+        if order is not None:
+            self._orders.move_to_end(epoch)
+            return order
+        n = self.num_examples
         if self.shuffle:
-            ds = ds.shuffle(seed=self.seed)
-        ds = ds.repeat(self.num_epochs)[self.shard_index :: self.shard_count]
-        return np.fromiter((ds[i] for i in range(self._position)), np.int64, self._position)
+            ds = grain.MapDataset.range(n).shuffle(seed=(self.seed + epoch) % 2**32)
+            order = np.fromiter((ds[k] for k in range(n)), np.int64, n)
+        else:
+            order = np.arange(n, dtype=np.int64)
+        self._orders[epoch] = order
+        while len(self._orders) > max(1, self._ORDER_CACHE_ENTRIES // n):
+            self._orders.popitem(last=False)
+        return order
 
     @property
     def epoch(self) -> float:
@@ -262,7 +293,10 @@ class DataLoader:
         return self
 
     def _get(self, i: int):
-        return self._stream[self._position + i]
+        """The `i`-th unread element of this host's stream."""
+        epoch, within = divmod(self.shard_index + (self._position + i) * self.shard_count,
+                               self.num_examples)
+        return self._examples[int(self._epoch_order(epoch)[within])]
 
     def _remaining(self) -> int:
         return self._length - self._position

@@ -138,6 +138,14 @@ def _chat(tokenizer, messages, *, add_generation_prompt: bool) -> list[int]:
 
 
 def _encode(tokenizer, text: str, *, special: bool) -> list[int]:
+    """`tokenizer(text, add_special_tokens=special)["input_ids"]` as a list. A Hugging Face fast
+    tokenizer whose backend has no truncation or padding set (what its `__call__` sets for this
+    call) and that does not split special tokens is asked through its Rust backend directly:
+    the same ids, without about 50 us of Python per call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and not getattr(tokenizer, "split_special_tokens", False)):
+        return list(backend.encode(text, add_special_tokens=special).ids)
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 

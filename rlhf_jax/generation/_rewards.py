@@ -49,6 +49,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax import losses, sharding
+from rlhf_jax.losses import unchecked
 from rlhf_jax.models import positions_from_mask
 from rlhf_jax.sharding import gather_to_host
 
@@ -165,6 +166,7 @@ def _host_arrays(responses: Responses) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "head"))
+@unchecked  # no checkify effect: JAX's C++ dispatch path
 def _reward_model_scores(graphdef, state, sequences, sequence_mask, *, head):
     model = nnx.merge(graphdef, state)
     rewards = model(

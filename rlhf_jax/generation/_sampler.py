@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from rlhf_jax.generation._limits import check_generation_ranges
 from rlhf_jax.generation._sampling import sample_tokens, validate_sampling_args
+from rlhf_jax.losses import unchecked
 from rlhf_jax.models import positions_from_mask
 from rlhf_jax.sharding import BATCH_AXES, batch_sharding
 
@@ -263,6 +264,7 @@ def _generate_body(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
+@unchecked  # no checkify effect: JAX's C++ dispatch path
 def _generate_jit(graphdef, state, prompt_ids, prompt_mask, rng, *scalars, spec):
     out = _generate_body(graphdef, state, prompt_ids, prompt_mask, rng, *scalars, spec)
     # ``prompt_length`` is static; return only arrays from the jitted function.

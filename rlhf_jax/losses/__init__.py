@@ -22,6 +22,12 @@ mask of the same shape, so either alignment works as long as the mask matches.
 Masks are 1 on real tokens and 0 on padding (float or bool). Padded positions never affect a
 value and receive exactly zero gradient.
 
+Values that are known where a function is called (hyper-parameters, host masks and ids) are
+checked at once; traced ones through ``checkify.debug_check``, which
+``checkify.checkify(f, errors=checkify.user_checks)`` reports. A function jitted and run many
+times is better traced without them (:func:`unchecked`, :func:`traced_checks`): a check is an
+effect, and JAX dispatches a program with effects on its slower Python path.
+
 Where TRL, lm-human-preferences or a paper define a convention, the docstring names it and the
 tests pin it with an independent float64 NumPy reference.
 """
@@ -36,6 +42,7 @@ from rlhf_jax.losses._advantages import (
     last_token_index,
     rloo_advantages,
 )
+from rlhf_jax.losses._checks import traced_checks, unchecked
 from rlhf_jax.losses._cpl import CPL_BC_SEGMENTS, CPLOutput, cpl_loss
 from rlhf_jax.losses._dpo import (
     DPO_LOSS_TYPES,
@@ -111,6 +118,8 @@ from rlhf_jax.losses._reward import (
 )
 
 __all__ = [
+    "traced_checks",
+    "unchecked",
     "AGGREGATION_MODES",
     "BCORunningMean",
     "CPLOutput",

@@ -63,7 +63,14 @@ from rlhf_jax.train.config import (
     save_config,
 )
 from rlhf_jax.train.data import build_data
-from rlhf_jax.train.dpo import DPOConfig, DPOHyperParams, preference_loss, run_dpo, train_dpo
+from rlhf_jax.train.dpo import (
+    DPOConfig,
+    DPOHyperParams,
+    dpo_reference_logps,
+    preference_loss,
+    run_dpo,
+    train_dpo,
+)
 from rlhf_jax.train.export import ExportConfig, export_policy
 from rlhf_jax.train.logging import MetricsLogger, SampleTable, read_metrics
 from rlhf_jax.train.logprobs import (
@@ -107,6 +114,7 @@ __all__ = [
     "TrainSetup",
     "build_data",
     "build_model",
+    "dpo_reference_logps",
     "export_policy",
     "make_evaluator",
     "preference_loss",

@@ -20,7 +20,9 @@ The reference policy (`reference`):
   (`output_dir/reference_logps.npz`, reused on resume; in a multi-process run each process
   stores the table of its own share of the data, `reference_logps.<i>-of-<n>.npz`); the
   reference model is then dropped, so training holds only the policy and runs one forward per
-  step.
+  step. Runs that differ only outside `FINGERPRINT_FIELDS` (a sweep over β, label smoothing or
+  the learning rate) can share one table: `dpo_reference_logps(config, ...)` computes it in
+  memory and `run_dpo(..., reference_logps=table)` trains on it without running the reference.
 - `"lora_base"` (automatic when `model.lora_rank > 0` and `reference="model"`): the policy with
   its LoRA adapters zeroed (`rlhf_jax.models.lora.lora_disabled`), i.e. the base model, with no
   second copy of the weights.
@@ -733,7 +735,7 @@ def precompute_reference_logps(
             return kto_sequence_logps(model, batch)
         return reference_pair_logps(model, batch)
 
-    jitted = jax.jit(fn, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+    jitted = jax.jit(losses.unchecked(fn), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                      out_shardings=sharding.batch_sharding(mesh))
     names = ("ref_logps", "ref_kl_logps") if kto else ("ref_chosen_logps", "ref_rejected_logps")
     out: dict[str, list] = {n: [] for n in names}
@@ -805,16 +807,48 @@ def reference_fingerprint(config: DPOConfig, ref_model: nnx.Module) -> str:
     return digest.hexdigest()
 
 
-def reference_tables(config: DPOConfig, ref_model: nnx.Module, data: Any, mesh
-                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """`(train_table, eval_table)` of precomputed reference log-probs (see module docstring).
+class ReferenceLogps(NamedTuple):
+    """The precomputed reference log-probs of a run (module docstring).
 
-    The training table covers the `config.num_steps` batches the run draws from the start of
-    `data.train`; the held-out table covers one pass of `data.eval_batches()`. Both are stored
-    in `output_dir/reference_logps.npz` with `reference_fingerprint` and reused when the file
-    covers the run and its fingerprint matches (otherwise recomputed, with a warning).
+    Attributes:
+      train: `{"ref_chosen_logps", "ref_rejected_logps"}` (KTO: `{"ref_logps",
+        "ref_kl_logps"}`), each `[S, P]` float32: row `i` for the `i`-th training batch.
+      eval: the same for one pass over the held-out batches, or None without them.
+      fingerprint: the `reference_fingerprint` of the config and reference they were computed
+        for; a run whose fingerprint differs refuses them.
     """
+
+    train: dict[str, np.ndarray]
+    eval: dict[str, np.ndarray] | None
+    fingerprint: str
+
+    def covers(self, num_steps: int, *, held_out: bool) -> bool:
+        """True when the table has a row for each of `num_steps` batches (and held-out rows
+        when `held_out`)."""
+        rows = min((len(v) for v in self.train.values()), default=0)
+        return bool(self.train) and rows >= num_steps and (self.eval is not None or not held_out)
+
+
+def compute_reference_logps(config: DPOConfig, ref_model: nnx.Module, data: Any, mesh
+                            ) -> ReferenceLogps:
+    """The reference log-probs of the `config.num_steps` batches the run draws from the start
+    of `data.train` and of one pass of `data.eval_batches()` (in memory; nothing stored)."""
     kto = config.algorithm == "kto"
+    train = precompute_reference_logps(ref_model, copy.copy(data.train),
+                                       num_batches=config.num_steps, mesh=mesh, kto=kto)
+    evals = None
+    if data.eval_batches is not None:
+        evals = precompute_reference_logps(ref_model, data.eval_batches(),
+                                           num_batches=1 << 30, mesh=mesh, kto=kto)
+    return ReferenceLogps(train, evals, reference_fingerprint(config, ref_model))
+
+
+def reference_tables(config: DPOConfig, ref_model: nnx.Module, data: Any, mesh
+                     ) -> ReferenceLogps:
+    """The run's precomputed reference log-probs (`compute_reference_logps`), stored in
+    `output_dir/reference_logps.npz` with their `reference_fingerprint` and read back from it
+    when the file covers the run and its fingerprint matches (otherwise recomputed, with a
+    warning)."""
     path = epath.Path(config.output_dir, REFERENCE_FILE)
     if jax.process_count() > 1:  # each process's table covers its own share of the batches
         path = path.with_name(path.name.removesuffix(".npz")
@@ -827,25 +861,21 @@ def reference_tables(config: DPOConfig, ref_model: nnx.Module, data: Any, mesh
             _log.warning("%s was computed for other reference weights, data or tokenisation; "
                          "recomputing it", path)
             stored = {}
-        train = {k[6:]: v for k, v in stored.items() if k.startswith("train_")}
-        evals = {k[5:]: v for k, v in stored.items() if k.startswith("eval_")} or None
-        if train and min(len(v) for v in train.values()) >= config.num_steps \
-                and (evals is not None or data.eval_batches is None):
-            return train, evals
-    train = precompute_reference_logps(ref_model, copy.copy(data.train),
-                                       num_batches=config.num_steps, mesh=mesh, kto=kto)
-    evals = None
-    if data.eval_batches is not None:
-        evals = precompute_reference_logps(ref_model, data.eval_batches(),
-                                           num_batches=1 << 30, mesh=mesh, kto=kto)
-    arrays = {f"train_{k}": v for k, v in train.items()}
-    arrays.update({f"eval_{k}": v for k, v in (evals or {}).items()})
+        table = ReferenceLogps(
+            {k[6:]: v for k, v in stored.items() if k.startswith("train_")},
+            {k[5:]: v for k, v in stored.items() if k.startswith("eval_")} or None,
+            fingerprint)
+        if table.covers(config.num_steps, held_out=data.eval_batches is not None):
+            return table
+    table = compute_reference_logps(config, ref_model, data, mesh)
+    arrays = {f"train_{k}": v for k, v in table.train.items()}
+    arrays.update({f"eval_{k}": v for k, v in (table.eval or {}).items()})
     arrays[FINGERPRINT_KEY] = np.asarray(fingerprint)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     ensure_dir(config.output_dir)
     path.write_bytes(buffer.getvalue())
-    return train, evals
+    return table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -858,6 +888,62 @@ def train_dpo(config: DPOConfig) -> dict[str, Any]:
     return run_dpo(config).summary
 
 
+def _inputs(config: DPOConfig, model: nnx.Module | None, records, eval_records):
+    """`(hyper-parameters, data, policy, reference model or None)` of a run: the data bundle,
+    the initial policy (`model`'s arrays copied, or built) and, when the objective uses a
+    reference that is not the LoRA base, the reference model (a copy of the initial policy
+    unless `config.ref_model`)."""
+    hp = preference_hyperparams(config)
+    check_run_config(config)
+    kto = hp.algorithm == "kto"
+    tokenizer = load_tokenizer_for(config.data, config.model)
+    data = build_data(config.data, format="kto" if kto else "preference", tokenizer=tokenizer,
+                      seed=config.seed, kl_pairs=kto, records=records, eval_records=eval_records)
+    given = model is not None
+    policy = own_arrays(model) if given else build_model(config.model, seed=config.seed)
+    check_vocab(policy, tokenizer)
+    lora = config.model.lora_rank > 0
+    if not hp.uses_reference or (lora and config.ref_model is None):
+        return hp, data, policy, None
+    ref_spec = config.ref_model or dataclasses.replace(config.model, lora_rank=0)
+    if given and config.ref_model is None:
+        ref = nnx.clone(policy)
+    else:
+        ref = build_model(ref_spec, seed=config.seed)
+    if config.ref_model is None and not lora:
+        # The initial policy's weights, as separate buffers (the state is donated).
+        nnx.update(ref, jax.tree.map(jnp.copy, nnx.state(policy)))
+    return hp, data, policy, ref
+
+
+def dpo_reference_logps(
+    config: DPOConfig,
+    *,
+    model: nnx.Module | None = None,
+    records: Sequence[Mapping[str, Any]] | None = None,
+    eval_records: Sequence[Mapping[str, Any]] | None = None,
+) -> ReferenceLogps:
+    """The reference log-probs a `reference="precomputed"` run of `config` trains on, computed
+    in memory (nothing is written), for `run_dpo(..., reference_logps=...)`.
+
+    The arguments are those of `run_dpo` (`model` is not changed). Every run whose
+    `reference_fingerprint` is the same (the same seed, algorithm, model and reference specs,
+    data and reference weights; β, label smoothing and the optimizer may differ) and whose
+    `num_steps` is at most this config's can train on the result: a sweep runs the reference
+    once instead of once per run.
+    """
+    if config.reference != "precomputed":
+        raise ValueError(f"dpo_reference_logps: config.reference={config.reference!r}; the "
+                         "tables are for reference='precomputed' runs")
+    _, data, _, ref = _inputs(config, None if model is None else nnx.clone(model), records,
+                              eval_records)
+    if ref is None:
+        raise ValueError(f"dpo_reference_logps: algorithm={config.algorithm!r} with "
+                         f"model.lora_rank={config.model.lora_rank} uses no reference table "
+                         "(reference-free objective, or the LoRA base as the reference)")
+    return compute_reference_logps(config, ref, data, sharding.make_mesh(config.mesh))
+
+
 def run_dpo(
     config: DPOConfig,
     *,
@@ -865,6 +951,7 @@ def run_dpo(
     records: Sequence[Mapping[str, Any]] | None = None,
     eval_records: Sequence[Mapping[str, Any]] | None = None,
     eval_fn: ModelEvalFn | None = None,
+    reference_logps: ReferenceLogps | None = None,
 ) -> TrainedRun:
     """`train_dpo` on in-memory inputs; returns the summary and the trained policy.
 
@@ -879,45 +966,44 @@ def run_dpo(
       eval_records: held-out records (with `records`).
       eval_fn: an evaluation callback (`rlhf_jax.train.run.ModelEvalFn`) on the policy, run
         every `config.eval_every` steps and at the end.
+      reference_logps: with `config.reference="precomputed"`, the reference log-probs to train
+        on (`dpo_reference_logps`, e.g. shared by the runs of a sweep) instead of computing
+        them (and instead of `output_dir/reference_logps.npz`); they must have been computed
+        for this run's `reference_fingerprint` and cover its `num_steps` batches.
     """
-    hp = preference_hyperparams(config)
-    check_run_config(config)
-    kto = hp.algorithm == "kto"
-    tokenizer = load_tokenizer_for(config.data, config.model)
-    data = build_data(config.data, format="kto" if kto else "preference", tokenizer=tokenizer,
-                      seed=config.seed, kl_pairs=kto, records=records, eval_records=eval_records)
-    given = model is not None
-    policy = own_arrays(model) if given else build_model(config.model, seed=config.seed)
-    check_vocab(policy, tokenizer)
-    lora = config.model.lora_rank > 0
-    needs_ref = hp.uses_reference
+    if reference_logps is not None and config.reference != "precomputed":
+        raise ValueError(f"run_dpo: reference_logps given with config.reference="
+                         f"{config.reference!r}; set reference='precomputed'")
+    hp, data, policy, ref = _inputs(config, model, records, eval_records)
     model, trainable, reference = policy, None, "none"
-    if needs_ref and lora and config.ref_model is None:
+    if hp.uses_reference and ref is None:
         reference = "lora_base"
-    elif needs_ref:
-        ref_spec = config.ref_model or dataclasses.replace(config.model, lora_rank=0)
-        if given and config.ref_model is None:
-            ref = nnx.clone(policy)
+    elif ref is not None and config.reference == "precomputed":
+        reference = "precomputed"
+        held_out = data.eval_batches is not None
+        if reference_logps is None:
+            table = reference_tables(config, ref, data, sharding.make_mesh(config.mesh))
+        elif reference_logps.fingerprint != reference_fingerprint(config, ref):
+            raise ValueError("run_dpo: reference_logps were computed for another reference "
+                             "(weights, data, tokenisation, seed or model spec: "
+                             f"{', '.join(FINGERPRINT_FIELDS)})")
+        elif not reference_logps.covers(config.num_steps, held_out=held_out):
+            raise ValueError(f"run_dpo: reference_logps cover fewer than num_steps="
+                             f"{config.num_steps} batches"
+                             + (" or no held-out batches" if held_out else ""))
         else:
-            ref = build_model(ref_spec, seed=config.seed)
-        if config.ref_model is None and not lora:
-            # The initial policy's weights, as separate buffers (the state is donated).
-            nnx.update(ref, jax.tree.map(jnp.copy, nnx.state(policy)))
-        if config.reference == "precomputed":
-            reference = "precomputed"
-            train_table, eval_table = reference_tables(config, ref, data,
-                                                       sharding.make_mesh(config.mesh))
-            del ref  # training holds only the policy
-            eval_batches = data.eval_batches
-            if eval_batches is not None:
-                held_out = data.eval_batches
-                eval_batches = lambda: WithReferenceLogps(held_out(), eval_table)
-            data = data._replace(train=WithReferenceLogps(data.train, train_table),
-                                 eval_batches=eval_batches)
-        else:
-            reference = "model"
-            model = PolicyAndReference(policy, ref)
-            trainable = policy_only_filter(model)
+            table = reference_logps
+        del ref  # training holds only the policy
+        eval_batches = data.eval_batches
+        if held_out:
+            batches = data.eval_batches
+            eval_batches = lambda: WithReferenceLogps(batches(), table.eval)
+        data = data._replace(train=WithReferenceLogps(data.train, table.train),
+                             eval_batches=eval_batches)
+    elif ref is not None:
+        reference = "model"
+        model = PolicyAndReference(policy, ref)
+        trainable = policy_only_filter(model)
     # β and the other scale-only hyper-parameters are traced arguments of the step: a sweep
     # over them compiles the step once.
     loss_fn, hparams = make_preference_loss(config, reference=reference).split_traced()
@@ -943,9 +1029,12 @@ __all__ = [
     "PreferenceHyperParams",
     "PreferenceLoss",
     "REFERENCES",
+    "ReferenceLogps",
     "SimPOHyperParams",
     "WithReferenceLogps",
     "base_model_of",
+    "compute_reference_logps",
+    "dpo_reference_logps",
     "kto_sequence_logps",
     "make_preference_loss",
     "policy_only_filter",

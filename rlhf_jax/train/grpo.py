@@ -403,7 +403,7 @@ def make_update_fn(
 
 @functools.lru_cache(maxsize=32)
 def _jit_score(policy_graphdef, hp, reference):
-    return jax.jit(make_score_fn(policy_graphdef, hp=hp, reference=reference))
+    return jax.jit(losses.unchecked(make_score_fn(policy_graphdef, hp=hp, reference=reference)))
 
 
 @functools.lru_cache(maxsize=32)
@@ -411,7 +411,7 @@ def _jit_update(policy_graphdef, tx, hp, batch_sharding, schedule):
     update = make_update_fn(
         policy_graphdef, tx, hp=hp, batch_sharding=batch_sharding, schedule=schedule
     )
-    return jax.jit(update, donate_argnums=(0,))
+    return jax.jit(losses.unchecked(update), donate_argnums=(0,))
 
 
 # ---------------------------------------------------------------------------------------------

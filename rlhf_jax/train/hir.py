@@ -401,7 +401,8 @@ class HirState(NamedTuple):
 @functools.lru_cache(maxsize=16)
 def _jit_step(policy_graphdef, tx, schedule, hp):
     loss = functools.partial(hir_train_loss, hp=hp)
-    return jax.jit(make_train_step(loss, tx, graphdef=policy_graphdef, schedule=schedule),
+    return jax.jit(losses.unchecked(make_train_step(loss, tx, graphdef=policy_graphdef,
+                                                    schedule=schedule)),
                    donate_argnums=(0,))
 
 

@@ -51,6 +51,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from rlhf_jax import losses
 from rlhf_jax.storage import ensure_dir
 from rlhf_jax.train.checkpoint import Checkpointer, all_finite, whole_stream_state
 from rlhf_jax.train.config import ConfigError, TrainConfig, config_to_dict, save_config
@@ -122,7 +123,7 @@ def jit_train_step(
     if state_sharding is not None or batch_sharding is not None:
         kwargs["in_shardings"] = (state_sharding, batch_sharding) + ((None,) * traced_hparams)
         kwargs["out_shardings"] = (state_sharding, None)
-    return jax.jit(step_fn, **kwargs)
+    return jax.jit(losses.unchecked(step_fn), **kwargs)
 
 
 class PreemptionGuard:

@@ -96,7 +96,7 @@ def jit_mean_kl_to_reference(policy_graphdef: Any, reference: Reference, tempera
         ref_logps, _ = policy_response_logps(ref_model, rollout, temperature=temperature)
         return jnp.mean(sequence_kl_to_reference(logps, ref_logps, mask))
 
-    return jax.jit(kl)
+    return jax.jit(losses.unchecked(kl))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def _jitted_kl(policy_graphdef: Any, reference: Any) -> Callable:
         ref_model = reference.model(policy_graphdef, policy_state, ref_state)
         return sequence_kl(_forward(policy, rollout), _forward(ref_model, rollout), rollout)
 
-    return jax.jit(kl)
+    return jax.jit(losses.unchecked(kl))
 
 
 def policy_sampling(config: RolloutConfig) -> RolloutConfig:

@@ -570,7 +570,8 @@ def _kl_controller(adaptive: bool, target: float, horizon: float) -> losses.KLCo
 
 @functools.lru_cache(maxsize=32)
 def _jit_score(policy_graphdef, value_graphdef, hp, reference):
-    return jax.jit(make_score_fn(policy_graphdef, value_graphdef, hp=hp, reference=reference))
+    return jax.jit(losses.unchecked(
+        make_score_fn(policy_graphdef, value_graphdef, hp=hp, reference=reference)))
 
 
 @functools.lru_cache(maxsize=32)
@@ -586,7 +587,7 @@ def _jit_update(policy_graphdef, value_graphdef, policy_tx, value_tx, kl_control
         batch_sharding=batch_sharding,
         schedule=schedule,
     )
-    return jax.jit(update, donate_argnums=(0,))
+    return jax.jit(losses.unchecked(update), donate_argnums=(0,))
 
 
 class PPOTrainer(OnlineTrainer):

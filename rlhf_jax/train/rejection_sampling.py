@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlhf_jax import losses
 from rlhf_jax.generation import RewardSource, select_best_of_n
 from rlhf_jax.models import positions_from_mask
 from rlhf_jax.train.config import DataSpec, TrainConfig, check_int, require
@@ -108,7 +109,7 @@ def best_of_n_sft_batch(rollout: Rollout, indices: jax.Array) -> dict[str, jax.A
 @functools.lru_cache(maxsize=16)
 def _jit_sft_step(policy_graphdef, tx, schedule):
     step = make_train_step(make_sft_loss(), tx, graphdef=policy_graphdef, schedule=schedule)
-    return jax.jit(step, donate_argnums=(0,))
+    return jax.jit(losses.unchecked(step), donate_argnums=(0,))
 
 
 class RejectionSamplingTrainer(OnlineTrainer):

@@ -359,7 +359,7 @@ def reward_statistics(
             m = jnp.broadcast_to(jnp.concatenate([w, w])[:, None], r.shape)
         return jnp.sum(r * m, 0), jnp.sum(r * r * m, 0), jnp.sum(m, 0)
 
-    jitted = jax.jit(rewards_fn)
+    jitted = jax.jit(losses.unchecked(rewards_fn))
     s1 = s2 = n = 0.0
     for i, batch in enumerate(batches):
         if i >= max_batches:

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax
 from flax import nnx
 
-from rlhf_jax import sharding
+from rlhf_jax import losses, sharding
 from rlhf_jax.storage import ensure_dir, write_text_atomic
 from rlhf_jax.train.builders import TrainSetup, setup_training
 from rlhf_jax.train.config import TrainConfig
@@ -53,7 +53,7 @@ def make_evaluator(
 
     param_sharding = setup.state_sharding.params
     frozen_sharding = setup.state_sharding.frozen
-    jitted = jax.jit(metrics_fn, in_shardings=(param_sharding, frozen_sharding,
+    jitted = jax.jit(losses.unchecked(metrics_fn), in_shardings=(param_sharding, frozen_sharding,
                                                sharding.batch_sharding(setup.mesh)))
 
     def evaluate(state: TrainState) -> dict[str, float]:

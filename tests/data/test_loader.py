@@ -70,6 +70,18 @@ class TestOrder:
         assert epochs[0] != epochs[1] != epochs[2]
         assert loader.epoch == 3.0
 
+    @pytest.mark.parametrize("shard_index, shard_count", [(0, 1), (1, 3)])
+    def test_stream_is_grains_shuffled_repeated_strided_dataset(self, sft, shard_index,
+                                                                 shard_count):
+        # The loader reads through cached per-epoch orders; element for element they are
+        # grain's `source.shuffle(seed).repeat()[shard_index::shard_count]`, and
+        # `read_indices` names the same examples.
+        loader = _loader(sft, seed=2**32 - 2, shard_index=shard_index, shard_count=shard_count)
+        seen = [i for _ in range(10) for i in _ids(next(loader))]
+        stream = grain.MapDataset.range(N).shuffle(seed=2**32 - 2).repeat()
+        assert seen == [stream[shard_index + j * shard_count] for j in range(len(seen))]
+        assert loader.read_indices().tolist() == seen
+
     def test_no_shuffle_keeps_order(self, sft):
         loader = _loader(sft, shuffle=False, num_epochs=1)
         assert [i for b in loader for i in _ids(b)] == list(range(N))

@@ -1,10 +1,14 @@
 """Tokenization: special tokens, chat templates and loss masks, truncation strategies."""
 
+import pathlib
+
 import numpy as np
 import pytest
+import transformers
 
 from rlhf_jax import data as D
 from rlhf_jax.data import synthetic as S
+from rlhf_jax.data._tokenize import _encode
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +47,19 @@ class TestStrings:
         np.testing.assert_array_equal(t.prompt_ids, _ids(tok, "ab>"))
         np.testing.assert_array_equal(t.chosen_ids, _ids(tok, "1") + [tok.eos_token_id])
         np.testing.assert_array_equal(t.rejected_ids, _ids(tok, "23") + [tok.eos_token_id])
+
+
+@pytest.mark.parametrize("name", ["synthetic", "gpt2", "qwen2"])
+def test_fast_tokenizers_encode_through_their_backend_with_the_same_ids(name, tok):
+    """`_encode` asks a fast tokenizer's Rust backend directly: the ids of its `__call__`."""
+    fixture = pathlib.Path(__file__).parents[1] / "fixtures" / "hf" / name
+    t = tok if name == "synthetic" else transformers.AutoTokenizer.from_pretrained(fixture)
+    texts = ["hello world", "  spaces\tand\nlines ", "ünïcödé ✓ 🙂", "", "a" * 300,
+             "<|endoftext|> special", "The quick brown fox. " * 5]
+    for special in (False, True):
+        for text in texts:
+            assert _encode(t, text, special=special) == list(
+                t(text, add_special_tokens=special)["input_ids"]), (name, special, text)
 
 
 class TestTruncation:

@@ -230,6 +230,42 @@ class TestLossArguments:
         err, out = checked(x, jnp.minimum(mask, 1))
         assert err.get() is None and float(out) == 4.0
 
+    def test_traced_checks_give_the_same_program_on_every_trace(self):
+        # The checks' error codes come from their messages, not from a process-wide counter:
+        # a function traced afresh lowers to the same program, which the persistent
+        # compilation cache can serve.
+        x, mask = jnp.ones((2, 3)), jnp.ones((2, 3))
+
+        def lowered():
+            return jax.jit(lambda a, m: losses.masked_sum(a, m)).lower(x, mask).as_text()
+
+        assert lowered() == lowered()
+        # Two different checks in one function still report their own messages.
+        def both(logits, ids, m):
+            return losses.masked_sum(losses.token_logps(logits, ids), m)
+
+        checked = jax.jit(checkify.checkify(both, errors=checkify.user_checks))
+        logits, ids = jnp.zeros((2, 3, 5)), jnp.asarray([[0, 4, 2], [1, 1, 1]])
+        err, _ = checked(logits, ids, jnp.asarray([[1, 1, 0], [1, 2, 0]], jnp.float32))
+        with pytest.raises(checkify.JaxRuntimeError, match="mask must hold only 0 and 1"):
+            err.throw()
+        err, _ = checked(logits, ids.at[0, 1].set(7), jnp.ones((2, 3)))
+        with pytest.raises(checkify.JaxRuntimeError, match=r"targets must be token ids"):
+            err.throw()
+
+    def test_unchecked_functions_carry_no_checkify_effect(self):
+        # A traced check is an effect (JAX then dispatches on its Python path); the library's
+        # jitted steps trace without them (`losses.unchecked`), and checkify finds none there.
+        x, bad = jnp.ones((2, 3)), jnp.asarray([[1, 2, 0], [1, 1, 1]], jnp.float32)
+        assert jax.make_jaxpr(losses.masked_sum)(x, bad).effects
+        assert not jax.make_jaxpr(losses.unchecked(losses.masked_sum))(x, bad).effects
+        checked = checkify.checkify(losses.unchecked(losses.masked_sum),
+                                    errors=checkify.user_checks)
+        err, out = jax.jit(checked)(x, bad)
+        assert err.get() is None and float(out) == 6.0  # the mask's 2 weighs its token twice
+        with losses.traced_checks(False):
+            assert not jax.make_jaxpr(lambda a, m: losses.masked_sum(a, m))(x, bad).effects
+
     def test_sequence_logps_and_gae_masks(self):
         with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
             losses.sequence_logps(jnp.zeros((2, 3)), np.full((2, 3), 3.0))

@@ -22,6 +22,7 @@ from rlhf_jax.train import (
     ModelSpec,
     OptimizerConfig,
     TrainedRun,
+    dpo_reference_logps,
     read_metrics,
     run_dpo,
     run_rm,
@@ -181,3 +182,35 @@ def test_a_beta_sweep_compiles_the_dpo_step_once_and_saves_nothing(tmp_path, pai
             assert (out / "summary.json").exists()
     assert counter.compiles["jit(step)"] == 1
     assert losses[0.1] != losses[0.5]  # the traced beta is the one each run trained with
+
+
+def test_a_sweep_trains_on_one_precomputed_reference_table(tmp_path, pairs):
+    """`dpo_reference_logps` computes the reference log-probs once; runs that differ in beta
+    train on them (`run_dpo(reference_logps=...)`) exactly as a run that computes its own, and
+    a run they were not computed for refuses them."""
+    _, records = pairs
+    common = dict(num_steps=2, model=TINY, data=DATA, logging=QUIET, seed=4, optimizer=OPT,
+                  reference="precomputed",
+                  checkpoint=CheckpointConfig(save_final=False, save_on_sigterm=False))
+    config = lambda out, **kw: DPOConfig(output_dir=str(tmp_path / out), **{**common, **kw})
+    table = dpo_reference_logps(config("table", beta=0.1), model=build_model(TINY, seed=4),
+                                records=records)
+    assert set(table.train) == {"ref_chosen_logps", "ref_rejected_logps"}
+    assert table.train["ref_chosen_logps"].shape == (2, DATA.batch_size) and table.eval is None
+    shared = {beta: run_dpo(config(f"shared{beta}", beta=beta), model=build_model(TINY, seed=4),
+                            records=records, reference_logps=table).summary
+              for beta in (0.1, 0.5)}
+    own = run_dpo(config("own", beta=0.5), model=build_model(TINY, seed=4), records=records)
+    plain = lambda m: {k: v for k, v in m.items() if k not in WALL_CLOCK_METRICS}
+    assert plain(shared[0.5]["metrics"]) == plain(own.summary["metrics"])
+    assert shared[0.1]["metrics"]["dpo/loss"] != shared[0.5]["metrics"]["dpo/loss"]
+    assert not (tmp_path / "shared0.5" / "reference_logps.npz").exists()
+    assert (tmp_path / "own" / "reference_logps.npz").exists()
+    with pytest.raises(ValueError, match="computed for another reference"):
+        run_dpo(config("other_seed", seed=5), model=build_model(TINY, seed=4), records=records,
+                reference_logps=table)
+    with pytest.raises(ValueError, match="fewer than num_steps=3"):
+        run_dpo(config("longer", num_steps=3), model=build_model(TINY, seed=4),
+                records=records, reference_logps=table)
+    with pytest.raises(ValueError, match="set reference='precomputed'"):
+        run_dpo(config("model_ref", reference="model"), records=records, reference_logps=table)
