@@ -3,7 +3,7 @@ with the fused LM head or the full `[B, T, V]` logits, one configuration per pro
 
     python -m rlhf_jax.bench steps [--models gpt2 qwen2-0.5b] [--seq 512 2048]
         [--step sft dpo ppo] [--heads fused unfused] [--chunk 128] [--batch N]
-        [--remat dots full] [--attention dense blockwise]
+        [--remat dots full] [--attention auto dense blockwise]
         [--repeats 3] [--warmup 1] [--trl [--trl-threads N]] [--rounds R] [--compile-only]
         [--markdown FILE] [--json FILE]
     python -m rlhf_jax.bench steps --plot-from FILE.json ... [--plot-dir docs/figures]
@@ -75,7 +75,7 @@ DEFAULT_BATCH = {"sft": 8, "dpo": 4, "ppo": 8}
 
 
 def cases(models, seqs, steps, heads, *, chunk: int, batch: int | None,
-          remats=("dots",), attentions=("dense",)) -> list[Case]:
+          remats=("dots",), attentions=("auto",)) -> list[Case]:
     out = []
     for model in models:
         for seq in seqs:
@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=128, help="fused head: positions per chunk")
     parser.add_argument("--remat", nargs="+", default=["dots"],
                         help="ModelConfig.remat policies, one row each")
-    parser.add_argument("--attention", nargs="+", default=["dense"],
-                        choices=["dense", "blockwise"],
+    parser.add_argument("--attention", nargs="+", default=["auto"],
+                        choices=["auto", "dense", "blockwise"],
                         help="ModelConfig.attention_impl, one row each")
     parser.add_argument("--batch", type=int, default=None,
                         help=f"rows / pairs / prompts per step (default {DEFAULT_BATCH})")

@@ -36,7 +36,7 @@ _ACTIVATIONS = ("gelu_new", "gelu", "silu", "relu")
 _POSITIONS = ("learned", "rope")
 _ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 _REMAT = ("none", "full", "dots", "dots_no_batch", "nothing_saveable")
-_ATTENTION = ("dense", "blockwise")
+_ATTENTION = ("auto", "dense", "blockwise")
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -130,13 +130,17 @@ class ModelConfig:
         instead (plain autodiff, no recomputation: faster when `B * T * V` fits easily).
         Never changes the values beyond float32 rounding.
       attention_impl: the attention of the no-cache path (training, scoring, reward and value
-        models): `"dense"` (the default: one `[B, H, T, T]` float32 score tensor per layer,
-        which `remat="dots"` keeps for the backward pass) or `"blockwise"`
+        models): `"dense"` (one `[B, H, T, T]` float32 score tensor per layer, which
+        `remat="dots"` keeps for the backward pass), `"blockwise"`
         (`rlhf_jax.models.blockwise_attention`: flash-style tiles with an online softmax and a
         custom VJP that stores only the output and the per-row log-sum-exp, so neither pass
         holds more than one `[B, H, block_q, block_k]` tile of scores; causal tiles above the
-        diagonal are skipped). Same values to float32 rounding on every real token. Decoding
-        with a KV cache always uses the dense path.
+        diagonal are skipped), or `"auto"` (the default: blockwise when T is longer than one
+        query tile, dense otherwise, where a single tile saves nothing and compiles more;
+        blockwise took less CPU time and memory than dense for GPT-2 124M steps at T = 512
+        and 2,048 on CPU, docs/benchmarks.md). Same values to float32 rounding on every real
+        token (a query that sees no key gets 0 from blockwise, the mean of v from dense).
+        Decoding with a KV cache always uses the dense path.
       attention_block_q, attention_block_k: the blockwise tile sizes along queries and keys
         (clipped to the sequence length).
       bos_token_id, eos_token_id, pad_token_id: written to `config.json` on export.
@@ -168,7 +172,7 @@ class ModelConfig:
     remat: str = "dots"
     scan_layers: bool = True
     logits_chunk_size: int = 128
-    attention_impl: str = "dense"
+    attention_impl: str = "auto"
     attention_block_q: int = 128
     attention_block_k: int = 128
     bos_token_id: int | None = None
@@ -238,12 +242,18 @@ class ModelConfig:
             "dots": policies.checkpoint_dots,
             "dots_no_batch": policies.checkpoint_dots_with_no_batch_dims,
         }[self.remat]
-        if self.remat in ("dots", "dots_no_batch") and self.attention_impl == "blockwise":
+        if self.remat in ("dots", "dots_no_batch") and self.attention_impl != "dense":
             # The blockwise attention's output and log-sum-exp count as the "dots" of its
             # custom VJP: keeping them (O(T) per head, no scores) spares re-running its loop.
             policy = policies.save_from_both_policies(
                 policy, policies.save_only_these_names(*BLOCKWISE_SAVED_NAMES))
         return policy
+
+    def uses_blockwise_attention(self, seq_len: int) -> bool:
+        """Whether the no-cache attention over `seq_len` tokens runs blockwise."""
+        if self.attention_impl == "auto":
+            return seq_len > self.attention_block_q
+        return self.attention_impl == "blockwise"
 
     def replace(self, **changes) -> ModelConfig:
         """A copy with `changes` applied (validated again)."""

@@ -316,12 +316,12 @@ class Attention(nnx.Module):
         values are written in place at slots `cache_index .. cache_index + T - 1` and attention
         runs over the whole cache; the updated `(k, v)` is returned. Without a cache the mask is
         causal (`Decoder` builds it so) and `config.attention_impl` picks the dense or the
-        blockwise attention."""
+        blockwise attention (`ModelConfig.uses_blockwise_attention`)."""
         q, k, v = self.project_qkv(x, rope)
         config = self.config
         scale = config.resolved_head_dim ** -0.5
         if kv_cache is None:
-            if config.attention_impl == "blockwise":
+            if config.uses_blockwise_attention(x.shape[1]):
                 out = blockwise_attention(q, k, v, mask, scale=scale,
                                           block_q=config.attention_block_q,
                                           block_k=config.attention_block_k, causal=True)

@@ -199,10 +199,11 @@ class ModelSpec:
     """Positions per chunk of the fused LM head and log-probs (`ModelConfig.logits_chunk_size`;
     unset keeps the model's, 128; 0 scores through the full `[B, T, V]` logits, same values).
     Applies to presets and `path` models alike; peak memory of scoring is O(B * chunk * V)."""
-    attention_impl: Literal["dense", "blockwise"] | None = None
+    attention_impl: Literal["auto", "dense", "blockwise"] | None = None
     """Attention of training and scoring (`ModelConfig.attention_impl`; unset keeps the model's,
-    "dense"): "blockwise" computes it in `[attention_block_q, attention_block_k]` tiles with an
-    online softmax and keeps no `[rows, H, T, T]` scores for the backward pass (same values).
+    "auto": blockwise when a row is longer than one query tile): "blockwise" computes it in
+    `[attention_block_q, attention_block_k]` tiles with an online softmax and keeps no
+    `[rows, H, T, T]` scores for the backward pass (same values); "dense" materialises them.
     Applies to presets and `path` models alike."""
     attention_block_q: int | None = None
     """Blockwise attention: query positions per tile (unset keeps the model's, 128)."""

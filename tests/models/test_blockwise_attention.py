@@ -168,7 +168,8 @@ def test_the_reference_masks_are_the_decoders():
 # ------------------------------------------------------------------------------- models
 def _pair(preset, seed, **kw):
     """The same weights with the dense and with the blockwise attention (tiles of 4 x 3)."""
-    dense = CausalLM(ModelConfig.preset(preset, **kw), rngs=nnx.Rngs(seed))
+    dense = CausalLM(ModelConfig.preset(preset, attention_impl="dense", **kw),
+                     rngs=nnx.Rngs(seed))
     blockwise = CausalLM(ModelConfig.preset(preset, attention_impl="blockwise",
                                             attention_block_q=4, attention_block_k=3, **kw),
                          rngs=nnx.Rngs(seed))
@@ -264,7 +265,10 @@ def test_config_and_model_spec_select_the_attention():
                                     attention_block_q=64, attention_block_k=32))
     assert (config.attention_impl, config.attention_block_q, config.attention_block_k) == \
         ("blockwise", 64, 32)
-    assert model_config(ModelSpec(preset="tiny_gpt2")).attention_impl == "dense"
+    default = model_config(ModelSpec(preset="tiny_gpt2"))
+    assert default.attention_impl == "auto"  # blockwise beyond one query tile
+    assert not default.uses_blockwise_attention(128)
+    assert default.uses_blockwise_attention(129)
     with pytest.raises(ValueError, match="attention_impl"):
         ModelConfig(attention_impl="flash")
     with pytest.raises(ValueError, match="attention_block_q"):
