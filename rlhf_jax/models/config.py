@@ -135,10 +135,10 @@ class ModelConfig:
         (`rlhf_jax.models.blockwise_attention`: flash-style tiles with an online softmax and a
         custom VJP that stores only the output and the per-row log-sum-exp, so neither pass
         holds more than one `[B, H, block_q, block_k]` tile of scores; causal tiles above the
-        diagonal are skipped), or `"auto"` (the default: blockwise when T is longer than one
-        query tile, dense otherwise, where a single tile saves nothing and compiles more;
-        blockwise took less CPU time and memory than dense for GPT-2 124M steps at T = 512
-        and 2,048 on CPU, docs/benchmarks.md). Same values to float32 rounding on every real
+        diagonal are skipped), or `"auto"` (the default: on CPU, blockwise when T is longer
+        than one query tile, dense otherwise, where a single tile saves nothing and compiles
+        more; blockwise took less CPU time and memory than dense for GPT-2 124M steps at
+        T = 512 and 2,048, docs/benchmarks.md; on GPU and TPU, not measured yet, dense). Same values to float32 rounding on every real
         token (a query that sees no key gets 0 from blockwise, the mean of v from dense).
         Decoding with a KV cache always uses the dense path.
       attention_block_q, attention_block_k: the blockwise tile sizes along queries and keys
@@ -249,10 +249,14 @@ class ModelConfig:
                 policy, policies.save_only_these_names(*BLOCKWISE_SAVED_NAMES))
         return policy
 
-    def uses_blockwise_attention(self, seq_len: int) -> bool:
-        """Whether the no-cache attention over `seq_len` tokens runs blockwise."""
+    def uses_blockwise_attention(self, seq_len: int, backend: str | None = None) -> bool:
+        """Whether the no-cache attention over `seq_len` tokens runs blockwise on `backend`
+        (default: JAX's default backend). `"auto"` picks it on CPU for rows longer than one
+        query tile, where it was measured faster; on GPU and TPU it stays dense until measured
+        there (set `"blockwise"` for its memory)."""
         if self.attention_impl == "auto":
-            return seq_len > self.attention_block_q
+            backend = backend or jax.default_backend()
+            return backend == "cpu" and seq_len > self.attention_block_q
         return self.attention_impl == "blockwise"
 
     def replace(self, **changes) -> ModelConfig:

@@ -201,7 +201,7 @@ class ModelSpec:
     Applies to presets and `path` models alike; peak memory of scoring is O(B * chunk * V)."""
     attention_impl: Literal["auto", "dense", "blockwise"] | None = None
     """Attention of training and scoring (`ModelConfig.attention_impl`; unset keeps the model's,
-    "auto": blockwise when a row is longer than one query tile): "blockwise" computes it in
+    "auto": on CPU, blockwise when a row is longer than one query tile): "blockwise" computes it in
     `[attention_block_q, attention_block_k]` tiles with an online softmax and keeps no
     `[rows, H, T, T]` scores for the backward pass (same values); "dense" materialises them.
     Applies to presets and `path` models alike."""

@@ -266,9 +266,10 @@ def test_config_and_model_spec_select_the_attention():
     assert (config.attention_impl, config.attention_block_q, config.attention_block_k) == \
         ("blockwise", 64, 32)
     default = model_config(ModelSpec(preset="tiny_gpt2"))
-    assert default.attention_impl == "auto"  # blockwise beyond one query tile
-    assert not default.uses_blockwise_attention(128)
-    assert default.uses_blockwise_attention(129)
+    assert default.attention_impl == "auto"  # on CPU, blockwise beyond one query tile
+    assert not default.uses_blockwise_attention(128, "cpu")
+    assert default.uses_blockwise_attention(129, "cpu")
+    assert not default.uses_blockwise_attention(4096, "gpu")
     with pytest.raises(ValueError, match="attention_impl"):
         ModelConfig(attention_impl="flash")
     with pytest.raises(ValueError, match="attention_block_q"):
