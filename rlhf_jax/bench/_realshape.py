@@ -92,6 +92,8 @@ class Case:
       batch: rows (SFT), pairs (DPO: 2 * batch rows) or prompts (PPO).
       chunk: `ModelConfig.logits_chunk_size` (0: unfused head through the full logits).
       remat: `ModelConfig.remat`.
+      attention: `ModelConfig.attention_impl` (`"auto"`, the model's default, `"dense"` or
+        `"blockwise"`; default tiles). Named in `head` unless `"auto"`.
       dtype, param_dtype: compute and parameter dtypes.
       reference: DPO reference, one of `REFERENCES`.
       lora_rank: LoRA adapters of this rank on every projection (0: full fine-tune).
@@ -107,6 +109,7 @@ class Case:
     batch: int
     chunk: int = 128
     remat: str = "dots"
+    attention: str = "auto"
     dtype: str = "float32"
     param_dtype: str = "float32"
     reference: str = "model"
@@ -130,11 +133,13 @@ class Case:
 
     @property
     def head(self) -> str:
-        return "unfused" if self.chunk == 0 else f"fused/{self.chunk}"
+        head = "unfused" if self.chunk == 0 else f"fused/{self.chunk}"
+        return head if self.attention == "auto" else f"{head}, {self.attention} attention"
 
     def model_config(self) -> ModelConfig:
         base = MODELS[self.model]()
-        return base.replace(logits_chunk_size=self.chunk, remat=self.remat, dtype=self.dtype,
+        return base.replace(logits_chunk_size=self.chunk, remat=self.remat,
+                            attention_impl=self.attention, dtype=self.dtype,
                             param_dtype=self.param_dtype,
                             max_position_embeddings=max(base.max_position_embeddings,
                                                         self.seq))

@@ -19,7 +19,9 @@ combine levers. Levers:
 - `accum`: gradient accumulation over 2 or 4 micro-batches (same batch per optimizer step);
 - `freeze`: the bottom half of the layers frozen (`model.freeze_layers`: no AdamW moments for
   those rows; their gradients are still computed);
-- `bf16`: bfloat16 parameters and compute (AdamW moments follow the parameters' dtype).
+- `bf16`: bfloat16 parameters and compute (AdamW moments follow the parameters' dtype);
+- `blockwise attention`: `ModelConfig.attention_impl="blockwise"` (no `[rows, H, T, T]`
+  scores kept for the backward pass); the baseline and the other levers use the dense one.
 
 Columns: "step GiB" is XLA's buffer assignment of the compiled step (arguments: parameters,
 optimizer state, reference, batch; plus outputs and temporaries, minus donated aliases), the
@@ -64,10 +66,14 @@ LEVERS: dict[str, dict[str, Any]] = {
     "fused 128 + remat full + reference model + bf16": {"chunk": 128, "remat": "full",
                                                         "param_dtype": "bfloat16",
                                                         "dtype": "bfloat16"},
+    "blockwise attention": {"attention": "blockwise"},
+    "fused 128 + blockwise attention": {"chunk": 128, "attention": "blockwise"},
+    "fused 128 + blockwise attention + precomputed": {"chunk": 128, "attention": "blockwise",
+                                                      "reference": "precomputed"},
 }
 """Row label -> `Case` fields changed from the baseline."""
 
-BASELINE = {"chunk": 0, "remat": "dots", "reference": "model"}
+BASELINE = {"chunk": 0, "remat": "dots", "reference": "model", "attention": "dense"}
 
 
 def lever_cases(model: str, step: str, seq: int, batch: int, levers: list[str]

@@ -3,6 +3,7 @@ with the fused LM head or the full `[B, T, V]` logits, one configuration per pro
 
     python -m rlhf_jax.bench steps [--models gpt2 qwen2-0.5b] [--seq 512 2048]
         [--step sft dpo ppo] [--heads fused unfused] [--chunk 128] [--batch N]
+        [--remat dots full] [--attention auto dense blockwise]
         [--repeats 3] [--warmup 1] [--trl [--trl-threads N]] [--rounds R] [--compile-only]
         [--markdown FILE] [--json FILE]
     python -m rlhf_jax.bench steps --plot-from FILE.json ... [--plot-dir docs/figures]
@@ -73,15 +74,19 @@ DEFAULT_BATCH = {"sft": 8, "dpo": 4, "ppo": 8}
 """Rows (SFT), pairs (DPO: twice as many rows) and prompts (PPO) per step."""
 
 
-def cases(models, seqs, steps, heads, *, chunk: int, batch: int | None) -> list[Case]:
+def cases(models, seqs, steps, heads, *, chunk: int, batch: int | None,
+          remats=("dots",), attentions=("auto",)) -> list[Case]:
     out = []
     for model in models:
         for seq in seqs:
             for step in steps:
                 for head in heads:
-                    out.append(Case(model=model, step=step, seq=seq,
-                                    batch=batch or DEFAULT_BATCH[step],
-                                    chunk=0 if head == "unfused" else chunk))
+                    for remat in remats:
+                        for attention in attentions:
+                            out.append(Case(model=model, step=step, seq=seq,
+                                            batch=batch or DEFAULT_BATCH[step],
+                                            chunk=0 if head == "unfused" else chunk,
+                                            remat=remat, attention=attention))
     return out
 
 
@@ -197,7 +202,9 @@ def _cpu_mfu(row: dict, cpu_peak: float | None) -> float | None:
 
 
 def _label(row: dict) -> str:
-    return row["head"] + (f" (round {row['round']})" if row.get("round") else "")
+    remat = row["case"].get("remat", "dots")
+    return (row["head"] + ("" if remat == "dots" else f", remat {remat}")
+            + (f" (round {row['round']})" if row.get("round") else ""))
 
 
 def _trl_ratios(rows: list[dict[str, Any]]) -> list[str]:
@@ -232,6 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", nargs="+", default=["fused", "unfused"],
                         choices=["fused", "unfused"])
     parser.add_argument("--chunk", type=int, default=128, help="fused head: positions per chunk")
+    parser.add_argument("--remat", nargs="+", default=["dots"],
+                        help="ModelConfig.remat policies, one row each")
+    parser.add_argument("--attention", nargs="+", default=["auto"],
+                        choices=["auto", "dense", "blockwise"],
+                        help="ModelConfig.attention_impl, one row each")
     parser.add_argument("--batch", type=int, default=None,
                         help=f"rows / pairs / prompts per step (default {DEFAULT_BATCH})")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per row")
@@ -270,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for round_ in range(1, args.rounds + 1):
         for case in cases(args.models, args.seq, args.step, args.heads, chunk=args.chunk,
-                          batch=args.batch):
+                          batch=args.batch, remats=args.remat, attentions=args.attention):
             row = run_isolated("steps", case, steps=args.repeats, warmup=args.warmup,
                                run=not args.compile_only, timeout=args.timeout)
             rows.append(row | ({"round": round_} if args.rounds > 1 else {}))

@@ -27,6 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.models.blockwise_attention import SAVED_NAMES as BLOCKWISE_SAVED_NAMES
+
 _ARCHS = ("gpt2", "llama", "qwen2")
 _NORMS = ("layernorm", "rmsnorm")
 _MLPS = ("gelu", "swiglu")
@@ -34,6 +36,7 @@ _ACTIVATIONS = ("gelu_new", "gelu", "silu", "relu")
 _POSITIONS = ("learned", "rope")
 _ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 _REMAT = ("none", "full", "dots", "dots_no_batch", "nothing_saveable")
+_ATTENTION = ("auto", "dense", "blockwise")
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -126,6 +129,20 @@ class ModelConfig:
         recomputing the head's logits in the backward pass. `0` materialises the full logits
         instead (plain autodiff, no recomputation: faster when `B * T * V` fits easily).
         Never changes the values beyond float32 rounding.
+      attention_impl: the attention of the no-cache path (training, scoring, reward and value
+        models): `"dense"` (one `[B, H, T, T]` float32 score tensor per layer, which
+        `remat="dots"` keeps for the backward pass), `"blockwise"`
+        (`rlhf_jax.models.blockwise_attention`: flash-style tiles with an online softmax and a
+        custom VJP that stores only the output and the per-row log-sum-exp, so neither pass
+        holds more than one `[B, H, block_q, block_k]` tile of scores; causal tiles above the
+        diagonal are skipped), or `"auto"` (the default: on CPU, blockwise when T is longer
+        than one query tile, dense otherwise, where a single tile saves nothing and compiles
+        more; blockwise took less CPU time and memory than dense for GPT-2 124M steps at
+        T = 512 and 2,048, docs/benchmarks.md; on GPU and TPU, not measured yet, dense). Same values to float32 rounding on every real
+        token (a query that sees no key gets 0 from blockwise, the mean of v from dense).
+        Decoding with a KV cache always uses the dense path.
+      attention_block_q, attention_block_k: the blockwise tile sizes along queries and keys
+        (clipped to the sequence length).
       bos_token_id, eos_token_id, pad_token_id: written to `config.json` on export.
     """
 
@@ -155,6 +172,9 @@ class ModelConfig:
     remat: str = "dots"
     scan_layers: bool = True
     logits_chunk_size: int = 128
+    attention_impl: str = "auto"
+    attention_block_q: int = 128
+    attention_block_k: int = 128
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -171,10 +191,12 @@ class ModelConfig:
         check("activation", _ACTIVATIONS)
         check("position_embedding", _POSITIONS)
         check("remat", _REMAT)
+        check("attention_impl", _ATTENTION)
         check("dtype", _DTYPES)
         check("param_dtype", _DTYPES)
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "intermediate_size", "max_position_embeddings"):
+                     "intermediate_size", "max_position_embeddings", "attention_block_q",
+                     "attention_block_k"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if isinstance(self.logits_chunk_size, bool) or not isinstance(self.logits_chunk_size, int) \
@@ -213,13 +235,29 @@ class ModelConfig:
     def remat_policy(self):
         """The `jax.checkpoint` policy for `remat`, or None when `remat == "none"`."""
         policies = jax.checkpoint_policies
-        return {
+        policy = {
             "none": None,
             "full": policies.nothing_saveable,
             "nothing_saveable": policies.nothing_saveable,
             "dots": policies.checkpoint_dots,
             "dots_no_batch": policies.checkpoint_dots_with_no_batch_dims,
         }[self.remat]
+        if self.remat in ("dots", "dots_no_batch") and self.attention_impl != "dense":
+            # The blockwise attention's output and log-sum-exp count as the "dots" of its
+            # custom VJP: keeping them (O(T) per head, no scores) spares re-running its loop.
+            policy = policies.save_from_both_policies(
+                policy, policies.save_only_these_names(*BLOCKWISE_SAVED_NAMES))
+        return policy
+
+    def uses_blockwise_attention(self, seq_len: int, backend: str | None = None) -> bool:
+        """Whether the no-cache attention over `seq_len` tokens runs blockwise on `backend`
+        (default: JAX's default backend). `"auto"` picks it on CPU for rows longer than one
+        query tile, where it was measured faster; on GPU and TPU it stays dense until measured
+        there (set `"blockwise"` for its memory)."""
+        if self.attention_impl == "auto":
+            backend = backend or jax.default_backend()
+            return backend == "cpu" and seq_len > self.attention_block_q
+        return self.attention_impl == "blockwise"
 
     def replace(self, **changes) -> ModelConfig:
         """A copy with `changes` applied (validated again)."""

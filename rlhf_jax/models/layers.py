@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.models.blockwise_attention import blockwise_attention
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.rope import apply_rope
 
@@ -313,11 +314,19 @@ class Attention(nnx.Module):
 
         With this layer's `kv_cache = (k, v)` (`[B, K, S, D]` each), the new keys and
         values are written in place at slots `cache_index .. cache_index + T - 1` and attention
-        runs over the whole cache; the updated `(k, v)` is returned."""
+        runs over the whole cache; the updated `(k, v)` is returned. Without a cache the mask is
+        causal (`Decoder` builds it so) and `config.attention_impl` picks the dense or the
+        blockwise attention (`ModelConfig.uses_blockwise_attention`)."""
         q, k, v = self.project_qkv(x, rope)
-        scale = self.config.resolved_head_dim ** -0.5
+        config = self.config
+        scale = config.resolved_head_dim ** -0.5
         if kv_cache is None:
-            out = dot_product_attention(q, k, v, mask, scale=scale)
+            if config.uses_blockwise_attention(x.shape[1]):
+                out = blockwise_attention(q, k, v, mask, scale=scale,
+                                          block_q=config.attention_block_q,
+                                          block_k=config.attention_block_k, causal=True)
+            else:
+                out = dot_product_attention(q, k, v, mask, scale=scale)
             return self.o(out), None
         ck, cv = kv_cache
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype).transpose(0, 2, 1, 3),

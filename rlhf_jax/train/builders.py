@@ -70,8 +70,11 @@ def model_config(spec: ModelSpec) -> ModelConfig:
         config = ModelConfig.preset(spec.preset, **overrides)
         if num_heads is not None:  # multi-head attention with the new head count
             config = config.replace(num_heads=num_heads, num_kv_heads=num_heads)
-    if spec.logits_chunk_size is not None:
-        config = config.replace(logits_chunk_size=spec.logits_chunk_size)
+    runtime = {k: getattr(spec, k) for k in ("logits_chunk_size", "attention_impl",
+                                             "attention_block_q", "attention_block_k")
+               if getattr(spec, k) is not None}
+    if runtime:
+        config = config.replace(**runtime)
     return config.replace(dtype=spec.dtype, param_dtype=spec.param_dtype)
 
 

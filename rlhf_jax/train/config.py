@@ -199,6 +199,16 @@ class ModelSpec:
     """Positions per chunk of the fused LM head and log-probs (`ModelConfig.logits_chunk_size`;
     unset keeps the model's, 128; 0 scores through the full `[B, T, V]` logits, same values).
     Applies to presets and `path` models alike; peak memory of scoring is O(B * chunk * V)."""
+    attention_impl: Literal["auto", "dense", "blockwise"] | None = None
+    """Attention of training and scoring (`ModelConfig.attention_impl`; unset keeps the model's,
+    "auto": on CPU, blockwise when a row is longer than one query tile): "blockwise" computes it in
+    `[attention_block_q, attention_block_k]` tiles with an online softmax and keeps no
+    `[rows, H, T, T]` scores for the backward pass (same values); "dense" materialises them.
+    Applies to presets and `path` models alike."""
+    attention_block_q: int | None = None
+    """Blockwise attention: query positions per tile (unset keeps the model's, 128)."""
+    attention_block_k: int | None = None
+    """Blockwise attention: key positions per tile (unset keeps the model's, 128)."""
     lora_rank: int = 0
     """LoRA rank; 0 trains all parameters, > 0 trains only LoRA adapters."""
     lora_alpha: float = 16.0
@@ -227,6 +237,8 @@ class ModelSpec:
                      "max_position_embeddings"):
             check_int(self, name, low=1, optional=True, owner=o)
         check_int(self, "logits_chunk_size", low=0, optional=True, owner=o)
+        check_int(self, "attention_block_q", low=1, optional=True, owner=o)
+        check_int(self, "attention_block_k", low=1, optional=True, owner=o)
         check_int(self, "lora_rank", low=0, owner=o)
         check_int(self, "freeze_layers", low=0, owner=o)
         check_number(self, "lora_alpha", low=0, low_open=True, owner=o)
