@@ -146,7 +146,7 @@ def test_freezing_lever_drops_the_frozen_rows_moments():
     frozen = dataclasses.replace(base, freeze_layers=1)
     assert ("freeze bottom 12 layers", dataclasses.replace(
         base, model="qwen2-0.5b", seq=1024, step="dpo", batch=4, chunk=0,
-        freeze_layers=12)) in memory.lever_cases("qwen2-0.5b", "dpo", 1024, 4,
+        attention="dense", freeze_layers=12)) in memory.lever_cases("qwen2-0.5b", "dpo", 1024, 4,
                                                  ["freeze bottom 12 layers"])
     rows = [measure(case, run=False) for case in (base, frozen)]
     config = base.model_config()
