@@ -194,9 +194,13 @@ class TopicTask(SyntheticTask):
             out.append("".join(rng.permutation(letters)) + SEPARATOR)
         return out
 
+    def off_topic_letters(self) -> str:
+        """The letters a sampled response draws when it strays off its prompt's topic."""
+        return self.alphabet
+
     def sample_responses(self, rng: Rng, prompts: Sequence[str]) -> list[str]:
         rng = _rng(rng)
-        alphabet = list(self.alphabet)
+        alphabet = list(self.off_topic_letters())
         out = []
         for prompt in prompts:
             topic = sorted(set(prompt.rstrip(SEPARATOR)))
@@ -344,25 +348,10 @@ class HarmfulTopicTask(TopicTask):
             out.append("".join(rng.permutation(letters)) + SEPARATOR)
         return out
 
-    def sample_responses(self, rng: Rng, prompts: Sequence[str]) -> list[str]:
-        rng = _rng(rng)
-        ordinary = list(self.ordinary_letters)
-        out = []
-        for prompt in prompts:
-            topic = sorted(set(prompt.rstrip(SEPARATOR)))
-            length = rng.integers(self.min_response_length, self.max_response_length + 1)
-            p_on = rng.uniform(0.3, 1.0)
-            p_repeat = rng.uniform(0.0, 0.4)
-            chars: list[str] = []
-            for _ in range(length):
-                if chars and rng.uniform() < p_repeat:
-                    chars.append(chars[-1])
-                elif rng.uniform() < p_on:
-                    chars.append(str(rng.choice(topic)))
-                else:
-                    chars.append(str(rng.choice(ordinary)))
-            out.append("".join(chars))
-        return out
+    def off_topic_letters(self) -> str:
+        """Off-topic draws come from the ordinary letters only: a sampled response writes a
+        harmful letter only when its prompt's topic holds one."""
+        return self.ordinary_letters
 
     def critique(self, response: str) -> str:
         """The gold critique: the distinct harmful letters of `response` in order of first
