@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import pathlib
 import resource
@@ -188,6 +189,32 @@ def _run(argv: Sequence[str]) -> None:
     status = cli.main(list(argv))
     if status != 0:
         raise RuntimeError(f"rlhf-jax {argv[0]} failed with status {status}")
+
+
+def _ratings_finding(r: Mapping[str, Any]) -> dict[str, Any]:
+    """(d): the judge's ratings rank the policies as the gold reward does when both rank
+    correlations are above 0.5 (more than half-way from no relation to the same order; compared
+    after rounding to 9 decimals, so that an exact 0.5 reads as 0.5). When they are not, the
+    reason is read from the numbers: how far apart the policies' mean gold rewards lie, how often
+    the judge picks the gold winner of a match, and which policy the judge rates first."""
+    rho = [round(r[k], 9) for k in ("spearman_elo_gold", "spearman_bt_gold")]
+    ok = all(np.isfinite(x) and x > 0.5 for x in rho)
+    gold = r["mean_gold"]
+    by_gold = sorted(gold, key=gold.get, reverse=True)
+    top = max(r["elo"], key=r["elo"].get)
+    text = (f"Rank correlation with the mean gold reward over {len(r['elo'])} policies: "
+            f"Elo {rho[0]:.2f}, Bradley-Terry {rho[1]:.2f} ({r['num_matches']} judge matches"
+            + (f" of {r['judge']}" if "judge" in r else "") + ")")
+    if not ok:
+        spread = max(gold.values()) - min(gold.values())
+        agree = r.get("judge_gold_agreement")
+        text += (f", not above 0.5. The policies' mean gold rewards lie within {spread:.3f} of "
+                 f"each other")
+        if agree is not None and np.isfinite(agree):
+            text += f", and the judge picks the gold winner of a match {agree:.3f} of the time"
+        text += (f"; the judge rates {top} first, which the gold reward ranks "
+                 f"{by_gold.index(top) + 1} of {len(by_gold)}")
+    return {"reproduced": bool(ok), "text": text + "."}
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -447,6 +474,12 @@ class Experiment:
         bt = bradley_terry_ratings(matches, anchor="sft")
         mean_gold = {name: float(np.mean(g)) for name, g in gold.items()}
         players = list(self.policies)
+        # the judge's verdict in each match against the prompt's gold outcome (tournament order:
+        # every pair of players, then every prompt); gold ties are left out
+        outcome = np.concatenate([gold_outcomes(gold[a], gold[b])
+                                  for a, b in itertools.combinations(players, 2)])
+        verdict = np.asarray([p for _, _, p in matches]) > 0.5
+        decided = outcome != 0.5
         ratings = {
             "elo": elo, "bradley_terry": bt, "mean_gold": mean_gold,
             "spearman_elo_gold": spearman([elo[p] for p in players],
@@ -454,6 +487,9 @@ class Experiment:
             "spearman_bt_gold": spearman([bt[p] for p in players],
                                          [mean_gold[p] for p in players]),
             "num_matches": len(matches),
+            "judge_gold_agreement": float(np.mean(verdict[decided] == (outcome[decided] == 1.0)))
+            if decided.any() else float("nan"),
+            "judge": best_judge,
         }
         self._time("evaluation", t)
         return {"num_prompts": len(prompts), "win_rate_vs_sft": vs_sft,
@@ -700,14 +736,7 @@ def compute_findings(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                  f"alignment with gold: AI {ai_align:.3f}, simulated humans "
                  f"{human_align:.3f})."),
     }
-    r = results["evaluation"]["ratings"]
-    findings["d"] = {
-        "reproduced": bool(np.isfinite(r["spearman_elo_gold"]) and r["spearman_elo_gold"] >= 0.5
-                           and np.isfinite(r["spearman_bt_gold"]) and r["spearman_bt_gold"] >= 0.5),
-        "text": (f"Rank correlation with the mean gold reward over {len(r['elo'])} policies: "
-                 f"Elo {r['spearman_elo_gold']:.2f}, Bradley-Terry {r['spearman_bt_gold']:.2f} "
-                 f"({r['num_matches']} judge matches)."),
-    }
+    findings["d"] = _ratings_finding(results["evaluation"]["ratings"])
     cai = results.get("constitutional")
     if cai is None:
         findings["e"] = {"reproduced": None, "text": "Not run."}

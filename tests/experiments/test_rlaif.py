@@ -88,6 +88,15 @@ def test_findings_follow_the_numbers():
     assert "AI 0.800, simulated humans 0.900" in f["c"]["text"]
     # ratings anti-correlated with gold: (d) does not reproduce
     assert not rlaif.compute_findings(_results(elo=(5, 4, 3, 2, 1)))["d"]["reproduced"]
+    # rank differences (2, 0, 2, 1, 1): rho = 1 - 6 * 10 / (5 * 24) = 0.5, at the bar, not above
+    results = _results(elo=(1020, 1010, 1000, 1040, 1030))
+    results["evaluation"]["ratings"]["judge_gold_agreement"] = 0.61
+    d = rlaif.compute_findings(results)["d"]
+    assert not d["reproduced"]
+    assert "Elo 0.50, Bradley-Terry 0.50 (50 judge matches), not above 0.5" in d["text"]
+    assert "within 0.400 of each other" in d["text"]
+    assert "picks the gold winner of a match 0.610 of the time" in d["text"]
+    assert "rates dpo_judge_4l first, which the gold reward ranks 2 of 5" in d["text"]
     # harmlessness rises after SL-CAI (intervals apart) and after RL-CAI (they overlap)
     text = f["e"]["text"]
     assert "SL-CAI 0.500 [0.450, 0.550]" in text
