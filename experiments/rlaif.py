@@ -191,6 +191,21 @@ def _run(argv: Sequence[str]) -> None:
         raise RuntimeError(f"rlhf-jax {argv[0]} failed with status {status}")
 
 
+def _size_drop(names: Sequence[str], alignment: Sequence[float],
+               table: Mapping[str, Any]) -> str:
+    """Why (a)'s size trend broke: the largest fall from one judge to the next larger one,
+    against the binomial standard error of one alignment figure, sqrt(p (1 - p) / n) over the
+    ``n`` held-out pairs with a gold winner (each judge is one training run: a fall within a few
+    standard errors is within the noise of a single run and a single held-out set)."""
+    falls = [a - b for a, b in zip(alignment, alignment[1:])]
+    i = int(np.argmax(falls))  # the first of equal falls
+    fall = falls[i]
+    n = max(table["num_pairs"] - table.get("num_gold_ties", 0), 1)
+    p = float(np.mean(alignment))
+    return (f"; {names[i + 1]} is {fall:.3f} below {names[i]}, against a standard error of "
+            f"{np.sqrt(p * (1 - p) / n):.3f} per alignment figure ({n} held-out pairs)")
+
+
 def _ratings_finding(r: Mapping[str, Any]) -> dict[str, Any]:
     """(d): the judge's ratings rank the policies as the gold reward does when both rank
     correlations are above 0.5 (more than half-way from no relation to the same order; compared
@@ -707,7 +722,9 @@ def compute_findings(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                  f"({', '.join(f'{g:+.3f}' for g in debias_gain)})"
                  + ("" if cot_gain is None else
                     f"; chain of thought on top of debiasing by {np.mean(cot_gain):+.3f} "
-                    f"({', '.join(f'{g:+.3f}' for g in cot_gain)})") + "."),
+                    f"({', '.join(f'{g:+.3f}' for g in cot_gain)})")
+                 + ("" if size_rises else _size_drop(names, labeller, results["alignment"]))
+                 + "."),
     }
     pol = results["policies"]
     wins = results["evaluation"]["win_rate_vs_sft"]

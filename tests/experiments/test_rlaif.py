@@ -77,7 +77,11 @@ def test_findings_follow_the_numbers():
     assert [f[k]["reproduced"] for k in "abcde"] == [True, True, True, True, True]
     assert "judge_4l 0.800" in f["a"]["text"] and "+0.040" in f["a"]["text"]
     # alignment falls with size, or debiasing hurts: (a) does not reproduce
-    assert not rlaif.compute_findings(_results(debiased=(0.8, 0.7, 0.6)))["a"]["reproduced"]
+    a = rlaif.compute_findings(_results(debiased=(0.8, 0.7, 0.6)))["a"]
+    # the largest fall: 0.1 (twice; the first is named); p = 0.7 over 10 pairs: sqrt(0.021)
+    assert not a["reproduced"]
+    assert ("judge_2l is 0.100 below judge_1l, against a standard error of 0.145 per alignment "
+            "figure (10 held-out pairs)") in a["text"]
     assert not rlaif.compute_findings(_results(base=(0.7, 0.8, 0.9)))["a"]["reproduced"]
     # win rates fall as alignment rises: (b) does not reproduce
     f = rlaif.compute_findings(_results(win=(0.6, 0.55, 0.5, 0.45)))
