@@ -1,4 +1,4 @@
-"""The peer benchmarks (`python -m rlhf_jax.bench generation`, `tunix_grpo`) at smoke-test sizes:
+"""The peer benchmarks (`python -m rlhf_jax.bench generation`, `tunix`, `tunix_grpo`) at smoke-test sizes:
 our side of each measured in-process, the tables from result rows, and the helpers that make
 the peers see the same inputs. The peers themselves (torch, Tunix) are optional: their runs are
 slow tests that skip without them. No timing is asserted."""
@@ -6,7 +6,7 @@ slow tests that skip without them. No timing is asserted."""
 import numpy as np
 import pytest
 
-from rlhf_jax.bench import generation, tunix_grpo
+from rlhf_jax.bench import generation, tunix, tunix_grpo
 from rlhf_jax.bench._realshape import MODELS
 
 
@@ -46,6 +46,31 @@ def test_grpo_iteration_phases_and_table():
         {"machine": "test", "what": "tiny"})
     assert "| ours | ours |" in table and "failed: exit code -9" in table
     assert " / - / - |" in table  # no sync or other phase on our side
+
+
+def test_grpo_ratio_line_reads_ours_over_tunix():
+    tunix_row = {"iteration_cpu_s": 30.0, "iteration_s": 20.0, "peak_rss": 4 * 2**30}
+    ours = {"iteration_cpu_s": 10.0, "iteration_s": 8.0, "peak_rss": 2**30}
+    line = tunix_grpo.ratio_line("remat none", tunix_row, ours)
+    assert "3.00x Tunix per CPU second, 2.50x in wall" in line and "Tunix 0.25" in line
+    assert tunix_grpo.ratio_line("remat none", {"error": "exit code -9"}, ours) == ""
+
+
+def test_dpo_table_has_compile_and_load_and_failed_rows():
+    ours = {"graph": "ours", "params": 10, "seconds": 2.0, "cpu_seconds": 3.0,
+            "tokens_per_s": 512.0, "tokens_per_cpu_s": 341.0, "peak_rss": 2**30,
+            "compile_s": 12.34, "load_average": 3.21}
+    theirs = {"graph": "theirs", "params": 10, "seconds": 4.0, "cpu_seconds": 6.0,
+              "tokens_per_s": 256.0, "tokens_per_cpu_s": 171.0, "peak_rss": 2**31,
+              "warmup_s": 45.6, "load_average": 2.0, "max_logit_diff": 1e-5}
+    table = tunix.to_markdown(
+        [("ours", ours), ("Tunix", theirs), ("Tunix big", {"error": "exit code -9"})],
+        {"machine": "test", "what": "tiny"})
+    lines = table.splitlines()
+    assert lines[-3] == "| ours | ours | 10 | 2 (3.2) | 3 | 512 | 341 | 1.00 | 12.3 |  |"
+    assert lines[-2] == "| Tunix | theirs | 10 | 4 (2.0) | 6 | 256 | 171 | 2.00 | 45.6 | 1.0e-05 |"
+    assert "failed: exit code -9" in lines[-1]
+    assert len({line.count("|") for line in lines[2:]}) == 1  # every row has every column
 
 
 def test_tunix_sees_the_same_prompt_ids_and_reward():
