@@ -22,7 +22,8 @@ The graphs differ, and the rows say how:
 - The like-for-like rows: Tunix with `RematConfig.DECODER` (each decoder layer
   rematerialised; its `BLOCK` remats the attention only) against ours with `remat="full"`
   (each layer rematerialised), both heads of ours. `--remat` picks the Tunix configurations
-  (each followed by our rows beside it: `dots` beside `none`, `full` beside `decoder`).
+  (each followed by our rows beside it: `dots` and `none` beside `none`, `full` beside
+  `decoder`).
 
 Tunix's step time is the wall time of its `train()` loop over the timed steps (it keeps up to
 two steps in flight), divided by their number, after `--warmup` untimed steps (compilation
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -162,6 +164,14 @@ def tunix_worker(spec_json: str, *, steps: int, warmup: int) -> None:
     print(RESULT_PREFIX + json.dumps(row), flush=True)
 
 
+def error_line(stderr: str) -> str:
+    """The line of a failed child's stderr that names the error: the last one that starts with
+    an exception's name (`ValueError: ...`), else the last line."""
+    lines = stderr.strip().splitlines() or ["no output"]
+    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b", line)]
+    return (named or lines)[-1]
+
+
 def _tunix_row(spec: dict, *, steps: int, warmup: int, timeout: float | None) -> dict | None:
     cmd = [sys.executable, "-m", "rlhf_jax.bench", "tunix", "--worker", json.dumps(spec),
            "--steps", str(steps), "--warmup", str(warmup)]
@@ -173,8 +183,7 @@ def _tunix_row(spec: dict, *, steps: int, warmup: int, timeout: float | None) ->
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": f"exit code {proc.returncode}: {tail}"}
+    return {"error": f"exit code {proc.returncode}: {error_line(proc.stderr)}"}
 
 
 def _sci(x) -> str:
@@ -208,7 +217,7 @@ def to_markdown(rows: list[tuple[str, dict]], info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-OURS_LIKE = {"none": (("dots", 128),), "decoder": (("full", 128), ("full", 0))}
+OURS_LIKE = {"none": (("dots", 128), ("none", 128)), "decoder": (("full", 128), ("full", 0))}
 """Our rows run beside each Tunix `RematConfig`: `(remat, logits chunk)` (0: unfused head)."""
 
 
@@ -223,8 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--remat", nargs="+", default=["none", "decoder"],
                         choices=list(OURS_LIKE),
                         help="Tunix RematConfig(s) to run, each followed by our like-for-like "
-                             "row(s): remat dots (fused head) beside none, remat full (fused "
-                             "and unfused heads) beside decoder")
+                             "row(s): remat dots and none (fused head) beside none, remat full "
+                             "(fused and unfused heads) beside decoder")
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("--markdown")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -269,4 +278,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["main", "to_markdown", "tunix_mesh", "tunix_qwen2_copies", "tunix_worker"]
+__all__ = ["error_line", "main", "to_markdown", "tunix_mesh", "tunix_qwen2_copies", "tunix_worker"]

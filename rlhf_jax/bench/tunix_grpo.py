@@ -32,6 +32,12 @@ The phases, timed in wall and process CPU seconds (the medians over the timed it
   `num_iterations` = 1 it computes no old-policy log-probs: its loss stops the gradient of the
   current ones), **update** (`update_actor`, blocked on the new parameters) and the weight
   **sync** to the sampler. "iteration" is the wall time of its `train()` loop per iteration.
+
+Tunix 0.1.7 runs this with `RematConfig.NONE` only: with `DECODER` or `BLOCK` its Qwen2 wraps
+the layer in `nnx.remat`, which raises flax's `TraceContextError` ("Cannot mutate Param from a
+different trace level") when the vanilla sampler's jitted decode step
+(`tunix/generate/sampler.py`, `_sample_step`) calls the model (`tunix/models/qwen2/model.py`,
+`DecoderLayer.__call__`); the rollout shares the actor's model, so the actor's remat reaches it.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ from rlhf_jax.bench._realshape import (
     peak_rss_bytes,
     process_cpu_seconds,
 )
-from rlhf_jax.bench.tunix import QWEN2_MODELS, tunix_mesh, tunix_qwen2_copies
+from rlhf_jax.bench.tunix import QWEN2_MODELS, error_line, tunix_mesh, tunix_qwen2_copies
 from rlhf_jax.generation import TokenRewardFunction
 from rlhf_jax.models import CausalLM, ModelConfig
 from rlhf_jax.train.config import OptimizerConfig
@@ -302,7 +308,7 @@ def _isolated(side: str, spec: dict, *, steps: int, warmup: int,
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    tail = error_line(proc.stderr)
     reason = f"exit code {proc.returncode}" + (" (killed: out of memory?)"
                                                if proc.returncode in (-9, 137) else "")
     return {"error": f"{reason}: {tail}"}
@@ -363,7 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--remat", nargs="+", default=["none"], choices=["none", "decoder"],
                         help="Tunix RematConfig(s) to run; ours runs remat dots and none beside "
-                             "none, full beside decoder (the like-for-like pairs)")
+                             "none, full beside decoder (the like-for-like pairs). Tunix 0.1.7's "
+                             "decoder (and block) remat fails in its vanilla sampler's decode "
+                             "step (flax TraceContextError), so only none runs there")
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("--markdown")
     parser.add_argument("--worker", choices=["ours", "tunix"], help=argparse.SUPPRESS)
