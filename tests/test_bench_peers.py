@@ -3,11 +3,13 @@ our side of each measured in-process, the tables from result rows, and the helpe
 the peers see the same inputs. The peers themselves (torch, Tunix) are optional: their runs are
 slow tests that skip without them. No timing is asserted."""
 
+import json
+
 import numpy as np
 import pytest
 
 from rlhf_jax.bench import generation, tunix, tunix_grpo
-from rlhf_jax.bench._realshape import MODELS
+from rlhf_jax.bench._realshape import MODELS, RESULT_PREFIX
 
 
 def test_generation_rows_time_ours_in_both_modes():
@@ -73,6 +75,15 @@ def test_dpo_table_has_compile_and_load_and_failed_rows():
     assert len({line.count("|") for line in lines[2:]}) == 1  # every row has every column
 
 
+def test_failed_child_reports_the_exception_line():
+    stderr = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+              "flax.errors.TraceContextError: Cannot mutate Param\n"
+              "For simplicity, JAX has removed its internal frames")
+    assert tunix.error_line(stderr) == "flax.errors.TraceContextError: Cannot mutate Param"
+    assert tunix.error_line("killed\n") == "killed"
+    assert tunix.error_line("") == "no output"
+
+
 def test_tunix_sees_the_same_prompt_ids_and_reward():
     tok = tunix_grpo.IdTokenizer()
     ids = tunix_grpo.prompt_batches({"prompts": 2, "prompt_len": 5}, 100, 1)[0]
@@ -94,3 +105,15 @@ def test_tunix_grpo_learner_runs_on_our_weights():
     assert row["params"] == row["our_params"]
     assert row["max_logit_diff"] < 1e-4
     assert row["rollout_s"] > 0 and row["update_s"] > 0 and row["iteration_s"] > 0
+
+
+@pytest.mark.slow
+def test_tunix_dpo_trainer_runs_on_our_weights_with_decoder_remat(capsys):
+    pytest.importorskip("tunix")
+    spec = {"model": "tiny-qwen2", "seq": 16, "pairs": 1, "remat": "decoder"}
+    tunix.tunix_worker(json.dumps(spec), steps=1, warmup=1)
+    out = capsys.readouterr().out.splitlines()[-1]
+    row = json.loads(out[len(RESULT_PREFIX):])
+    assert out.startswith(RESULT_PREFIX)
+    assert row["params"] == row["our_params"] and row["max_logit_diff"] < 1e-4
+    assert row["seconds"] > 0 and row["tokens_per_cpu_s"] > 0 and row["warmup_s"] > 0
