@@ -1,13 +1,15 @@
-"""The peer benchmarks (`python -m rlhf_jax.bench generation`, `tunix_grpo`) at smoke-test sizes:
+"""The peer benchmarks (`python -m rlhf_jax.bench generation`, `tunix`, `tunix_grpo`) at smoke-test sizes:
 our side of each measured in-process, the tables from result rows, and the helpers that make
 the peers see the same inputs. The peers themselves (torch, Tunix) are optional: their runs are
 slow tests that skip without them. No timing is asserted."""
 
+import json
+
 import numpy as np
 import pytest
 
-from rlhf_jax.bench import generation, tunix_grpo
-from rlhf_jax.bench._realshape import MODELS
+from rlhf_jax.bench import generation, tunix, tunix_grpo
+from rlhf_jax.bench._realshape import MODELS, RESULT_PREFIX
 
 
 def test_generation_rows_time_ours_in_both_modes():
@@ -48,6 +50,40 @@ def test_grpo_iteration_phases_and_table():
     assert " / - / - |" in table  # no sync or other phase on our side
 
 
+def test_grpo_ratio_line_reads_ours_over_tunix():
+    tunix_row = {"iteration_cpu_s": 30.0, "iteration_s": 20.0, "peak_rss": 4 * 2**30}
+    ours = {"iteration_cpu_s": 10.0, "iteration_s": 8.0, "peak_rss": 2**30}
+    line = tunix_grpo.ratio_line("remat none", tunix_row, ours)
+    assert "3.00x Tunix per CPU second, 2.50x in wall" in line and "Tunix 0.25" in line
+    assert tunix_grpo.ratio_line("remat none", {"error": "exit code -9"}, ours) == ""
+
+
+def test_dpo_table_has_compile_and_load_and_failed_rows():
+    ours = {"graph": "ours", "params": 10, "seconds": 2.0, "cpu_seconds": 3.0,
+            "tokens_per_s": 512.0, "tokens_per_cpu_s": 341.0, "peak_rss": 2**30,
+            "compile_s": 12.34, "load_average": 3.21}
+    theirs = {"graph": "theirs", "params": 10, "seconds": 4.0, "cpu_seconds": 6.0,
+              "tokens_per_s": 256.0, "tokens_per_cpu_s": 171.0, "peak_rss": 2**31,
+              "warmup_s": 45.6, "load_average": 2.0, "max_logit_diff": 1e-5}
+    table = tunix.to_markdown(
+        [("ours", ours), ("Tunix", theirs), ("Tunix big", {"error": "exit code -9"})],
+        {"machine": "test", "what": "tiny"})
+    lines = table.splitlines()
+    assert lines[-3] == "| ours | ours | 10 | 2 (3.2) | 3 | 512 | 341 | 1.00 | 12.3 |  |"
+    assert lines[-2] == "| Tunix | theirs | 10 | 4 (2.0) | 6 | 256 | 171 | 2.00 | 45.6 | 1.0e-05 |"
+    assert "failed: exit code -9" in lines[-1]
+    assert len({line.count("|") for line in lines[2:]}) == 1  # every row has every column
+
+
+def test_failed_child_reports_the_exception_line():
+    stderr = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+              "flax.errors.TraceContextError: Cannot mutate Param\n"
+              "For simplicity, JAX has removed its internal frames")
+    assert tunix.error_line(stderr) == "flax.errors.TraceContextError: Cannot mutate Param"
+    assert tunix.error_line("killed\n") == "killed"
+    assert tunix.error_line("") == "no output"
+
+
 def test_tunix_sees_the_same_prompt_ids_and_reward():
     tok = tunix_grpo.IdTokenizer()
     ids = tunix_grpo.prompt_batches({"prompts": 2, "prompt_len": 5}, 100, 1)[0]
@@ -69,3 +105,15 @@ def test_tunix_grpo_learner_runs_on_our_weights():
     assert row["params"] == row["our_params"]
     assert row["max_logit_diff"] < 1e-4
     assert row["rollout_s"] > 0 and row["update_s"] > 0 and row["iteration_s"] > 0
+
+
+@pytest.mark.slow
+def test_tunix_dpo_trainer_runs_on_our_weights_with_decoder_remat(capsys):
+    pytest.importorskip("tunix")
+    spec = {"model": "tiny-qwen2", "seq": 16, "pairs": 1, "remat": "decoder"}
+    tunix.tunix_worker(json.dumps(spec), steps=1, warmup=1)
+    out = capsys.readouterr().out.splitlines()[-1]
+    row = json.loads(out[len(RESULT_PREFIX):])
+    assert out.startswith(RESULT_PREFIX)
+    assert row["params"] == row["our_params"] and row["max_logit_diff"] < 1e-4
+    assert row["seconds"] > 0 and row["tokens_per_cpu_s"] > 0 and row["warmup_s"] > 0

@@ -2,7 +2,7 @@
 google-tunix==0.1.7`) on the same Qwen2-shaped weights, each configuration in its own process.
 
     python -m rlhf_jax.bench tunix [--model qwen2-0.5b] [--seq 512] [--pairs 4]
-        [--repeats 3] [--warmup 1] [--markdown FILE]
+        [--remat none decoder] [--repeats 3] [--warmup 1] [--markdown FILE]
 
 The weights: our random `CausalLM` is written with `rlhf_jax.models.save_pretrained` (Hugging
 Face Qwen2 layout, safetensors) and Tunix loads the same files with
@@ -21,7 +21,9 @@ The graphs differ, and the rows say how:
   the fused head.
 - The like-for-like rows: Tunix with `RematConfig.DECODER` (each decoder layer
   rematerialised; its `BLOCK` remats the attention only) against ours with `remat="full"`
-  (each layer rematerialised), both heads of ours.
+  (each layer rematerialised), both heads of ours. `--remat` picks the Tunix configurations
+  (each followed by our rows beside it: `dots` and `none` beside `none`, `full` beside
+  `decoder`).
 
 Tunix's step time is the wall time of its `train()` loop over the timed steps (it keeps up to
 two steps in flight), divided by their number, after `--warmup` untimed steps (compilation
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -61,9 +64,11 @@ QWEN2_MODELS = [name for name in MODELS if "qwen2" in name]
 
 
 def tunix_mesh():
-    """The 1 x n ("fsdp", "tp") mesh the Tunix models are loaded on (Tunix's Qwen2 shards by
-    those axis names)."""
-    return jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"),
+    """The 1 x 1 ("fsdp", "tp") mesh on the first device that the Tunix models are loaded on
+    (Tunix's Qwen2 shards by those axis names). One device, as our side of each comparison
+    runs; splitting "tp" over several would also need the KV heads (2 in Qwen2-0.5B) to
+    divide by their count."""
+    return jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1],
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
@@ -161,6 +166,14 @@ def tunix_worker(spec_json: str, *, steps: int, warmup: int) -> None:
     print(RESULT_PREFIX + json.dumps(row), flush=True)
 
 
+def error_line(stderr: str) -> str:
+    """The line of a failed child's stderr that names the error: the last one that starts with
+    an exception's name (`ValueError: ...`), else the last line."""
+    lines = stderr.strip().splitlines() or ["no output"]
+    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b", line)]
+    return (named or lines)[-1]
+
+
 def _tunix_row(spec: dict, *, steps: int, warmup: int, timeout: float | None) -> dict | None:
     cmd = [sys.executable, "-m", "rlhf_jax.bench", "tunix", "--worker", json.dumps(spec),
            "--steps", str(steps), "--warmup", str(warmup)]
@@ -172,8 +185,7 @@ def _tunix_row(spec: dict, *, steps: int, warmup: int, timeout: float | None) ->
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": f"exit code {proc.returncode}: {tail}"}
+    return {"error": f"exit code {proc.returncode}: {error_line(proc.stderr)}"}
 
 
 def _sci(x) -> str:
@@ -181,20 +193,34 @@ def _sci(x) -> str:
 
 
 def to_markdown(rows: list[tuple[str, dict]], info: dict) -> str:
+    """The result table: per implementation, wall and CPU seconds per step, tokens per wall and
+    per CPU second, peak RSS, the compile figure (ours: the step's `compile_s`; Tunix: the wall
+    seconds of its untimed warm-up steps, which compile), the 1-minute load average and the
+    logit check."""
     lines = [f"Machine: {info['machine']}. {info['what']}", "",
-             "| implementation | graph | parameters | s/step | CPU s/step | tokens/s | "
-             "tokens/CPU s | peak RSS GiB | max logit diff to ours |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| implementation | graph | parameters | s/step (load) | CPU s/step | tokens/s | "
+             "tokens/CPU s | peak RSS GiB | compile s | max logit diff to ours |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in rows:
         if "error" in r:
-            lines.append(f"| {label} | | | failed: {r['error']} | | | | | |")
+            lines.append(f"| {label} | {r.get('graph', '')} | | failed: {r['error']} "
+                         "| | | | | | |")
             continue
         cpu = r.get("cpu_seconds")
-        lines.append(f"| {label} | {r['graph']} | {r.get('params', '')} | {r['seconds']:.3g} | "
+        load = r.get("load_average")
+        compile_s = r.get("compile_s", r.get("warmup_s"))
+        lines.append(f"| {label} | {r['graph']} | {r.get('params', '')} | {r['seconds']:.3g}"
+                     f"{'' if load is None else f' ({load:.1f})'} | "
                      f"{'' if cpu is None else f'{cpu:.3g}'} | {r['tokens_per_s']:.0f} | "
                      f"{'' if cpu is None else format(r['tokens_per_cpu_s'], '.0f')} | "
-                     f"{gib(r.get('peak_rss'))} | {_sci(r.get('max_logit_diff'))} |")
+                     f"{gib(r.get('peak_rss'))} | "
+                     f"{'' if compile_s is None else f'{compile_s:.1f}'} | "
+                     f"{_sci(r.get('max_logit_diff'))} |")
     return "\n".join(lines) + "\n"
+
+
+OURS_LIKE = {"none": (("dots", 128), ("none", 128)), "decoder": (("full", 128), ("full", 0))}
+"""Our rows run beside each Tunix `RematConfig`: `(remat, logits chunk)` (0: unfused head)."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,6 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--remat", nargs="+", default=["none", "decoder"],
+                        choices=list(OURS_LIKE),
+                        help="Tunix RematConfig(s) to run, each followed by our like-for-like "
+                             "row(s): remat dots and none (fused head) beside none, remat full "
+                             "(fused and unfused heads) beside decoder")
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("--markdown")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -214,25 +245,27 @@ def main(argv: list[str] | None = None) -> None:
         tunix_worker(args.worker, steps=args.steps, warmup=args.warmup)
         return
     rows: list[tuple[str, dict[str, Any]]] = []
-    for remat in ("none", "decoder"):
+    for remat in args.remat:
         spec = {"model": args.model, "seq": args.seq, "pairs": args.pairs, "remat": remat}
         row = _tunix_row(spec, steps=args.repeats, warmup=args.warmup, timeout=args.timeout)
         if row is None:
             print("Tunix is not installed (pip install google-tunix==0.1.7); no Tunix rows.")
-            break
-        row["graph"] = (f"reference recomputed in a separate call, layers unrolled, remat "
-                        f"{remat}, full logits")
-        rows.append((f"Tunix DPOTrainer (remat {remat})", row))
-    for remat, chunk in (("dots", 128), ("full", 128), ("full", 0)):
-        case = Case(model=args.model, step="dpo", seq=args.seq, batch=args.pairs, remat=remat,
-                    chunk=chunk)
-        row = run_isolated("steps", case, steps=args.repeats, warmup=args.warmup,
-                           timeout=args.timeout)
-        row["graph"] = (f"reference in the step, layers scanned, remat {remat}, "
-                        f"{'unfused head' if chunk == 0 else f'fused head ({chunk})'}")
-        rows.append((f"rlhf_jax ({case.head}, remat {remat})", row))
-        print(json.dumps({"row": rows[-1][0], "seconds": row.get("seconds"),
-                          "error": row.get("error")}), flush=True)
+        else:
+            row["graph"] = (f"reference recomputed in a separate call, layers unrolled, remat "
+                            f"{remat}, full logits")
+            rows.append((f"Tunix DPOTrainer (remat {remat})", row))
+            print(json.dumps({"row": rows[-1][0], "seconds": row.get("seconds"),
+                              "error": row.get("error")}), flush=True)
+        for ours_remat, chunk in OURS_LIKE[remat]:
+            case = Case(model=args.model, step="dpo", seq=args.seq, batch=args.pairs,
+                        remat=ours_remat, chunk=chunk)
+            row = run_isolated("steps", case, steps=args.repeats, warmup=args.warmup,
+                               timeout=args.timeout)
+            row["graph"] = (f"reference in the step, layers scanned, remat {ours_remat}, "
+                            f"{'unfused head' if chunk == 0 else f'fused head ({chunk})'}")
+            rows.append((f"rlhf_jax ({case.head}, remat {ours_remat})", row))
+            print(json.dumps({"row": rows[-1][0], "seconds": row.get("seconds"),
+                              "error": row.get("error")}), flush=True)
     info = {"machine": machine_description(),
             "what": f"DPO at {args.model}, {args.pairs} pairs of {args.seq} tokens "
                     f"({args.seq // 2} prompt + {args.seq // 2} response), float32, AdamW."}
@@ -247,4 +280,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["main", "to_markdown", "tunix_mesh", "tunix_qwen2_copies", "tunix_worker"]
+__all__ = ["error_line", "main", "to_markdown", "tunix_mesh", "tunix_qwen2_copies", "tunix_worker"]

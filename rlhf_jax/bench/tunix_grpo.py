@@ -32,6 +32,12 @@ The phases, timed in wall and process CPU seconds (the medians over the timed it
   `num_iterations` = 1 it computes no old-policy log-probs: its loss stops the gradient of the
   current ones), **update** (`update_actor`, blocked on the new parameters) and the weight
   **sync** to the sampler. "iteration" is the wall time of its `train()` loop per iteration.
+
+Tunix 0.1.7 runs this with `RematConfig.NONE` only: with `DECODER` or `BLOCK` its Qwen2 wraps
+the layer in `nnx.remat`, which raises flax's `TraceContextError` ("Cannot mutate Param from a
+different trace level") when the vanilla sampler's jitted decode step
+(`tunix/generate/sampler.py`, `_sample_step`) calls the model (`tunix/models/qwen2/model.py`,
+`DecoderLayer.__call__`); the rollout shares the actor's model, so the actor's remat reaches it.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ from rlhf_jax.bench._realshape import (
     peak_rss_bytes,
     process_cpu_seconds,
 )
-from rlhf_jax.bench.tunix import QWEN2_MODELS, tunix_mesh, tunix_qwen2_copies
+from rlhf_jax.bench.tunix import QWEN2_MODELS, error_line, tunix_mesh, tunix_qwen2_copies
 from rlhf_jax.generation import TokenRewardFunction
 from rlhf_jax.models import CausalLM, ModelConfig
 from rlhf_jax.train.config import OptimizerConfig
@@ -276,9 +282,10 @@ def tunix_worker(spec: dict, *, steps: int, warmup: int) -> dict[str, Any] | Non
     row = _summary(timed, timed_cpu)
     row["iteration_s"] = (end - pulls[warmup][0]) / steps
     row["iteration_cpu_s"] = (end_cpu - pulls[warmup][1]) / steps
-    row["other_s"] = row["iteration_s"] - sum(row.get(f"{k}_s", 0.0) for k in PHASES[:4])
-    row["other_cpu_s"] = row["iteration_cpu_s"] - sum(row.get(f"{k}_cpu_s", 0.0)
-                                                      for k in PHASES[:4])
+    # "other": the loop's time outside the wrapped calls, from the means (the phases above
+    # are medians, whose sum can exceed the mean iteration).
+    row["other_s"] = row["iteration_s"] - sum(sum(v) for v in timed.values()) / steps
+    row["other_cpu_s"] = row["iteration_cpu_s"] - sum(sum(v) for v in timed_cpu.values()) / steps
     row.update(check, first_iteration_s=pulls[1][0] - pulls[0][0] if len(pulls) > 1 else None,
                peak_rss=peak_rss_bytes(), load_average=os.getloadavg()[0])
     return row
@@ -301,7 +308,7 @@ def _isolated(side: str, spec: dict, *, steps: int, warmup: int,
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    tail = error_line(proc.stderr)
     reason = f"exit code {proc.returncode}" + (" (killed: out of memory?)"
                                                if proc.returncode in (-9, 137) else "")
     return {"error": f"{reason}: {tail}"}
@@ -334,6 +341,22 @@ def to_markdown(rows: list[tuple[str, dict]], info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+OURS_LIKE = {"none": ("dots", "none"), "decoder": ("full",)}
+"""Our remat policies run beside each Tunix `RematConfig`: our default (`dots`) and the
+like-for-like one (`none`: every intermediate kept; `full`: each layer rematerialised, as
+Tunix's `DECODER`)."""
+
+
+def ratio_line(label: str, tunix: dict, ours: dict) -> str:
+    """One line: Tunix's iteration seconds over ours (CPU and wall, > 1 means ours is faster)
+    and our peak RSS over Tunix's; empty where either row failed."""
+    if "error" in tunix or "error" in ours:
+        return ""
+    return (f"- {label}: ours is {tunix['iteration_cpu_s'] / ours['iteration_cpu_s']:.2f}x "
+            f"Tunix per CPU second, {tunix['iteration_s'] / ours['iteration_s']:.2f}x in wall "
+            f"seconds; peak RSS ours / Tunix {ours['peak_rss'] / tunix['peak_rss']:.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rlhf_jax.bench tunix_grpo",
                                      description=__doc__.split("\n\n")[0])
@@ -345,8 +368,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--remat", nargs="+", default=["none"], choices=["none", "decoder"],
-                        help="Tunix RematConfig(s) to run; ours runs remat dots for none and "
-                             "full for decoder (the like-for-like pair)")
+                        help="Tunix RematConfig(s) to run; ours runs remat dots and none beside "
+                             "none, full beside decoder (the like-for-like pairs). Tunix 0.1.7's "
+                             "decoder (and block) remat fails in its vanilla sampler's decode "
+                             "step (flax TraceContextError), so only none runs there")
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("--markdown")
     parser.add_argument("--worker", choices=["ours", "tunix"], help=argparse.SUPPRESS)
@@ -361,11 +386,12 @@ def main(argv: list[str] | None = None) -> None:
     base = {"model": args.model, "prompts": args.prompts, "group": args.group,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
     rows: list[tuple[str, dict[str, Any]]] = []
+    ratios: list[str] = []
     for remat in args.remat:
-        ours_remat = "dots" if remat == "none" else "full"
-        spec = {**base, "remat": remat, "remat_ours": ours_remat, "chunk": 128}
+        spec = {**base, "remat": remat}
         row = _isolated("tunix", spec, steps=args.repeats, warmup=args.warmup,
                         timeout=args.timeout)
+        tunix_row = row
         if row is None:
             print("Tunix is not installed (pip install google-tunix==0.1.7); no Tunix rows.")
         else:
@@ -374,20 +400,24 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((f"Tunix GRPOLearner (remat {remat})", row))
             print(json.dumps({"row": rows[-1][0], **{k: v for k, v in row.items()
                                                      if k.endswith("_s")}}), flush=True)
-        row = _isolated("ours", spec, steps=args.repeats, warmup=args.warmup,
-                        timeout=args.timeout)
-        row["graph"] = (f"rlhf_jax.generation rollout, policy + reference log-probs in one "
-                        f"jitted scoring call, layers scanned, remat {ours_remat}, fused head "
-                        f"(128)")
-        rows.append((f"rlhf_jax GRPOTrainer (remat {ours_remat})", row))
-        print(json.dumps({"row": rows[-1][0], **{k: v for k, v in row.items()
-                                                 if k.endswith("_s")}}), flush=True)
+        for ours_remat in OURS_LIKE[remat]:
+            row = _isolated("ours", {**spec, "remat_ours": ours_remat, "chunk": 128},
+                            steps=args.repeats, warmup=args.warmup, timeout=args.timeout)
+            row["graph"] = (f"rlhf_jax.generation rollout, policy + reference log-probs in "
+                            f"one jitted scoring call, layers scanned, remat {ours_remat}, "
+                            f"fused head (128)")
+            rows.append((f"rlhf_jax GRPOTrainer (remat {ours_remat})", row))
+            print(json.dumps({"row": rows[-1][0], **{k: v for k, v in row.items()
+                                                     if k.endswith("_s")}}), flush=True)
+            if tunix_row is not None:
+                ratios.append(ratio_line(f"Tunix remat {remat}, ours remat {ours_remat}",
+                                         tunix_row, row))
     info = {"machine": machine_description(),
             "what": f"GRPO at {args.model}, {args.prompts} prompts x {args.group} responses, "
                     f"{args.prompt_len} prompt + {args.new_tokens} new tokens, float32, AdamW, "
                     f"one update per iteration; medians of {args.repeats} iterations after "
                     f"{args.warmup} untimed."}
-    table = to_markdown(rows, info)
+    table = to_markdown(rows, info) + "".join(f"\n{line}" for line in ratios if line)
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as f:
@@ -398,5 +428,5 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["IdTokenizer", "even_fraction", "main", "measure_ours", "to_markdown",
+__all__ = ["IdTokenizer", "even_fraction", "main", "measure_ours", "ratio_line", "to_markdown",
            "tunix_worker"]
