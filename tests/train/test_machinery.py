@@ -119,6 +119,17 @@ class TestTrainStep:
             jax.tree.leaves(before.params)[0], jax.tree.leaves(state.params)[0]
         )
 
+    def test_donated_step_keeps_no_copy_of_the_optimizer_state(self):
+        # The non-finite guard must not hold the old and the new moments at once: the step's
+        # temporaries are the gradient (and its clipped copy), not copies of the moments.
+        tx, _ = make_optimizer(OptimizerConfig(learning_rate=0.1), 10)
+        graphdef, state = create_train_state(ToyModel(din=512, dout=512), tx, seed=0)
+        batch = {"x": np.ones((4, 512), np.float32), "y": np.zeros((4, 512), np.float32)}
+        step = jax.jit(make_train_step(toy_loss, tx, graphdef=graphdef), donate_argnums=0)
+        memory = step.lower(state, batch).compile().memory_analysis()
+        kernel_bytes = 512 * 512 * 4
+        assert memory.temp_size_in_bytes < 2.5 * kernel_bytes, memory.temp_size_in_bytes
+
     def test_weight_decay_only_on_matrices(self):
         cfg = OptimizerConfig(learning_rate=0.5, weight_decay=0.1, schedule="constant")
         tx, _ = make_optimizer(cfg, 10)
