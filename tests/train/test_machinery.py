@@ -10,6 +10,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -37,6 +38,7 @@ from rlhf_jax.train import (
     save_config,
 )
 from rlhf_jax.train.loop import WALL_CLOCK_METRICS
+from rlhf_jax.train.optimizer import clip_by_global_norm
 
 
 def _setup(config: TrainConfig, *, mesh_shape=(8,), accum: int = 1):
@@ -152,6 +154,22 @@ class TestTrainStep:
         step = jax.jit(make_train_step(toy_loss, tx, graphdef=graphdef))
         state, _ = step(state, next(ToyLoader()))
         np.testing.assert_array_equal(state.frozen["scale"][...], 1.0)
+
+
+class TestClipByGlobalNorm:
+    @pytest.mark.parametrize("max_norm", [0.5, 100.0])
+    def test_matches_optax(self, max_norm):
+        grads = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.array([-4.0, 0.5])}
+        ours, theirs = clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+        got, state = ours.update(grads, ours.init(grads))
+        want, _ = theirs.update(grads, theirs.init(grads))
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, w, rtol=1e-6)
+        assert jax.tree.structure(state) == jax.tree.structure(theirs.init(grads))
+
+    def test_rejects_a_non_positive_norm(self):
+        with pytest.raises(ValueError, match="max_grad_norm"):
+            clip_by_global_norm(0.0)
 
 
 class TestSchedule:
