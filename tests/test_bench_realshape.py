@@ -107,6 +107,37 @@ def test_steps_markdown_gives_the_ratio_to_trl_per_round():
     assert "| gpt2 | 512 | 8 | 2 | 1.00x | 1.50x | 0.50 |" in table
 
 
+def test_steps_pairs_each_of_our_rows_with_trl_of_the_same_reference():
+    info = {"machine": "m", "peak_flops": 5e10}
+    rows = []
+    for reference, trl_cpu in (("model", 400.0), ("precomputed", 300.0)):
+        case = dataclasses.asdict(Case(model="gpt2", step="dpo", seq=512, batch=4,
+                                       reference=reference))
+        for remat, cpu in (("dots", 200.0), ("full", 250.0)):
+            rows.append(_row("dpo", case={**case, "remat": remat}, cpu_seconds=cpu,
+                             tokens_per_cpu_s=4096 / cpu))
+        rows.insert(len(rows) - 1, _row(
+            "dpo", head="TRL DPOTrainer (torch fp32, 2 threads)", case=case,
+            cpu_seconds=trl_cpu, tokens_per_cpu_s=4096 / trl_cpu, peak_rss=14 * 2**30))
+    table = steps.to_markdown(rows, info)
+    assert "| 1.00x | 2.00x | 0.50 | fused/128 |" in table
+    assert "| 1.00x | 1.60x | 0.50 | fused/128, remat full |" in table
+    assert "| 1.00x | 1.50x | 0.50 | fused/128, precomputed reference |" in table
+    assert "| 1.00x | 1.20x | 0.50 | fused/128, remat full, precomputed reference |" in table
+
+
+def test_steps_cases_cross_the_reference_for_dpo_only():
+    out = steps.cases(["gpt2"], [512], ["sft", "dpo"], ["fused"], chunk=128, batch=1,
+                      references=("model", "precomputed"))
+    assert [(c.step, c.reference) for c in out] == [
+        ("sft", "model"), ("dpo", "model"), ("dpo", "precomputed")]
+
+
+def test_trl_runs_with_passive_openmp_waits_unless_told_otherwise():
+    assert steps.trl_env({"PATH": "/bin"})["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert steps.trl_env({"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_memory_markdown_says_what_fits():
     info = {"machine": "m", "what": "DPO."}
     small = _row("dpo", memory={"total": 20 * 2**30})
@@ -169,6 +200,11 @@ def test_plots_against_sequence_length(tmp_path):
     # CPU seconds per 1k tokens: 1000 * (T / 100) / (2 T) = 5 at every T.
     assert _plot.series(loaded, _plot._per_k_tokens("cpu_seconds")) == {
         "gpt2 dpo fused/128": [(512, 5.0), (2048, 5.0)]}
+    full = dataclasses.replace(Case(model="gpt2", step="dpo", seq=512, batch=1), remat="full",
+                               reference="precomputed")
+    loaded.append(_row("dpo", case=dataclasses.asdict(full), tokens=1024, cpu_seconds=1.0))
+    assert _plot.series(loaded, _plot._per_k_tokens("cpu_seconds"))[
+        "gpt2 dpo fused/128, remat full, precomputed reference"] == [(512, 1000 / 1024)]
     steps.main(["--plot-from", str(tmp_path / "rows.json"), "--plot-dir", str(tmp_path / "f")])
     for name in ("steps_time_vs_seq.png", "steps_memory_vs_seq.png"):
         assert (tmp_path / "f" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -36,8 +36,9 @@ def load_rows(paths: list[str]) -> list[dict[str, Any]]:
 
 
 def series(rows: list[dict[str, Any]], key) -> dict[str, list[tuple[int, float]]]:
-    """`{"model step head": [(T, key(row)), ...]}` sorted by T; rows measured more than once
-    at a T (rounds) keep the least value."""
+    """`{"model step head": [(T, key(row)), ...]}` sorted by T (a remat policy other than
+    `dots` and a reference other than a model are named in the label); rows measured more than
+    once at a T (rounds) keep the least value."""
     out: dict[str, dict[int, float]] = defaultdict(dict)
     for r in rows:
         c = r["case"]
@@ -45,6 +46,10 @@ def series(rows: list[dict[str, Any]], key) -> dict[str, list[tuple[int, float]]
         if value is None:
             continue
         label = f"{c['model']} {c['step']} {r['head']}"
+        if c.get("remat", "dots") != "dots":
+            label += f", remat {c['remat']}"
+        if c.get("reference", "model") != "model":
+            label += f", {c['reference']} reference"
         seq = int(c["seq"])
         out[label][seq] = min(value, out[label].get(seq, float("inf")))
     return {label: sorted(points.items()) for label, points in sorted(out.items())}

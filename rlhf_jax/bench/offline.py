@@ -216,10 +216,13 @@ def bench_trl_best(shape: Shape, *, steps: int, threads: list[int]
 
 
 def bench_trl(shape: Shape, *, steps: int, warmup: int = 2, threads: int | None = None,
-              cpu_seconds: list[float] | None = None) -> tuple[float, float] | None:
+              cpu_seconds: list[float] | None = None, precompute_ref: bool = False
+              ) -> tuple[float, float] | None:
     """`(median, best)` seconds per `trl.DPOTrainer` optimizer step (fp32, CPU), or None
     without trl. Each timed step's process CPU seconds (user + system) are appended to
-    `cpu_seconds` when it is given."""
+    `cpu_seconds` when it is given. With `precompute_ref` TRL computes the reference
+    log-probs once before training (`precompute_ref_log_probs=True`, no `ref_model`: TRL
+    then keeps no reference model in memory, and its steps run no reference forward)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub
     try:  # optional peers (the bench extra), imported only where they are measured
         import torch
@@ -249,8 +252,10 @@ def bench_trl(shape: Shape, *, steps: int, warmup: int = 2, threads: int | None 
                               n_head=shape.heads, n_positions=max(shape.seq, 128),
                               bos_token_id=1, eos_token_id=2)
     model = GPT2LMHeadModel(model_config).float()
-    ref_model = GPT2LMHeadModel(model_config).float()
-    ref_model.load_state_dict(model.state_dict())
+    ref_model = None
+    if not precompute_ref:
+        ref_model = GPT2LMHeadModel(model_config).float()
+        ref_model.load_state_dict(model.state_dict())
     times: list[float] = []
     cpu: list[float] = []
 
@@ -268,6 +273,7 @@ def bench_trl(shape: Shape, *, steps: int, warmup: int = 2, threads: int | None 
             learning_rate=1e-4, bf16=False, fp16=False, use_cpu=True, report_to="none",
             logging_steps=10_000, save_strategy="no", dataloader_num_workers=0,
             max_length=shape.seq, disable_tqdm=True, seed=0,
+            precompute_ref_log_probs=precompute_ref,
         )
         trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
                                  processing_class=tokenizer, callbacks=[Timer()])
@@ -283,15 +289,19 @@ def bench_trl(shape: Shape, *, steps: int, warmup: int = 2, threads: int | None 
 
 def trl_worker(shape_json: str, *, steps: int, warmup: int, threads: int | None = None) -> None:
     """Entry point of a child process (`python -m rlhf_jax.bench offline --trl-worker JSON`):
-    times TRL at the `Shape` given as JSON and prints one result row (None without TRL) with
-    this process's RSS high-water mark, for `rlhf_jax.bench.steps --trl`. With `threads` unset
-    it tries 1 and all torch threads and keeps the faster; set, it runs that count once."""
-    shape = Shape(**json.loads(shape_json))
+    times TRL at the `Shape` given as JSON (plus an optional `"precompute_ref": true`) and
+    prints one result row (None without TRL) with this process's RSS high-water mark, for
+    `rlhf_jax.bench.steps --trl`. With `threads` unset it tries 1 and all torch threads and
+    keeps the faster; set, it runs that count once."""
+    fields = json.loads(shape_json)
+    precompute_ref = bool(fields.pop("precompute_ref", False))
+    shape = Shape(**fields)
     best = None
     counts = [threads] if threads else sorted({1, os.cpu_count() or 1})
     for n in counts:
         cpu: list[float] = []
-        times = bench_trl(shape, steps=steps, warmup=warmup, threads=n, cpu_seconds=cpu)
+        times = bench_trl(shape, steps=steps, warmup=warmup, threads=n, cpu_seconds=cpu,
+                          precompute_ref=precompute_ref)
         if times is None:
             print(RESULT_PREFIX + "null", flush=True)
             return
@@ -302,6 +312,7 @@ def trl_worker(shape_json: str, *, steps: int, warmup: int, threads: int | None 
     row = {"seconds": median, "best_seconds": fastest, "tokens_per_s": tokens / median,
            "cpu_seconds": cpu_median, "tokens_per_cpu_s": tokens / cpu_median,
            "torch_threads": threads, "load_average": os.getloadavg()[0],
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "peak_rss": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
     print(RESULT_PREFIX + json.dumps(row), flush=True)
 

@@ -3,7 +3,7 @@ with the fused LM head or the full `[B, T, V]` logits, one configuration per pro
 
     python -m rlhf_jax.bench steps [--models gpt2 qwen2-0.5b] [--seq 512 2048]
         [--step sft dpo ppo] [--heads fused unfused] [--chunk 128] [--batch N]
-        [--remat dots full] [--attention auto dense blockwise]
+        [--remat dots full] [--attention auto dense blockwise] [--reference model precomputed]
         [--repeats 3] [--warmup 1] [--trl [--trl-threads N]] [--rounds R] [--compile-only]
         [--markdown FILE] [--json FILE]
     python -m rlhf_jax.bench steps --plot-from FILE.json ... [--plot-dir docs/figures]
@@ -40,8 +40,13 @@ under the same conditions. Columns:
 With `--trl`, TRL's `DPOTrainer` (fp32, CPU; `rlhf_jax.bench.offline.bench_trl`) runs the same
 DPO shape in its own process too (needs `pip install torch==2.13.0 trl`; the row is left out
 without them); `--trl-threads` fixes its torch thread count (default: the faster of 1 and all,
-each tried in the same process). A last table gives ours over TRL per round: tokens/s,
-tokens per CPU second and the peak-RSS ratio.
+each tried in the same process). TRL's process gets `OMP_WAIT_POLICY=PASSIVE` unless the
+environment sets it (`TRL_ENV`): torch's OpenMP threads otherwise spin at their barriers, and
+on a loaded host a spinning thread whose sibling was descheduled burns CPU seconds that are the
+host's load, not TRL's work. With `--reference precomputed` our step takes precomputed
+reference log-probs (no reference model in memory) and TRL runs with
+`precompute_ref_log_probs=True` and no `ref_model` (likewise). A last table gives ours over TRL
+per round: tokens/s, tokens per CPU second and the peak-RSS ratio.
 """
 
 from __future__ import annotations
@@ -73,9 +78,14 @@ from rlhf_jax.bench._realshape import (
 DEFAULT_BATCH = {"sft": 8, "dpo": 4, "ppo": 8}
 """Rows (SFT), pairs (DPO: twice as many rows) and prompts (PPO) per step."""
 
+TRL_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""Environment defaults of TRL's process (the environment's own values win)."""
+
 
 def cases(models, seqs, steps, heads, *, chunk: int, batch: int | None,
-          remats=("dots",), attentions=("auto",)) -> list[Case]:
+          remats=("dots",), attentions=("auto",), references=("model",)) -> list[Case]:
+    """Every combination of the arguments as a `Case`; a reference other than `"model"`
+    applies to DPO only (SFT and PPO rows are built once, with the default)."""
     out = []
     for model in models:
         for seq in seqs:
@@ -83,11 +93,18 @@ def cases(models, seqs, steps, heads, *, chunk: int, batch: int | None,
                 for head in heads:
                     for remat in remats:
                         for attention in attentions:
-                            out.append(Case(model=model, step=step, seq=seq,
-                                            batch=batch or DEFAULT_BATCH[step],
-                                            chunk=0 if head == "unfused" else chunk,
-                                            remat=remat, attention=attention))
-    return out
+                            for reference in (references if step == "dpo" else ("model",)):
+                                out.append(Case(model=model, step=step, seq=seq,
+                                                batch=batch or DEFAULT_BATCH[step],
+                                                chunk=0 if head == "unfused" else chunk,
+                                                remat=remat, attention=attention,
+                                                reference=reference))
+    return list(dict.fromkeys(out))
+
+
+def trl_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of TRL's process: `environ` (default `os.environ`) over `TRL_ENV`."""
+    return {**TRL_ENV, **(os.environ if environ is None else environ)}
 
 
 def trl_row(case: Case, *, flops: float | None, repeats: int, warmup: int,
@@ -101,13 +118,17 @@ def trl_row(case: Case, *, flops: float | None, repeats: int, warmup: int,
              "response": case.seq // 2, "layers": config.num_layers,
              "width": config.hidden_size, "heads": config.num_heads,
              "vocab": config.vocab_size}
+    if case.reference == "precomputed":
+        shape["precompute_ref"] = True
+    elif case.reference != "model":
+        return None  # TRL's side of a LoRA-base reference is not wired
     cmd = [sys.executable, "-m", "rlhf_jax.bench", "offline", "--trl-worker", json.dumps(shape),
            "--steps", str(repeats), "--warmup", str(warmup)]
     if threads:
         cmd += ["--trl-threads", str(threads)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=dict(os.environ))
+                              env=trl_env())
     except subprocess.TimeoutExpired:
         return {"case": dataclasses.asdict(case), "head": "TRL", "error": "timed out"}
     for line in proc.stdout.splitlines():
@@ -115,8 +136,10 @@ def trl_row(case: Case, *, flops: float | None, repeats: int, warmup: int,
             row = json.loads(line[len(RESULT_PREFIX):])
             if row is None:
                 return None
+            ref = ", precomputed reference" if case.reference == "precomputed" else ""
             row.update(case=dataclasses.asdict(case),
-                       head=f"TRL DPOTrainer (torch fp32, {row.pop('torch_threads')} threads)")
+                       head=f"TRL DPOTrainer (torch fp32, {row.pop('torch_threads')} threads"
+                            f"{ref})")
             if flops:
                 row["flops"] = flops
                 row["flops_per_s"] = flops / row["seconds"]
@@ -203,29 +226,42 @@ def _cpu_mfu(row: dict, cpu_peak: float | None) -> float | None:
 
 def _label(row: dict) -> str:
     remat = row["case"].get("remat", "dots")
-    return (row["head"] + ("" if remat == "dots" else f", remat {remat}")
+    ours = not row["head"].startswith("TRL")
+    reference = row["case"].get("reference", "model")
+    return (row["head"] + ("" if remat == "dots" or not ours else f", remat {remat}")
+            + (f", {reference} reference" if ours and reference != "model" else "")
             + (f" (round {row['round']})" if row.get("round") else ""))
 
 
+def _trl_key(row: dict[str, Any]) -> tuple:
+    c = row["case"]
+    return (c["model"], c["seq"], c["batch"], c.get("reference", "model"), row.get("round"))
+
+
 def _trl_ratios(rows: list[dict[str, Any]]) -> list[str]:
-    """Ours (fused DPO) over TRL, per shape and round: wall and CPU-second throughput, and peak
-    RSS. Rounds alternate ours and TRL (A B A B), so each ratio compares neighbouring runs."""
+    """Ours (each fused DPO row) over TRL's row of the same shape, reference and round: wall and
+    CPU-second throughput, and peak RSS. TRL runs once per shape, reference and round, right
+    after the first of our rows it is compared with (A B A B across rounds)."""
+    trl = {_trl_key(r): r for r in rows
+           if r["head"].startswith("TRL") and "error" not in r and "seconds" in r}
     out = []
-    for i, r in enumerate(rows):
-        if not r["head"].startswith("TRL") or "error" in r or i == 0:
+    for ours in rows:
+        c = ours["case"]
+        if (ours["head"].startswith("TRL") or "error" in ours or "seconds" not in ours
+                or c["step"] != "dpo" or c["chunk"] == 0):
             continue
-        ours = rows[i - 1]
-        if "error" in ours or "seconds" not in ours:
+        r = trl.get(_trl_key(ours))
+        if r is None:
             continue
-        c = r["case"]
+        label = _label({**ours, "round": None})
         out.append(f"| {c['model']} | {c['seq']} | {c['batch'] * 2} | {r.get('round') or ''} | "
                    f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x | "
                    f"{ours['tokens_per_cpu_s'] / r['tokens_per_cpu_s']:.2f}x | "
-                   f"{ours['peak_rss'] / r['peak_rss']:.2f} |")
+                   f"{ours['peak_rss'] / r['peak_rss']:.2f} | {label} |")
     if not out:
         return []
     return ["", "| model | T | rows | round | tokens/s ours / TRL | tokens per CPU s ours / TRL "
-            "| peak RSS ours / TRL |", "|---|---:|---:|---:|---:|---:|---:|", *out]
+            "| peak RSS ours / TRL | ours |", "|---|---:|---:|---:|---:|---:|---:|---|", *out]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,6 +280,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attention", nargs="+", default=["auto"],
                         choices=["auto", "dense", "blockwise"],
                         help="ModelConfig.attention_impl, one row each")
+    parser.add_argument("--reference", nargs="+", default=["model"],
+                        choices=["model", "precomputed"],
+                        help="DPO reference: a second model in the step, or precomputed "
+                             "log-probs (TRL: precompute_ref_log_probs); one row each")
     parser.add_argument("--batch", type=int, default=None,
                         help=f"rows / pairs / prompts per step (default {DEFAULT_BATCH})")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per row")
@@ -281,8 +321,10 @@ def main(argv: list[str] | None = None) -> None:
             "load_average": os.getloadavg()[0]}
     rows = []
     for round_ in range(1, args.rounds + 1):
+        trl_done = set()
         for case in cases(args.models, args.seq, args.step, args.heads, chunk=args.chunk,
-                          batch=args.batch, remats=args.remat, attentions=args.attention):
+                          batch=args.batch, remats=args.remat, attentions=args.attention,
+                          references=args.reference):
             row = run_isolated("steps", case, steps=args.repeats, warmup=args.warmup,
                                run=not args.compile_only, timeout=args.timeout)
             rows.append(row | ({"round": round_} if args.rounds > 1 else {}))
@@ -290,7 +332,10 @@ def main(argv: list[str] | None = None) -> None:
                                                       "tokens_per_s", "compile_s", "peak_rss",
                                                       "error")}
                              | {"case": row["case"]}), flush=True)
-            if args.trl and case.step == "dpo" and case.chunk != 0 and not args.compile_only:
+            key = _trl_key(row | {"round": round_ if args.rounds > 1 else None})
+            if (args.trl and case.step == "dpo" and case.chunk != 0 and not args.compile_only
+                    and key not in trl_done):
+                trl_done.add(key)
                 trl = trl_row(case, flops=row.get("flops"), repeats=args.repeats,
                               warmup=args.warmup, timeout=args.timeout, threads=args.trl_threads)
                 if trl is not None:
@@ -311,4 +356,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["DEFAULT_BATCH", "cases", "main", "to_markdown", "trl_row"]
+__all__ = ["DEFAULT_BATCH", "TRL_ENV", "cases", "main", "to_markdown", "trl_env", "trl_row"]

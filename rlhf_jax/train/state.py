@@ -237,14 +237,23 @@ def make_train_step(
         )
         grad_norm = optax.tree.norm(grads if trainable_part is None else trainable_part(grads))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        def apply(params, opt_state):
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt_state
+
+        # A branch rather than an elementwise select of (new, old): with `where(finite, new,
+        # old)` both the old and the new moments are live at once, so XLA copies every moment
+        # (and parameter) buffer before updating it in place: a full extra copy of the
+        # optimizer state in the step's temporaries.
+        new_params, new_opt_state = jax.lax.cond(
+            finite, apply, lambda params, opt_state: (params, opt_state),
+            state.params, state.opt_state)
         new_state = TrainState(
             step=state.step + 1,
-            params=keep(new_params, state.params),
+            params=new_params,
             frozen=state.frozen,
-            opt_state=keep(new_opt_state, state.opt_state),
+            opt_state=new_opt_state,
             rng=jax.random.key_data(rng),
         )
         metrics = dict(metrics)
