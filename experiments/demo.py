@@ -88,6 +88,7 @@ from rlhf_jax.train import (
     run_dpo,
     run_rm,
     run_sft,
+    tokenize_records,
 )
 from rlhf_jax.train.logprobs import policy_response_logps
 from rlhf_jax.train.ppo import PPOConfig, PPOTrainer
@@ -545,10 +546,10 @@ def run_dpo_sweep(ctx, sft, proxy, prefs: Preferences) -> list[dict[str, Any]]:
     """DPO (sigmoid loss, the SFT policy as reference) on the largest preference set, one run
     per beta (`run_dpo`), evaluated through the trainer's `eval_fn` every `dpo_steps /
     dpo_evals_per_run` steps and at the end. The runs differ only in beta, so they draw the
-    same batches: the reference's log-probs of them are computed once
-    (`dpo_reference_logps`) and every run trains on that table."""
+    same batches: the records are tokenized once (`tokenize_records`), the reference's
+    log-probs of them are computed once (`dpo_reference_logps`) and every run trains on that
+    table."""
     cfg = ctx.cfg
-    records = prefs.records[:cfg.rm_pairs[-1]]
 
     def config(beta: float) -> DPOConfig:
         return DPOConfig(
@@ -558,6 +559,8 @@ def run_dpo_sweep(ctx, sft, proxy, prefs: Preferences) -> list[dict[str, Any]]:
             eval_every=max(1, cfg.dpo_steps // cfg.dpo_evals_per_run), beta=beta,
             reference="precomputed")
 
+    records = tokenize_records(ctx.data(cfg.dpo_batch_size), prefs.records[:cfg.rm_pairs[-1]],
+                               format="preference", tokenizer=ctx.tokenizer)
     reference = dpo_reference_logps(config(cfg.dpo_betas[0]), model=sft, records=records)
     points = []
     for beta in cfg.dpo_betas:
