@@ -237,7 +237,9 @@ class Context:
             "sampling": cfg.seed + 3, "eval": cfg.seed + 4,
         }
         # The trainers' default mesh: sampling on it, the evaluations and best-of-n run the
-        # program the PPO rollouts run (64 rows a call), compiled once.
+        # program the PPO rollouts run (64 rows a call), compiled once; the reward models are
+        # placed on it as the trainers place theirs (`RewardModelSource(mesh=...)`), so every
+        # scoring call runs PPO's scoring program.
         self.mesh = sharding.make_mesh(sharding.MeshConfig())
         self.stage_times: dict[str, float] = {}
         self.stage_cpu: dict[str, float] = {}  # CPU seconds (user + sys) of this process
@@ -441,7 +443,7 @@ def evaluate(ctx: Context, policy, ref: CausalLM, proxy: RewardModelSource) -> E
 def normalize_reward_model(ctx: Context, rm: RewardModel, ref: CausalLM) -> tuple[float, float]:
     """Sets the RM's normalisation so that scores of reference samples have mean 0, std 1."""
     s = ctx.sample(ref, ctx.eval_prompts, rng=jax.random.fold_in(ctx.eval_key, 10**6))
-    raw = rm_scores(RewardModelSource(rm), s, ctx.mesh)
+    raw = rm_scores(RewardModelSource(rm, mesh=ctx.mesh), s, ctx.mesh)
     mean, std = float(raw.mean()), float(raw.std() + 1e-6)
     rm.set_normalization(1.0 / std, -mean / std)
     return mean, std
@@ -706,7 +708,7 @@ def run_demo(cfg: DemoConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         proxy = None
         for n in cfg.rm_pairs:
             rm = train_reward_model(ctx, sft, prefs, n, seed=ctx.seeds["init"] + n)
-            source = RewardModelSource(rm)
+            source = RewardModelSource(rm, mesh=ctx.mesh)
             better = (rm_scores(source, val.chosen, ctx.mesh)
                       > rm_scores(source, val.rejected, ctx.mesh))
             acc = float(np.mean(better))
@@ -716,7 +718,7 @@ def run_demo(cfg: DemoConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
                           f"(vs gold preference {gold_acc:.3f})")
             proxy = rm
         norm = normalize_reward_model(ctx, proxy, sft)
-        proxy = RewardModelSource(proxy, name="proxy")
+        proxy = RewardModelSource(proxy, name="proxy", mesh=ctx.mesh)
         ev0 = evaluate(ctx, sft, sft, proxy)
         console.print(f"reference policy: gold reward {ev0.gold_reward:.3f}, "
                       f"proxy {ev0.proxy_reward:.2f}, KL {ev0.kl:.3f}")

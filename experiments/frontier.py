@@ -308,7 +308,7 @@ def run_seed(fc: FrontierConfig, seed: int, out: pathlib.Path) -> dict[str, Any]
         prefs = demo.collect_preferences(ctx, sft, n, seed=ctx.seeds["raters"])
         rm = demo.train_reward_model(ctx, sft, prefs, n, seed=ctx.seeds["init"] + n)
         demo.normalize_reward_model(ctx, rm, sft)
-        proxy = RewardModelSource(rm, name="proxy")
+        proxy = RewardModelSource(rm, name="proxy", mesh=ctx.mesh)
         reference = evaluate(ctx, sft, sft, proxy)
         demo.console.print(f"SFT policy: gold {reference['gold_reward']:.3f}, proxy "
                            f"{reference['proxy_reward']:.2f}, length "
