@@ -74,6 +74,7 @@ from rlhf_jax.generation import (
     best_of_n,
     select_best_of_n,
 )
+from rlhf_jax.host_memory import keep_freed_memory
 from rlhf_jax.models import CausalLM, RewardModel
 from rlhf_jax.train import (
     CheckpointConfig,
@@ -683,6 +684,7 @@ def use_compilation_cache(directory: pathlib.Path) -> None:
 def run_demo(cfg: DemoConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     """Runs the whole pipeline, writes the report into `output_dir` and returns the results."""
     t_start = time.perf_counter()
+    keep_freed_memory()  # ~10 CPU-s of page faults less (rlhf_jax.host_memory)
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     use_compilation_cache(COMPILATION_CACHE)

@@ -58,6 +58,7 @@ from experiments import demo
 from experiments.demo_config import DemoConfig
 from experiments.report import NOISE_Z, fmt, fmt_param
 from rlhf_jax.generation import RewardModelSource
+from rlhf_jax.host_memory import keep_freed_memory
 from rlhf_jax.models import CausalLM
 from rlhf_jax.train import DataSpec
 from rlhf_jax.train.hir import HirConfig, HirTrainer
@@ -551,6 +552,7 @@ def run_frontier(fc: FrontierConfig, output_dir: str | os.PathLike) -> dict[str,
     t0 = time.perf_counter()
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    keep_freed_memory()  # rlhf_jax.host_memory
     demo.use_compilation_cache(demo.COMPILATION_CACHE)
     demo.console.print(f"[bold]rlhf_jax frontier[/bold] (preset {fc.preset}, seeds "
                        f"{list(fc.seeds)}) -> {out}")
