@@ -74,6 +74,7 @@ from rlhf_jax.generation import (
     best_of_n,
     select_best_of_n,
 )
+from rlhf_jax.host_memory import keep_freed_memory
 from rlhf_jax.models import CausalLM, RewardModel
 from rlhf_jax.train import (
     CheckpointConfig,
@@ -88,6 +89,7 @@ from rlhf_jax.train import (
     run_dpo,
     run_rm,
     run_sft,
+    tokenize_records,
 )
 from rlhf_jax.train.logprobs import policy_response_logps
 from rlhf_jax.train.ppo import PPOConfig, PPOTrainer
@@ -236,7 +238,9 @@ class Context:
             "sampling": cfg.seed + 3, "eval": cfg.seed + 4,
         }
         # The trainers' default mesh: sampling on it, the evaluations and best-of-n run the
-        # program the PPO rollouts run (64 rows a call), compiled once.
+        # program the PPO rollouts run (64 rows a call), compiled once; the reward models are
+        # placed on it as the trainers place theirs (`RewardModelSource(mesh=...)`), so every
+        # scoring call runs PPO's scoring program.
         self.mesh = sharding.make_mesh(sharding.MeshConfig())
         self.stage_times: dict[str, float] = {}
         self.stage_cpu: dict[str, float] = {}  # CPU seconds (user + sys) of this process
@@ -440,7 +444,7 @@ def evaluate(ctx: Context, policy, ref: CausalLM, proxy: RewardModelSource) -> E
 def normalize_reward_model(ctx: Context, rm: RewardModel, ref: CausalLM) -> tuple[float, float]:
     """Sets the RM's normalisation so that scores of reference samples have mean 0, std 1."""
     s = ctx.sample(ref, ctx.eval_prompts, rng=jax.random.fold_in(ctx.eval_key, 10**6))
-    raw = rm_scores(RewardModelSource(rm), s, ctx.mesh)
+    raw = rm_scores(RewardModelSource(rm, mesh=ctx.mesh), s, ctx.mesh)
     mean, std = float(raw.mean()), float(raw.std() + 1e-6)
     rm.set_normalization(1.0 / std, -mean / std)
     return mean, std
@@ -545,10 +549,10 @@ def run_dpo_sweep(ctx, sft, proxy, prefs: Preferences) -> list[dict[str, Any]]:
     """DPO (sigmoid loss, the SFT policy as reference) on the largest preference set, one run
     per beta (`run_dpo`), evaluated through the trainer's `eval_fn` every `dpo_steps /
     dpo_evals_per_run` steps and at the end. The runs differ only in beta, so they draw the
-    same batches: the reference's log-probs of them are computed once
-    (`dpo_reference_logps`) and every run trains on that table."""
+    same batches: the records are tokenized once (`tokenize_records`), the reference's
+    log-probs of them are computed once (`dpo_reference_logps`) and every run trains on that
+    table."""
     cfg = ctx.cfg
-    records = prefs.records[:cfg.rm_pairs[-1]]
 
     def config(beta: float) -> DPOConfig:
         return DPOConfig(
@@ -558,6 +562,8 @@ def run_dpo_sweep(ctx, sft, proxy, prefs: Preferences) -> list[dict[str, Any]]:
             eval_every=max(1, cfg.dpo_steps // cfg.dpo_evals_per_run), beta=beta,
             reference="precomputed")
 
+    records = tokenize_records(ctx.data(cfg.dpo_batch_size), prefs.records[:cfg.rm_pairs[-1]],
+                               format="preference", tokenizer=ctx.tokenizer)
     reference = dpo_reference_logps(config(cfg.dpo_betas[0]), model=sft, records=records)
     points = []
     for beta in cfg.dpo_betas:
@@ -678,6 +684,7 @@ def use_compilation_cache(directory: pathlib.Path) -> None:
 def run_demo(cfg: DemoConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
     """Runs the whole pipeline, writes the report into `output_dir` and returns the results."""
     t_start = time.perf_counter()
+    keep_freed_memory()  # ~10 CPU-s of page faults less (rlhf_jax.host_memory)
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     use_compilation_cache(COMPILATION_CACHE)
@@ -703,7 +710,7 @@ def run_demo(cfg: DemoConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
         proxy = None
         for n in cfg.rm_pairs:
             rm = train_reward_model(ctx, sft, prefs, n, seed=ctx.seeds["init"] + n)
-            source = RewardModelSource(rm)
+            source = RewardModelSource(rm, mesh=ctx.mesh)
             better = (rm_scores(source, val.chosen, ctx.mesh)
                       > rm_scores(source, val.rejected, ctx.mesh))
             acc = float(np.mean(better))
@@ -713,7 +720,7 @@ def run_demo(cfg: DemoConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
                           f"(vs gold preference {gold_acc:.3f})")
             proxy = rm
         norm = normalize_reward_model(ctx, proxy, sft)
-        proxy = RewardModelSource(proxy, name="proxy")
+        proxy = RewardModelSource(proxy, name="proxy", mesh=ctx.mesh)
         ev0 = evaluate(ctx, sft, sft, proxy)
         console.print(f"reference policy: gold reward {ev0.gold_reward:.3f}, "
                       f"proxy {ev0.proxy_reward:.2f}, KL {ev0.kl:.3f}")

@@ -58,6 +58,7 @@ from experiments import demo
 from experiments.demo_config import DemoConfig
 from experiments.report import NOISE_Z, fmt, fmt_param
 from rlhf_jax.generation import RewardModelSource
+from rlhf_jax.host_memory import keep_freed_memory
 from rlhf_jax.models import CausalLM
 from rlhf_jax.train import DataSpec
 from rlhf_jax.train.hir import HirConfig, HirTrainer
@@ -308,7 +309,7 @@ def run_seed(fc: FrontierConfig, seed: int, out: pathlib.Path) -> dict[str, Any]
         prefs = demo.collect_preferences(ctx, sft, n, seed=ctx.seeds["raters"])
         rm = demo.train_reward_model(ctx, sft, prefs, n, seed=ctx.seeds["init"] + n)
         demo.normalize_reward_model(ctx, rm, sft)
-        proxy = RewardModelSource(rm, name="proxy")
+        proxy = RewardModelSource(rm, name="proxy", mesh=ctx.mesh)
         reference = evaluate(ctx, sft, sft, proxy)
         demo.console.print(f"SFT policy: gold {reference['gold_reward']:.3f}, proxy "
                            f"{reference['proxy_reward']:.2f}, length "
@@ -551,6 +552,7 @@ def run_frontier(fc: FrontierConfig, output_dir: str | os.PathLike) -> dict[str,
     t0 = time.perf_counter()
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    keep_freed_memory()  # rlhf_jax.host_memory
     demo.use_compilation_cache(demo.COMPILATION_CACHE)
     demo.console.print(f"[bold]rlhf_jax frontier[/bold] (preset {fc.preset}, seeds "
                        f"{list(fc.seeds)}) -> {out}")

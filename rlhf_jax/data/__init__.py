@@ -64,6 +64,7 @@ from rlhf_jax.data._records import (
     RecordError,
     parse_record,
 )
+from rlhf_jax.data._shuffle import shuffle_permutation
 from rlhf_jax.data._sources import (
     SOURCE_TYPES,
     detect_source_type,
@@ -135,6 +136,7 @@ __all__ = [
     "read_parquet",
     "read_rows",
     "read_tfds",
+    "shuffle_permutation",
     "split_hh_transcripts",
     "tokenize_example",
     "tokenize_examples",

@@ -62,7 +62,7 @@ from rlhf_jax.train.config import (
     load_config,
     save_config,
 )
-from rlhf_jax.train.data import build_data
+from rlhf_jax.train.data import TokenizedRecords, build_data, tokenize_records
 from rlhf_jax.train.dpo import (
     DPOConfig,
     DPOHyperParams,
@@ -112,6 +112,7 @@ __all__ = [
     "SFTConfig",
     "TrainedRun",
     "TrainSetup",
+    "TokenizedRecords",
     "build_data",
     "build_model",
     "dpo_reference_logps",
@@ -124,6 +125,7 @@ __all__ = [
     "run_sft",
     "run_training",
     "setup_training",
+    "tokenize_records",
     "sft_loss",
     "train_dpo",
     "train_rm",

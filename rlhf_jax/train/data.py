@@ -80,6 +80,118 @@ def unpair_preferences(examples: Sequence[Any]) -> list[Any]:
     return out
 
 
+class TokenizedRecords(NamedTuple):
+    """In-memory records validated and tokenized once (`tokenize_records`), for the runs of a
+    sweep that train on the same records with the same tokenisation: `build_data(...,
+    records=tokenized)` (and so `run_sft`, `run_rm`, `run_dpo`, `dpo_reference_logps`) uses
+    the examples as they are instead of tokenizing the records again.
+
+    Attributes:
+      examples: the tokenized examples (`rlhf_jax.data.Tokenized*`), in record order, the
+        skipped records left out.
+      report: the `LoadReport` of reading and tokenizing them (skips, truncations).
+      key: what decided the tokenisation (`tokenization_key`): the trainer's record format,
+        the tokenizer and the `DataSpec` fields that tokenisation reads; a run whose key
+        differs refuses the examples (`build_data` names the fields).
+    """
+
+    examples: list
+    report: Any
+    key: Mapping[str, Any]
+
+
+TOKENIZATION_FIELDS = ("format", "max_prompt_length", "max_length", "overlong", "on_error",
+                       "margin_field", "rating_scale", "rating_margins")
+"""The `DataSpec` fields that decide how records become tokenized examples."""
+
+
+def tokenization_key(spec: DataSpec, *, format: str, tokenizer: Any) -> dict[str, Any]:
+    """What decides how `build_data` turns records into tokenized examples: the trainer's
+    record `format`, the tokenizer (class, `name_or_path`, vocabulary size) and the
+    `TOKENIZATION_FIELDS` of `spec`."""
+    return {
+        "trainer_format": format,
+        "tokenizer": (type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")),
+                      len(tokenizer)),
+        **{name: getattr(spec, name) for name in TOKENIZATION_FIELDS},
+    }
+
+
+def _tokenize(spec: DataSpec, source: Any, *, format: str, tokenizer: Any, split: str | None,
+              synthetic_seed: int, num: int) -> tuple[list, Any]:
+    """`(tokenized examples, LoadReport)` of one split (`build_data`): records, a file or the
+    synthetic task, validated, unpaired for a KTO trainer (`format="kto"`) on paired data,
+    and tokenized."""
+    wanted = format
+    format = spec.format or format
+    rating_margins = None
+    if spec.margin_field is not None:
+        if format not in ("preference", "hh"):
+            raise ValueError(f"data.margin_field={spec.margin_field!r} sets preference-pair "
+                             f"margins; it does not apply to {format!r} records")
+        rating_margins = rdata.RatingMargins.from_scale(
+            spec.margin_field, scale=spec.rating_scale, table=spec.rating_margins)
+    if isinstance(source, Sequence) and not isinstance(source, str):
+        source_type = "records"
+    elif source is None:
+        if spec.synthetic is None:
+            raise ValueError("set data.path (a file or directory) or data.synthetic (a task "
+                             "name of rlhf_jax.data.synthetic)")
+        source = synthetic_records(spec.synthetic, format, num=num, seed=synthetic_seed,
+                                   num_responses=spec.num_responses)
+        source_type = "records"
+    else:
+        source_type = spec.source_type
+    raw, report = rdata.load_examples(source, format=format, on_error=spec.on_error,
+                                      source_type=source_type, split=split,
+                                      rating_margins=rating_margins)
+    if wanted == "kto" and format in ("preference", "hh"):
+        raw = unpair_preferences(raw)
+    tok_config = rdata.TokenizeConfig(max_prompt_length=spec.max_prompt_length,
+                                      max_length=spec.max_length, overlong=spec.overlong)
+    tokenized, tok_report = rdata.tokenize_examples(raw, tokenizer, config=tok_config,
+                                                    on_error=spec.on_error,
+                                                    source=report.source)
+    return tokenized, report.merge(tok_report)
+
+
+def tokenize_records(
+    spec: DataSpec,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    format: str,
+    tokenizer: Any,
+) -> TokenizedRecords:
+    """In-memory records validated and tokenized as `build_data(spec, format=format,
+    tokenizer=tokenizer, records=records)` would, once, for several runs.
+
+    Args:
+      spec: the runs' data spec (its `TOKENIZATION_FIELDS` decide the tokenisation; batch
+        size, seed and shuffling may differ between the runs).
+      records: the records, as for `build_data`.
+      format: the trainer's record format (`"sft"`, `"preference"`, `"ranking"`, `"kto"`).
+      tokenizer: the runs' tokenizer (`rlhf_jax.train.builders.load_tokenizer_for`).
+
+    A run whose format, tokenizer or tokenisation fields differ refuses the result.
+    """
+    examples, report = _tokenize(spec, list(records), format=format, tokenizer=tokenizer,
+                                 split=spec.split, synthetic_seed=0, num=0)
+    return TokenizedRecords(examples, report,
+                            tokenization_key(spec, format=format, tokenizer=tokenizer))
+
+
+def _check_tokenized(records: TokenizedRecords, spec: DataSpec, *, format: str, tokenizer: Any,
+                     role: str) -> None:
+    """Raises naming the settings when `records` were tokenized otherwise than this run's."""
+    key = tokenization_key(spec, format=format, tokenizer=tokenizer)
+    differ = [k for k in key if records.key.get(k) != key[k]]
+    if differ:
+        raise ValueError(f"build_data: the {role} TokenizedRecords were tokenized with other "
+                         "settings than this run's ("
+                         + "; ".join(f"{k}={records.key.get(k)!r} vs {key[k]!r}" for k in differ)
+                         + "); tokenize them with this run's data spec and tokenizer")
+
+
 def build_data(
     spec: DataSpec,
     *,
@@ -87,8 +199,8 @@ def build_data(
     tokenizer: Any,
     seed: int,
     kl_pairs: bool = False,
-    records: Sequence[Mapping[str, Any]] | None = None,
-    eval_records: Sequence[Mapping[str, Any]] | None = None,
+    records: Sequence[Mapping[str, Any]] | TokenizedRecords | None = None,
+    eval_records: Sequence[Mapping[str, Any]] | TokenizedRecords | None = None,
     per_process: bool = True,
 ) -> DataBundle:
     """Training loader and held-out batches from a `DataSpec` (synthetic task, files or
@@ -106,9 +218,10 @@ def build_data(
         `{"prompt", "chosen", "rejected"}`), used instead of `spec.path` and `spec.synthetic`;
         they are validated, tokenized, truncated and counted exactly like the lines of a file
         (a bad record is named by its index). The tokenizer is still `spec.synthetic`'s or
-        the model's.
-      eval_records: held-out records in the same format (with `records`: the only held-out
-        set; without them there is none).
+        the model's. Or `TokenizedRecords` (`tokenize_records`): records tokenized once for
+        the runs of a sweep, used as they are (their tokenisation must be this run's).
+      eval_records: held-out records in the same format, or `TokenizedRecords` (with
+        `records`: the only held-out set; without them there is none).
       per_process: each process reads its own share of every batch (the default: the batches
         of the processes together are the global batch, `rlhf_jax.sharding.shard_batch`).
         False: every process reads the whole global batch, the same on every process (the
@@ -129,8 +242,6 @@ def build_data(
         raise ValueError(f"data.batch_size={spec.batch_size} must be divisible by the "
                          f"{hosts} hosts")
     eval_bs = spec.eval_batch_size or spec.batch_size
-    tok_config = rdata.TokenizeConfig(max_prompt_length=spec.max_prompt_length,
-                                      max_length=spec.max_length, overlong=spec.overlong)
     pad_id = next((int(v) for v in (tokenizer.pad_token_id, tokenizer.eos_token_id)
                    if v is not None), 0)
 
@@ -157,45 +268,31 @@ def build_data(
                            packing=packing, kl_pairs=kl_pairs,
                            num_responses=spec.num_responses if format == "ranking" else None)
 
-    rating_margins = None
-    if spec.margin_field is not None:
-        if format not in ("preference", "hh"):
-            raise ValueError(f"data.margin_field={spec.margin_field!r} sets preference-pair "
-                             f"margins; it does not apply to {format!r} records")
-        rating_margins = rdata.RatingMargins.from_scale(
-            spec.margin_field, scale=spec.rating_scale, table=spec.rating_margins)
+    if spec.margin_field is not None and format not in ("preference", "hh"):
+        raise ValueError(f"data.margin_field={spec.margin_field!r} sets preference-pair "
+                         f"margins; it does not apply to {format!r} records")
     skipped: dict[str, int] = {}
 
     reports: dict[str, Any] = {}
 
     def examples(source, *, split, synthetic_seed, num, role):
-        if isinstance(source, Sequence) and not isinstance(source, str):
-            source_type = "records"
-        elif source is None:
-            if spec.synthetic is None:
-                raise ValueError("set data.path (a file or directory) or data.synthetic (a task "
-                                 "name of rlhf_jax.data.synthetic)")
-            source = synthetic_records(spec.synthetic, format, num=num, seed=synthetic_seed,
-                                       num_responses=spec.num_responses)
-            source_type = "records"
+        if isinstance(source, TokenizedRecords):
+            _check_tokenized(source, spec, format=wanted, tokenizer=tokenizer, role=role)
+            tokenized, reports[role] = list(source.examples), source.report
         else:
-            source_type = spec.source_type
-        raw, report = rdata.load_examples(source, format=format, on_error=spec.on_error,
-                                          source_type=source_type, split=split,
-                                          rating_margins=rating_margins)
-        if unpair:
-            raw = unpair_preferences(raw)
-        tokenized, tok_report = rdata.tokenize_examples(raw, tokenizer, config=tok_config,
-                                                        on_error=spec.on_error,
-                                                        source=report.source)
-        reports[role] = report.merge(tok_report)
+            tokenized, reports[role] = _tokenize(spec, source, format=wanted,
+                                                 tokenizer=tokenizer, split=split,
+                                                 synthetic_seed=synthetic_seed, num=num)
         for reason, n in reports[role].skipped.items():
             skipped[reason] = skipped.get(reason, 0) + int(n)
         return tokenized
 
+    def in_memory(recs):
+        return recs if isinstance(recs, TokenizedRecords) else list(recs)
+
     if records is None and eval_records is not None:
         raise ValueError("eval_records needs records (in-memory training records)")
-    train_source = spec.path if records is None else list(records)
+    train_source = spec.path if records is None else in_memory(records)
     train_examples = examples(train_source, split=spec.split, synthetic_seed=seed, num=spec.num_train,
                               role="train")
     train = DataLoader(train_examples, batch_config=batch_config(spec.batch_size, spec.packing),
@@ -204,7 +301,7 @@ def build_data(
     eval_source = spec.eval_path or (spec.path if spec.eval_split else None)
     synthetic_eval = spec.path is None and spec.num_eval > 0
     if records is not None:
-        eval_source = None if eval_records is None else list(eval_records)
+        eval_source = None if eval_records is None else in_memory(eval_records)
         synthetic_eval = False
     eval_batches = None
     if eval_source is not None or synthetic_eval:
@@ -278,9 +375,13 @@ def data_shares(loader: Any) -> dict[str, Any] | None:
 
 __all__ = [
     "DataBundle",
+    "TOKENIZATION_FIELDS",
+    "TokenizedRecords",
     "build_data",
     "data_shares",
     "prefix_shared_lengths",
     "synthetic_records",
+    "tokenization_key",
+    "tokenize_records",
     "unpair_preferences",
 ]

@@ -90,7 +90,7 @@ from rlhf_jax.train.config import (
     config_to_dict,
     require,
 )
-from rlhf_jax.train.data import build_data
+from rlhf_jax.train.data import TokenizedRecords, build_data
 from rlhf_jax.train.logprobs import model_scores
 from rlhf_jax.train.pairs import (
     pair_forward_batch,
@@ -920,8 +920,8 @@ def dpo_reference_logps(
     config: DPOConfig,
     *,
     model: nnx.Module | None = None,
-    records: Sequence[Mapping[str, Any]] | None = None,
-    eval_records: Sequence[Mapping[str, Any]] | None = None,
+    records: Sequence[Mapping[str, Any]] | TokenizedRecords | None = None,
+    eval_records: Sequence[Mapping[str, Any]] | TokenizedRecords | None = None,
 ) -> ReferenceLogps:
     """The reference log-probs a `reference="precomputed"` run of `config` trains on, computed
     in memory (nothing is written), for `run_dpo(..., reference_logps=...)`.
@@ -948,8 +948,8 @@ def run_dpo(
     config: DPOConfig,
     *,
     model: nnx.Module | None = None,
-    records: Sequence[Mapping[str, Any]] | None = None,
-    eval_records: Sequence[Mapping[str, Any]] | None = None,
+    records: Sequence[Mapping[str, Any]] | TokenizedRecords | None = None,
+    eval_records: Sequence[Mapping[str, Any]] | TokenizedRecords | None = None,
     eval_fn: ModelEvalFn | None = None,
     reference_logps: ReferenceLogps | None = None,
 ) -> TrainedRun:
@@ -962,8 +962,10 @@ def run_dpo(
         `config.ref_model` the reference is a copy of it taken now. It is split into the train
         state (its arrays copied first: it may share them with another model).
       records: preference (or KTO) records instead of `config.data.path` /
-        `config.data.synthetic` (`rlhf_jax.train.data.build_data`).
-      eval_records: held-out records (with `records`).
+        `config.data.synthetic` (`rlhf_jax.train.data.build_data`), or the same records
+        tokenized once for several runs (`rlhf_jax.train.tokenize_records` with this run's
+        data spec and tokenizer: a sweep tokenizes them once).
+      eval_records: held-out records, or `TokenizedRecords` (with `records`).
       eval_fn: an evaluation callback (`rlhf_jax.train.run.ModelEvalFn`) on the policy, run
         every `config.eval_every` steps and at the end.
       reference_logps: with `config.reference="precomputed"`, the reference log-probs to train

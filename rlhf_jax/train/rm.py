@@ -64,7 +64,7 @@ from rlhf_jax.train.config import (
     config_to_dict,
     require,
 )
-from rlhf_jax.train.data import build_data
+from rlhf_jax.train.data import TokenizedRecords, build_data
 from rlhf_jax.train.export import read_checkpoint_state, read_run_config, restore_into
 from rlhf_jax.train.logprobs import model_inputs
 from rlhf_jax.train.loop import CHECKPOINT_DIR, CheckpointSaveError
@@ -412,8 +412,8 @@ def run_rm(
     config: RMConfig,
     *,
     model: nnx.Module | None = None,
-    records: Sequence[Mapping[str, Any]] | None = None,
-    eval_records: Sequence[Mapping[str, Any]] | None = None,
+    records: Sequence[Mapping[str, Any]] | TokenizedRecords | None = None,
+    eval_records: Sequence[Mapping[str, Any]] | TokenizedRecords | None = None,
     eval_fn: ModelEvalFn | None = None,
 ) -> TrainedRun:
     """`train_rm` on in-memory inputs; returns the summary and the trained (normalised)
@@ -426,8 +426,10 @@ def run_rm(
         `config.model`; e.g. `RewardModel.from_causal_lm(sft_policy)`); it is split into the
         train state (its arrays copied first: it may share them with another model).
       records: preference (or ranking) records instead of `config.data.path` /
-        `config.data.synthetic` (`rlhf_jax.train.data.build_data`).
-      eval_records: held-out records (with `records`).
+        `config.data.synthetic` (`rlhf_jax.train.data.build_data`), or the same records
+        tokenized once for several runs (`rlhf_jax.train.tokenize_records` with this run's
+        data spec and tokenizer: a sweep tokenizes them once).
+      eval_records: held-out records, or `TokenizedRecords` (with `records`).
       eval_fn: an evaluation callback (`rlhf_jax.train.run.ModelEvalFn`) run every
         `config.eval_every` steps and at the end.
     """

@@ -27,6 +27,7 @@ from rlhf_jax.train import (
     run_dpo,
     run_rm,
     run_sft,
+    tokenize_records,
 )
 from rlhf_jax.train.builders import build_model
 from rlhf_jax.train.data import build_data
@@ -80,6 +81,41 @@ class TestRecords:
         skip = DataSpec(**{**DATA.__dict__, "on_error": "skip"})
         data = build_data(skip, format="preference", tokenizer=tok, seed=0, records=bad)
         assert data.skipped == {"empty_response": 1}
+
+    def test_tokenized_once_gives_the_same_data(self, pairs):
+        # Records tokenized once (`tokenize_records`) give the batches, reports and skip
+        # counts of the records themselves, for runs that differ in batch size and seed.
+        _, records = pairs
+        bad = [*records, {"prompt": "ab>", "chosen": "", "rejected": "x"}]
+        tok = build_tokenizer()
+        skip = DataSpec(**{**DATA.__dict__, "on_error": "skip"})
+        tokenized = tokenize_records(skip, bad, format="preference", tokenizer=tok)
+        assert len(tokenized.examples) == len(records)
+        for spec, seed in [(skip, 3), (DataSpec(**{**skip.__dict__, "batch_size": 4}), 7)]:
+            plain = build_data(spec, format="preference", tokenizer=tok, seed=seed, records=bad,
+                               eval_records=records[:16])
+            once = build_data(spec, format="preference", tokenizer=build_tokenizer(), seed=seed,
+                              records=tokenized, eval_records=records[:16])
+            assert once.skipped == plain.skipped == {"empty_response": 1}
+            assert ({k: r.to_dict() for k, r in once.reports.items()}
+                    == {k: r.to_dict() for k, r in plain.reports.items()})
+            for _ in range(4):
+                a, b = next(plain.train), next(once.train)
+                assert a.keys() == b.keys()
+                for k in a:
+                    np.testing.assert_array_equal(a[k], b[k])
+
+    def test_tokenized_records_of_other_settings_are_refused(self, pairs):
+        _, records = pairs
+        tokenized = tokenize_records(DATA, records, format="preference",
+                                     tokenizer=build_tokenizer())
+        longer = DataSpec(**{**DATA.__dict__, "max_length": 48})
+        with pytest.raises(ValueError, match="train TokenizedRecords.*max_length=40 vs 48"):
+            build_data(longer, format="preference", tokenizer=build_tokenizer(), seed=0,
+                       records=tokenized)
+        with pytest.raises(ValueError, match="trainer_format='preference' vs 'kto'"):
+            build_data(DATA, format="kto", tokenizer=build_tokenizer(), seed=0,
+                       records=tokenized)
 
     def test_eval_records_need_records(self, pairs):
         with pytest.raises(ValueError, match="eval_records needs records"):
@@ -205,6 +241,12 @@ def test_a_sweep_trains_on_one_precomputed_reference_table(tmp_path, pairs):
     assert plain(shared[0.5]["metrics"]) == plain(own.summary["metrics"])
     assert shared[0.1]["metrics"]["dpo/loss"] != shared[0.5]["metrics"]["dpo/loss"]
     assert not (tmp_path / "shared0.5" / "reference_logps.npz").exists()
+    # The records tokenized once train the same run.
+    tokenized = tokenize_records(DATA, records, format="preference", tokenizer=build_tokenizer())
+    once = run_dpo(config("tokenized", beta=0.5), model=build_model(TINY, seed=4),
+                   records=tokenized, reference_logps=table)
+    assert plain(once.summary["metrics"]) == plain(own.summary["metrics"])
+    assert once.summary["data"] == own.summary["data"]
     assert (tmp_path / "own" / "reference_logps.npz").exists()
     with pytest.raises(ValueError, match="computed for another reference"):
         run_dpo(config("other_seed", seed=5), model=build_model(TINY, seed=4), records=records,
