@@ -5,8 +5,9 @@ trimming once the free top of the heap exceeds `M_TRIM_THRESHOLD`), so a process
 and frees the same few megabytes every step (XLA's CPU buffers, the host copies of a batch or of
 metrics) takes fresh pages from the kernel, one page fault each, every step. Measured on the CPU
 demo (`experiments/demo.py`, default preset): 11.2 million minor page faults and 10 s of
-system time with the defaults; 0.25 million and 0.8 s with `keep_freed_memory()`, user time
-unchanged or lower, and the same results bit for bit (the allocator's policy changes where
+system time with the defaults; 3.3-4.4 million and about 4 s with `keep_freed_memory()` called
+at start-up (allocations made before the call still follow the defaults), user time unchanged
+or lower, and the same results bit for bit (the allocator's policy changes where
 memory comes from, not what is computed).
 
 `keep_freed_memory()` raises the thresholds so freed memory stays in the process for reuse: the
