@@ -268,9 +268,6 @@ def build_data(
                            packing=packing, kl_pairs=kl_pairs,
                            num_responses=spec.num_responses if format == "ranking" else None)
 
-    if spec.margin_field is not None and format not in ("preference", "hh"):
-        raise ValueError(f"data.margin_field={spec.margin_field!r} sets preference-pair "
-                         f"margins; it does not apply to {format!r} records")
     skipped: dict[str, int] = {}
 
     reports: dict[str, Any] = {}
