@@ -91,6 +91,8 @@ class Case:
       seq: T, tokens per row (prompt T/2 + response T/2 for DPO and PPO).
       batch: rows (SFT), pairs (DPO: 2 * batch rows) or prompts (PPO).
       chunk: `ModelConfig.logits_chunk_size` (0: unfused head through the full logits).
+      keep_bytes: `ModelConfig.logits_keep_bytes` (the fused head keeps logits within this
+        budget for its backward pass; 0: never). Named in `head` when set.
       remat: `ModelConfig.remat`.
       attention: `ModelConfig.attention_impl` (`"auto"`, the model's default, `"dense"` or
         `"blockwise"`; default tiles). Named in `head` unless `"auto"`.
@@ -108,6 +110,7 @@ class Case:
     seq: int
     batch: int
     chunk: int = 128
+    keep_bytes: int = 0
     remat: str = "dots"
     attention: str = "auto"
     dtype: str = "float32"
@@ -134,11 +137,14 @@ class Case:
     @property
     def head(self) -> str:
         head = "unfused" if self.chunk == 0 else f"fused/{self.chunk}"
+        if self.chunk and self.keep_bytes:
+            head += f", keep {self.keep_bytes / 2**30:g} GiB"
         return head if self.attention == "auto" else f"{head}, {self.attention} attention"
 
     def model_config(self) -> ModelConfig:
         base = MODELS[self.model]()
-        return base.replace(logits_chunk_size=self.chunk, remat=self.remat,
+        return base.replace(logits_chunk_size=self.chunk, logits_keep_bytes=self.keep_bytes,
+                            remat=self.remat,
                             attention_impl=self.attention, dtype=self.dtype,
                             param_dtype=self.param_dtype,
                             max_position_embeddings=max(base.max_position_embeddings,

@@ -8,7 +8,8 @@ backward pass, and the only per-token residuals kept between the two are the log
 (and the entropy when it is asked for). Unlike a cross-entropy loss, the output here is the
 unreduced per-token log-prob, so any loss (SFT, the DPO family, PPO/GRPO) can be built on it;
 its gradient therefore cannot be formed in the forward pass (the upstream cotangent is not yet
-known) and the backward pass pays one more ``[B, chunk, E] x [E, V]`` product per chunk.
+known) and the backward pass pays one more ``[B, chunk, E] x [E, V]`` product per chunk, unless
+the caller has the memory to keep the logits (``keep_logits``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class _Static(NamedTuple):
     temperature: float
     with_entropy: bool
     with_argmax: bool
+    keep_logits: bool
 
 
 def fused_token_logps(
@@ -57,6 +59,7 @@ def fused_token_logps(
     chunk_size: int = 128,
     with_entropy: bool = False,
     with_argmax: bool = False,
+    keep_logits: bool = False,
 ) -> FusedLogps:
     r"""Log-probs of ``targets`` under ``softmax((hidden @ W + bias) / temperature)``, chunked.
 
@@ -71,7 +74,7 @@ def fused_token_logps(
     ``entropy_from_logits(logits / temperature)`` on ``logits = hidden @ W + bias`` (the
     temperature divides the logits as TRL's PPO/GRPO and HF ``generate`` do), but the time axis
     is processed ``chunk_size`` positions at a time (``lax.scan``) and a custom VJP recomputes a
-    chunk's logits in the backward pass:
+    chunk's logits in the backward pass (or, with ``keep_logits``, keeps them):
 
     .. math::
         \frac{\partial \mathrm{logps}}{\partial z_v} = [v = y] - p_v, \qquad
@@ -94,6 +97,15 @@ def fused_token_logps(
     caller masks out receive exactly zero gradient when their cotangent is zero (e.g. a
     ``where`` or a mask multiply in the loss).
 
+    Cost: the forward pass runs one ``[B, c, E] x [E, V]`` product per chunk, the backward pass
+    three (the recomputed logits, ``dh`` and ``dW``), or two with ``keep_logits``, which stores
+    every chunk's float32 logits between the passes instead: ``B · T · V`` floats, the memory of
+    the unfused head, for one head product per token less. The products are larger, and on CPU
+    faster per FLOP, when a chunk holds more rows (``B · chunk_size``): a caller that keeps the
+    logits gains most from a single chunk (``chunk_size >= T``). The target logit is
+    ``h · W[:, y] + c_y`` (a gather of ``B · c`` columns of ``W``, the embedding lookup's
+    pattern on a tied table) rather than a pass over the ``[B, c, V]`` block.
+
     Args:
       hidden: ``[B, T, E]`` final hidden states (after the final norm).
       unembedding: the LM head, ``[E, V]`` (``layout="ev"``: an untied head's kernel) or
@@ -108,6 +120,8 @@ def fused_token_logps(
         less than one chunk.
       with_entropy: also return the per-token entropy (differentiable).
       with_argmax: also return the per-token argmax token id (int32, no gradient).
+      keep_logits: keep each chunk's float32 logits for the backward pass instead of
+        recomputing them (memory ``B · T · V`` floats; see "Cost").
 
     Returns:
       :class:`FusedLogps` ``(logps [B, T], entropy [B, T] or None, argmax [B, T] or None)``.
@@ -136,7 +150,8 @@ def fused_token_logps(
     if isinstance(temperature, bool) or not isinstance(temperature, int | float) \
             or not float(temperature) > 0:
         raise ValueError(f"temperature must be a positive Python float, got {temperature!r}")
-    static = _Static(layout, float(temperature), bool(with_entropy), bool(with_argmax))
+    static = _Static(layout, float(temperature), bool(with_entropy), bool(with_argmax),
+                     bool(keep_logits))
 
     n_chunks = max(-(-t // chunk_size), 1)
     chunk = max(-(-t // n_chunks), 1)
@@ -174,6 +189,23 @@ def _chunk_logits(static: _Static, h, w, bias):
     return z
 
 
+def _target_logit(static: _Static, h, w, bias, y):
+    """float32 ``z[..., y] = (h · W[:, y] + bias[y]) / temperature`` for ``h [B, c, E]``,
+    ``y [B, c]`` -> ``[B, c]``: a gather of the targets' columns of ``W`` (rows of a ``[V, E]``
+    table) and a dot over ``E``, not a pass over the ``[B, c, V]`` logits. ``w`` and ``bias``
+    already in the compute dtype; out-of-range targets read garbage that the caller replaces
+    by NaN."""
+    axis = 1 if static.layout == "ev" else 0
+    cols = jnp.take(w, y, axis=axis, mode="clip")  # "ev": [E, B, c]; "ve": [B, c, E]
+    spec = "bce,ebc->bc" if static.layout == "ev" else "bce,bce->bc"
+    z = jnp.einsum(spec, h, cols, preferred_element_type=jnp.float32)
+    if bias is not None:
+        z = z + jnp.take(bias, y, mode="clip").astype(jnp.float32)
+    if static.temperature != 1.0:
+        z = z / static.temperature
+    return z
+
+
 def _is_target(y, v):
     """``[B, c, V]`` bool, True at each row's target id (an iota compare: no gather, so a
     vocabulary sharded over devices stays sharded)."""
@@ -186,16 +218,19 @@ def _compute_operands(h, w, bias):
     return w.astype(dtype), None if bias is None else bias.astype(dtype)
 
 
-def _forward(static: _Static, h, w, bias, y):
-    """Outputs ``(logps, entropy, argmax)`` ``[n, B, c]`` and the per-token log-normaliser."""
+def _forward(static: _Static, h, w, bias, y, *, keep: bool = False):
+    """Outputs ``(logps, entropy, argmax)`` ``[n, B, c]`` and the per-token log-normaliser;
+    with ``keep``, also the float32 logits ``[n, B, c, V]`` (``"logits"``)."""
     w_c, bias_c = _compute_operands(h, w, bias)
 
     def body(_, xs):
         h_c, y_c = xs
         z = _chunk_logits(static, h_c, w_c, bias_c)
         lse = jax.nn.logsumexp(z, axis=-1)
-        picked = jnp.sum(jnp.where(_is_target(y_c, z.shape[-1]), z, 0.0), axis=-1)
+        picked = _target_logit(static, h_c, w_c, bias_c, y_c)
         out = {"logps": picked - lse, "lse": lse}
+        if keep:
+            out["logits"] = z
         if static.with_entropy:
             logp = z - lse[..., None]
             p = jnp.exp(logp)
@@ -216,14 +251,14 @@ def _fused(static: _Static, h, w, bias, y):
 
 
 def _fused_fwd(static: _Static, h, w, bias, y):
-    out = _forward(static, h, w, bias, y)
+    out = _forward(static, h, w, bias, y, keep=static.keep_logits)
     entropy = out.get("entropy")
-    residuals = (h, w, bias, y, out["lse"], entropy)
+    residuals = (h, w, bias, y, out["lse"], entropy, out.get("logits"))
     return (out["logps"], entropy, out.get("argmax")), residuals
 
 
 def _fused_bwd(static: _Static, residuals, cotangents):
-    h, w, bias, y, lse, entropy = residuals
+    h, w, bias, y, lse, entropy, logits = residuals
     g_logps, g_entropy, _ = cotangents
     w_c, bias_c = _compute_operands(h, w, bias)
     spec_h = "bcv,ev->bce" if static.layout == "ev" else "bcv,ve->bce"
@@ -235,14 +270,14 @@ def _fused_bwd(static: _Static, residuals, cotangents):
 
     def body(carry, xs):
         dw, dbias = carry
-        h_c, y_c, lse_c, g_c = xs[:4]
-        z = _chunk_logits(static, h_c, w_c, bias_c)
+        h_c, y_c, lse_c, g_c = xs["h"], xs["y"], xs["lse"], xs["g"]
+        z = xs["logits"] if "logits" in xs else _chunk_logits(static, h_c, w_c, bias_c)
         logp = z - lse_c[..., None]
         p = jnp.exp(logp)
         g = g_c.astype(jnp.float32)[..., None]
         dz = jnp.where(_is_target(y_c, z.shape[-1]), g, 0.0) - p * g
         if use_entropy:
-            ent_c, ge_c = xs[4:]
+            ent_c, ge_c = xs["entropy"], xs["g_entropy"]
             ge = ge_c.astype(jnp.float32)[..., None]
             dz = dz - ge * jnp.where(p > 0, p * (logp + ent_c[..., None]), 0.0)
         if static.temperature != 1.0:
@@ -254,9 +289,11 @@ def _fused_bwd(static: _Static, residuals, cotangents):
             dbias = dbias + jnp.sum(dz, axis=(0, 1))
         return (dw, dbias), dh.astype(h.dtype)
 
-    xs = (h, y, lse, g_logps)
+    xs = {"h": h, "y": y, "lse": lse, "g": g_logps}
     if use_entropy:
-        xs = xs + (entropy, g_entropy)
+        xs.update(entropy=entropy, g_entropy=g_entropy)
+    if logits is not None:
+        xs["logits"] = logits
     e, v = w.shape if static.layout == "ev" else w.shape[::-1]
     init = (jnp.zeros((e, v), jnp.float32),
             None if bias is None else jnp.zeros(bias.shape, jnp.float32))

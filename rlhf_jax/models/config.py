@@ -129,6 +129,12 @@ class ModelConfig:
         recomputing the head's logits in the backward pass. `0` materialises the full logits
         instead (plain autodiff, no recomputation: faster when `B * T * V` fits easily).
         Never changes the values beyond float32 rounding.
+      logits_keep_bytes: byte budget of the fused head's kept logits (0, the default: never
+        keep them). When a `token_logps` call's float32 logits (`B * T' * V * 4` bytes, `T'`
+        the scored positions, global shapes) fit in it, the fused head runs the scored
+        positions as one chunk and keeps its logits for the backward pass instead of
+        recomputing them (`fused_token_logps(keep_logits=True)`): one LM-head product per token
+        less and larger products, for the memory of the unfused head. Never changes the values.
       attention_impl: the attention of the no-cache path (training, scoring, reward and value
         models): `"dense"` (one `[B, H, T, T]` float32 score tensor per layer, which
         `remat="dots"` keeps for the backward pass), `"blockwise"`
@@ -172,6 +178,7 @@ class ModelConfig:
     remat: str = "dots"
     scan_layers: bool = True
     logits_chunk_size: int = 128
+    logits_keep_bytes: int = 0
     attention_impl: str = "auto"
     attention_block_q: int = 128
     attention_block_k: int = 128
@@ -203,6 +210,10 @@ class ModelConfig:
                 or self.logits_chunk_size < 0:
             raise ValueError(f"ModelConfig.logits_chunk_size must be an int >= 0 (0: unfused), "
                              f"got {self.logits_chunk_size!r}")
+        if isinstance(self.logits_keep_bytes, bool) or not isinstance(self.logits_keep_bytes, int) \
+                or self.logits_keep_bytes < 0:
+            raise ValueError(f"ModelConfig.logits_keep_bytes must be an int >= 0 (0: never keep "
+                             f"the logits), got {self.logits_keep_bytes!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelConfig.num_kv_heads={self.num_kv_heads} must divide "

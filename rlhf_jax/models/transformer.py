@@ -390,6 +390,8 @@ class CausalLM(nnx.Module):
             accuracy metric is `argmax == input_ids[:, start:]`).
           chunk_size: positions per chunk of the fused head; None uses
             `config.logits_chunk_size`, 0 the unfused path through the full logits.
+            When the float32 logits fit in `config.logits_keep_bytes`, the fused head runs as
+            one chunk and keeps them for its backward pass.
 
         Returns:
           `rlhf_jax.losses.FusedLogps(logps, entropy or None, argmax or None)`, each
@@ -418,9 +420,13 @@ class CausalLM(nnx.Module):
                              else None)
         else:
             weight, layout = self.unembedding()
+            # Logits within the config's byte budget: one chunk, kept for the backward pass.
+            keep = 4 * b * (t - start) * self.config.vocab_size <= self.config.logits_keep_bytes
             out = fused_token_logps(states, weight, targets, layout=layout,
-                                    temperature=temperature, chunk_size=chunk_size,
-                                    with_entropy=with_entropy, with_argmax=with_argmax)
+                                    temperature=temperature,
+                                    chunk_size=t - start if keep else chunk_size,
+                                    with_entropy=with_entropy, with_argmax=with_argmax,
+                                    keep_logits=keep)
         return FusedLogps(
             jnp.where(has_context, out.logps, 0.0),
             None if out.entropy is None else jnp.where(has_context, out.entropy, 0.0),

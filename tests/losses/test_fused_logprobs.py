@@ -152,7 +152,8 @@ class TestGradients:
     @VARIANTS
     @pytest.mark.parametrize("layout", ["ev", "ve"])
     @pytest.mark.parametrize("with_bias", [False, True])
-    def test_matches_numpy(self, variant, layout, with_bias):
+    @pytest.mark.parametrize("keep_logits", [False, True])
+    def test_matches_numpy(self, variant, layout, with_bias, keep_logits):
         h, w, bias, y = _data(10, layout=layout)
         bias = bias if with_bias else None
         rng = np.random.default_rng(11)
@@ -161,7 +162,7 @@ class TestGradients:
 
         def loss(h, w, bias):
             out = fused_token_logps(h, w, y, layout=layout, bias=bias, temperature=1.3,
-                                    chunk_size=3, with_entropy=True)
+                                    chunk_size=3, with_entropy=True, keep_logits=keep_logits)
             return jnp.sum(g_l * out.logps) + jnp.sum(g_e * out.entropy)
 
         grads = variant(jax.grad(loss, argnums=(0, 1, 2)))(h, w, bias)
@@ -291,13 +292,14 @@ def _mesh(data, tensor):
 
 
 @pytest.mark.parametrize("layout", ["ev", "ve"])
-def test_vocab_sharded_over_tensor_equals_unsharded(layout):
+@pytest.mark.parametrize("keep_logits", [False, True])
+def test_vocab_sharded_over_tensor_equals_unsharded(layout, keep_logits):
     h, w, bias, y = _data(30, b=4, t=12, e=8, v=64, layout=layout)
     g = np.random.default_rng(31).standard_normal((4, 12)).astype(np.float32)
 
     def f(h, w, bias, y):
         out = fused_token_logps(h, w, y, layout=layout, bias=bias, chunk_size=5,
-                                with_entropy=True, with_argmax=True)
+                                with_entropy=True, with_argmax=True, keep_logits=keep_logits)
         loss = jnp.sum(g * out.logps) + jnp.sum(out.entropy)
         return loss, out
 
@@ -356,3 +358,24 @@ def test_memory_grows_with_chunk_times_vocab_not_tokens_times_vocab():
     # the per-token [B, T, E] arrays (hidden chunks and their gradient), far less.
     assert unfused[1024] - unfused[256] >= full[1024] - full[256]
     assert fused[1024] - fused[256] < (full[1024] - full[256]) / 8
+
+
+def test_keep_logits_holds_the_logits_and_skips_the_recomputed_product():
+    """`keep_logits`: one head product ([B, c, E] x [E, V]) less in the backward pass, and the
+    float32 logits held between the passes instead."""
+    b, t, e, v = 2, 64, 32, 4096
+    h = jax.ShapeDtypeStruct((b, t, e), jnp.float32)
+    w = jax.ShapeDtypeStruct((e, v), jnp.float32)
+    y = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+    def grad_fn(keep):
+        return jax.grad(lambda h, w, y: fused_token_logps(h, w, y, chunk_size=t,
+                                                          keep_logits=keep).logps.sum(),
+                        argnums=(0, 1))
+
+    def products(keep):  # dot_generals whose output has the vocabulary axis, or contracts it
+        jaxpr = str(jax.make_jaxpr(grad_fn(keep))(h, w, y))
+        return sum(f"{v}" in line and "dot_general" in line for line in jaxpr.splitlines())
+
+    assert products(False) - products(True) == 1
+    assert _temp_bytes(grad_fn(True), h, w, y) >= b * t * v * 4

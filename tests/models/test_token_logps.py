@@ -122,6 +122,46 @@ def test_values_and_gradients_equal_unfused(name):
     _assert_trees_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("start", [0, 6])
+def test_logits_within_the_keep_budget_give_the_same_values_and_gradients(start):
+    """`logits_keep_bytes`: a call whose float32 logits fit the budget runs the head as one
+    chunk with the logits kept for the backward pass (no recomputed product); one byte below,
+    the chunked head runs as before. Same log-probs, entropies and gradients either way."""
+    base = CONFIGS["qwen2_tied"]
+    ids, mask = _left_padded(base.vocab_size)
+    b, t = ids.shape
+    logits_bytes = 4 * b * (t - start) * base.vocab_size
+    kwargs = {"attention_mask": mask}
+
+    def run(config):
+        model = CausalLM(config, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(params, ids, mask):
+            out = nnx.merge(graphdef, params).token_logps(ids, mask, start=start,
+                                                          with_entropy=True)
+            return masked_sum(out.logps + 0.1 * out.entropy, mask[:, start:]), out
+
+        fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        (_, out), grads = fn(params, ids, mask)
+        jaxpr = str(jax.make_jaxpr(fn)(params, ids, mask))
+        return out, grads, jaxpr
+
+    kept, kept_grads, kept_jaxpr = run(base.replace(logits_keep_bytes=logits_bytes))
+    chunked, chunked_grads, chunked_jaxpr = run(base.replace(logits_keep_bytes=logits_bytes - 1))
+    # Kept: one chunk of all the scored positions; chunked: the config's balanced chunks of at
+    # most 5 positions, and no logits kept.
+    kept_shape = f"[1,{b},{t - start},{base.vocab_size}]"
+    n_chunks = -(-(t - start) // 5)
+    assert kept_shape in kept_jaxpr and kept_shape not in chunked_jaxpr
+    assert f"[{b},{-(-(t - start) // n_chunks)},{base.vocab_size}]" in chunked_jaxpr
+    lp, ent, _ = _unfused(CausalLM(base, rngs=nnx.Rngs(0)), ids, kwargs, start=start)
+    for out in (kept, chunked):
+        np.testing.assert_allclose(out.logps, lp, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.entropy, ent, rtol=1e-5, atol=1e-5)
+    _assert_trees_close(kept_grads, chunked_grads, rtol=1e-4, atol=1e-6)
+
+
 def test_packed_rows_equal_unfused_and_separate_rows():
     model = _model("llama_untied")
     rng = np.random.default_rng(2)
@@ -312,3 +352,5 @@ def test_bad_arguments_are_named():
         model.token_logps_from_hidden(jnp.zeros((3, 15, 64)), ids)
     with pytest.raises(ValueError, match="logits_chunk_size"):
         ModelConfig.tiny_llama(logits_chunk_size=-1)
+    with pytest.raises(ValueError, match="logits_keep_bytes"):
+        ModelConfig.tiny_llama(logits_keep_bytes=-1)
