@@ -220,17 +220,29 @@ def _compute_operands(h, w, bias):
 
 def _forward(static: _Static, h, w, bias, y, *, keep: bool = False):
     """Outputs ``(logps, entropy, argmax)`` ``[n, B, c]`` and the per-token log-normaliser;
-    with ``keep``, also the float32 logits ``[n, B, c, V]`` (``"logits"``)."""
+    with ``keep``, also what the backward pass needs instead of the recomputed logits: the
+    unnormalised probabilities ``e = exp(z - max z)`` ``[n, B, c, V]`` and ``1 / sum(e)``
+    ``[n, B, c]`` (``"probs"``, ``"inv_sum"``; then the backward pass runs no ``exp`` over the
+    logits either), or, with the entropy, the logits ``z`` themselves (``"logits"``: its
+    gradient needs ``log p``, which ``z - lse`` gives to float32 rounding and ``log(e / sum)``
+    does not)."""
     w_c, bias_c = _compute_operands(h, w, bias)
 
     def body(_, xs):
         h_c, y_c = xs
         z = _chunk_logits(static, h_c, w_c, bias_c)
-        lse = jax.nn.logsumexp(z, axis=-1)
         picked = _target_logit(static, h_c, w_c, bias_c, y_c)
-        out = {"logps": picked - lse, "lse": lse}
-        if keep:
-            out["logits"] = z
+        if keep and not static.with_entropy:
+            m = jnp.max(z, axis=-1)
+            m = jnp.where(jnp.isfinite(m), m, 0.0)
+            e = jnp.exp(z - m[..., None])
+            total = jnp.sum(e, axis=-1)
+            lse = m + jnp.log(total)
+            out = {"probs": e, "inv_sum": 1.0 / total}
+        else:
+            lse = jax.nn.logsumexp(z, axis=-1)
+            out = {"logits": z} if keep else {}
+        out.update(logps=picked - lse, lse=lse)
         if static.with_entropy:
             logp = z - lse[..., None]
             p = jnp.exp(logp)
@@ -253,12 +265,13 @@ def _fused(static: _Static, h, w, bias, y):
 def _fused_fwd(static: _Static, h, w, bias, y):
     out = _forward(static, h, w, bias, y, keep=static.keep_logits)
     entropy = out.get("entropy")
-    residuals = (h, w, bias, y, out["lse"], entropy, out.get("logits"))
+    kept = {k: out[k] for k in ("probs", "inv_sum", "logits") if k in out}
+    residuals = (h, w, bias, y, out["lse"], entropy, kept)
     return (out["logps"], entropy, out.get("argmax")), residuals
 
 
 def _fused_bwd(static: _Static, residuals, cotangents):
-    h, w, bias, y, lse, entropy, logits = residuals
+    h, w, bias, y, lse, entropy, kept = residuals
     g_logps, g_entropy, _ = cotangents
     w_c, bias_c = _compute_operands(h, w, bias)
     spec_h = "bcv,ev->bce" if static.layout == "ev" else "bcv,ve->bce"
@@ -271,11 +284,15 @@ def _fused_bwd(static: _Static, residuals, cotangents):
     def body(carry, xs):
         dw, dbias = carry
         h_c, y_c, lse_c, g_c = xs["h"], xs["y"], xs["lse"], xs["g"]
-        z = xs["logits"] if "logits" in xs else _chunk_logits(static, h_c, w_c, bias_c)
-        logp = z - lse_c[..., None]
-        p = jnp.exp(logp)
+        if "probs" in xs:  # kept: p = e / sum(e), no head product and no exp
+            p = xs["probs"] * xs["inv_sum"][..., None]
+            logp = None
+        else:
+            z = xs["logits"] if "logits" in xs else _chunk_logits(static, h_c, w_c, bias_c)
+            logp = z - lse_c[..., None]
+            p = jnp.exp(logp)
         g = g_c.astype(jnp.float32)[..., None]
-        dz = jnp.where(_is_target(y_c, z.shape[-1]), g, 0.0) - p * g
+        dz = jnp.where(_is_target(y_c, p.shape[-1]), g, 0.0) - p * g
         if use_entropy:
             ent_c, ge_c = xs["entropy"], xs["g_entropy"]
             ge = ge_c.astype(jnp.float32)[..., None]
@@ -292,8 +309,7 @@ def _fused_bwd(static: _Static, residuals, cotangents):
     xs = {"h": h, "y": y, "lse": lse, "g": g_logps}
     if use_entropy:
         xs.update(entropy=entropy, g_entropy=g_entropy)
-    if logits is not None:
-        xs["logits"] = logits
+    xs.update(kept)
     e, v = w.shape if static.layout == "ev" else w.shape[::-1]
     init = (jnp.zeros((e, v), jnp.float32),
             None if bias is None else jnp.zeros(bias.shape, jnp.float32))
