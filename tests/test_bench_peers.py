@@ -75,6 +75,19 @@ def test_dpo_table_has_compile_and_load_and_failed_rows():
     assert len({line.count("|") for line in lines[2:]}) == 1  # every row has every column
 
 
+def test_dpo_rows_beside_each_tunix_remat():
+    """Beside Tunix's remat none: our default, remat none, kept logits and kept logits scoring
+    the responses only; beside decoder: remat full with the fused, unfused and kept heads."""
+    heads = {remat: [(c.remat, c.head) for c in tunix.our_cases(
+        remat, model="qwen2-0.5b-l4", seq=512, pairs=1, keep_bytes=2**30)]
+        for remat in tunix.OURS_LIKE}
+    assert heads["none"] == [("dots", "fused/128"), ("none", "fused/128"),
+                             ("dots", "fused/128, keep 1 GiB"),
+                             ("dots", "fused/128, keep 1 GiB, response only")]
+    assert heads["decoder"] == [("full", "fused/128"), ("full", "unfused"),
+                                ("full", "fused/128, keep 1 GiB")]
+
+
 def test_failed_child_reports_the_exception_line():
     stderr = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
               "flax.errors.TraceContextError: Cannot mutate Param\n"

@@ -40,6 +40,18 @@ def test_measure_a_dpo_step(chunks):
     json.dumps(rows)  # a worker prints its row as JSON
 
 
+def test_dpo_step_with_kept_logits_scoring_the_responses_only():
+    """The levers of the Tunix comparison: logits kept for the backward pass and the response
+    columns scored alone; the row names both and counts the same model FLOPs."""
+    base = Case(model="tiny-gpt2", step="dpo", seq=16, batch=4, chunk=8)
+    case = dataclasses.replace(base, keep_bytes=2**20, response_only=True)
+    row = measure(case, steps=1, warmup=0)
+    assert row["head"] == "fused/8, keep 0.000976562 GiB, response only"
+    assert row["cpu_seconds"] > 0 and row["flops"] == measure(base, run=False)["flops"]
+    with pytest.raises(ValueError, match="response_only"):
+        Case(model="tiny-gpt2", step="sft", seq=16, batch=4, response_only=True)
+
+
 @pytest.mark.slow
 def test_measure_a_ppo_iteration_and_memory_levers():
     row = measure(Case(model="tiny-qwen2", step="ppo", seq=16, batch=8, chunk=4,

@@ -93,6 +93,10 @@ class Case:
       chunk: `ModelConfig.logits_chunk_size` (0: unfused head through the full logits).
       keep_bytes: `ModelConfig.logits_keep_bytes` (the fused head keeps logits within this
         budget for its backward pass; 0: never). Named in `head` when set.
+      response_only: DPO only: score the response columns alone (`token_logps(start=T/2)`: the
+        LM head runs on half the positions), which every row of this benchmark allows (prompts
+        of exactly `T/2` tokens) and Tunix's `logits_to_keep` asks for; `DPOTrainer` scores
+        every position (its rows' prompts differ in length). Named in `head`.
       remat: `ModelConfig.remat`.
       attention: `ModelConfig.attention_impl` (`"auto"`, the model's default, `"dense"` or
         `"blockwise"`; default tiles). Named in `head` unless `"auto"`.
@@ -111,6 +115,7 @@ class Case:
     batch: int
     chunk: int = 128
     keep_bytes: int = 0
+    response_only: bool = False
     remat: str = "dots"
     attention: str = "auto"
     dtype: str = "float32"
@@ -131,6 +136,8 @@ class Case:
             raise ValueError(f"reference={self.reference!r}; allowed: {REFERENCES}")
         if self.reference == "lora_base" and not self.lora_rank:
             raise ValueError("reference='lora_base' needs lora_rank > 0")
+        if self.response_only and self.step != "dpo":
+            raise ValueError(f"response_only applies to step='dpo', not {self.step!r}")
         if self.seq < 4 or self.seq % 2:
             raise ValueError(f"seq must be an even number >= 4, got {self.seq}")
 
@@ -139,6 +146,8 @@ class Case:
         head = "unfused" if self.chunk == 0 else f"fused/{self.chunk}"
         if self.chunk and self.keep_bytes:
             head += f", keep {self.keep_bytes / 2**30:g} GiB"
+        if self.response_only:
+            head += ", response only"
         return head if self.attention == "auto" else f"{head}, {self.attention} attention"
 
     def model_config(self) -> ModelConfig:
@@ -217,17 +226,19 @@ class PolicyAndReference(nnx.Module):
         self.reference = reference
 
 
-def _pair_sums(model, batch):
+def _pair_sums(model, batch, start=0):
     ids = batch["input_ids"]
-    logps = model.token_logps(ids, **_model_kwargs(batch)).logps
-    sums = losses.masked_sum(logps, batch["loss_mask"].astype(jnp.float32), axis=-1)
+    logps = model.token_logps(ids, **_model_kwargs(batch), start=start).logps
+    sums = losses.masked_sum(logps, batch["loss_mask"][:, start:].astype(jnp.float32), axis=-1)
     return jnp.split(sums, 2)
 
 
-def make_dpo_loss(reference: str):
+def make_dpo_loss(reference: str, *, start: int = 0):
+    """The sigmoid DPO loss (beta 0.1) on `2P` rows; `start`: score the tokens from column
+    `start` on only (the rows' `loss_mask` must be 0 before it)."""
     def loss_fn(model, batch, rng=None):
         policy = model.policy if isinstance(model, PolicyAndReference) else model
-        pc, pr = _pair_sums(policy, batch)
+        pc, pr = _pair_sums(policy, batch, start)
         if reference == "precomputed":
             rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
@@ -236,7 +247,7 @@ def make_dpo_loss(reference: str):
             else:  # the LoRA base: the policy with its adapters zeroed
                 graphdef, lora, rest = nnx.split(policy, LoRAParam, ...)
                 ref = nnx.merge(graphdef, lora_disabled(lora), rest)
-            rc, rr = (jax.lax.stop_gradient(x) for x in _pair_sums(ref, batch))
+            rc, rr = (jax.lax.stop_gradient(x) for x in _pair_sums(ref, batch, start))
         per = losses.dpo_loss(pc, pr, rc, rr, beta=0.1)
         loss = jnp.mean(per)
         return loss, {"dpo/loss": loss, "dpo/reward_margin": jnp.mean(0.1 * (pc - rc - pr + rr))}
@@ -367,7 +378,7 @@ def measure(case: Case, *, steps: int = 3, warmup: int = 1, run: bool = True) ->
             model = policy
             batch["ref_chosen_logps"] = rng.normal(-50, 1, case.batch).astype(np.float32)
             batch["ref_rejected_logps"] = rng.normal(-50, 1, case.batch).astype(np.float32)
-        loss_fn = make_dpo_loss(case.reference)
+        loss_fn = make_dpo_loss(case.reference, start=half if case.response_only else 0)
     if case.lora_rank and trainable is None:
         trainable = trainable_filter(model)
     elif case.lora_rank:

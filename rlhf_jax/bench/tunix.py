@@ -2,7 +2,8 @@
 google-tunix==0.1.7`) on the same Qwen2-shaped weights, each configuration in its own process.
 
     python -m rlhf_jax.bench tunix [--model qwen2-0.5b] [--seq 512] [--pairs 4]
-        [--remat none decoder] [--repeats 3] [--warmup 1] [--markdown FILE]
+        [--remat none decoder] [--keep-gib 1] [--rounds 1] [--repeats 3] [--warmup 1]
+        [--markdown FILE]
 
 The weights: our random `CausalLM` is written with `rlhf_jax.models.save_pretrained` (Hugging
 Face Qwen2 layout, safetensors) and Tunix loads the same files with
@@ -22,8 +23,17 @@ The graphs differ, and the rows say how:
 - The like-for-like rows: Tunix with `RematConfig.DECODER` (each decoder layer
   rematerialised; its `BLOCK` remats the attention only) against ours with `remat="full"`
   (each layer rematerialised), both heads of ours. `--remat` picks the Tunix configurations
-  (each followed by our rows beside it: `dots` and `none` beside `none`, `full` beside
-  `decoder`).
+  (each followed by our rows beside it, `OURS_LIKE`: `dots` and `none` beside `none`, `full`
+  beside `decoder`).
+- Our head in those rows: fused over chunks of 128 positions (the default), unfused (the full
+  logits), or fused with the logits kept for the backward pass (`ModelConfig.
+  logits_keep_bytes` = `--keep-gib`: one head product per token less, for the unfused
+  head's memory). One more row beside `none` scores the response columns only
+  (`token_logps(start=T/2)`), which is what Tunix's `logits_to_keep` asks for; Tunix's graph
+  still runs its head on every position (XLA does not push the slice of the logits into the
+  matmul) and our `DPOTrainer` scores every position (its prompts differ in length).
+- `--rounds R` runs the whole list R times in turn (A B A B), so that both sides see the same
+  load.
 
 Tunix's step time is the wall time of its `train()` loop over the timed steps (it keeps up to
 two steps in flight), divided by their number, after `--warmup` untimed steps (compilation
@@ -219,8 +229,23 @@ def to_markdown(rows: list[tuple[str, dict]], info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-OURS_LIKE = {"none": (("dots", 128), ("none", 128)), "decoder": (("full", 128), ("full", 0))}
-"""Our rows run beside each Tunix `RematConfig`: `(remat, logits chunk)` (0: unfused head)."""
+OURS_LIKE = {
+    "none": ({"remat": "dots"}, {"remat": "none"}, {"remat": "dots", "keep": True},
+             {"remat": "dots", "keep": True, "response_only": True}),
+    "decoder": ({"remat": "full"}, {"remat": "full", "chunk": 0},
+                {"remat": "full", "keep": True}),
+}
+"""Our rows run beside each Tunix `RematConfig`: remat, `chunk` (`ModelConfig.
+logits_chunk_size`, default 128; 0: unfused head), `keep` (the fused head keeps its logits:
+`logits_keep_bytes` = `--keep-gib`) and `response_only` (`Case.response_only`)."""
+
+
+def our_cases(remat: str, *, model: str, seq: int, pairs: int, keep_bytes: int) -> list[Case]:
+    """Our `Case`s run beside Tunix's `RematConfig` `remat` (`OURS_LIKE`)."""
+    return [Case(model=model, step="dpo", seq=seq, batch=pairs, remat=o["remat"],
+                 chunk=o.get("chunk", 128), keep_bytes=keep_bytes if o.get("keep") else 0,
+                 response_only=o.get("response_only", False))
+            for o in OURS_LIKE[remat]]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,6 +261,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="Tunix RematConfig(s) to run, each followed by our like-for-like "
                              "row(s): remat dots and none (fused head) beside none, remat full "
                              "(fused and unfused heads) beside decoder")
+    parser.add_argument("--keep-gib", type=float, default=1.0,
+                        help="ModelConfig.logits_keep_bytes of our kept-logits rows, in GiB")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every row this many times in turn (A B A B)")
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("--markdown")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -245,27 +274,33 @@ def main(argv: list[str] | None = None) -> None:
         tunix_worker(args.worker, steps=args.steps, warmup=args.warmup)
         return
     rows: list[tuple[str, dict[str, Any]]] = []
-    for remat in args.remat:
-        spec = {"model": args.model, "seq": args.seq, "pairs": args.pairs, "remat": remat}
-        row = _tunix_row(spec, steps=args.repeats, warmup=args.warmup, timeout=args.timeout)
-        if row is None:
-            print("Tunix is not installed (pip install google-tunix==0.1.7); no Tunix rows.")
-        else:
-            row["graph"] = (f"reference recomputed in a separate call, layers unrolled, remat "
-                            f"{remat}, full logits")
-            rows.append((f"Tunix DPOTrainer (remat {remat})", row))
-            print(json.dumps({"row": rows[-1][0], "seconds": row.get("seconds"),
-                              "error": row.get("error")}), flush=True)
-        for ours_remat, chunk in OURS_LIKE[remat]:
-            case = Case(model=args.model, step="dpo", seq=args.seq, batch=args.pairs,
-                        remat=ours_remat, chunk=chunk)
-            row = run_isolated("steps", case, steps=args.repeats, warmup=args.warmup,
-                               timeout=args.timeout)
-            row["graph"] = (f"reference in the step, layers scanned, remat {ours_remat}, "
-                            f"{'unfused head' if chunk == 0 else f'fused head ({chunk})'}")
-            rows.append((f"rlhf_jax ({case.head}, remat {ours_remat})", row))
-            print(json.dumps({"row": rows[-1][0], "seconds": row.get("seconds"),
-                              "error": row.get("error")}), flush=True)
+    keep_bytes = int(args.keep_gib * 2**30)
+    for round_ in range(1, args.rounds + 1):
+        suffix = f", round {round_}" if args.rounds > 1 else ""
+        for remat in args.remat:
+            spec = {"model": args.model, "seq": args.seq, "pairs": args.pairs, "remat": remat}
+            row = _tunix_row(spec, steps=args.repeats, warmup=args.warmup,
+                             timeout=args.timeout)
+            if row is None:
+                print("Tunix is not installed (pip install google-tunix==0.1.7); no Tunix rows.")
+            else:
+                row["graph"] = (f"reference recomputed in a separate call, layers unrolled, "
+                                f"remat {remat}, full logits")
+                rows.append((f"Tunix DPOTrainer (remat {remat}{suffix})", row))
+                print(json.dumps({"row": rows[-1][0], "seconds": row.get("seconds"),
+                                  "cpu_seconds": row.get("cpu_seconds"),
+                                  "error": row.get("error")}), flush=True)
+            for case in our_cases(remat, model=args.model, seq=args.seq, pairs=args.pairs,
+                                  keep_bytes=keep_bytes):
+                row = run_isolated("steps", case, steps=args.repeats, warmup=args.warmup,
+                                   timeout=args.timeout)
+                row["graph"] = (f"reference in the step, layers scanned, remat {case.remat}, "
+                                f"{'unfused head' if case.chunk == 0 else 'fused head'} "
+                                f"({case.head})")
+                rows.append((f"rlhf_jax ({case.head}, remat {case.remat}{suffix})", row))
+                print(json.dumps({"row": rows[-1][0], "seconds": row.get("seconds"),
+                                  "cpu_seconds": row.get("cpu_seconds"),
+                                  "error": row.get("error")}), flush=True)
     info = {"machine": machine_description(),
             "what": f"DPO at {args.model}, {args.pairs} pairs of {args.seq} tokens "
                     f"({args.seq // 2} prompt + {args.seq // 2} response), float32, AdamW."}
@@ -280,4 +315,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["error_line", "main", "to_markdown", "tunix_mesh", "tunix_qwen2_copies", "tunix_worker"]
+__all__ = ["OURS_LIKE", "error_line", "main", "our_cases", "to_markdown", "tunix_mesh", "tunix_qwen2_copies", "tunix_worker"]
