@@ -85,9 +85,10 @@ def fused_token_logps(
     therefore O(B · chunk_size · V) for the logits (per device: B is the local batch and V the
     local vocabulary shard when the unembedding is sharded over its vocabulary axis), plus the
     float32 ``dW`` accumulator (the size of ``W``) in the backward pass; nothing of size
-    ``B · T · V`` is kept. The batch axis is never chunked, so a batch sharded over devices stays
-    sharded, and the target logit is picked by comparing against an iota over the vocabulary (no
-    gather across a sharded vocabulary).
+    ``B · T · V`` is kept (unless ``keep_logits``). The batch axis is never chunked, so a batch
+    sharded over devices stays sharded; the backward pass finds the target by comparing against
+    an iota over the vocabulary, and the forward pass gathers the targets' columns of ``W`` as an
+    embedding lookup does, which a vocabulary-sharded ``W`` partitions without gathering it.
 
     Precision: the products run in ``hidden.dtype`` (``W`` and ``bias`` are cast to it, as the
     model's own head does) with float32 accumulation; softmax, log-probs and entropies are
@@ -99,8 +100,10 @@ def fused_token_logps(
 
     Cost: the forward pass runs one ``[B, c, E] x [E, V]`` product per chunk, the backward pass
     three (the recomputed logits, ``dh`` and ``dW``), or two with ``keep_logits``, which stores
-    every chunk's float32 logits between the passes instead: ``B · T · V`` floats, the memory of
-    the unfused head, for one head product per token less. The products are larger, and on CPU
+    every chunk's ``[B, c, V]`` float32 block between the passes instead (``exp(z - max z)``, so
+    that the backward pass runs no ``exp`` either; the logits themselves when the entropy is
+    asked for): ``B · T · V`` floats, the memory of the unfused head, for one head product per
+    token less. The products are larger, and on CPU
     faster per FLOP, when a chunk holds more rows (``B · chunk_size``): a caller that keeps the
     logits gains most from a single chunk (``chunk_size >= T``). The target logit is
     ``h · W[:, y] + c_y`` (a gather of ``B · c`` columns of ``W``, the embedding lookup's
@@ -120,8 +123,8 @@ def fused_token_logps(
         less than one chunk.
       with_entropy: also return the per-token entropy (differentiable).
       with_argmax: also return the per-token argmax token id (int32, no gradient).
-      keep_logits: keep each chunk's float32 logits for the backward pass instead of
-        recomputing them (memory ``B · T · V`` floats; see "Cost").
+      keep_logits: keep each chunk's float32 ``[B, c, V]`` block for the backward pass instead
+        of recomputing the logits (memory ``B · T · V`` floats; see "Cost").
 
     Returns:
       :class:`FusedLogps` ``(logps [B, T], entropy [B, T] or None, argmax [B, T] or None)``.
