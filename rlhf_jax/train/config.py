@@ -199,6 +199,11 @@ class ModelSpec:
     """Positions per chunk of the fused LM head and log-probs (`ModelConfig.logits_chunk_size`;
     unset keeps the model's, 128; 0 scores through the full `[B, T, V]` logits, same values).
     Applies to presets and `path` models alike; peak memory of scoring is O(B * chunk * V)."""
+    logits_keep_bytes: int | None = None
+    """Byte budget of the fused head's kept logits (`ModelConfig.logits_keep_bytes`; unset keeps
+    the model's, 0: never keep them). A scoring call whose float32 logits (`B * T * V * 4`
+    bytes) fit in it keeps them for the backward pass instead of recomputing them: one LM-head
+    product per token less, for the unfused head's memory; same values."""
     attention_impl: Literal["auto", "dense", "blockwise"] | None = None
     """Attention of training and scoring (`ModelConfig.attention_impl`; unset keeps the model's,
     "auto": on CPU, blockwise when a row is longer than one query tile): "blockwise" computes it in
@@ -237,6 +242,7 @@ class ModelSpec:
                      "max_position_embeddings"):
             check_int(self, name, low=1, optional=True, owner=o)
         check_int(self, "logits_chunk_size", low=0, optional=True, owner=o)
+        check_int(self, "logits_keep_bytes", low=0, optional=True, owner=o)
         check_int(self, "attention_block_q", low=1, optional=True, owner=o)
         check_int(self, "attention_block_k", low=1, optional=True, owner=o)
         check_int(self, "lora_rank", low=0, owner=o)

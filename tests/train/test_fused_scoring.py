@@ -169,6 +169,14 @@ def test_model_spec_sets_the_chunk_size():
         ModelSpec(logits_chunk_size=-1)
 
 
+def test_model_spec_sets_the_kept_logits_budget():
+    assert model_config(ModelSpec(preset="tiny_gpt2")).logits_keep_bytes == 0
+    spec = ModelSpec(preset="tiny_gpt2", logits_keep_bytes=1 << 30)
+    assert model_config(spec).logits_keep_bytes == 1 << 30
+    with pytest.raises(FieldError, match="logits_keep_bytes"):
+        ModelSpec(logits_keep_bytes=-1)
+
+
 @pytest.mark.slow  # the model-level check runs by default: tests/models/test_token_logps.py
 def test_dpo_with_the_vocabulary_sharded_over_tensor_equals_one_device():
     """data=2 x tensor=4 on the 8 host devices: the DPO loss, metrics and gradients of the
