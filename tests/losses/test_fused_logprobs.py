@@ -356,3 +356,22 @@ def test_memory_grows_with_chunk_times_vocab_not_tokens_times_vocab():
     # the per-token [B, T, E] arrays (hidden chunks and their gradient), far less.
     assert unfused[1024] - unfused[256] >= full[1024] - full[256]
     assert fused[1024] - fused[256] < (full[1024] - full[256]) / 8
+
+
+# ----------------------------------------------------------------- the tied head's gradient
+def test_tied_head_gradient_is_never_transposed():
+    """A [V, E] head's gradient is accumulated as [V, E]: the compiled backward holds no
+    column-major [V, E] array (the trace of an [E, V] accumulator transposed at the end), and no
+    more temporary memory than one [V, E] float32 array plus a few [B, chunk, V] blocks."""
+    b, t, e, v, chunk = 1, 64, 256, 32768, 16
+    h = jax.ShapeDtypeStruct((b, t, e), jnp.float32)
+    w = jax.ShapeDtypeStruct((v, e), jnp.float32)
+    y = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+    def loss(h, w, y):
+        return jnp.sum(fused_token_logps(h, w, y, layout="ve", chunk_size=chunk).logps)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h, w, y).compile()
+    assert f"f32[{v},{e}]{{0,1}}" not in compiled.as_text()
+    weight, block = v * e * 4, b * chunk * v * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < weight + 4 * block
