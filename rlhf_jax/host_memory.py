@@ -12,6 +12,15 @@ memory comes from, not what is computed).
 
 `keep_freed_memory()` raises the thresholds so freed memory stays in the process for reuse: the
 resident set stays at its high-water mark (the demo's peak RSS was unchanged, about 1.1 GB).
+
+`release_freed_memory()` does the opposite, once: glibc's `malloc_trim(0)` hands every free page
+of every arena back to the kernel. XLA's compiler allocates and frees hundreds of megabytes
+while it compiles a train step, in many small blocks spread over the heaps of its threads; glibc
+keeps them (only the free top of the main heap is ever trimmed by itself), so without a trim
+they stay resident beside the step's own buffers for the rest of the run. The train loop calls
+it once after its first step has been compiled (`rlhf_jax.train.loop.train_loop`), and so does
+the benchmark's step worker after compiling. It does not change `keep_freed_memory()`'s
+settings: memory freed after the call is kept for reuse again.
 """
 
 from __future__ import annotations
@@ -28,6 +37,16 @@ M_MMAP_THRESHOLD = -3
 MiB = 1 << 20
 
 
+def _libc() -> ctypes.CDLL | None:
+    """glibc, or None on other platforms and C libraries."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory(*, mmap_threshold: int = 32 * MiB, trim_threshold: int = 256 * MiB,
                       top_pad: int = 64 * MiB) -> bool:
     """Sets glibc's allocator to keep freed memory for reuse (module docstring); returns
@@ -42,12 +61,8 @@ def keep_freed_memory(*, mmap_threshold: int = 32 * MiB, trim_threshold: int = 2
     Equivalent to starting the process with `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`
     and `MALLOC_TOP_PAD_` set; it affects the whole process from the call on.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = True
@@ -57,4 +72,22 @@ def keep_freed_memory(*, mmap_threshold: int = 32 * MiB, trim_threshold: int = 2
     return ok
 
 
-__all__ = ["keep_freed_memory"]
+def release_freed_memory() -> bool:
+    """Returns the free memory of glibc's heaps to the kernel (`malloc_trim(0)`; module
+    docstring); returns whether it ran (False on other platforms or C libraries: nothing happens
+    there).
+
+    Call it after a large compilation (or any phase that freed much memory) and before the
+    memory-hungry work that follows: it lowers the resident set, and so the peak, by what the
+    allocator held free. It costs the time to walk the heaps (milliseconds) and one page fault
+    per page that is used again later. Safe to call from any thread at any time.
+    """
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    if malloc_trim is None:
+        return False
+    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    malloc_trim(0)
+    return True
+
+
+__all__ = ["keep_freed_memory", "release_freed_memory"]

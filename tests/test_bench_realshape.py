@@ -32,6 +32,7 @@ def test_measure_a_dpo_step(chunks):
         assert row["seconds"] > 0 and row["tokens_per_s"] > 0 and row["compile_s"] > 0
         assert row["cpu_seconds"] > 0 and row["tokens_per_cpu_s"] > 0
         assert row["peak_rss"] > 0 and row["device_peak"] is None  # CPU reports no peak
+        assert row["heap_trim"] is True  # the compiler's freed memory went back (glibc)
         memory_ = row["memory"]
         assert memory_["total"] == (memory_["argument"] + memory_["output"] + memory_["temp"]
                                     - memory_["alias"])
@@ -136,6 +137,18 @@ def test_steps_pairs_each_of_our_rows_with_trl_of_the_same_reference():
     assert "| 1.00x | 1.60x | 0.50 | fused/128, remat full |" in table
     assert "| 1.00x | 1.50x | 0.50 | fused/128, precomputed reference |" in table
     assert "| 1.00x | 1.20x | 0.50 | fused/128, remat full, precomputed reference |" in table
+
+
+def test_steps_rows_without_the_heap_trim_are_labelled_and_compared_with_trl():
+    info = {"machine": "m", "peak_flops": 5e10}
+    cpu = {"cpu_seconds": 200.0, "tokens_per_cpu_s": 4096 / 200.0}
+    rows = [_row("dpo", heap_trim=True, peak_rss=6 * 2**30, **cpu),
+            _row("dpo", heap_trim=False, peak_rss=7 * 2**30, **cpu),
+            _row("dpo", head="TRL DPOTrainer (torch fp32, 2 threads)", peak_rss=14 * 2**30,
+                 **cpu)]
+    table = steps.to_markdown(rows, info)
+    assert "| 0.43 | fused/128 |" in table
+    assert "| 0.50 | fused/128, no heap trim |" in table
 
 
 def test_steps_cases_cross_the_reference_for_dpo_only():

@@ -43,6 +43,7 @@ from flax import nnx
 
 from rlhf_jax import losses
 from rlhf_jax.generation import SamplingParams, generate_with_state
+from rlhf_jax.host_memory import release_freed_memory
 from rlhf_jax.models import (
     CausalLM,
     LoRAParam,
@@ -346,11 +347,14 @@ def _with_lora(model: CausalLM, case: Case) -> CausalLM:
     return model
 
 
-def measure(case: Case, *, steps: int = 3, warmup: int = 1, run: bool = True) -> dict[str, Any]:
+def measure(case: Case, *, steps: int = 3, warmup: int = 1, run: bool = True,
+            heap_trim: bool = True) -> dict[str, Any]:
     """Builds, compiles and (with `run`) times `case` in this process; returns one result row
-    (seconds are medians and bests of `steps` timed steps after `warmup` untimed ones)."""
+    (seconds are medians and bests of `steps` timed steps after `warmup` untimed ones). With
+    `heap_trim` the memory the compiler freed goes back to the kernel after compiling
+    (`rlhf_jax.host_memory.release_freed_memory`, as the train loop does)."""
     if case.step == "ppo":
-        return _measure_ppo(case, steps=steps, warmup=warmup, run=run)
+        return _measure_ppo(case, steps=steps, warmup=warmup, run=run, heap_trim=heap_trim)
     config = case.model_config()
     rng = np.random.default_rng(0)
     half = case.seq // 2
@@ -391,6 +395,7 @@ def measure(case: Case, *, steps: int = 3, warmup: int = 1, run: bool = True) ->
     compile_s = time.perf_counter() - start
     row = _row_base(case, config, weights, tokens=tokens, flops=flops, compile_s=compile_s,
                     memory=compiled_bytes(compiled))
+    row["heap_trim"] = heap_trim and release_freed_memory()
     if run:
         holder = {"state": setup.state}
 
@@ -429,7 +434,8 @@ def _time_fields(times: list[float], *, tokens: int, flops: float,
     return out
 
 
-def _measure_ppo(case: Case, *, steps: int, warmup: int, run: bool) -> dict[str, Any]:
+def _measure_ppo(case: Case, *, steps: int, warmup: int, run: bool,
+                 heap_trim: bool) -> dict[str, Any]:
     config = case.model_config()
     p = n = case.seq // 2
     b = case.batch
@@ -507,6 +513,7 @@ def _measure_ppo(case: Case, *, steps: int, warmup: int, run: bool) -> dict[str,
     row = _row_base(case, config, weights, tokens=tokens, flops=update_flops,
                     compile_s=compile_s, memory=compiled_bytes(update_compiled))
     row["scoring_memory"] = compiled_bytes(score_compiled)
+    row["heap_trim"] = heap_trim and release_freed_memory()
     if run:
         state = setup.state
         phases: dict[str, list[float]] = {"rollout": [], "scoring": [], "update": []}
@@ -558,22 +565,26 @@ def _measure_ppo(case: Case, *, steps: int, warmup: int, run: bool) -> dict[str,
 RESULT_PREFIX = "RLHF_JAX_BENCH_RESULT "
 
 
-def worker_main(case_json: str, *, steps: int, warmup: int, run: bool) -> None:
+def worker_main(case_json: str, *, steps: int, warmup: int, run: bool,
+                heap_trim: bool = True) -> None:
     """Entry point of the child process: measures one case and prints its row as JSON."""
     case = Case(**json.loads(case_json))
-    row = measure(case, steps=steps, warmup=warmup, run=run)
+    row = measure(case, steps=steps, warmup=warmup, run=run, heap_trim=heap_trim)
     print(RESULT_PREFIX + json.dumps(row), flush=True)
 
 
 def run_isolated(bench: str, case: Case, *, steps: int, warmup: int, run: bool = True,
-                 timeout: float | None = None) -> dict[str, Any]:
+                 timeout: float | None = None, heap_trim: bool = True) -> dict[str, Any]:
     """Measures `case` in a fresh `python -m rlhf_jax.bench <bench> --worker ...` process, so
-    that its RSS high-water mark is this configuration's alone. A failed or killed child
-    (e.g. out of memory) gives a row with `error` set instead of numbers."""
+    that its RSS high-water mark is this configuration's alone (`heap_trim=False` passes
+    `--no-heap-trim`: the compiler's freed memory stays in the process). A failed or killed
+    child (e.g. out of memory) gives a row with `error` set instead of numbers."""
     cmd = [sys.executable, "-m", "rlhf_jax.bench", bench, "--worker",
            json.dumps(dataclasses.asdict(case)), "--steps", str(steps), "--warmup", str(warmup)]
     if not run:
         cmd.append("--compile-only")
+    if not heap_trim:
+        cmd.append("--no-heap-trim")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env=dict(os.environ))

@@ -144,11 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--json", help="also write the raw rows to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--no-heap-trim", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker_main(args.worker, steps=args.steps if args.steps is not None else args.repeats,
-                    warmup=args.warmup, run=not args.compile_only)
+                    warmup=args.warmup, run=not args.compile_only,
+                    heap_trim=not args.no_heap_trim)
         return
     rows = []
     for label, case in lever_cases(args.model, args.step, args.seq, args.batch, args.levers):

@@ -4,7 +4,8 @@ with the fused LM head or the full `[B, T, V]` logits, one configuration per pro
     python -m rlhf_jax.bench steps [--models gpt2 qwen2-0.5b] [--seq 512 2048]
         [--step sft dpo ppo] [--heads fused unfused] [--chunk 128] [--batch N]
         [--remat dots full] [--attention auto dense blockwise] [--reference model precomputed]
-        [--repeats 3] [--warmup 1] [--trl [--trl-threads N]] [--rounds R] [--compile-only]
+        [--repeats 3] [--warmup 1] [--trl [--trl-threads N]] [--rounds R] [--heap-trim on off]
+        [--compile-only]
         [--markdown FILE] [--json FILE]
     python -m rlhf_jax.bench steps --plot-from FILE.json ... [--plot-dir docs/figures]
 
@@ -32,7 +33,10 @@ under the same conditions. Columns:
   (`measure_matmul_peak_per_cpu_second`), which holds on a shared host where the wall MFU
   does not;
 - peak RSS: the worker's resident-set high-water mark (`ru_maxrss`): model, optimizer state,
-  compiler and the step itself;
+  compiler and the step itself. After compiling, the worker hands the memory the compiler freed
+  back to the kernel (`rlhf_jax.host_memory.release_freed_memory`, as the train loop does after
+  its first step); `--heap-trim off` leaves it in the process ("no heap trim"), `--heap-trim on
+  off` measures both, each in its own process;
 - step GiB: XLA's buffer assignment of the compiled step (arguments + outputs + temporaries -
   donated aliases), the memory the step needs on a device whatever the allocator; "device
   peak" is the backend's `peak_bytes_in_use` where it reports one (GPU, TPU).
@@ -59,7 +63,6 @@ import subprocess
 import sys
 from typing import Any
 
-from rlhf_jax.bench import _plot
 from rlhf_jax.bench._machine import (
     machine_description,
     measure_matmul_peak,
@@ -230,6 +233,7 @@ def _label(row: dict) -> str:
     reference = row["case"].get("reference", "model")
     return (row["head"] + ("" if remat == "dots" or not ours else f", remat {remat}")
             + (f", {reference} reference" if ours and reference != "model" else "")
+            + (", no heap trim" if ours and row.get("heap_trim") is False else "")
             + (f" (round {row['round']})" if row.get("round") else ""))
 
 
@@ -295,6 +299,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every row this many times, in turn (A B A B on a shared "
                              "host: ours and TRL alternate)")
+    parser.add_argument("--heap-trim", nargs="+", default=["on"], choices=["on", "off"],
+                        help="hand the compiler's freed memory back to the kernel after "
+                             "compiling (on, as the train loop does) or not (off); both: "
+                             "each row twice, each in its own process")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile and report memory, no timed steps")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per row")
@@ -305,13 +313,19 @@ def main(argv: list[str] | None = None) -> None:
                              "--json files (no measurement)")
     parser.add_argument("--plot-dir", default="docs/figures", help="where --plot-from writes")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--no-heap-trim", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker_main(args.worker, steps=args.steps if args.steps is not None else args.repeats,
-                    warmup=args.warmup, run=not args.compile_only)
+                    warmup=args.warmup, run=not args.compile_only,
+                    heap_trim=not args.no_heap_trim)
         return
     if args.plot_from:
+        # Imported here, not at the top: matplotlib would add ~26 MiB to every worker's peak
+        # RSS, which this benchmark measures.
+        from rlhf_jax.bench import _plot
+
         for path in _plot.plot(_plot.load_rows(args.plot_from), args.plot_dir):
             print(path)
         return
@@ -325,13 +339,15 @@ def main(argv: list[str] | None = None) -> None:
         for case in cases(args.models, args.seq, args.step, args.heads, chunk=args.chunk,
                           batch=args.batch, remats=args.remat, attentions=args.attention,
                           references=args.reference):
-            row = run_isolated("steps", case, steps=args.repeats, warmup=args.warmup,
-                               run=not args.compile_only, timeout=args.timeout)
-            rows.append(row | ({"round": round_} if args.rounds > 1 else {}))
-            print(json.dumps({k: row.get(k) for k in ("head", "seconds", "cpu_seconds",
-                                                      "tokens_per_s", "compile_s", "peak_rss",
-                                                      "error")}
-                             | {"case": row["case"]}), flush=True)
+            for trim in args.heap_trim:
+                row = run_isolated("steps", case, steps=args.repeats, warmup=args.warmup,
+                                   run=not args.compile_only, timeout=args.timeout,
+                                   heap_trim=trim == "on")
+                rows.append(row | ({"round": round_} if args.rounds > 1 else {}))
+                print(json.dumps({k: row.get(k) for k in ("head", "seconds", "cpu_seconds",
+                                                          "tokens_per_s", "compile_s",
+                                                          "peak_rss", "heap_trim", "error")}
+                                 | {"case": row["case"]}), flush=True)
             key = _trl_key(row | {"round": round_ if args.rounds > 1 else None})
             if (args.trl and case.step == "dpo" and case.chunk != 0 and not args.compile_only
                     and key not in trl_done):

@@ -273,15 +273,30 @@ def _fused_fwd(static: _Static, h, w, bias, y):
     return (out["logps"], entropy, out.get("argmax")), residuals
 
 
+def _add_head_grad(layout: str, dw, h, dz):
+    """``dw + h^T dz`` for one chunk (``h [B, c, E]``, ``dz [B, c, V]``), in ``dw``'s own layout:
+    ``[E, V]`` for ``"ev"``, ``[V, E]`` for ``"ve"``, so a tied head's gradient never exists in
+    the other layout (no ``[E, V]`` accumulator and no transposed copy at the end).
+
+    For ``"ve"`` the product ``dz^T h`` is one 2-D dot over the ``B * c`` rows (reshapes of
+    contiguous arrays, no copies) whose transposed operand the CPU matmul takes as is; the 3-D
+    ``"bcv,bce->ve"`` einsum made XLA transpose every ``[B, c, V]`` block on CPU instead. The
+    product is not split over the vocabulary: a loop over vocabulary blocks would keep only one
+    block's product beside the accumulator, but its dynamic slices make GSPMD gather a
+    vocabulary sharded over ``tensor``.
+    """
+    if layout == "ev":
+        return dw + jnp.einsum("bce,bcv->ev", h, dz, preferred_element_type=jnp.float32)
+    e, v = h.shape[-1], dz.shape[-1]
+    return dw + jax.lax.dot_general(dz.reshape(-1, v), h.reshape(-1, e), (((0,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+
+
 def _fused_bwd(static: _Static, residuals, cotangents):
     h, w, bias, y, lse, entropy, kept = residuals
     g_logps, g_entropy, _ = cotangents
     w_c, bias_c = _compute_operands(h, w, bias)
     spec_h = "bcv,ev->bce" if static.layout == "ev" else "bcv,ve->bce"
-    # dW is accumulated as [E, V] in either layout (the same contraction as for "ev"; an
-    # accumulator in [V, E] order made XLA transpose every [B, c, V] block on CPU) and
-    # transposed once at the end.
-    spec_w = "bce,bcv->ev"
     use_entropy = static.with_entropy and g_entropy is not None
 
     def body(carry, xs):
@@ -304,7 +319,7 @@ def _fused_bwd(static: _Static, residuals, cotangents):
             dz = dz / static.temperature
         dz_c = dz.astype(h_c.dtype)
         dh = jnp.einsum(spec_h, dz_c, w_c, preferred_element_type=jnp.float32)
-        dw = dw + jnp.einsum(spec_w, h_c, dz_c, preferred_element_type=jnp.float32)
+        dw = _add_head_grad(static.layout, dw, h_c, dz_c)
         if dbias is not None:
             dbias = dbias + jnp.sum(dz, axis=(0, 1))
         return (dw, dbias), dh.astype(h.dtype)
@@ -313,13 +328,10 @@ def _fused_bwd(static: _Static, residuals, cotangents):
     if use_entropy:
         xs.update(entropy=entropy, g_entropy=g_entropy)
     xs.update(kept)
-    e, v = w.shape if static.layout == "ev" else w.shape[::-1]
-    init = (jnp.zeros((e, v), jnp.float32),
+    init = (jnp.zeros(w.shape, jnp.float32),
             None if bias is None else jnp.zeros(bias.shape, jnp.float32))
     (dw, dbias), dh = jax.lax.scan(body, init, xs)
     dbias = None if bias is None else dbias.astype(bias.dtype)
-    if static.layout == "ve":
-        dw = dw.T
     return dh, dw.astype(w.dtype), dbias, None
 
 

@@ -31,6 +31,10 @@ written while the newest update was non-finite, nor of a state that holds a non-
 update with a finite loss and gradient can still overflow the parameters); the run's final save
 of such a state raises `NonFiniteError`.
 
+Host memory: after its first step (whose call compiles the step) the loop hands the memory the
+compiler freed back to the kernel (`rlhf_jax.host_memory.release_freed_memory`, glibc only), so
+that it does not stay resident under the steps' own buffers.
+
 Metrics the loop adds to each training log line: `train/skipped_steps` (cumulative count of
 skipped updates) and `train/steps_per_sec` (host wall-clock rate since the previous log line;
 not part of the bit-exact comparison).
@@ -52,6 +56,7 @@ import numpy as np
 from etils import epath
 
 from rlhf_jax import losses
+from rlhf_jax.host_memory import release_freed_memory
 from rlhf_jax.storage import ensure_dir
 from rlhf_jax.train.checkpoint import Checkpointer, all_finite, whole_stream_state
 from rlhf_jax.train.config import ConfigError, TrainConfig, config_to_dict, save_config
@@ -242,6 +247,7 @@ def train_loop(
     last_saved = step if checkpointer is not None and step in checkpointer.all_steps() else None
     clock = [time.perf_counter(), step]
     consecutive_skips = 0
+    compiled = False
 
     def drain(keep_last: int) -> None:
         nonlocal skipped_steps, last_metrics, consecutive_skips
@@ -322,6 +328,11 @@ def train_loop(
             break
         data_state = _data_state(batches)
         state, metrics = step_fn(state, put_batch(batch))
+        if not compiled:
+            # The first call compiled the step; give the compiler's freed heap back before the
+            # step's buffers fill up (rlhf_jax.host_memory: lowers the run's peak RSS).
+            release_freed_memory()
+            compiled = True
         step += 1
         pending.append((step, metrics))
         drain(1)

@@ -379,3 +379,22 @@ def test_keep_logits_holds_the_logits_and_skips_the_recomputed_product():
 
     assert products(False) - products(True) == 1
     assert _temp_bytes(grad_fn(True), h, w, y) >= b * t * v * 4
+
+
+# ----------------------------------------------------------------- the tied head's gradient
+def test_tied_head_gradient_is_never_transposed():
+    """A [V, E] head's gradient is accumulated as [V, E]: the compiled backward holds no
+    column-major [V, E] array (the trace of an [E, V] accumulator transposed at the end), and no
+    more temporary memory than one [V, E] float32 array plus a few [B, chunk, V] blocks."""
+    b, t, e, v, chunk = 1, 64, 256, 32768, 16
+    h = jax.ShapeDtypeStruct((b, t, e), jnp.float32)
+    w = jax.ShapeDtypeStruct((v, e), jnp.float32)
+    y = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+    def loss(h, w, y):
+        return jnp.sum(fused_token_logps(h, w, y, layout="ve", chunk_size=chunk).logps)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h, w, y).compile()
+    assert f"f32[{v},{e}]{{0,1}}" not in compiled.as_text()
+    weight, block = v * e * 4, b * chunk * v * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < weight + 4 * block
