@@ -590,6 +590,7 @@ class GRPOTrainer(OnlineTrainer):
         self._update = _jit_update(
             self.policy_graphdef, self.tx, self.hp, self.batch_sharding, self.schedule
         )
+        self._update_compiled = False
 
     def initial_state(self, policy_state: TrainState) -> GRPOState:
         return GRPOState(
@@ -599,10 +600,16 @@ class GRPOTrainer(OnlineTrainer):
 
     def score(self, state: GRPOState, rollout: Rollout, prompts: Mapping[str, np.ndarray]):
         """Reward-source scores, then the jitted scoring (log-probs, advantages); the freed host
-        memory goes back to the system before the update (`_release_freed_host_memory`)."""
+        memory goes back to the system before the update (`_release_freed_host_memory`). The
+        first call also compiles the update for this experience (``jax.jit`` reuses the
+        executable), so that the compiler's freed heap is handed back too rather than staying
+        resident beneath the first update's temporaries."""
         scores = self.scores(rollout, prompts)
         experience, metrics = jax.block_until_ready(
             self._score(state, self.reference.state, rollout, scores))
+        if not self._update_compiled:
+            self._update.lower(state, experience).compile()
+            self._update_compiled = True
         _release_freed_host_memory()
         return experience, metrics
 
