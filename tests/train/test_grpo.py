@@ -220,10 +220,11 @@ def check_one_step_both_ways(config_cls, tmp_path, **kw):
                                    err_msg=key)
     assert float(metrics[f"{name}/clipfrac"]) == 0.0
     assert float(metrics[f"{name}/approx_kl"]) == 0.0
-    # atol 1e-3 x the learning rate: AdamW's first step moves a parameter by about
+    # atol 1e-2 x the learning rate: AdamW's first step moves a parameter by about
     # lr * g / (|g| + 1e-8), which turns a gradient that is only float32 rounding noise
-    # (mathematically 0, e.g. a bias ahead of a normalisation) into a visible ~1e-7 step
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    # (mathematically 0, e.g. a bias ahead of a normalisation) into a visible 1e-7..1e-6 step;
+    # a real gradient of the other sign would move it by 2 * lr
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  new.policy.params, forced_new.policy.params)
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
                                          new.policy.params, old.policy.params))
