@@ -23,8 +23,9 @@ The phases, timed in wall and process CPU seconds (the medians over the timed it
 
 - ours (`GRPOTrainer.rollout`, `.score`, the jitted update it runs in `.step`): **rollout**
   (`rlhf_jax.generation`, one jitted prefill + `while_loop` decode over the KV cache),
-  **scoring** (the reward, then one jitted call: the policy's rollout log-probs, the
-  reference's, advantages), **update** (one jitted optimizer step);
+  **scoring** (the reward, then one jitted call: the reference's log-probs and the advantages;
+  with one update per rollout the old-policy log-probs are the update's own, stopped, as in
+  TRL and Tunix, so no policy forward here), **update** (one jitted optimizer step);
 - Tunix (`RLCluster.generate`, `.get_ref_per_token_logps`, `.update_actor`, `.sync_weights`,
   wrapped): **rollout** (its vanilla sampler, which the actor's weights back: the rollout and
   the actor share one mesh, so no second copy), **scoring** (the reference's log-probs; the
@@ -80,13 +81,15 @@ BETA = 0.04
 EPSILON = 0.2
 LEARNING_RATE = 1e-6
 PHASES = ("rollout", "scoring", "update", "sync", "other")
+OURS_CHUNK = 128
+"""Positions per chunk of our fused LM head + log-probs (`ModelConfig.logits_chunk_size`)."""
 
 
 def model_config(spec: dict) -> ModelConfig:
     """The model of `spec` (a `MODELS` key) with our head and remat settings and room for the
     prompt plus the response."""
     base = MODELS[spec["model"]]()
-    return base.replace(logits_chunk_size=spec.get("chunk", 128),
+    return base.replace(logits_chunk_size=spec.get("chunk", OURS_CHUNK),
                         remat=spec.get("remat_ours", "dots"),
                         max_position_embeddings=max(base.max_position_embeddings,
                                                     spec["prompt_len"] + spec["new_tokens"]))
@@ -142,6 +145,10 @@ def measure_ours(spec: dict, *, steps: int, warmup: int) -> dict[str, Any]:
             reward=TokenRewardFunction(lambda p, r, m: even_fraction(r, m), name="even"),
             prompts=iter(()), eos_token_id=EOS_ID, pad_token_id=PAD_ID,
             mesh=sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1]))
+        # The trainer holds its own copies (train state, reference): the module's arrays would
+        # be a third copy of the weights for the whole run, which a training script that builds
+        # the policy inline does not keep.
+        del policy
     phases: dict[str, list[float]] = {k: [] for k in ("rollout", "scoring", "update")}
     cpu: dict[str, list[float]] = {k: [] for k in phases}
     state = trainer.state
@@ -401,11 +408,11 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({"row": rows[-1][0], **{k: v for k, v in row.items()
                                                      if k.endswith("_s")}}), flush=True)
         for ours_remat in OURS_LIKE[remat]:
-            row = _isolated("ours", {**spec, "remat_ours": ours_remat, "chunk": 128},
+            row = _isolated("ours", {**spec, "remat_ours": ours_remat, "chunk": OURS_CHUNK},
                             steps=args.repeats, warmup=args.warmup, timeout=args.timeout)
-            row["graph"] = (f"rlhf_jax.generation rollout, policy + reference log-probs in "
-                            f"one jitted scoring call, layers scanned, remat {ours_remat}, "
-                            f"fused head (128)")
+            row["graph"] = (f"rlhf_jax.generation rollout, reference log-probs in the "
+                            f"scoring call (old log-probs from the update's forward), layers "
+                            f"scanned, remat {ours_remat}, fused head ({OURS_CHUNK})")
             rows.append((f"rlhf_jax GRPOTrainer (remat {ours_remat})", row))
             print(json.dumps({"row": rows[-1][0], **{k: v for k, v in row.items()
                                                      if k.endswith("_s")}}), flush=True)

@@ -11,6 +11,13 @@ before the jitted loop, which sees only the ``B * n`` rows: best-of-``n`` over `
 and plain sampling of ``B * n`` prompts (e.g. an online trainer's rollout, an evaluation) share
 one compiled program.
 
+A ``CausalLM`` decodes to hidden states and the LM head runs in the loop on a ``[E, V]`` weight
+(a tied embedding is transposed once per call): the prefill applies the head to the last prompt
+position only (at ``B = 8``, 64 prompt tokens, ``V = 151,936`` it took 0.97 CPU s with the
+logits of every position, 0.40 without), and the decode step's head product runs about 1.8x
+faster on CPU in that layout. Together they cut a 128-token rollout of 8 rows at the
+Qwen2-0.5B shape (4 layers) from 8.1 to 5.5 CPU s, with the same tokens.
+
 Randomness: the token of step ``i`` is drawn with ``jax.random.fold_in(rng, i)`` over the whole
 ``[B * n, V]`` batch, so the draws depend only on the key and the global row index, never on how
 the batch is sharded over devices.
@@ -145,6 +152,50 @@ def grow_cache(cache: Any, extra: int) -> Any:
                           v=tuple(jnp.pad(v, widths) for v in cache.v))
 
 
+class _Decoder(NamedTuple):
+    """How the loop runs a model: ``decode(ids, positions, cache, cache_mask) -> (hidden,
+    cache)`` and ``head(hidden [..., E]) -> float32 logits [..., V]``, so that the prefill
+    applies the LM head to the last prompt position only."""
+
+    decode: Any
+    head: Any
+
+
+def _decoder(model: Any, blocks: dict) -> _Decoder:
+    """The `_Decoder` of ``model``.
+
+    A ``CausalLM`` (``backbone.decode`` and ``unembedding()``) decodes to hidden states and
+    the head runs here on a ``[E, V]`` weight: a tied embedding ``[V, E]`` is transposed once
+    per call, outside the loop, because the decode step's ``[B, E] x [V, E]^T`` product (the
+    whole step's largest read) runs about 1.8x slower on CPU than ``[B, E] x [E, V]`` (42 vs
+    23 ms per step at ``B = 8``, ``V = 151,936``, ``E = 896``); the copy costs ``V * E``
+    floats of memory while generating. Same formula as ``CausalLM.logits_from_hidden``
+    (compute dtype, float32 accumulation). Any other model runs its ``decode`` (logits of
+    every position) with an identity head."""
+    if not (hasattr(model, "backbone") and hasattr(model, "unembedding")
+            and hasattr(model, "config")):
+        def decode_logits(ids, positions, cache, cache_mask):
+            return model.decode(ids, positions=positions, cache=cache, cache_mask=cache_mask,
+                                **blocks)
+        return _Decoder(decode_logits, lambda logits: logits)
+
+    dtype = jnp.dtype(model.config.dtype)
+    weight, layout = model.unembedding()
+    weight = weight.astype(dtype)
+    if layout == "ve":
+        weight = weight.T
+
+    def decode_hidden(ids, positions, cache, cache_mask):
+        return model.backbone.decode(ids, positions=positions, cache=cache,
+                                     cache_mask=cache_mask, **blocks)
+
+    def head(hidden):
+        return jnp.einsum("...e,ev->...v", hidden.astype(dtype), weight,
+                          preferred_element_type=jnp.float32)
+
+    return _Decoder(decode_hidden, head)
+
+
 def _generate_body(
     graphdef: Any,
     state: Any,
@@ -181,6 +232,7 @@ def _generate_body(
     # Per-layer parameter slices, taken once here so the decode loop does not copy them out of
     # the stacked arrays at every step (models without `layer_blocks` decode as they are).
     blocks = {"blocks": model.layer_blocks()} if hasattr(model, "layer_blocks") else {}
+    decoder = _decoder(model, blocks)
 
     # The cache grows in segments: the loop over the steps of segment j attends over
     # `P + ends[j]` slots instead of all `P + N`, so a step reads less of the cache.
@@ -192,12 +244,9 @@ def _generate_body(
     # Prefill: the whole left-padded prompt in one cached forward.
     cache = model.init_cache(batch, prompt_len + ends[0])
     positions = positions_from_mask(prompt_mask)
-    logits, cache = model.decode(
-        prompt_ids, positions=positions, cache=cache, cache_mask=prompt_then_ones(ends[0]),
-        **blocks
-    )
+    hidden, cache = decoder.decode(prompt_ids, positions, cache, prompt_then_ones(ends[0]))
     first_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # [B]
-    token, logp, model_logp = sample(logits[:, -1], jax.random.fold_in(rng, 0))
+    token, logp, model_logp = sample(decoder.head(hidden[:, -1]), jax.random.fold_in(rng, 0))
 
     def is_eos(tok):
         if not spec.use_eos:
@@ -223,10 +272,9 @@ def _generate_body(
         def body(carry):
             step, token, done, cache, tokens, logps, model_logps = carry
             positions = (first_position + step - 1)[:, None]
-            logits, cache = model.decode(
-                token[:, None], positions=positions, cache=cache, cache_mask=cache_mask, **blocks
-            )
-            new, logp, model_logp = sample(logits[:, 0], jax.random.fold_in(rng, step))
+            hidden, cache = decoder.decode(token[:, None], positions, cache, cache_mask)
+            new, logp, model_logp = sample(decoder.head(hidden[:, 0]),
+                                           jax.random.fold_in(rng, step))
             tokens = jax.lax.dynamic_update_slice(
                 tokens, jnp.where(done, pad, new)[:, None], (0, step)
             )

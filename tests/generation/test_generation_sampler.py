@@ -99,12 +99,36 @@ def argmax_loop_without_cache(model, ids, mask, n_new, eos):
     return seq[:, p:]
 
 
+class DecodeOnly(nnx.Module):
+    """A model with only the decoding protocol (``init_cache``, ``decode`` -> logits of every
+    position): the sampler runs it as it is, without the ``CausalLM`` head path."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def init_cache(self, batch_size, max_length, dtype=None):
+        return self.inner.init_cache(batch_size, max_length, dtype)
+
+    def decode(self, input_ids, *, positions, cache, cache_mask):
+        return self.inner.decode(input_ids, positions=positions, cache=cache,
+                                 cache_mask=cache_mask)
+
+
 class TestGreedy:
     def test_matches_argmax_loop_without_cache(self, model, prompts):
         out = generate(model, *prompts, GREEDY, eos_token_id=None, pad_token_id=PAD)
         expected = argmax_loop_without_cache(model, *prompts, N_NEW, eos=None)
         np.testing.assert_array_equal(out.tokens, expected)
         np.testing.assert_array_equal(out.mask, np.ones_like(expected))
+
+    def test_decode_only_model_samples_what_the_causal_lm_samples(self, model, prompts):
+        # The tied head (GPT-2) runs on a transposed copy of the embedding in the CausalLM path.
+        assert model.unembedding().layout == "ve"
+        kw = dict(rng=jax.random.key(3), eos_token_id=None, pad_token_id=PAD)
+        out = generate(model, *prompts, SAMPLING, **kw)
+        plain = generate(DecodeOnly(model), *prompts, SAMPLING, **kw)
+        np.testing.assert_array_equal(out.tokens, plain.tokens)
+        np.testing.assert_allclose(out.logps, plain.logps, rtol=1e-5, atol=1e-5)
 
     def test_rope_gqa_model_matches_argmax_loop(self, prompts):
         # Llama layout: RoPE positions from the left-padded mask, 4 query heads over 2 KV heads.

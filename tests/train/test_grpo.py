@@ -21,10 +21,15 @@ from rlhf_jax.train.grpo import (
     GRPOConfig,
     GRPOHyperParams,
     GRPOTrainer,
+    RLOOConfig,
     aggregation_mode,
+    complete_experience,
     grpo_per_token_loss,
     grpo_sequence_advantages,
+    make_score_fn,
+    make_update_fn,
 )
+from rlhf_jax.train.logprobs import policy_response_logps
 from rlhf_jax.train.rollout import RolloutConfig
 
 
@@ -120,8 +125,8 @@ MODEL_SPEC = ModelSpec(preset="tiny_gpt2", vocab_size=len(TOKENIZER), hidden_siz
                        num_layers=1, num_heads=2)
 
 
-def run_online(config_cls, tmp_path, iterations, **kw):
-    """A short run of `GRPOTrainer` (GRPO or RLOO by config class) on a 1-device mesh."""
+def online_trainer(config_cls, tmp_path, reference=None, iterations=1, **kw) -> GRPOTrainer:
+    """A `GRPOTrainer` (GRPO or RLOO by config class) on the topic task, 1-device mesh."""
     spec = DataSpec(synthetic="topic", batch_size=8, max_length=16, max_prompt_length=16,
                     num_train=128, num_eval=0)
     base = dict(output_dir=str(tmp_path), num_steps=iterations, data=spec,
@@ -137,9 +142,43 @@ def run_online(config_cls, tmp_path, iterations, **kw):
         prompts=build_data(spec, format="prompt", tokenizer=TOKENIZER, seed=0).train,
         eos_token_id=TOKENIZER.eos_token_id,
         pad_token_id=TOKENIZER.pad_token_id,
+        reference=reference,
         mesh=sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1]),
     )
+    return trainer
+
+
+def run_online(config_cls, tmp_path, iterations, **kw):
+    """A short run of `online_trainer`: the trainer and each iteration's metrics."""
+    trainer = online_trainer(config_cls, tmp_path, iterations=iterations, **kw)
     return trainer, [trainer.iteration() for _ in range(iterations)]
+
+
+def one_step_both_ways(config_cls, tmp_path, **kw):
+    """One rollout, scored and updated with one optimizer step per rollout twice: the trainer's
+    way (no old-log-prob forward, ``reuse_update_logps``) and with the scoring's old-log-prob
+    forward pass forced. Returns per way ``(experience, metrics, new_state)`` and the policy's
+    log-probs of the rollout, with the hyper-parameters and the state before the update."""
+    trainer = online_trainer(
+        config_cls, tmp_path, num_iterations=1, num_minibatches=1,
+        reference=CausalLM(model_config(MODEL_SPEC), rngs=nnx.Rngs(7)),
+        optimizer=OptimizerConfig(learning_rate=1e-3, schedule="constant"), **kw)
+    assert trainer.hp.reuse_update_logps
+    state, prompts = trainer.state, next(trainer.prompts)
+    rollout = trainer.rollout(state, prompts, jax.random.key(3))
+    scores = trainer.scores(rollout, prompts)
+    ways = []
+    for hp in (trainer.hp, trainer.hp._replace(reuse_update_logps=False)):
+        score = jax.jit(make_score_fn(trainer.policy_graphdef, hp=hp, reference=trainer.reference))
+        update = jax.jit(make_update_fn(trainer.policy_graphdef, trainer.tx, hp=hp,
+                                        batch_sharding=trainer.batch_sharding,
+                                        schedule=trainer.schedule))
+        experience, metrics = score(state, trainer.reference.state, rollout, scores)
+        new_state, update_metrics = update(state, experience)
+        ways.append((experience, {**metrics, **update_metrics}, new_state))
+    policy = nnx.merge(trainer.policy_graphdef, state.policy.params, state.policy.frozen)
+    logps, _ = policy_response_logps(policy, rollout, temperature=trainer.hp.temperature)
+    return trainer.hp, state, ways, logps
 
 
 class TestEndToEnd:
@@ -164,8 +203,61 @@ class TestEndToEnd:
         assert set(GRPO_LOSS_TYPES) == {"grpo", "dr_grpo", "dapo", "bnpo", "cispo", "gspo"}
 
 
+def check_one_step_both_ways(config_cls, tmp_path, **kw):
+    hp, old, ((exp, metrics, new), (forced_exp, forced_metrics, forced_new)), logps = (
+        one_step_both_ways(config_cls, tmp_path, **kw))
+    # the scoring skipped the policy's forward; the update completes the buffer identically
+    assert exp.old_logps is None and forced_exp.old_logps is not None
+    completed = complete_experience(exp, logps, hp=hp)
+    for field in ("old_logps", "rewards", "advantages", "ref_logps", "scores"):
+        np.testing.assert_allclose(getattr(completed, field), getattr(forced_exp, field),
+                                   rtol=1e-5, atol=1e-6, err_msg=field)
+    assert metrics.keys() == forced_metrics.keys()
+    name = hp.algorithm
+    assert float(forced_metrics[f"{name}/kl_ref"]) != 0.0  # a reference unlike the policy
+    for key in metrics:
+        np.testing.assert_allclose(metrics[key], forced_metrics[key], rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
+    assert float(metrics[f"{name}/clipfrac"]) == 0.0
+    assert float(metrics[f"{name}/approx_kl"]) == 0.0
+    # atol 1e-2 x the learning rate: AdamW's first step moves a parameter by about
+    # lr * g / (|g| + 1e-8), which turns a gradient that is only float32 rounding noise
+    # (mathematically 0, e.g. a bias ahead of a normalisation) into a visible 1e-7..1e-6 step;
+    # a real gradient of the other sign would move it by 2 * lr
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 new.policy.params, forced_new.policy.params)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                                         new.policy.params, old.policy.params))
+    assert max(moved) > 1e-4  # the step did update the policy
+
+
+class TestOneStepPerRollout:
+    """With ``num_iterations * num_minibatches == 1`` the scoring skips the old-log-prob
+    forward pass and the update uses its own stopped log-probs: the same buffer, metrics and
+    updated parameters as the pass that computes them."""
+
+    def test_grpo_with_k3(self, tmp_path):
+        check_one_step_both_ways(GRPOConfig, tmp_path, loss_type="grpo", beta=0.04)
+
+    def test_rloo_kl_in_reward(self, tmp_path):
+        check_one_step_both_ways(RLOOConfig, tmp_path, loss_type="dapo",
+                                 normalize_advantages=True)
+
+    def test_several_steps_keep_the_old_logps_pass(self, tmp_path):
+        trainer = online_trainer(GRPOConfig, tmp_path, num_iterations=2, num_minibatches=1)
+        assert not trainer.hp.reuse_update_logps
+        prompts = next(trainer.prompts)
+        rollout = trainer.rollout(trainer.state, prompts, jax.random.key(0))
+        experience, _ = trainer.score(trainer.state, rollout, prompts)
+        assert experience.old_logps.shape == rollout.response_mask.shape
+
+
 @pytest.mark.slow
 class TestSlow:
+    @pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo", "gspo", "cispo"])
+    def test_one_step_per_rollout_every_loss_type(self, tmp_path, loss_type):
+        check_one_step_both_ways(GRPOConfig, tmp_path, loss_type=loss_type, beta=0.04)
+
     @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "bnpo", "cispo", "gspo"])
     def test_every_loss_type_runs(self, tmp_path, loss_type):
         _, runs = run_online(GRPOConfig, tmp_path, 3, loss_type=loss_type)
