@@ -18,8 +18,9 @@ of every arena back to the kernel. XLA's compiler allocates and frees hundreds o
 while it compiles a train step, in many small blocks spread over the heaps of its threads; glibc
 keeps them (only the free top of the main heap is ever trimmed by itself), so without a trim
 they stay resident beside the step's own buffers for the rest of the run. The train loop calls
-it once after its first step has been compiled (`rlhf_jax.train.loop.train_loop`), and so does
-the benchmark's step worker after compiling. It does not change `keep_freed_memory()`'s
+it once after its first step has been compiled (`rlhf_jax.train.loop.train_loop`), the GRPO /
+RLOO trainer between each iteration's scoring and update (`rlhf_jax.train.grpo`), and the
+benchmark's step worker after compiling. It does not change `keep_freed_memory()`'s
 settings: memory freed after the call is kept for reuse again.
 """
 
