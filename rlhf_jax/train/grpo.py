@@ -576,9 +576,10 @@ class GRPOTrainer(OnlineTrainer):
         """Reward-source scores, then the jitted scoring (log-probs, advantages); the freed host
         memory goes back to the system before the update
         (`rlhf_jax.host_memory.release_freed_memory`: 0.27 GiB of a 6.35 GiB peak at the
-        Qwen2-0.5B shape with 4 layers, for about 0.02 CPU s). The first call also compiles the update for this experience (``jax.jit`` reuses the
-        executable), so that the compiler's freed heap is handed back too rather than staying
-        resident beneath the first update's temporaries."""
+        Qwen2-0.5B shape with 4 layers, for about 0.02 CPU s). The first call also compiles the
+        update for this experience (``jax.jit`` reuses the executable), so that the compiler's
+        freed heap is handed back too rather than staying resident beneath the first update's
+        temporaries."""
         scores = self.scores(rollout, prompts)
         experience, metrics = jax.block_until_ready(
             self._score(state, self.reference.state, rollout, scores))
