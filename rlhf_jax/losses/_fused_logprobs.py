@@ -245,7 +245,10 @@ def _forward(static: _Static, h, w, bias, y, *, keep: bool = False):
         else:
             lse = jax.nn.logsumexp(z, axis=-1)
             out = {"logits": z} if keep else {}
-        out.update(logps=picked - lse, lse=lse)
+        # `picked` and `lse` round differently (a separate dot and the [B, c, V] pass), so a
+        # target that holds nearly all the mass could come out a few ulps of the logits above 0;
+        # a log-probability is at most 0 (its gradient comes from the custom VJP, not from this).
+        out.update(logps=jnp.minimum(picked - lse, 0.0), lse=lse)
         if static.with_entropy:
             logp = z - lse[..., None]
             p = jnp.exp(logp)

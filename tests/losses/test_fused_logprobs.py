@@ -88,6 +88,20 @@ class TestValues:
         np.testing.assert_allclose(out.entropy, entropy, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(out.argmax, argmax)
 
+    @pytest.mark.parametrize("keep_logits", [False, True])
+    @pytest.mark.parametrize("layout", ["ev", "ve"])
+    def test_log_probs_of_dominant_targets_never_exceed_zero(self, layout, keep_logits):
+        """Large logits with the argmax as target: the log-probs are <= 0 (never a rounding
+        error above it) and within float32 rounding of the float64 reference."""
+        h, w, bias, _ = _data(7, b=4, t=16, e=16, v=300, layout=layout, scale=8.0)
+        logits = np_logits(h, w, layout, bias, 1.0)
+        y = np.argmax(logits, axis=-1).astype(np.int32)
+        out = fused_token_logps(h, w, y, layout=layout, bias=bias, chunk_size=5,
+                                keep_logits=keep_logits)
+        assert float(jnp.max(out.logps)) <= 0.0
+        logps, *_ = np_outputs(logits, y)
+        np.testing.assert_allclose(out.logps, logps, rtol=1e-5, atol=1e-4)
+
     def test_optional_outputs_are_none(self):
         h, w, _, y = _data(1)
         out = fused_token_logps(h, w, y)
