@@ -103,11 +103,12 @@ def fused_token_logps(
     every chunk's ``[B, c, V]`` float32 block between the passes instead (``exp(z - max z)``, so
     that the backward pass runs no ``exp`` either; the logits themselves when the entropy is
     asked for): ``B · T · V`` floats, the memory of the unfused head, for one head product per
-    token less. The products are larger, and on CPU
-    faster per FLOP, when a chunk holds more rows (``B · chunk_size``): a caller that keeps the
-    logits gains most from a single chunk (``chunk_size >= T``). The target logit is
-    ``h · W[:, y] + c_y`` (a gather of ``B · c`` columns of ``W``, the embedding lookup's
-    pattern on a tied table) rather than a pass over the ``[B, c, V]`` block.
+    token less. The products are larger, and on CPU faster per FLOP, when a chunk holds more
+    rows (``B · chunk_size``): a caller that keeps the logits gains most from a single chunk
+    (``chunk_size >= T``). The target logit is ``h · W[:, y] + c_y`` (a gather of ``B · c``
+    columns of ``W``, the embedding lookup's pattern on a tied table) rather than a pass over
+    the ``[B, c, V]`` block; since it rounds apart from the log-normaliser, the log-probs are
+    capped at 0.
 
     Args:
       hidden: ``[B, T, E]`` final hidden states (after the final norm).
