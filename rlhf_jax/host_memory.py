@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 M_TRIM_THRESHOLD = -1
@@ -38,8 +39,10 @@ M_MMAP_THRESHOLD = -3
 MiB = 1 << 20
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    """glibc, or None on other platforms and C libraries."""
+    """glibc, or None on other platforms and C libraries; looked up once (`find_library` runs
+    `ldconfig`), since the GRPO trainer releases memory every iteration."""
     if not sys.platform.startswith("linux"):
         return None
     try:
