@@ -60,6 +60,7 @@ def fused_token_logps(
     with_entropy: bool = False,
     with_argmax: bool = False,
     keep_logits: bool = False,
+    where: chex.Array | None = None,
 ) -> FusedLogps:
     r"""Log-probs of ``targets`` under ``softmax((hidden @ W + bias) / temperature)``, chunked.
 
@@ -98,6 +99,18 @@ def fused_token_logps(
     caller masks out receive exactly zero gradient when their cotangent is zero (e.g. a
     ``where`` or a mask multiply in the loss).
 
+    Scoring some tokens only (``where``): tokens where ``where`` is False get log-prob 0,
+    entropy 0 and argmax -1, and receive no gradient (whatever their target, even an
+    out-of-range one). The head then runs only on the chunks that hold a scored token: each
+    row's scored tokens are first moved to the front of the row (a stable per-row permutation
+    of ``hidden`` and ``targets``, so a batch sharded over its rows stays sharded), and a chunk
+    past the fullest row's count is skipped in both passes (``lax.cond``): the head's products
+    run on ``ceil(max_b count_b / c)`` chunks, not ``ceil(T / c)``. A trainer passes its loss
+    mask, so prompt and padding positions cost nothing in the head (TRL's ``use_logits_to_keep``
+    and Tunix's ``logits_to_keep`` skip the prompt only, and only a prefix common to the batch).
+    Under ``vmap`` the skipped chunks run anyway (a batched ``cond`` runs both branches); the
+    values are the same.
+
     Cost: the forward pass runs one ``[B, c, E] x [E, V]`` product per chunk, the backward pass
     three (the recomputed logits, ``dh`` and ``dW``), or two with ``keep_logits``, which stores
     every chunk's ``[B, c, V]`` float32 block between the passes instead (``exp(z - max z)``, so
@@ -126,6 +139,8 @@ def fused_token_logps(
       with_argmax: also return the per-token argmax token id (int32, no gradient).
       keep_logits: keep each chunk's float32 ``[B, c, V]`` block for the backward pass instead
         of recomputing the logits (memory ``B · T · V`` floats; see "Cost").
+      where: optional ``[B, T]`` bool (or 0/1) mask of the tokens to score (see above); None
+        scores every token.
 
     Returns:
       :class:`FusedLogps` ``(logps [B, T], entropy [B, T] or None, argmax [B, T] or None)``.
@@ -154,26 +169,52 @@ def fused_token_logps(
     if isinstance(temperature, bool) or not isinstance(temperature, int | float) \
             or not float(temperature) > 0:
         raise ValueError(f"temperature must be a positive Python float, got {temperature!r}")
+    if where is not None:
+        check_rank("where", where, 2)
+        if where.shape != (b, t):
+            raise ValueError(f"where.shape={where.shape} must equal targets.shape={(b, t)}")
     static = _Static(layout, float(temperature), bool(with_entropy), bool(with_argmax),
                      bool(keep_logits))
 
     n_chunks = max(-(-t // chunk_size), 1)
     chunk = max(-(-t // n_chunks), 1)
     pad = n_chunks * chunk - t
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))) if pad else hidden
-    y = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad))) if pad else targets.astype(jnp.int32)
+    y = targets.astype(jnp.int32)
+    h = hidden
+    active = None
+    if where is not None:
+        where = where.astype(bool)
+        # Each row's scored tokens first, in their order: [B, T] source position of each slot.
+        order = jnp.argsort(~where, axis=1, stable=True)
+        h = jnp.take_along_axis(h, order[..., None], axis=1)
+        y = jnp.take_along_axis(y, order, axis=1)
+        count = jnp.max(jnp.sum(where, axis=1, dtype=jnp.int32))
+        active = jnp.arange(n_chunks, dtype=jnp.int32) * chunk < count  # [n]
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))) if pad else h
+    y = jnp.pad(y, ((0, 0), (0, pad))) if pad else y
     # [n, B, c, E] and [n, B, c]: the scan runs over time chunks; the batch axis stays whole.
     h = h.reshape(b, n_chunks, chunk, e).swapaxes(0, 1)
     y = y.reshape(b, n_chunks, chunk).swapaxes(0, 1)
-    logps, entropy, argmax = _fused(static, h, unembedding, bias, y)
+    logps, entropy, argmax = _fused(static, h, unembedding, bias, y, active)
 
     def unchunk(x):
-        return None if x is None else x.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :t]
+        if x is None:
+            return None
+        x = x.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :t]
+        if where is None:
+            return x
+        # Back to the token order (the inverse permutation), then the unscored tokens' fill.
+        return jnp.take_along_axis(x, jnp.argsort(order, axis=1), axis=1)
 
     logps = unchunk(logps)
     invalid = (targets < 0) | (targets >= v)
     logps = jnp.where(invalid, jnp.nan, logps)
-    return FusedLogps(logps, unchunk(entropy), unchunk(argmax))
+    entropy, argmax = unchunk(entropy), unchunk(argmax)
+    if where is not None:
+        logps = jnp.where(where, logps, 0.0)
+        entropy = None if entropy is None else jnp.where(where, entropy, 0.0)
+        argmax = None if argmax is None else jnp.where(where, argmax, -1)
+    return FusedLogps(logps, entropy, argmax)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,18 +263,18 @@ def _compute_operands(h, w, bias):
     return w.astype(dtype), None if bias is None else bias.astype(dtype)
 
 
-def _forward(static: _Static, h, w, bias, y, *, keep: bool = False):
+def _forward(static: _Static, h, w, bias, y, active, *, keep: bool = False):
     """Outputs ``(logps, entropy, argmax)`` ``[n, B, c]`` and the per-token log-normaliser;
     with ``keep``, also what the backward pass needs instead of the recomputed logits: the
     unnormalised probabilities ``e = exp(z - max z)`` ``[n, B, c, V]`` and ``1 / sum(e)``
     ``[n, B, c]`` (``"probs"``, ``"inv_sum"``; then the backward pass runs no ``exp`` over the
     logits either), or, with the entropy, the logits ``z`` themselves (``"logits"``: its
     gradient needs ``log p``, which ``z - lse`` gives to float32 rounding and ``log(e / sum)``
-    does not)."""
+    does not). ``active`` (``[n]`` bool or None): chunks where it is False run no head product
+    and give zeros."""
     w_c, bias_c = _compute_operands(h, w, bias)
 
-    def body(_, xs):
-        h_c, y_c = xs
+    def chunk_out(h_c, y_c):
         z = _chunk_logits(static, h_c, w_c, bias_c)
         picked = _target_logit(static, h_c, w_c, bias_c, y_c)
         if keep and not static.with_entropy:
@@ -257,23 +298,37 @@ def _forward(static: _Static, h, w, bias, y, *, keep: bool = False):
             out["entropy"] = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
         if static.with_argmax:
             out["argmax"] = jnp.argmax(z, axis=-1).astype(jnp.int32)
-        return None, out
+        return out
 
-    _, out = jax.lax.scan(body, None, (h, y))
+    def body(_, xs):
+        if active is None:
+            return None, chunk_out(*xs)
+        h_c, y_c, on = xs
+        return None, jax.lax.cond(on, chunk_out, _zeros_like_out(chunk_out), h_c, y_c)
+
+    _, out = jax.lax.scan(body, None, (h, y) if active is None else (h, y, active))
     return out
 
 
+def _zeros_like_out(fn):
+    """A function with ``fn``'s signature that returns zeros shaped like ``fn``'s outputs: the
+    branch of a skipped chunk."""
+    def zeros(*args):
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
+    return zeros
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(static: _Static, h, w, bias, y):
-    out = _forward(static, h, w, bias, y)
+def _fused(static: _Static, h, w, bias, y, active):
+    out = _forward(static, h, w, bias, y, active)
     return out["logps"], out.get("entropy"), out.get("argmax")
 
 
-def _fused_fwd(static: _Static, h, w, bias, y):
-    out = _forward(static, h, w, bias, y, keep=static.keep_logits)
+def _fused_fwd(static: _Static, h, w, bias, y, active):
+    out = _forward(static, h, w, bias, y, active, keep=static.keep_logits)
     entropy = out.get("entropy")
     kept = {k: out[k] for k in ("probs", "inv_sum", "logits") if k in out}
-    residuals = (h, w, bias, y, out["lse"], entropy, kept)
+    residuals = (h, w, bias, y, active, out["lse"], entropy, kept)
     return (out["logps"], entropy, out.get("argmax")), residuals
 
 
@@ -297,13 +352,13 @@ def _add_head_grad(layout: str, dw, h, dz):
 
 
 def _fused_bwd(static: _Static, residuals, cotangents):
-    h, w, bias, y, lse, entropy, kept = residuals
+    h, w, bias, y, active, lse, entropy, kept = residuals
     g_logps, g_entropy, _ = cotangents
     w_c, bias_c = _compute_operands(h, w, bias)
     spec_h = "bcv,ev->bce" if static.layout == "ev" else "bcv,ve->bce"
     use_entropy = static.with_entropy and g_entropy is not None
 
-    def body(carry, xs):
+    def chunk_grads(carry, xs):
         dw, dbias = carry
         h_c, y_c, lse_c, g_c = xs["h"], xs["y"], xs["lse"], xs["g"]
         if "probs" in xs:  # kept: p = e / sum(e), no head product and no exp
@@ -328,7 +383,18 @@ def _fused_bwd(static: _Static, residuals, cotangents):
             dbias = dbias + jnp.sum(dz, axis=(0, 1))
         return (dw, dbias), dh.astype(h.dtype)
 
+    def skip(carry, xs):
+        return carry, jnp.zeros(xs["h"].shape, h.dtype)
+
+    def body(carry, xs):
+        if active is None:
+            return chunk_grads(carry, xs)
+        xs = dict(xs)
+        return jax.lax.cond(xs.pop("active"), chunk_grads, skip, carry, xs)
+
     xs = {"h": h, "y": y, "lse": lse, "g": g_logps}
+    if active is not None:
+        xs["active"] = active
     if use_entropy:
         xs.update(entropy=entropy, g_entropy=g_entropy)
     xs.update(kept)
@@ -336,7 +402,7 @@ def _fused_bwd(static: _Static, residuals, cotangents):
             None if bias is None else jnp.zeros(bias.shape, jnp.float32))
     (dw, dbias), dh = jax.lax.scan(body, init, xs)
     dbias = None if bias is None else dbias.astype(bias.dtype)
-    return dh, dw.astype(w.dtype), dbias, None
+    return dh, dw.astype(w.dtype), dbias, None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

@@ -350,7 +350,7 @@ class CausalLM(nnx.Module):
     def token_logps(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
                     branch_ids=None, *, start: int = 0, temperature: float = 1.0,
                     with_entropy: bool = False, with_argmax: bool = False,
-                    chunk_size: int | None = None) -> FusedLogps:
+                    chunk_size: int | None = None, where=None) -> FusedLogps:
         """Aligned per-token log-probs (and entropies, argmax) without the `[B, T, V]` logits.
 
         `hidden_states(...)` then `token_logps_from_hidden(...)`; see there.
@@ -359,12 +359,13 @@ class CausalLM(nnx.Module):
                                     branch_ids)
         return self.token_logps_from_hidden(
             hidden, input_ids, segment_ids, branch_ids, start=start, temperature=temperature,
-            with_entropy=with_entropy, with_argmax=with_argmax, chunk_size=chunk_size)
+            with_entropy=with_entropy, with_argmax=with_argmax, chunk_size=chunk_size,
+            where=where)
 
     def token_logps_from_hidden(self, hidden, input_ids, segment_ids=None, branch_ids=None, *,
                                 start: int = 0, temperature: float = 1.0,
                                 with_entropy: bool = False, with_argmax: bool = False,
-                                chunk_size: int | None = None) -> FusedLogps:
+                                chunk_size: int | None = None, where=None) -> FusedLogps:
         """Per-token log-probs of `input_ids[:, start:]` aligned to the token they score.
 
         `out.logps[b, t] = log softmax(z / temperature)[input_ids[b, start + t]]` where `z` are
@@ -392,6 +393,11 @@ class CausalLM(nnx.Module):
             `config.logits_chunk_size`, 0 the unfused path through the full logits.
             When the float32 logits fit in `config.logits_keep_bytes`, the fused head runs as
             one chunk and keeps them for its backward pass.
+          where: optional `[B, T - start]` mask of the tokens to score (a trainer's loss mask):
+            the others get log-prob 0, entropy 0 and argmax -1 and no gradient, and the fused
+            head skips the chunks that hold none of them after moving each row's scored tokens
+            to its front (`losses.fused_token_logps(where=...)`), so prompt and padding
+            positions cost no LM-head work.
 
         Returns:
           `rlhf_jax.losses.FusedLogps(logps, entropy or None, argmax or None)`, each
@@ -407,9 +413,14 @@ class CausalLM(nnx.Module):
         chunk_size = self.config.logits_chunk_size if chunk_size is None else chunk_size
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
             raise ValueError(f"chunk_size must be an int >= 0 (0: unfused), got {chunk_size!r}")
+        if where is not None and tuple(where.shape) != (b, t - start):
+            raise ValueError(f"where must be [B, T - start] = {(b, t - start)}, got "
+                             f"{tuple(where.shape)}")
         states, has_context = scoring_states(hidden, segment_ids, branch_ids, start=start)
         states = states.astype(jnp.dtype(self.config.dtype))
         targets = input_ids[:, start:]
+        if where is not None:
+            has_context = has_context & where.astype(bool)
         if chunk_size == 0:
             logits = self.logits_from_hidden(states)
             if temperature != 1.0:
@@ -426,7 +437,8 @@ class CausalLM(nnx.Module):
                                     temperature=temperature,
                                     chunk_size=t - start if keep else chunk_size,
                                     with_entropy=with_entropy, with_argmax=with_argmax,
-                                    keep_logits=keep)
+                                    keep_logits=keep,
+                                    where=None if where is None else has_context)
         return FusedLogps(
             jnp.where(has_context, out.logps, 0.0),
             None if out.entropy is None else jnp.where(has_context, out.entropy, 0.0),

@@ -254,7 +254,7 @@ def policy_pair_logps(
     With ``soft_labels`` and a batch ``label`` p, the smoothing is ``1 - p`` per pair (and the
     accuracy metric uses p); otherwise ``label_smoothing``."""
     rows = pair_forward_batch(batch)
-    logps = model_scores(policy, rows).logps
+    logps = model_scores(policy, rows, where=rows["loss_mask"]).logps
     pc, pr, lc, lr = pair_sequence_sums(logps, rows, batch)
     label = batch["label"].astype(jnp.float32) if "label" in batch else None
     smoothing = (1.0 - label) if (soft_labels and label is not None) else label_smoothing
@@ -266,7 +266,7 @@ def policy_pair_logps(
 def reference_pair_logps(ref_model: nnx.Module, batch: Mapping[str, jax.Array]):
     """`(ref_chosen [P], ref_rejected [P])` sequence log-probs of a pairwise batch, no gradient."""
     rows = pair_forward_batch(batch)
-    logps = model_scores(ref_model, rows).logps
+    logps = model_scores(ref_model, rows, where=rows["loss_mask"]).logps
     rc, rr, _, _ = pair_sequence_sums(jax.lax.stop_gradient(logps), rows, batch)
     return rc, rr
 
@@ -280,7 +280,7 @@ def kto_sequence_logps(model: nnx.Module, batch: Mapping[str, jax.Array]):
     """`(logps [B], kl_logps [B])`: completion log-probs of the examples and of their `kl_`
     mismatched twins, in one fused forward."""
     rows = _kto_rows(batch)
-    logps = model_scores(model, rows).logps
+    logps = model_scores(model, rows, where=rows["loss_mask"]).logps
     seq = losses.masked_sum(logps, rows["loss_mask"].astype(jnp.float32), axis=-1)
     return tuple(jnp.split(seq, 2))
 
@@ -526,7 +526,7 @@ class CPLHyperParams(NamedTuple):
 
     def loss(self, policy, reference, batch):
         rows = pair_forward_batch(batch)
-        logps = model_scores(policy, rows).logps
+        logps = model_scores(policy, rows, where=rows["loss_mask"]).logps
         pc, pr, lc, lr = pair_sequence_sums(logps, rows, batch)
         label = batch["label"].astype(jnp.float32) if "label" in batch else None
         pairs = PairLogps(chosen=pc, rejected=pr, chosen_lengths=lc, rejected_lengths=lr,

@@ -287,7 +287,7 @@ def hir_train_loss(model: nnx.Module, batch: Mapping[str, jax.Array], rng: Any =
     n, k, t = batch["input_ids"].shape
     rows = {key: batch[key].reshape(n * k, t)
             for key in ("input_ids", "attention_mask", "positions", "loss_mask")}
-    logps = model_scores(model, rows).logps.reshape(n, k, t)
+    logps = model_scores(model, rows, where=rows["loss_mask"]).logps.reshape(n, k, t)
     mask = batch["loss_mask"].astype(jnp.float32)
     label = batch["label"]
     pos = jnp.take_along_axis(logps, label[:, None, None], axis=1)[:, 0]

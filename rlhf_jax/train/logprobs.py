@@ -108,10 +108,15 @@ def model_inputs(batch: Mapping[str, jax.Array], prefix: str = "") -> dict[str, 
 
 
 def model_scores(
-    model: Any, batch: Mapping[str, jax.Array], prefix: str = "", *, with_argmax: bool = False
+    model: Any, batch: Mapping[str, jax.Array], prefix: str = "", *, with_argmax: bool = False,
+    where: jax.Array | None = None,
 ) -> losses.FusedLogps:
     """Aligned log-probs `[B, T]` (and argmax) of a causal LM on the batch's `<prefix>input_ids`,
     through the fused LM head: the `[B, T, V]` logits are never materialised.
+
+    `where` (`[B, T]`, optional): the tokens to score, the loss mask of the trainers; the others
+    get log-prob 0 and argmax -1 and no gradient, and the fused head spends no work on them
+    (`CausalLM.token_logps(where=...)`).
 
     A model with `token_logps` (`rlhf_jax.models.CausalLM`, chunked per
     `ModelConfig.logits_chunk_size`) is scored by it; any other callable
@@ -124,7 +129,7 @@ def model_scores(
     input_ids = batch[prefix + "input_ids"]
     kwargs = model_inputs(batch, prefix)
     if hasattr(model, "token_logps"):
-        return model.token_logps(input_ids, **kwargs, with_argmax=with_argmax)
+        return model.token_logps(input_ids, **kwargs, with_argmax=with_argmax, where=where)
     logits = model(input_ids, **kwargs)
     logps = aligned_token_logps(logits, input_ids, kwargs.get("segment_ids"),
                                 kwargs.get("branch_ids"))
@@ -134,6 +139,10 @@ def model_scores(
             jnp.argmax(logits[:, :-1], axis=-1).astype(jnp.int32), logits,
             kwargs.get("segment_ids"), kwargs.get("branch_ids"), fill=-1,
             from_prefix=lambda last: jnp.argmax(last, axis=-1).astype(jnp.int32)[:, None])
+    if where is not None:
+        where = where.astype(bool)
+        logps = jnp.where(where, logps, 0.0)
+        argmax = None if argmax is None else jnp.where(where, argmax, -1)
     return losses.FusedLogps(logps, None, argmax)
 
 
@@ -180,12 +189,14 @@ def policy_response_logps(
 
     ``logps[b, t] = log softmax(logits[b, P - 1 + t] / temperature)[response_ids[b, t]]``. The
     logits are divided by the sampling temperature as TRL's PPO/GRPO do, so that at the start of
-    an update the ratio to the rollout log-probs is exactly 1. Padded positions hold whatever the
-    model gives; every consumer masks them.
+    an update the ratio to the rollout log-probs is exactly 1. Padded positions (``response_mask``
+    0) hold 0 with a model that has ``token_logps`` and whatever the logits give otherwise; every
+    consumer masks them.
 
     Args:
       model: a causal LM; one with ``token_logps`` (``rlhf_jax.models.CausalLM``) runs the fused
-        head on the response positions only and never materialises the logits; any other
+        head on the response tokens only (``where=response_mask``: the chunks of the response
+        past the longest response cost nothing) and never materialises the logits; any other
         ``model(input_ids, attention_mask=..., positions=...) -> [B, T, V]`` is scored from its
         logits.
       rollout: the sampled batch.
@@ -202,7 +213,8 @@ def policy_response_logps(
             raise ValueError(f"prompt_length must be >= 1 (a prompt needs a token), got "
                              f"{rollout.prompt_length}")
         out = model.token_logps(rollout.sequences, **kwargs, start=rollout.prompt_length,
-                                temperature=temperature, with_entropy=with_entropy)
+                                temperature=temperature, with_entropy=with_entropy,
+                                where=rollout.response_mask)
         return out.logps, out.entropy
     logits = model(rollout.sequences, **kwargs)
     return tempered_response_logps(logits, rollout, temperature=temperature,

@@ -425,7 +425,7 @@ def rest_improve_loss(model: Any, batch: Mapping[str, jax.Array], rng: jax.Array
       ``(loss, metrics)``: ``bc`` and ``gold`` reduce per token over the batch (the SFT token
       mean), ``vmpo`` is the mean over samples of V-MPO's weighted sequence NLL.
     """
-    logps = model_scores(model, batch).logps
+    logps = model_scores(model, batch, where=batch["loss_mask"]).logps
     mask = batch["loss_mask"].astype(jnp.float32)
     rewards = batch["rewards"]
     if hp.loss == "bc":

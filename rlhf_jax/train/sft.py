@@ -111,9 +111,9 @@ def sft_loss(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}; allowed: {REDUCTIONS}")
-    scores = model_scores(model, batch, with_argmax=True)
-    logps = scores.logps
     mask = sft_loss_mask(batch, completion_only=completion_only)
+    scores = model_scores(model, batch, with_argmax=True, where=mask)
+    logps = scores.logps
     nll = -logps
     token_mean = masked_mean(nll, mask)
     if reduction == "token":

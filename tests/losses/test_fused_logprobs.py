@@ -2,6 +2,8 @@
 vocabulary on 8 devices, and compiled memory that grows with chunk * V, not T * V."""
 
 import functools
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -299,6 +301,130 @@ class TestArguments:
             fused_token_logps(h, w, y.astype(np.float32))
 
 
+# ----------------------------------------------------------------- scoring some tokens only
+def _where(seed, b, t, p=0.4):
+    where = np.random.default_rng(seed).random((b, t)) < p
+    where[0, :2] = [True, False]
+    where[-1] = False  # a row with nothing to score
+    return where
+
+
+class TestWhere:
+    @VARIANTS
+    @pytest.mark.parametrize("layout", ["ev", "ve"])
+    @pytest.mark.parametrize("keep_logits", [False, True])
+    @pytest.mark.parametrize("chunk_size", [1, 3, 64])
+    def test_values_match_numpy(self, variant, layout, keep_logits, chunk_size):
+        h, w, bias, y = _data(40, b=3, t=11, layout=layout)
+        where = _where(41, 3, 11)
+        y = y.copy()
+        y[0, 1] = -3  # out of range, but not scored: 0, not NaN
+        fn = variant(functools.partial(fused_token_logps, layout=layout, bias=bias,
+                                       temperature=0.7, chunk_size=chunk_size,
+                                       with_entropy=True, with_argmax=True,
+                                       keep_logits=keep_logits))
+        out = fn(h, w, y, where=where)
+        logps, entropy, argmax, _ = np_outputs(np_logits(h, w, layout, bias, 0.7),
+                                               np.clip(y, 0, None))
+        np.testing.assert_allclose(out.logps, np.where(where, logps, 0.0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.entropy, np.where(where, entropy, 0.0), rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_array_equal(out.argmax, np.where(where, argmax, -1))
+
+    def test_hand_worked(self):
+        # p = [1/4, 3/4] at every position; only tokens 1 and 2 of the row are scored.
+        h = jnp.ones((1, 4, 1))
+        w = jnp.array([[0.0, np.log(3.0)]])
+        out = fused_token_logps(h, w, jnp.array([[1, 0, 1, 0]]), chunk_size=1,
+                                with_argmax=True, where=jnp.array([[False, True, True, False]]))
+        np.testing.assert_allclose(out.logps, [[0.0, np.log(0.25), np.log(0.75), 0.0]],
+                                   rtol=1e-6)
+        np.testing.assert_array_equal(out.argmax, [[-1, 1, 1, -1]])
+
+    def test_scored_out_of_range_target_is_nan(self):
+        h, w, _, y = _data(42)
+        y = y.copy()
+        y[0, 3] = 11
+        where = np.zeros((2, 7), bool)
+        where[0, 3] = where[1, 4] = True
+        out = fused_token_logps(h, w, y, where=where)
+        assert np.isnan(out.logps[0, 3]) and np.isfinite(out.logps[1, 4])
+
+    @VARIANTS
+    @pytest.mark.parametrize("layout", ["ev", "ve"])
+    @pytest.mark.parametrize("keep_logits", [False, True])
+    def test_gradients_match_numpy(self, variant, layout, keep_logits):
+        h, w, bias, y = _data(43, b=3, t=10, layout=layout)
+        where = _where(44, 3, 10)
+        rng = np.random.default_rng(45)
+        g_l = rng.standard_normal((3, 10)).astype(np.float32)
+        g_e = rng.standard_normal((3, 10)).astype(np.float32)
+
+        def loss(h, w, bias):
+            out = fused_token_logps(h, w, y, layout=layout, bias=bias, temperature=1.3,
+                                    chunk_size=3, with_entropy=True, keep_logits=keep_logits,
+                                    where=where)
+            return jnp.sum(g_l * out.logps) + jnp.sum(g_e * out.entropy)
+
+        grads = variant(jax.grad(loss, argnums=(0, 1, 2)))(h, w, bias)
+        # Unscored tokens contribute nothing: the reference zeroes their cotangents.
+        dh, dw, db = np_grads(h, w, y, g_l * where, g_e * where, layout, bias, 1.3)
+        np.testing.assert_allclose(grads[0], dh, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(grads[0])[~where], 0.0)
+        np.testing.assert_allclose(grads[1], dw, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(grads[2], db, rtol=1e-4, atol=1e-5)
+
+    def test_check_grads(self):
+        h, w, bias, y = _data(46, b=2, t=4, e=3, v=4)
+        where = np.array([[True, False, True, True], [False, False, True, False]])
+
+        def f(h, w, bias):
+            out = fused_token_logps(h, w, y, bias=bias, chunk_size=2, with_entropy=True,
+                                    where=where)
+            return out.logps + 0.5 * out.entropy
+
+        check_grads(f, (jnp.asarray(h), jnp.asarray(w), jnp.asarray(bias)), order=1,
+                    modes=["rev"], eps=1e-2, atol=1e-2, rtol=1e-2)
+
+    @pytest.mark.parametrize("keep_logits", [False, True])
+    def test_nothing_scored(self, keep_logits):
+        h, w, _, y = _data(47)
+        where = np.zeros((2, 7), bool)
+        out, grads = jax.value_and_grad(
+            lambda a, b: fused_token_logps(a, b, y, chunk_size=3, keep_logits=keep_logits,
+                                           where=where).logps.sum(), (0, 1))(h, w)
+        assert float(out) == 0.0
+        for g in grads:
+            np.testing.assert_array_equal(g, 0.0)
+
+    def test_chunks_without_scored_tokens_are_skipped(self):
+        """Every row scores 4 scattered tokens; the others hold NaN hidden states. With chunks
+        of 2 positions the scored tokens fill the first 2 chunks of each (compacted) row, so
+        the NaN tokens are all in chunks the head never runs: values and gradients are finite
+        and equal the clean run's. A chunk that ran would carry NaN into ``dW``."""
+        h, w, _, y = _data(48, b=2, t=12)
+        where = np.zeros((2, 12), bool)
+        where[0, [1, 4, 5, 11]] = True
+        where[1, [0, 2, 7, 8]] = True
+        dirty = np.where(where[..., None], h, np.nan).astype(np.float32)
+
+        def run(hidden):
+            return jax.jit(jax.value_and_grad(
+                lambda a, b: fused_token_logps(a, b, y, chunk_size=2, with_entropy=True,
+                                               where=where).logps.sum(), (0, 1)))(hidden, w)
+
+        (clean, (gh, gw)), (value, (gh_d, gw_d)) = run(h), run(dirty)
+        assert np.isfinite(value) and np.isfinite(gw_d).all()
+        np.testing.assert_allclose(value, clean, rtol=1e-6)
+        np.testing.assert_allclose(gw_d, gw, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(gh_d)[where], np.asarray(gh)[where], rtol=1e-6)
+
+    def test_bad_where(self):
+        h, w, _, y = _data(49)
+        with pytest.raises(ValueError, match="where.shape"):
+            fused_token_logps(h, w, y, where=np.ones((2, 6), bool))
+
+
 # ----------------------------------------------------------------- 8 devices, vocab over tensor
 def _mesh(data, tensor):
     devices = np.asarray(jax.devices()[: data * tensor]).reshape(data, 1, tensor)
@@ -307,24 +433,35 @@ def _mesh(data, tensor):
 
 @pytest.mark.parametrize("layout", ["ev", "ve"])
 @pytest.mark.parametrize("keep_logits", [False, True])
-def test_vocab_sharded_over_tensor_equals_unsharded(layout, keep_logits):
+@pytest.mark.parametrize("scored", ["all", "where"])
+def test_vocab_sharded_over_tensor_equals_unsharded(layout, keep_logits, scored):
     h, w, bias, y = _data(30, b=4, t=12, e=8, v=64, layout=layout)
     g = np.random.default_rng(31).standard_normal((4, 12)).astype(np.float32)
+    where = _where(32, 4, 12) if scored == "where" else None
 
-    def f(h, w, bias, y):
+    def f(h, w, bias, y, where):
         out = fused_token_logps(h, w, y, layout=layout, bias=bias, chunk_size=5,
-                                with_entropy=True, with_argmax=True, keep_logits=keep_logits)
+                                with_entropy=True, with_argmax=True, keep_logits=keep_logits,
+                                where=where)
         loss = jnp.sum(g * out.logps) + jnp.sum(out.entropy)
         return loss, out
 
     step = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
-    (loss, out), grads = step(h, w, bias, y)
+    (loss, out), grads = step(h, w, bias, y, where)
     mesh = _mesh(2, 4)
     vocab_axis = PartitionSpec(None, "tensor") if layout == "ev" else PartitionSpec("tensor")
     put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
     hs, ws = put(h, PartitionSpec("data")), put(w, vocab_axis)
     bs, ys = put(bias, PartitionSpec("tensor")), put(y, PartitionSpec("data"))
-    (loss_s, out_s), grads_s = step(hs, ws, bs, ys)
+    wheres = None if where is None else put(where, PartitionSpec("data"))
+    hlo = step.lower(hs, ws, bs, ys, wheres).compile().as_text()
+    # Nothing is gathered but the argmax's per-shard candidates ([B / 2, chunk, 4 shards]):
+    # neither the vocabulary-sharded weight nor the data-sharded hidden states (the `where`
+    # permutation runs inside each row).
+    gathered = [math.prod(int(d) for d in dims.split(",")) for dims in
+                re.findall(r"= \w+\[([\d,]+)\]\S* all-gather\(", hlo)]
+    assert max(gathered, default=0) <= 2 * 4 * 4, gathered
+    (loss_s, out_s), grads_s = step(hs, ws, bs, ys, wheres)
     assert grads_s[1].sharding.spec == vocab_axis  # the weight's gradient stays sharded
     np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
     np.testing.assert_allclose(out_s.logps, out.logps, rtol=1e-5, atol=1e-6)

@@ -123,6 +123,55 @@ def test_model_scores_of_a_plain_callable_equal_the_fused_head():
     assert got.entropy is None and want.entropy is None
 
 
+def test_scoring_the_loss_tokens_only_on_packed_and_prefix_shared_rows():
+    """`model_scores(where=mask)`: the masked tokens of packed and prefix-shared rows keep the
+    values of the unmasked scoring, the others are 0 (argmax -1), for the fused head, the
+    unfused one and a plain callable; and the gradient of a masked sum is the same."""
+    fused, plain = _models("tiny_gpt2", seed=5)
+    rng = np.random.default_rng(5)
+    packed = pack_sft([TokenizedSFT(_ids(rng, n), np.ones(n, np.int32), "t") for n in (5, 7, 3)],
+                      num_rows=2, row_length=12, pad_id=0)
+    shared = collate_prefix_shared(
+        [TokenizedPreference(_ids(rng, 3), _ids(rng, 3), _ids(rng, 2), 0.0, 1.0, "t"),
+         TokenizedPreference(_ids(rng, 2), _ids(rng, 4), _ids(rng, 4), 0.0, 1.0, "t")],
+        pad_id=0, length=12)
+    keys = ("input_ids", "attention_mask", "positions", "segment_ids")
+    batch = {k: np.concatenate([packed[k], shared[k]]) for k in keys}
+    batch["branch_ids"] = np.concatenate([np.zeros_like(packed["input_ids"]),
+                                          shared["branch_ids"]])
+    where = rng.random(batch["input_ids"].shape) < 0.5
+    batch = jax.tree.map(jax.numpy.asarray, batch)
+
+    def scores(model, where):
+        def run(params):
+            m = nnx.merge(graphdef, params, rest)
+            out = model_scores(m, batch, with_argmax=True, where=where)
+            return jax.numpy.sum(out.logps * (1.0 if where is None else where)), out
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        return jax.jit(jax.value_and_grad(run, has_aux=True))(params)
+
+    (_, full), _ = scores(fused, None)
+    assert np.any(full.logps[~where] != 0)
+    # The gradient of the masked sum through the unmasked scoring.
+    graphdef, params, rest = nnx.split(fused, nnx.Param, ...)
+    want = jax.jit(jax.grad(lambda p: masked_sum(
+        model_scores(nnx.merge(graphdef, p, rest), batch).logps, where)))(params)
+    for model in (fused, plain):
+        (masked_loss, got), masked_grads = scores(model, where)
+        np.testing.assert_allclose(got.logps, np.where(where, full.logps, 0.0), rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_array_equal(got.argmax, np.where(where, full.argmax, -1))
+        np.testing.assert_allclose(masked_loss, masked_sum(full.logps, where), rtol=1e-5)
+        _assert_close(masked_grads, want, rtol=1e-4, atol=1e-6)
+    # A callable without `token_logps` is masked the same way.
+    callable_scores = jax.jit(lambda p: model_scores(
+        lambda ids, **kw: nnx.merge(graphdef, p, rest)(ids, **kw), batch, with_argmax=True,
+        where=where))(params)
+    np.testing.assert_allclose(callable_scores.logps, np.where(where, full.logps, 0.0),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(callable_scores.argmax, np.where(where, full.argmax, -1))
+
+
 def test_response_logps_and_entropy_equal_the_full_logits_path():
     # The PPO / GRPO / RLOO updates and their old-log-prob and reference passes.
     fused, _ = _models("tiny_llama", seed=4)
