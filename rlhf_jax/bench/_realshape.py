@@ -212,8 +212,8 @@ def _model_kwargs(batch: dict) -> dict:
 
 def sft_loss(model, batch, rng=None):
     ids = batch["input_ids"]
-    out = model.token_logps(ids, **_model_kwargs(batch), with_argmax=True)
     mask = batch["loss_mask"].astype(jnp.float32)
+    out = model.token_logps(ids, **_model_kwargs(batch), with_argmax=True, where=mask)
     loss = losses.masked_mean(-out.logps, mask)
     accuracy = losses.masked_mean((out.argmax == ids).astype(jnp.float32), mask)
     return loss, {"sft/loss": loss, "sft/accuracy": accuracy}
@@ -229,8 +229,9 @@ class PolicyAndReference(nnx.Module):
 
 def _pair_sums(model, batch, start=0):
     ids = batch["input_ids"]
-    logps = model.token_logps(ids, **_model_kwargs(batch), start=start).logps
-    sums = losses.masked_sum(logps, batch["loss_mask"][:, start:].astype(jnp.float32), axis=-1)
+    mask = batch["loss_mask"][:, start:].astype(jnp.float32)
+    logps = model.token_logps(ids, **_model_kwargs(batch), start=start, where=mask).logps
+    sums = losses.masked_sum(logps, mask, axis=-1)
     return jnp.split(sums, 2)
 
 
@@ -272,9 +273,9 @@ def make_ppo_loss(p: int):
 def _ppo_loss(model, batch, p):
     seqs, mask = batch["sequences"], batch["sequence_mask"]
     kwargs = {"attention_mask": mask, "positions": batch["positions"]}
-    logps = model.policy.token_logps(seqs, **kwargs, start=p).logps
-    values = model.value(seqs, **kwargs)[:, p - 1:-1].astype(jnp.float32)
     rmask = batch["response_mask"].astype(jnp.float32)
+    logps = model.policy.token_logps(seqs, **kwargs, start=p, where=rmask).logps
+    values = model.value(seqs, **kwargs)[:, p - 1:-1].astype(jnp.float32)
     pg = losses.masked_mean(losses.ppo_clip_loss(logps, batch["old_logps"],
                                                  batch["advantages"], clip_eps=0.2), rmask)
     vf = losses.masked_mean(losses.clipped_value_loss(values, batch["old_values"],
