@@ -11,6 +11,7 @@ from flax import nnx
 from rlhf_jax.bench import _plot, memory, steps
 from rlhf_jax.bench._realshape import (
     Case,
+    forward_flops,
     forward_flops_per_token,
     matmul_weights,
     measure,
@@ -74,6 +75,9 @@ def test_flops_count_the_tied_head_and_attention():
     per_layer = e * h * d + 2 * e * k * d + h * d * e + 3 * e * f
     assert matmul_weights(model) == config.num_layers * per_layer + v * e
     assert forward_flops_per_token(config, 1000, 32) == 2000 + 4 * config.num_layers * 32 * h * d
+    # The head's FLOPs count on the scored tokens only: 10 tokens, 4 scored.
+    per_token = forward_flops_per_token(config, 1000, 32)
+    assert forward_flops(config, 1000, 32, tokens=10, scored=4) == 10 * per_token - 6 * 2 * e * v
 
 
 def _row(step, head="fused/128", **extra):

@@ -94,10 +94,12 @@ class Case:
       chunk: `ModelConfig.logits_chunk_size` (0: unfused head through the full logits).
       keep_bytes: `ModelConfig.logits_keep_bytes` (the fused head keeps logits within this
         budget for its backward pass; 0: never). Named in `head` when set.
-      response_only: DPO only: score the response columns alone (`token_logps(start=T/2)`: the
-        LM head runs on half the positions), which every row of this benchmark allows (prompts
-        of exactly `T/2` tokens) and Tunix's `logits_to_keep` asks for; `DPOTrainer` scores
-        every position (its rows' prompts differ in length). Named in `head`.
+      response_only: DPO only: score from the first response column on
+        (`token_logps(start=T/2)`, a static slice, as Tunix's `logits_to_keep` asks), which
+        every row of this benchmark allows (prompts of exactly `T/2` tokens). Without it the
+        step scores the loss tokens (`where=loss_mask`), as `DPOTrainer` does, and the fused
+        head skips the prompt's chunks at run time: the same head work, with any prompt
+        lengths. Named in `head`.
       remat: `ModelConfig.remat`.
       attention: `ModelConfig.attention_impl` (`"auto"`, the model's default, `"dense"` or
         `"blockwise"`; default tiles). Named in `head` unless `"auto"`.
@@ -184,6 +186,16 @@ def forward_flops_per_token(config: ModelConfig, weights: int, seq: int) -> floa
     model-FLOPs convention; causal masking and rematerialisation are not discounted/added)."""
     return 2.0 * weights + 4.0 * config.num_layers * seq * config.num_heads \
         * config.resolved_head_dim
+
+
+def forward_flops(config: ModelConfig, weights: int, seq: int, *, tokens: int,
+                  scored: int) -> float:
+    """One forward pass over `tokens` tokens of which `scored` go through the LM head: the
+    scoring runs the head (`2 E V` per token) on the scored tokens only (a loss mask's tokens,
+    `CausalLM.token_logps(where=...)`, or the columns from `start` on), so the FLOPs of the
+    head on the others are not model FLOPs of the step."""
+    head = 2.0 * config.hidden_size * config.vocab_size
+    return forward_flops_per_token(config, weights, seq) * tokens - head * (tokens - scored)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,24 +373,27 @@ def measure(case: Case, *, steps: int = 3, warmup: int = 1, run: bool = True,
     half = case.seq // 2
     policy = _with_lora(CausalLM(config, rngs=nnx.Rngs(0)), case)
     weights = matmul_weights(policy)
-    fwd = forward_flops_per_token(config, weights, case.seq)
     trainable = None
     if case.step == "sft":
         model, loss_fn = policy, sft_loss
         batch = _rows(rng, case.batch, case.seq, config.vocab_size, prompt=half)
         tokens = case.batch * case.seq
-        flops = 3 * fwd * tokens
+        fwd = forward_flops(config, weights, case.seq, tokens=tokens,
+                            scored=int(batch["loss_mask"].sum()))
+        flops = 3 * fwd
     else:
         batch = _rows(rng, 2 * case.batch, case.seq, config.vocab_size, prompt=half)
         tokens = 2 * case.batch * case.seq
-        flops = 3 * fwd * tokens
+        fwd = forward_flops(config, weights, case.seq, tokens=tokens,
+                            scored=int(batch["loss_mask"].sum()))
+        flops = 3 * fwd
         if case.reference == "model":
             model = PolicyAndReference(policy, CausalLM(config, rngs=nnx.Rngs(0)))
             trainable = nnx.All(nnx.Param, nnx.PathContains("policy"))
-            flops += fwd * tokens
+            flops += fwd
         elif case.reference == "lora_base":
             model = policy
-            flops += fwd * tokens
+            flops += fwd
         else:
             model = policy
             batch["ref_chosen_logps"] = rng.normal(-50, 1, case.batch).astype(np.float32)
@@ -446,11 +461,12 @@ def _measure_ppo(case: Case, *, steps: int, warmup: int, run: bool,
     reward = RewardModel(config, rngs=nnx.Rngs(2))
     weights = matmul_weights(policy)
     value_weights = matmul_weights(value)
-    fwd_policy = forward_flops_per_token(config, weights, case.seq)
-    fwd_value = forward_flops_per_token(config, value_weights, case.seq)
     tokens = b * case.seq
-    update_flops = case.epochs * tokens * 3 * (fwd_policy + fwd_value)
-    scoring_flops = tokens * (2 * fwd_policy + 2 * fwd_value)
+    # The policy's head runs on the N response columns; the value model has no LM head.
+    fwd_policy = forward_flops(config, weights, case.seq, tokens=tokens, scored=b * n)
+    fwd_value = forward_flops_per_token(config, value_weights, case.seq) * tokens
+    update_flops = case.epochs * 3 * (fwd_policy + fwd_value)
+    scoring_flops = 2 * fwd_policy + 2 * fwd_value
 
     pair = PolicyAndValue(policy, value)
     trainable = nnx.Param

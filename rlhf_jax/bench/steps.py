@@ -25,9 +25,11 @@ under the same conditions. Columns:
   tokens/CPU s: on a shared host the steadier time figure (a descheduled thread spends none);
 - tokens/s: tokens of the batch (`T` x rows) per second of the median step; a PPO iteration's
   tokens/s divides the `B x T` rollout tokens by rollout + scoring + update;
-- MFU: model FLOPs per second (`rlhf_jax.bench._realshape.forward_flops_per_token`: `2 W + 4 L
-  T (H D)` per token forward, x3 for forward + backward, plus one forward of the reference for
-  DPO; the fused head's recomputed logits are not counted) over the measured fp32 matmul peak
+- MFU: model FLOPs per second (`rlhf_jax.bench._realshape.forward_flops`: `2 W + 4 L T (H D)`
+  per token forward, less the LM head's `2 E V` on the tokens the loss does not score (the
+  prompts: the head runs on the loss tokens only), x3 for forward + backward, plus one forward
+  of the reference for DPO; the fused head's recomputed logits are not counted) over the
+  measured fp32 matmul peak
   (`rlhf_jax.bench.measure_matmul_peak`, best of three); a PPO row's MFU is its update's;
   "MFU (CPU s)" divides the model FLOPs per CPU second by the matmul's FLOPs per CPU second
   (`measure_matmul_peak_per_cpu_second`), which holds on a shared host where the wall MFU

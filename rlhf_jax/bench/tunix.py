@@ -28,10 +28,12 @@ The graphs differ, and the rows say how:
 - Our head in those rows: fused over chunks of 128 positions (the default), unfused (the full
   logits), or fused with the logits kept for the backward pass (`ModelConfig.
   logits_keep_bytes` = `--keep-gib`: one head product per token less, for the unfused
-  head's memory). One more row beside `none` scores the response columns only
-  (`token_logps(start=T/2)`), which is what Tunix's `logits_to_keep` asks for; Tunix's graph
-  still runs its head on every position (XLA does not push the slice of the logits into the
-  matmul) and our `DPOTrainer` scores every position (its prompts differ in length).
+  head's memory). Every row of ours scores the loss tokens only, as `DPOTrainer` does
+  (`where=loss_mask`: the fused head skips the prompt's chunks), which is what Tunix's
+  `logits_to_keep` asks for; Tunix's graph still runs its head on every position (XLA does not
+  push the slice of the logits into the matmul). One more row beside `none` keeps the logits
+  of the response columns only (`token_logps(start=T/2)`, a static slice: one chunk of half
+  the positions).
 - `--rounds R` runs the whole list R times in turn (A B A B), so that both sides see the same
   load.
 
