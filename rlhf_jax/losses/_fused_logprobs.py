@@ -118,7 +118,8 @@ def fused_token_logps(
     asked for): ``B · T · V`` floats, the memory of the unfused head, for one head product per
     token less. The products are larger, and on CPU faster per FLOP, when a chunk holds more
     rows (``B · chunk_size``): a caller that keeps the logits gains most from a single chunk
-    (``chunk_size >= T``). The target logit is ``h · W[:, y] + c_y`` (a gather of ``B · c``
+    (``chunk_size >= T``), unless ``where`` leaves chunks to skip (then the skipped chunks'
+    blocks are zeros and cost no product). The target logit is ``h · W[:, y] + c_y`` (a gather of ``B · c``
     columns of ``W``, the embedding lookup's pattern on a tied table) rather than a pass over
     the ``[B, c, V]`` block; since it rounds apart from the log-normaliser, the log-probs are
     capped at 0.

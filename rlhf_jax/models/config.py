@@ -131,10 +131,12 @@ class ModelConfig:
         Never changes the values beyond float32 rounding.
       logits_keep_bytes: byte budget of the fused head's kept logits (0, the default: never
         keep them). When a `token_logps` call's float32 logits (`B * T' * V * 4` bytes, `T'`
-        the scored positions, global shapes) fit in it, the fused head runs the scored
-        positions as one chunk and keeps its logits for the backward pass instead of
-        recomputing them (`fused_token_logps(keep_logits=True)`): one LM-head product per token
-        less and larger products, for the memory of the unfused head. Never changes the values.
+        the scored positions, global shapes) fit in it, the fused head keeps its logits for the
+        backward pass instead of recomputing them (`fused_token_logps(keep_logits=True)`): one
+        LM-head product per token less, for the memory of the unfused head. It runs the scored
+        positions as one chunk (larger products), or in `logits_chunk_size` chunks when the
+        call names the tokens to score (`where`: the trainers' loss masks), so that the
+        chunks without any still cost nothing. Never changes the values.
       attention_impl: the attention of the no-cache path (training, scoring, reward and value
         models): `"dense"` (one `[B, H, T, T]` float32 score tensor per layer, which
         `remat="dots"` keeps for the backward pass), `"blockwise"`

@@ -391,8 +391,8 @@ class CausalLM(nnx.Module):
             accuracy metric is `argmax == input_ids[:, start:]`).
           chunk_size: positions per chunk of the fused head; None uses
             `config.logits_chunk_size`, 0 the unfused path through the full logits.
-            When the float32 logits fit in `config.logits_keep_bytes`, the fused head runs as
-            one chunk and keeps them for its backward pass.
+            When the float32 logits fit in `config.logits_keep_bytes`, the fused head keeps
+            them for its backward pass, as one chunk (without `where`) or in these chunks.
           where: optional `[B, T - start]` mask of the tokens to score (a trainer's loss mask):
             the others get log-prob 0, entropy 0 and argmax -1 and no gradient, and the fused
             head skips the chunks that hold none of them after moving each row's scored tokens
@@ -431,11 +431,14 @@ class CausalLM(nnx.Module):
                              else None)
         else:
             weight, layout = self.unembedding()
-            # Logits within the config's byte budget: one chunk, kept for the backward pass.
+            # Logits within the config's byte budget are kept for the backward pass: in one
+            # chunk (the largest products), or, when `where` selects the tokens to score, in
+            # the usual chunks, so that the chunks with none of them are still skipped.
             keep = 4 * b * (t - start) * self.config.vocab_size <= self.config.logits_keep_bytes
             out = fused_token_logps(states, weight, targets, layout=layout,
                                     temperature=temperature,
-                                    chunk_size=t - start if keep else chunk_size,
+                                    chunk_size=t - start if keep and where is None
+                                    else chunk_size,
                                     with_entropy=with_entropy, with_argmax=with_argmax,
                                     keep_logits=keep,
                                     where=None if where is None else has_context)

@@ -162,6 +162,39 @@ def test_logits_within_the_keep_budget_give_the_same_values_and_gradients(start)
     _assert_trees_close(kept_grads, chunked_grads, rtol=1e-4, atol=1e-6)
 
 
+def test_kept_logits_with_a_scoring_mask_stay_in_chunks():
+    """With `where` and logits within the keep budget, the kept logits are held per chunk (so
+    the chunks with nothing to score are still skipped) and the values and gradients equal the
+    chunked head's without the budget."""
+    base = CONFIGS["qwen2_tied"]
+    ids, mask = _left_padded(base.vocab_size)
+    b, t = ids.shape
+    where = np.asarray(mask, bool) & (np.arange(t) >= 3)
+
+    def run(config):
+        model = CausalLM(config, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(params, ids, mask):
+            out = nnx.merge(graphdef, params).token_logps(ids, mask, with_entropy=True,
+                                                          where=where)
+            return jnp.sum(out.logps + 0.1 * out.entropy), out
+
+        fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        (_, out), grads = fn(params, ids, mask)
+        return out, grads, str(jax.make_jaxpr(fn)(params, ids, mask))
+
+    kept, kept_grads, kept_jaxpr = run(base.replace(logits_keep_bytes=4 * b * t * base.vocab_size))
+    chunked, chunked_grads, _ = run(base)
+    n_chunks = -(-t // 5)
+    assert f"[{n_chunks},{b},{-(-t // n_chunks)},{base.vocab_size}]" in kept_jaxpr
+    assert f"[1,{b},{t},{base.vocab_size}]" not in kept_jaxpr
+    np.testing.assert_allclose(kept.logps, chunked.logps, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kept.entropy, chunked.entropy, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(kept.logps)[~where], 0.0)
+    _assert_trees_close(kept_grads, chunked_grads, rtol=1e-4, atol=1e-6)
+
+
 def test_packed_rows_equal_unfused_and_separate_rows():
     model = _model("llama_untied")
     rng = np.random.default_rng(2)
