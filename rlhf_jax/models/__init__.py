@@ -5,10 +5,10 @@ Qwen2 families. On top of it:
 
 - `CausalLM(config, *, rngs)`: `model(input_ids, attention_mask=None, positions=None,
   segment_ids=None, branch_ids=None) -> logits [B, T, V]` (float32 whatever the compute
-  dtype); `model.token_logps(input_ids, ..., start=0, temperature=1.0, with_entropy=False)`
-  -> `rlhf_jax.losses.FusedLogps` of per-token log-probs aligned to the token they score,
-  through the fused, chunked LM head (never the `[B, T, V]` logits; chunk size
-  `ModelConfig.logits_chunk_size`); `model.hidden_states(...)`,
+  dtype); `model.token_logps(input_ids, ..., start=0, temperature=1.0, with_entropy=False,
+  where=None)` -> `rlhf_jax.losses.FusedLogps` of per-token log-probs aligned to the token they
+  score, through the fused, chunked LM head (never the `[B, T, V]` logits; chunk size
+  `ModelConfig.logits_chunk_size`; `where`: score those tokens only); `model.hidden_states(...)`,
   `model.token_logps_from_hidden(hidden, input_ids, ...)` and `model.unembedding()` split it.
 - `ValueModel(config, *, rngs)`: `-> values [B, T]`.
 - `RewardModel(config, *, head_names=("reward",), rngs)`: `-> rewards [B, H]` at the last real

@@ -67,12 +67,13 @@ def shared_forward(
     model: PolicyWithValueHead, rollout: Rollout, *, temperature: float, with_entropy: bool = True
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """``(logps, entropy, values)`` ``[B, N]`` of a `PolicyWithValueHead` in one forward pass
-    (the log-probs through the LM's fused head on the response positions, no ``[B, T, V]``)."""
+    (the log-probs through the LM's fused head on the response tokens, no ``[B, T, V]``;
+    0 at padding, like `rlhf_jax.train.logprobs.policy_response_logps`)."""
     hidden, values = model.hidden_and_values(rollout.sequences, rollout.sequence_mask,
                                              positions_from_mask(rollout.sequence_mask))
     out = model.lm.token_logps_from_hidden(
         hidden, rollout.sequences, start=rollout.prompt_length, temperature=temperature,
-        with_entropy=with_entropy)
+        with_entropy=with_entropy, where=rollout.response_mask)
     return out.logps, out.entropy, response_logits(values, rollout.prompt_length)
 
 
