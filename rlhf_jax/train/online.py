@@ -138,6 +138,34 @@ def own_buffers(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
 
 
+def _buffer_pointers(x: jax.Array) -> list[int]:
+    return [shard.data.unsafe_buffer_pointer() for shard in x.addressable_shards]
+
+
+def own_train_state(state: TrainState) -> TrainState:
+    """``state`` in buffers of its own, so that it can be donated to the update: fresh copies
+    of the parameters, frozen variables, step and key (a model built with ``nnx.clone`` shares
+    its arrays with its source), and of the optimizer state only the arrays that hold one of
+    those buffers or one seen before in it (an optimizer that keeps the parameters themselves,
+    such as lookahead's slow weights). The moments the optimizer has just created are the
+    state's own already: copying them would hold a second copy of each while building."""
+    seen: set[int] = set()
+    for leaf in jax.tree.leaves(state._replace(opt_state=None)):
+        if isinstance(leaf, jax.Array):
+            seen.update(_buffer_pointers(leaf))
+
+    def copy_if_shared(x):
+        if not isinstance(x, jax.Array):
+            return x
+        pointers = _buffer_pointers(x)
+        shared = any(p in seen for p in pointers)
+        seen.update(pointers)
+        return x.copy() if shared else x
+
+    owned = own_buffers(state._replace(opt_state=None))
+    return owned._replace(opt_state=jax.tree.map(copy_if_shared, state.opt_state))
+
+
 def create_sharded_state(
     model: nnx.Module, tx: Any, *, seed: int, mesh: Any, spec: Any = None
 ) -> tuple[nnx.GraphDef, Any]:
@@ -155,7 +183,7 @@ def create_sharded_state(
                          what="the policy")
     # Own buffers: models built with nnx.clone share arrays with their source, and the state
     # is donated to the update.
-    state, _ = shard_train_state(own_buffers(state), mesh)
+    state, _ = shard_train_state(own_train_state(state), mesh)
     return graphdef, state
 
 
@@ -584,6 +612,7 @@ __all__ = [
     "create_sharded_state",
     "merged_state",
     "own_buffers",
+    "own_train_state",
     "resolve_mesh",
     "rollout_batch_sharding",
     "seed_key_data",

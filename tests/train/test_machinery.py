@@ -38,6 +38,7 @@ from rlhf_jax.train import (
     save_config,
 )
 from rlhf_jax.train.loop import WALL_CLOCK_METRICS
+from rlhf_jax.train.online import own_train_state
 from rlhf_jax.train.optimizer import clip_by_global_norm
 
 
@@ -407,3 +408,33 @@ def test_train_state_is_a_pytree_of_arrays():
     _, state = create_train_state(ToyModel(), tx, seed=nnx.Rngs(0)())
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
     assert state.rng.dtype == jnp.uint32
+
+
+def test_own_train_state_copies_what_may_be_shared_and_not_fresh_moments():
+    """The online trainers' train state is donated to the update: parameters (which a cloned
+    model shares) and any optimizer array that aliases them get fresh buffers; the moments the
+    optimizer just created are kept as they are (no second copy of each while building)."""
+    def pointers(x):
+        return [s.data.unsafe_buffer_pointer() for s in x.addressable_shards]
+
+    model = ToyModel()
+    twin = nnx.clone(model)  # shares its arrays with `model`
+    # An optimizer whose state holds the parameters themselves, and Adam's fresh moments.
+    keep_params = optax.GradientTransformation(lambda params: params,
+                                               lambda u, state, params=None: (u, state))
+    _, state = create_train_state(model, optax.adam(1e-3), seed=0)
+    _, kept = create_train_state(twin, optax.chain(optax.adam(1e-3), keep_params), seed=0)
+    kept_pointers = [p for x in jax.tree.leaves(kept) for p in pointers(x)]
+    assert len(kept_pointers) > len(set(kept_pointers))  # aliased as built
+    for original in (state, kept):
+        owned = own_train_state(original)
+        twin_params = {p for x in jax.tree.leaves(nnx.state(twin)) for p in pointers(x)}
+        for x in jax.tree.leaves(owned.params):
+            assert not set(pointers(x)) & twin_params
+        # Every buffer of the owned state is distinct, so the whole state can be donated.
+        all_pointers = [p for x in jax.tree.leaves(owned) for p in pointers(x)]
+        assert len(all_pointers) == len(set(all_pointers))
+        jax.tree.map(np.testing.assert_array_equal, owned, original)
+    # Adam's moments were not copied.
+    mu = jax.tree.leaves(state.opt_state[0].mu)[0]
+    assert pointers(jax.tree.leaves(own_train_state(state).opt_state[0].mu)[0]) == pointers(mu)
