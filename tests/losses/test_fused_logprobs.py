@@ -425,6 +425,110 @@ class TestWhere:
             fused_token_logps(h, w, y, where=np.ones((2, 6), bool))
 
 
+# ----------------------------------------------------------------- strided vocabulary blocks
+class TestVocabBlocks:
+    """The backward pass over ``vocab_blocks`` strided vocabulary blocks gives the gradients of
+    the single pass (and of float64 NumPy), whatever the block count that divides V."""
+
+    @VARIANTS
+    @pytest.mark.parametrize("layout", ["ev", "ve"])
+    @pytest.mark.parametrize("vocab_blocks", [1, 3, 4, 12])
+    @pytest.mark.parametrize("scored", ["all", "where"])
+    def test_gradients_match_numpy(self, variant, layout, vocab_blocks, scored):
+        h, w, bias, y = _data(60, b=3, t=10, v=12, layout=layout)
+        where = _where(61, 3, 10) if scored == "where" else None
+        rng = np.random.default_rng(62)
+        g_l = rng.standard_normal((3, 10)).astype(np.float32)
+        g_e = rng.standard_normal((3, 10)).astype(np.float32)
+
+        def loss(h, w, bias):
+            out = fused_token_logps(h, w, y, layout=layout, bias=bias, temperature=1.3,
+                                    chunk_size=3, with_entropy=True, where=where,
+                                    vocab_blocks=vocab_blocks)
+            return jnp.sum(g_l * out.logps) + jnp.sum(g_e * out.entropy)
+
+        grads = variant(jax.grad(loss, argnums=(0, 1, 2)))(h, w, bias)
+        m = 1.0 if where is None else where
+        dh, dw, db = np_grads(h, w, y, g_l * m, g_e * m, layout, bias, 1.3)
+        np.testing.assert_allclose(grads[0], dh, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(grads[1], dw, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(grads[2], db, rtol=1e-4, atol=1e-5)
+
+    @VARIANTS
+    @pytest.mark.parametrize("layout", ["ev", "ve"])
+    @pytest.mark.parametrize("vocab_blocks", [3, 12])
+    @pytest.mark.parametrize("scored", ["all", "where"])
+    def test_values_match_numpy(self, variant, layout, vocab_blocks, scored):
+        h, w, bias, y = _data(66, b=3, t=11, v=12, layout=layout)
+        where = _where(67, 3, 11) if scored == "where" else np.ones((3, 11), bool)
+        fn = variant(functools.partial(fused_token_logps, layout=layout, bias=bias,
+                                       temperature=0.7, chunk_size=4, with_entropy=True,
+                                       with_argmax=True, vocab_blocks=vocab_blocks))
+        out = fn(h, w, y, where=None if scored == "all" else where)
+        logps, entropy, argmax, _ = np_outputs(np_logits(h, w, layout, bias, 0.7), y)
+        np.testing.assert_allclose(out.logps, np.where(where, logps, 0.0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.entropy, np.where(where, entropy, 0.0), rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_array_equal(out.argmax, np.where(where, argmax, -1))
+
+    def test_argmax_ties_take_the_first_id(self):
+        # Logits [1, 3, 0, 3, 3, 1] at every position: ids 1, 3 and 4 tie, in 3 blocks
+        # ({0, 3}, {1, 4}, {2, 5}) of which the one seen first holds id 3, not id 1.
+        w = jnp.array([[1.0, 3.0, 0.0, 3.0, 3.0, 1.0]])
+        h, y = jnp.ones((2, 5, 1)), jnp.zeros((2, 5), jnp.int32)
+        for nb in (1, 2, 3, 6):
+            out = fused_token_logps(h, w, y, chunk_size=2, with_argmax=True, vocab_blocks=nb)
+            np.testing.assert_array_equal(out.argmax, 1)
+
+    @pytest.mark.parametrize("big", [1e4, -1e4])
+    def test_extreme_logits(self, big):
+        h, w, _, y = _data(68, e=2, v=12)
+        h = h.copy()
+        h[..., 0] = big  # logits of order 1e4 in both directions
+        out = fused_token_logps(h, w, y, chunk_size=3, with_entropy=True, vocab_blocks=4)
+        logps, entropy, _, _ = np_outputs(np_logits(h, w, "ev"), y)
+        np.testing.assert_allclose(out.logps, logps, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(out.entropy, entropy, rtol=1e-4, atol=1e-3)
+        gh, gw = jax.grad(lambda a, b: jnp.sum(fused_token_logps(
+            a, b, y, chunk_size=3, with_entropy=True, vocab_blocks=4).entropy), (0, 1))(h, w)
+        assert np.isfinite(gh).all() and np.isfinite(gw).all()
+
+    def test_minus_inf_bias_masks_tokens(self):
+        h, w, bias, y = _data(69, v=12)
+        bias = bias.copy()
+        banned = [0, 4, 8, 5]  # all of block 0 (ids 0, 4, 8), the first one seen, and id 5
+        bias[banned] = -np.inf
+        y = np.where(np.isin(y, banned), 1, y).astype(np.int32)
+
+        def run(h, w):
+            return fused_token_logps(h, w, y, bias=bias, chunk_size=3, with_entropy=True,
+                                     with_argmax=True, vocab_blocks=4)
+
+        out = run(h, w)
+        logps, entropy, argmax, _ = np_outputs(np_logits(h, w, "ev", bias), y)
+        np.testing.assert_allclose(out.logps, logps, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.entropy, entropy, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out.argmax, argmax)
+        gw = jax.grad(lambda w: jnp.sum(run(h, w).logps) + jnp.sum(run(h, w).entropy))(w)
+        assert np.isfinite(gw).all()
+        np.testing.assert_array_equal(gw[:, banned], 0.0)
+
+    def test_logps_only_without_bias(self):
+        h, w, _, y = _data(63, t=10, v=12)
+        g = np.random.default_rng(64).standard_normal((2, 10)).astype(np.float32)
+        grads = {nb: jax.grad(lambda a, b, nb=nb: jnp.sum(
+            g * fused_token_logps(a, b, y, chunk_size=4, vocab_blocks=nb).logps), (0, 1))(h, w)
+            for nb in (1, 6)}
+        for a, b in zip(grads[6], grads[1]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    @pytest.mark.parametrize("bad", [0, -2, 5, 2.0, True])
+    def test_bad_vocab_blocks(self, bad):
+        h, w, _, y = _data(65, v=12)
+        with pytest.raises(ValueError, match="vocab_blocks"):
+            fused_token_logps(h, w, y, vocab_blocks=bad)
+
+
 # ----------------------------------------------------------------- 8 devices, vocab over tensor
 def _mesh(data, tensor):
     devices = np.asarray(jax.devices()[: data * tensor]).reshape(data, 1, tensor)
@@ -432,9 +536,9 @@ def _mesh(data, tensor):
 
 
 @pytest.mark.parametrize("layout", ["ev", "ve"])
-@pytest.mark.parametrize("keep_logits", [False, True])
+@pytest.mark.parametrize(("keep_logits", "vocab_blocks"), [(False, 1), (False, 4), (True, None)])
 @pytest.mark.parametrize("scored", ["all", "where"])
-def test_vocab_sharded_over_tensor_equals_unsharded(layout, keep_logits, scored):
+def test_vocab_sharded_over_tensor_equals_unsharded(layout, keep_logits, vocab_blocks, scored):
     h, w, bias, y = _data(30, b=4, t=12, e=8, v=64, layout=layout)
     g = np.random.default_rng(31).standard_normal((4, 12)).astype(np.float32)
     where = _where(32, 4, 12) if scored == "where" else None
@@ -442,7 +546,7 @@ def test_vocab_sharded_over_tensor_equals_unsharded(layout, keep_logits, scored)
     def f(h, w, bias, y, where):
         out = fused_token_logps(h, w, y, layout=layout, bias=bias, chunk_size=5,
                                 with_entropy=True, with_argmax=True, keep_logits=keep_logits,
-                                where=where)
+                                where=where, vocab_blocks=vocab_blocks)
         loss = jnp.sum(g * out.logps) + jnp.sum(out.entropy)
         return loss, out
 
@@ -457,7 +561,8 @@ def test_vocab_sharded_over_tensor_equals_unsharded(layout, keep_logits, scored)
     hlo = step.lower(hs, ws, bs, ys, wheres).compile().as_text()
     # Nothing is gathered but the argmax's per-shard candidates ([B / 2, chunk, 4 shards]):
     # neither the vocabulary-sharded weight nor the data-sharded hidden states (the `where`
-    # permutation runs inside each row).
+    # permutation runs inside each row), nor a strided vocabulary block (4 blocks of 16 ids,
+    # each split over the 4 shards).
     gathered = [math.prod(int(d) for d in dims.split(",")) for dims in
                 re.findall(r"= \w+\[([\d,]+)\]\S* all-gather\(", hlo)]
     assert max(gathered, default=0) <= 2 * 4 * 4, gathered
@@ -519,8 +624,8 @@ def test_keep_logits_holds_the_logits_and_skips_the_recomputed_product():
     w = jax.ShapeDtypeStruct((e, v), jnp.float32)
     y = jax.ShapeDtypeStruct((b, t), jnp.int32)
 
-    def grad_fn(keep):
-        return jax.grad(lambda h, w, y: fused_token_logps(h, w, y, chunk_size=t,
+    def grad_fn(keep):  # one vocabulary block, so that every head product spans V
+        return jax.grad(lambda h, w, y: fused_token_logps(h, w, y, chunk_size=t, vocab_blocks=1,
                                                           keep_logits=keep).logps.sum(),
                         argnums=(0, 1))
 
@@ -549,3 +654,28 @@ def test_tied_head_gradient_is_never_transposed():
     assert f"f32[{v},{e}]{{0,1}}" not in compiled.as_text()
     weight, block = v * e * 4, b * chunk * v * 4
     assert compiled.memory_analysis().temp_size_in_bytes < weight + 4 * block
+
+
+@pytest.mark.parametrize("layout", ["ev", "ve"])
+def test_head_gradient_is_the_only_vocabulary_sized_buffer(layout):
+    """The backward pass in strided vocabulary blocks (the default here: 16 blocks of 2,048 ids)
+    holds the head's float32 gradient (the step's output) and a few blocks, not a second
+    ``[V, E]`` array: the single pass (``vocab_blocks=1``) holds each chunk's ``[V, E]`` product
+    ``h^T dz`` beside the accumulator, and the accumulator itself as a temporary."""
+    b, t, e, v, chunk = 1, 64, 256, 32768, 16
+    h = jax.ShapeDtypeStruct((b, t, e), jnp.float32)
+    w = jax.ShapeDtypeStruct((e, v) if layout == "ev" else (v, e), jnp.float32)
+    y = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+    def temp(vocab_blocks):
+        def loss(h, w, y):
+            return jnp.sum(fused_token_logps(h, w, y, layout=layout, chunk_size=chunk,
+                                             vocab_blocks=vocab_blocks).logps)
+
+        return _temp_bytes(jax.grad(loss, argnums=(0, 1)), h, w, y)
+
+    weight, block = v * e * 4, b * chunk * v * 4
+    # Two [V / 16, E] blocks of dW (the block's accumulator and one chunk's product, 2 MiB
+    # each) and the [B, chunk, V] logits of the forward pass (2 MiB): 6.3 MiB, not 32.
+    assert temp(None) < 2 * weight / 16 + 2 * block
+    assert temp(1) >= weight
