@@ -163,9 +163,11 @@ def fused_token_logps(
       vocab_blocks: number of strided vocabulary blocks (a positive int that divides ``V``;
         see "Vocabulary blocks"); 1 runs each chunk over the whole vocabulary at once. None
         picks the smallest divisor of ``V`` from 16 to 64 that leaves blocks of at least 512
-        ids (or else the largest from 2 to 15; or else 1): 16 for Qwen2's 151,936, 29 for
-        GPT-2's 50,257, 1 below 1,024 ids. Ignored with ``keep_logits`` (the kept blocks span
-        the vocabulary).
+        ids, a multiple of 8 (or else the largest such from 2 to 15; or else 1): 16 for
+        Qwen2's 151,936 and Llama 3's 128,256, 1 for GPT-2's odd 50,257 and below 1,024 ids.
+        With the vocabulary sharded over more than 8 devices, or over a count that does not
+        divide ``V / nb``, pass a count whose blocks the shards divide (otherwise GSPMD gathers
+        the table). Ignored with ``keep_logits`` (the kept blocks span the vocabulary).
 
     Returns:
       :class:`FusedLogps` ``(logps [B, T], entropy [B, T] or None, argmax [B, T] or None)``.
@@ -473,12 +475,14 @@ def _add_head_grad(layout: str, dw, h, dz):
 
 
 def _default_vocab_blocks(v: int) -> int:
-    """The number of strided vocabulary blocks :func:`fused_token_logps` splits its backward
-    pass into when ``vocab_blocks`` is None: the smallest divisor of ``V`` from 16 to 64 (or
-    else the largest from 2 to 15) that leaves blocks of at least 512 vocabulary rows; 1 (no
-    split) when there is none. Qwen2's 151,936 gives 16 blocks of 9,496 rows, GPT-2's 50,257 29
-    of 1,733, Llama's 32,000 16 of 2,000."""
-    divisors = [d for d in range(2, 65) if v % d == 0 and v // d >= 512]
+    """The number of strided vocabulary blocks :func:`fused_token_logps` splits its passes into
+    when ``vocab_blocks`` is None: the smallest divisor of ``V`` from 16 to 64 (or else the
+    largest from 2 to 15) that leaves blocks of at least 512 vocabulary rows, a multiple of 8
+    (so that a vocabulary sharded over up to 8 devices splits every block evenly: a block
+    ``V / nb`` that the shards do not divide makes GSPMD gather the table); 1 (no split) when
+    there is none. Qwen2's 151,936 gives 16 blocks of 9,496 rows, Llama 3's 128,256 16 of 8,016,
+    Llama 2's 32,000 16 of 2,000; GPT-2's 50,257 (odd, which no even device count shards) 1."""
+    divisors = [d for d in range(2, 65) if v % d == 0 and v // d >= 512 and (v // d) % 8 == 0]
     large = [d for d in divisors if d >= 16]
     return large[0] if large else (divisors[-1] if divisors else 1)
 

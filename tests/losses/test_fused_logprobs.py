@@ -576,6 +576,25 @@ def test_vocab_sharded_over_tensor_equals_unsharded(layout, keep_logits, vocab_b
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("v", [16 * 522, 8 * 1024])
+def test_default_vocab_blocks_keep_a_sharded_vocabulary_sharded(v):
+    """The default block count leaves blocks that 8 shards divide: a tied table of 16 * 522
+    ids (whose 16 blocks of 522 ids 8 shards would not divide) and one of 8,192, sharded over
+    8 devices, are never gathered, and the gradient equals the unsharded one."""
+    h, _, _, y = _data(33, b=2, t=6, e=4, v=v)
+    w = np.random.default_rng(34).standard_normal((v, 4)).astype(np.float32)
+    step = jax.jit(jax.grad(lambda h, w: jnp.sum(fused_token_logps(
+        h, w, y, layout="ve", chunk_size=3).logps), argnums=(0, 1)))
+    mesh = _mesh(1, 8)
+    ws = jax.device_put(w, NamedSharding(mesh, PartitionSpec("tensor")))
+    hlo = step.lower(h, ws).compile().as_text()
+    gathered = [math.prod(int(d) for d in dims.split(",")) for dims in
+                re.findall(r"= \w+\[([\d,]+)\]\S* all-gather\(", hlo)]
+    assert max(gathered, default=0) < v, gathered
+    for a, b in zip(step(h, ws), step(h, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------- compiled memory
 def _temp_bytes(fn, *args) -> int:
     return int(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
