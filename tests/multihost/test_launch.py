@@ -100,9 +100,16 @@ class TestSupervision:
         assert out.returncode == 3, out.stdout
         assert "process 1 exited with status 3; stopping the other processes" in out.stdout
 
-    def test_a_process_that_ignores_sigterm_is_killed_after_the_grace(self):
+    def test_a_process_that_ignores_sigterm_is_killed_after_the_grace(self, tmp_path):
+        # Process 0 dies only once process 1 ignores SIGTERM (a file says so): on a loaded host
+        # process 1 could otherwise get the launcher's SIGTERM before its handler is set.
+        ready = tmp_path / "ignoring"
         code = ("import os, signal, sys, time\n"
                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                f"ready = {str(ready)!r}\n"
+                "if os.environ['RLHF_JAX_PROCESS_ID'] == '1': open(ready, 'w').close()\n"
+                "while os.environ['RLHF_JAX_PROCESS_ID'] == '0' and not os.path.exists(ready):\n"
+                "    time.sleep(0.05)\n"
                 "if os.environ['RLHF_JAX_PROCESS_ID'] == '0': os.kill(os.getpid(), 9)\n"
                 "time.sleep(600)\n")
         out = self._launch(code, timeout=60, grace="1")
