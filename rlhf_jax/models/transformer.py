@@ -441,7 +441,8 @@ class CausalLM(nnx.Module):
                                     else chunk_size,
                                     with_entropy=with_entropy, with_argmax=with_argmax,
                                     keep_logits=keep,
-                                    where=None if where is None else has_context)
+                                    where=None if where is None else has_context,
+                                    vocab_blocks=self.config.logits_vocab_blocks or None)
         return FusedLogps(
             jnp.where(has_context, out.logps, 0.0),
             None if out.entropy is None else jnp.where(has_context, out.entropy, 0.0),

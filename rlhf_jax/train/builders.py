@@ -71,8 +71,8 @@ def model_config(spec: ModelSpec) -> ModelConfig:
         if num_heads is not None:  # multi-head attention with the new head count
             config = config.replace(num_heads=num_heads, num_kv_heads=num_heads)
     runtime = {k: getattr(spec, k) for k in ("logits_chunk_size", "logits_keep_bytes",
-                                             "attention_impl", "attention_block_q",
-                                             "attention_block_k")
+                                             "logits_vocab_blocks", "attention_impl",
+                                             "attention_block_q", "attention_block_k")
                if getattr(spec, k) is not None}
     if runtime:
         config = config.replace(**runtime)

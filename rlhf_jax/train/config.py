@@ -204,6 +204,11 @@ class ModelSpec:
     the model's, 0: never keep them). A scoring call whose float32 logits (`B * T * V * 4`
     bytes) fit in it keeps them for the backward pass instead of recomputing them: one LM-head
     product per token less, for the unfused head's memory; same values."""
+    logits_vocab_blocks: int | None = None
+    """Strided vocabulary blocks of the fused head (`ModelConfig.logits_vocab_blocks`; unset
+    keeps the model's, 0: the head chooses, 16 at Qwen2's vocabulary): 1 runs one pass over the
+    whole vocabulary (faster at large chunks, one more `[V, E]` float32 buffer in the backward
+    pass); a divisor of the vocabulary otherwise. Same values."""
     attention_impl: Literal["auto", "dense", "blockwise"] | None = None
     """Attention of training and scoring (`ModelConfig.attention_impl`; unset keeps the model's,
     "auto": on CPU, blockwise when a row is longer than one query tile): "blockwise" computes it in
@@ -243,6 +248,7 @@ class ModelSpec:
             check_int(self, name, low=1, optional=True, owner=o)
         check_int(self, "logits_chunk_size", low=0, optional=True, owner=o)
         check_int(self, "logits_keep_bytes", low=0, optional=True, owner=o)
+        check_int(self, "logits_vocab_blocks", low=0, optional=True, owner=o)
         check_int(self, "attention_block_q", low=1, optional=True, owner=o)
         check_int(self, "attention_block_k", low=1, optional=True, owner=o)
         check_int(self, "lora_rank", low=0, owner=o)

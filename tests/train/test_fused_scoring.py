@@ -226,6 +226,28 @@ def test_model_spec_sets_the_kept_logits_budget():
         ModelSpec(logits_keep_bytes=-1)
 
 
+def test_model_spec_sets_the_vocabulary_blocks():
+    assert model_config(ModelSpec(preset="tiny_gpt2")).logits_vocab_blocks == 0
+    assert model_config(ModelSpec(preset="tiny_gpt2", logits_vocab_blocks=4)) \
+        .logits_vocab_blocks == 4
+    with pytest.raises(FieldError, match="logits_vocab_blocks"):
+        ModelSpec(logits_vocab_blocks=-1)
+    with pytest.raises(ValueError, match="logits_vocab_blocks"):
+        ModelConfig.preset("tiny_gpt2", logits_vocab_blocks=3)  # does not divide 256
+
+
+def test_vocabulary_blocks_give_the_same_sft_loss_and_gradients():
+    rng = np.random.default_rng(9)
+    batch = pack_sft([TokenizedSFT(_ids(rng, n), np.ones(n, np.int32), "t") for n in (5, 7, 3)],
+                     num_rows=2, row_length=10, pad_id=0)
+    out = {}
+    for blocks in (1, 4):
+        model = CausalLM(ModelConfig.preset("tiny_gpt2", logits_chunk_size=4,
+                                            logits_vocab_blocks=blocks), rngs=nnx.Rngs(9))
+        out[blocks] = _value_and_grad(model, sft_loss, batch)
+    _assert_close(out[4], out[1], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow  # the model-level check runs by default: tests/models/test_token_logps.py
 def test_dpo_with_the_vocabulary_sharded_over_tensor_equals_one_device():
     """data=2 x tensor=4 on the 8 host devices: the DPO loss, metrics and gradients of the
