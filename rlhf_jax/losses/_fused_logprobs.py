@@ -6,11 +6,12 @@ The idea is the one of Liger-Kernel's fused linear cross-entropy and of MaxText'
 tiling: only one ``[B, chunk, V]`` block of logits ever exists, in the forward pass and in the
 backward pass (a ``[B, chunk, V / nb]`` one when the vocabulary is also cut into ``nb`` strided
 blocks, the default for a large vocabulary), and the only per-token residuals kept between the
-two are the log-normaliser (and the entropy when it is asked for). Unlike a cross-entropy loss, the output here is the
-unreduced per-token log-prob, so any loss (SFT, the DPO family, PPO/GRPO) can be built on it;
-its gradient therefore cannot be formed in the forward pass (the upstream cotangent is not yet
-known) and the backward pass pays one more ``[B, chunk, E] x [E, V]`` product per chunk, unless
-the caller has the memory to keep the logits (``keep_logits``).
+two are the log-normaliser (and the entropy when it is asked for). Unlike a cross-entropy
+loss, the output here is the unreduced per-token log-prob, so any loss (SFT, the DPO family,
+PPO/GRPO) can be built on it; its gradient therefore cannot be formed in the forward pass (the
+upstream cotangent is not yet known) and the backward pass pays one more ``[B, chunk, E] x
+[E, V]`` product per chunk, unless the caller has the memory to keep the logits
+(``keep_logits``).
 """
 
 from __future__ import annotations
@@ -134,13 +135,13 @@ def fused_token_logps(
     with ``keep_logits``, which stores every chunk's ``[B, c, V]`` float32 block between the
     passes instead (``exp(z - max z)``, so that the backward pass runs no ``exp`` either; the
     logits themselves when the entropy is asked for): ``B · T · V`` floats, the memory of the
-    unfused head, for one head product per token less. The products are larger, and on CPU faster per FLOP, when a chunk holds more
-    rows (``B · chunk_size``): a caller that keeps the logits gains most from a single chunk
-    (``chunk_size >= T``), unless ``where`` leaves chunks to skip (then the skipped chunks'
-    blocks are zeros and cost no product). The target logit is ``h · W[:, y] + c_y`` (a gather of ``B · c``
-    columns of ``W``, the embedding lookup's pattern on a tied table) rather than a pass over
-    the ``[B, c, V]`` block; since it rounds apart from the log-normaliser, the log-probs are
-    capped at 0.
+    unfused head, for one head product per token less. The products are larger, and on CPU
+    faster per FLOP, when a chunk holds more rows (``B · chunk_size``): a caller that keeps the
+    logits gains most from a single chunk (``chunk_size >= T``), unless ``where`` leaves chunks
+    to skip (then the skipped chunks' blocks are zeros and cost no product). The target logit
+    is ``h · W[:, y] + c_y`` (a gather of ``B · c`` columns of ``W``, the embedding lookup's
+    pattern on a tied table) rather than a pass over the ``[B, c, V]`` block; since it rounds
+    apart from the log-normaliser, the log-probs are capped at 0.
 
     Args:
       hidden: ``[B, T, E]`` final hidden states (after the final norm).
