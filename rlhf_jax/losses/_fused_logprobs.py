@@ -215,11 +215,13 @@ def fused_token_logps(
     pad = n_chunks * chunk - t
     y = targets.astype(jnp.int32)
     h = hidden
-    active = None
+    active = inverse = None
     if where is not None:
         where = where.astype(bool)
-        # Each row's scored tokens first, in their order: [B, T] source position of each slot.
+        # Each row's scored tokens first, in their order: [B, T] source position of each slot,
+        # and the slot of each position (the inverse permutation, for the outputs).
         order = jnp.argsort(~where, axis=1, stable=True)
+        inverse = jnp.argsort(order, axis=1)
         h = jnp.take_along_axis(h, order[..., None], axis=1)
         y = jnp.take_along_axis(y, order, axis=1)
         count = jnp.max(jnp.sum(where, axis=1, dtype=jnp.int32))
@@ -237,8 +239,8 @@ def fused_token_logps(
         x = x.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :t]
         if where is None:
             return x
-        # Back to the token order (the inverse permutation), then the unscored tokens' fill.
-        return jnp.take_along_axis(x, jnp.argsort(order, axis=1), axis=1)
+        # Back to the token order; the unscored tokens' fill comes after.
+        return jnp.take_along_axis(x, inverse, axis=1)
 
     logps = unchunk(logps)
     invalid = (targets < 0) | (targets >= v)
