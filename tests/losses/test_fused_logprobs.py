@@ -309,6 +309,28 @@ def _where(seed, b, t, p=0.4):
     return where
 
 
+def _assert_grads_match_numpy(variant, h, w, bias, y, where, *, seed, layout, **head_kwargs):
+    """The gradients (h, W, bias) of ``sum(g_l * logps + g_e * entropy)`` through
+    `fused_token_logps` (temperature 1.3, chunks of 3, ``where``, ``head_kwargs``) against
+    float64 NumPy, whose cotangents are zero on the unscored tokens. Returns the gradients."""
+    rng = np.random.default_rng(seed)
+    g_l = rng.standard_normal(y.shape).astype(np.float32)
+    g_e = rng.standard_normal(y.shape).astype(np.float32)
+
+    def loss(h, w, bias):
+        out = fused_token_logps(h, w, y, layout=layout, bias=bias, temperature=1.3,
+                                chunk_size=3, with_entropy=True, where=where, **head_kwargs)
+        return jnp.sum(g_l * out.logps) + jnp.sum(g_e * out.entropy)
+
+    grads = variant(jax.grad(loss, argnums=(0, 1, 2)))(h, w, bias)
+    m = 1.0 if where is None else where
+    dh, dw, db = np_grads(h, w, y, g_l * m, g_e * m, layout, bias, 1.3)
+    np.testing.assert_allclose(grads[0], dh, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads[1], dw, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads[2], db, rtol=1e-4, atol=1e-5)
+    return grads
+
+
 class TestWhere:
     @VARIANTS
     @pytest.mark.parametrize("layout", ["ev", "ve"])
@@ -356,23 +378,9 @@ class TestWhere:
     def test_gradients_match_numpy(self, variant, layout, keep_logits):
         h, w, bias, y = _data(43, b=3, t=10, layout=layout)
         where = _where(44, 3, 10)
-        rng = np.random.default_rng(45)
-        g_l = rng.standard_normal((3, 10)).astype(np.float32)
-        g_e = rng.standard_normal((3, 10)).astype(np.float32)
-
-        def loss(h, w, bias):
-            out = fused_token_logps(h, w, y, layout=layout, bias=bias, temperature=1.3,
-                                    chunk_size=3, with_entropy=True, keep_logits=keep_logits,
-                                    where=where)
-            return jnp.sum(g_l * out.logps) + jnp.sum(g_e * out.entropy)
-
-        grads = variant(jax.grad(loss, argnums=(0, 1, 2)))(h, w, bias)
-        # Unscored tokens contribute nothing: the reference zeroes their cotangents.
-        dh, dw, db = np_grads(h, w, y, g_l * where, g_e * where, layout, bias, 1.3)
-        np.testing.assert_allclose(grads[0], dh, rtol=1e-4, atol=1e-5)
+        grads = _assert_grads_match_numpy(variant, h, w, bias, y, where, seed=45, layout=layout,
+                                          keep_logits=keep_logits)
         np.testing.assert_array_equal(np.asarray(grads[0])[~where], 0.0)
-        np.testing.assert_allclose(grads[1], dw, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(grads[2], db, rtol=1e-4, atol=1e-5)
 
     def test_check_grads(self):
         h, w, bias, y = _data(46, b=2, t=4, e=3, v=4)
@@ -437,22 +445,8 @@ class TestVocabBlocks:
     def test_gradients_match_numpy(self, variant, layout, vocab_blocks, scored):
         h, w, bias, y = _data(60, b=3, t=10, v=12, layout=layout)
         where = _where(61, 3, 10) if scored == "where" else None
-        rng = np.random.default_rng(62)
-        g_l = rng.standard_normal((3, 10)).astype(np.float32)
-        g_e = rng.standard_normal((3, 10)).astype(np.float32)
-
-        def loss(h, w, bias):
-            out = fused_token_logps(h, w, y, layout=layout, bias=bias, temperature=1.3,
-                                    chunk_size=3, with_entropy=True, where=where,
-                                    vocab_blocks=vocab_blocks)
-            return jnp.sum(g_l * out.logps) + jnp.sum(g_e * out.entropy)
-
-        grads = variant(jax.grad(loss, argnums=(0, 1, 2)))(h, w, bias)
-        m = 1.0 if where is None else where
-        dh, dw, db = np_grads(h, w, y, g_l * m, g_e * m, layout, bias, 1.3)
-        np.testing.assert_allclose(grads[0], dh, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(grads[1], dw, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(grads[2], db, rtol=1e-4, atol=1e-5)
+        _assert_grads_match_numpy(variant, h, w, bias, y, where, seed=62, layout=layout,
+                                  vocab_blocks=vocab_blocks)
 
     @VARIANTS
     @pytest.mark.parametrize("layout", ["ev", "ve"])

@@ -122,6 +122,21 @@ def test_values_and_gradients_equal_unfused(name):
     _assert_trees_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)
 
 
+def _scores_grads_jaxpr(config, ids, mask, *, start=0, where=None):
+    """`(token_logps output, gradients, jaxpr)` of a jitted `masked_sum(logps + 0.1 entropy)`
+    over the real tokens from `start` on, for a fresh `CausalLM(config)` (seed 0)."""
+    graphdef, params = nnx.split(CausalLM(config, rngs=nnx.Rngs(0)), nnx.Param)
+
+    def loss(params, ids, mask):
+        out = nnx.merge(graphdef, params).token_logps(ids, mask, start=start, with_entropy=True,
+                                                      where=where)
+        return masked_sum(out.logps + 0.1 * out.entropy, mask[:, start:]), out
+
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (_, out), grads = fn(params, ids, mask)
+    return out, grads, str(jax.make_jaxpr(fn)(params, ids, mask))
+
+
 @pytest.mark.parametrize("start", [0, 6])
 def test_logits_within_the_keep_budget_give_the_same_values_and_gradients(start):
     """`logits_keep_bytes`: a call whose float32 logits fit the budget runs the head as one
@@ -134,18 +149,7 @@ def test_logits_within_the_keep_budget_give_the_same_values_and_gradients(start)
     kwargs = {"attention_mask": mask}
 
     def run(config):
-        model = CausalLM(config, rngs=nnx.Rngs(0))
-        graphdef, params = nnx.split(model, nnx.Param)
-
-        def loss(params, ids, mask):
-            out = nnx.merge(graphdef, params).token_logps(ids, mask, start=start,
-                                                          with_entropy=True)
-            return masked_sum(out.logps + 0.1 * out.entropy, mask[:, start:]), out
-
-        fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
-        (_, out), grads = fn(params, ids, mask)
-        jaxpr = str(jax.make_jaxpr(fn)(params, ids, mask))
-        return out, grads, jaxpr
+        return _scores_grads_jaxpr(config, ids, mask, start=start)
 
     kept, kept_grads, kept_jaxpr = run(base.replace(logits_keep_bytes=logits_bytes))
     chunked, chunked_grads, chunked_jaxpr = run(base.replace(logits_keep_bytes=logits_bytes - 1))
@@ -172,17 +176,7 @@ def test_kept_logits_with_a_scoring_mask_stay_in_chunks():
     where = np.asarray(mask, bool) & (np.arange(t) >= 3)
 
     def run(config):
-        model = CausalLM(config, rngs=nnx.Rngs(0))
-        graphdef, params = nnx.split(model, nnx.Param)
-
-        def loss(params, ids, mask):
-            out = nnx.merge(graphdef, params).token_logps(ids, mask, with_entropy=True,
-                                                          where=where)
-            return jnp.sum(out.logps + 0.1 * out.entropy), out
-
-        fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
-        (_, out), grads = fn(params, ids, mask)
-        return out, grads, str(jax.make_jaxpr(fn)(params, ids, mask))
+        return _scores_grads_jaxpr(config, ids, mask, where=where)
 
     kept, kept_grads, kept_jaxpr = run(base.replace(logits_keep_bytes=4 * b * t * base.vocab_size))
     chunked, chunked_grads, _ = run(base)

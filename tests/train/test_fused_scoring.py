@@ -95,21 +95,28 @@ def test_dpo_on_prefix_shared_rows_equals_the_full_logits_path():
     _assert_close(grads_f, grads_p, rtol=1e-4)
 
 
-def test_model_scores_of_a_plain_callable_equal_the_fused_head():
-    # A model without `token_logps` (any `model(ids, **kwargs) -> logits`) is scored from its
-    # logits: same log-probs and argmax (-1 where a token has no context).
-    fused, _ = _models("tiny_gpt2", seed=3)
-    rng = np.random.default_rng(3)
+def _packed_and_prefix_shared(rng, *, length, second_prompt):
+    """Model inputs of 2 packed SFT rows (3 sequences) and 2 prefix-shared preference rows (the
+    second with a prompt of `second_prompt` tokens), each `length` tokens, in one batch."""
     packed = pack_sft([TokenizedSFT(_ids(rng, n), np.ones(n, np.int32), "t") for n in (5, 7, 3)],
-                      num_rows=2, row_length=10, pad_id=0)
+                      num_rows=2, row_length=length, pad_id=0)
     shared = collate_prefix_shared(
         [TokenizedPreference(_ids(rng, 3), _ids(rng, 3), _ids(rng, 2), 0.0, 1.0, "t"),
-         TokenizedPreference(_ids(rng, 0), _ids(rng, 4), _ids(rng, 4), 0.0, 1.0, "t")],
-        pad_id=0, length=10)
+         TokenizedPreference(_ids(rng, second_prompt), _ids(rng, 4), _ids(rng, 4), 0.0, 1.0,
+                             "t")],
+        pad_id=0, length=length)
     keys = ("input_ids", "attention_mask", "positions", "segment_ids")
     batch = {k: np.concatenate([packed[k], shared[k]]) for k in keys}
     batch["branch_ids"] = np.concatenate([np.zeros_like(packed["input_ids"]),
                                           shared["branch_ids"]])
+    return batch
+
+
+def test_model_scores_of_a_plain_callable_equal_the_fused_head():
+    # A model without `token_logps` (any `model(ids, **kwargs) -> logits`) is scored from its
+    # logits: same log-probs and argmax (-1 where a token has no context).
+    fused, _ = _models("tiny_gpt2", seed=3)
+    batch = _packed_and_prefix_shared(np.random.default_rng(3), length=10, second_prompt=0)
 
     def run(state, batch):
         m = nnx.merge(graphdef, state)
@@ -129,16 +136,7 @@ def test_scoring_the_loss_tokens_only_on_packed_and_prefix_shared_rows():
     unfused one and a plain callable; and the gradient of a masked sum is the same."""
     fused, plain = _models("tiny_gpt2", seed=5)
     rng = np.random.default_rng(5)
-    packed = pack_sft([TokenizedSFT(_ids(rng, n), np.ones(n, np.int32), "t") for n in (5, 7, 3)],
-                      num_rows=2, row_length=12, pad_id=0)
-    shared = collate_prefix_shared(
-        [TokenizedPreference(_ids(rng, 3), _ids(rng, 3), _ids(rng, 2), 0.0, 1.0, "t"),
-         TokenizedPreference(_ids(rng, 2), _ids(rng, 4), _ids(rng, 4), 0.0, 1.0, "t")],
-        pad_id=0, length=12)
-    keys = ("input_ids", "attention_mask", "positions", "segment_ids")
-    batch = {k: np.concatenate([packed[k], shared[k]]) for k in keys}
-    batch["branch_ids"] = np.concatenate([np.zeros_like(packed["input_ids"]),
-                                          shared["branch_ids"]])
+    batch = _packed_and_prefix_shared(rng, length=12, second_prompt=2)
     where = rng.random(batch["input_ids"].shape) < 0.5
     batch = jax.tree.map(jax.numpy.asarray, batch)
 
